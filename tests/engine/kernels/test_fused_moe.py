@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from engine.kernels.fused_moe import (
+    MoeConfig,
+    fused_moe,
+    fused_moe_reference,
+    moe_align_block_size,
+    moe_align_reference,
+)
+
+from ._util import DEVICE, quantize, rel_err
+
+
+def _routing(t: int, e: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.randn(t, e, device=DEVICE)
+    w, ids = logits.softmax(-1).topk(k)
+    return (w / w.sum(-1, keepdim=True)).float().contiguous(), ids.int().contiguous()
+
+
+@pytest.mark.parametrize("t,e,k,block_m", [(1, 8, 2, 16), (5, 4, 2, 16), (37, 8, 2, 16), (64, 6, 3, 32), (3, 33, 2, 16)])
+def test_align_matches_reference(t, e, k, block_m):
+    torch.manual_seed(t + e)
+    _, ids = _routing(t, e, k)
+    got = moe_align_block_size(ids, e, block_m)
+    want = moe_align_reference(ids, e, block_m)
+    for g, w in zip(got, want):
+        assert torch.equal(g.long().cpu(), w.long().cpu())
+    sorted_ids, expert_ids, num_post = got
+    total = int(num_post)
+    assert total % block_m == 0
+    # every (token, slot) appears exactly once, inside a block of its own expert
+    real = sorted_ids[:total][sorted_ids[:total] < ids.numel()].long()
+    assert torch.equal(real.sort().values.cpu(), torch.arange(ids.numel()))
+    blocks = torch.arange(total, device=sorted_ids.device) // block_m
+    mask = sorted_ids[:total] < ids.numel()
+    assert torch.equal(expert_ids[blocks[mask]].long(), ids.flatten()[sorted_ids[:total][mask].long()].long())
+
+
+MOE_CASES = [
+    # (T, E, k, D, I, config)
+    (1, 4, 2, 64, 96, None),
+    (7, 5, 2, 96, 64, None),
+    (33, 8, 2, 64, 128, None),
+    (3, 3, 3, 80, 48, None),
+    (20, 4, 2, 64, 64, MoeConfig(block_m=32, block_n=32, block_k=32, block_n2=16, block_k2=64)),
+]
+
+
+@pytest.mark.parametrize("t,e,k,d,i,config", MOE_CASES)
+def test_fused_moe_matches_reference(t, e, k, d, i, config):
+    torch.manual_seed(t * 7 + d)
+    x = torch.randn(t, d, device=DEVICE).bfloat16()
+    w13, s13 = quantize(torch.randn(e, 2 * i, d, device=DEVICE) / d**0.5)
+    w2, s2 = quantize(torch.randn(e, d, i, device=DEVICE) / i**0.5)
+    tw, ti = _routing(t, e, k)
+    out = fused_moe(x, w13, s13, w2, s2, tw, ti, config=config)
+    ref = fused_moe_reference(x, w13, s13, w2, s2, tw, ti)
+    assert out.shape == (t, d) and out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 2e-2  # bf16 intermediate + output
+
+
+def test_fused_moe_rejects_bad_shapes():
+    e, d, i = 4, 32, 48
+    x = torch.randn(2, d, device=DEVICE).bfloat16()
+    w13, s13 = quantize(torch.randn(e, 2 * i, d, device=DEVICE))
+    w2, s2 = quantize(torch.randn(e, d, i, device=DEVICE))
+    tw, ti = _routing(2, e, 2)
+    with pytest.raises(ValueError, match="w2"):
+        fused_moe(x, w13, s13, w2[:, :, :-1].contiguous(), s2, tw, ti)
+    with pytest.raises(ValueError, match="topk_weights"):
+        fused_moe(x, w13, s13, w2, s2, tw.bfloat16(), ti)
+    with pytest.raises(ValueError, match="w13_scale"):
+        fused_moe(x, w13, s13[:, :i].contiguous(), w2, s2, tw, ti)
