@@ -116,12 +116,20 @@ class GenerationEvent:
 
 
 class BackendError(Exception):
-    """A backend failed to serve a request. ``retryable`` says whether another try may work."""
+    """A backend failed to serve a request.
 
-    def __init__(self, message: str, *, status: int = 502, retryable: bool = False) -> None:
+    ``status`` is the HTTP status the gateway answers with; ``retryable`` says whether
+    another try may work; ``fatal`` says the worker itself is broken and the runtime
+    must replace it (its other requests fail too).
+    """
+
+    def __init__(
+        self, message: str, *, status: int = 502, retryable: bool = False, fatal: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+        self.fatal = fatal
 
 
 class Backend(abc.ABC):

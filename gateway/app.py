@@ -1,0 +1,110 @@
+"""``create_app(settings)``: the stages of the request path, assembled in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.accounts import Accounts
+from gateway.auth import KeyStore
+from gateway.db.session import create_engine, sessionmaker
+from gateway.errors import SluiceError, from_status
+from gateway.metering import Meter
+from gateway.middleware import RequestIdMiddleware
+from gateway.plugins import ModelRegistry, build_backend, discover
+from gateway.routes import admin, health, openai
+from gateway.runtime import Pool, Runtime
+from gateway.service import Gateway
+from gateway.settings import Settings
+
+log = logging.getLogger("sluice.app")
+
+
+def build_gateway(settings: Settings) -> Gateway:
+    engine = create_engine(settings.database_url)
+    sessions = sessionmaker(engine)
+    plugins = discover(settings.plugins)
+    registry = ModelRegistry()
+    runtime = Runtime()
+    probes = {}
+    for name, config in settings.backends.items():
+        probes[name] = build_backend(name, config, plugins)
+        registry.add(name, probes[name])
+        runtime.add(
+            Pool(name, lambda n=name, c=config: build_backend(n, c, plugins), config.pool)
+        )
+    return Gateway(
+        settings,
+        keys=KeyStore(sessions, cache_ttl_s=settings.key_cache_ttl_s),
+        accounts=Accounts(sessions),
+        registry=registry,
+        runtime=runtime,
+        probes=probes,
+        meter=Meter(
+            engine,
+            batch_size=settings.meter_batch_size,
+            flush_interval_s=settings.meter_flush_interval_s,
+        ),
+    )
+
+
+async def _periodic_last_used(gateway: Gateway) -> None:
+    while True:
+        await asyncio.sleep(10)
+        try:
+            await gateway.keys.flush_last_used()
+        except Exception as exc:
+            log.warning("could not record key last use: %s", exc)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    gateway = build_gateway(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.gateway = gateway
+        gateway.meter.start()
+        await gateway.runtime.start()
+        last_used = asyncio.create_task(_periodic_last_used(gateway))
+        models = ", ".join(card.id for card in gateway.registry.cards())
+        log.info("serving models: %s", models or "none")
+        try:
+            yield
+        finally:
+            last_used.cancel()
+            await gateway.runtime.close()  # drains in-flight requests first
+            await gateway.meter.close()  # then every usage record is written
+            with contextlib.suppress(Exception):
+                await gateway.keys.flush_last_used()
+            await gateway.meter.engine.dispose()
+
+    async def sluice_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, SluiceError)
+        return exc.to_response()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            message = f"Unknown request URL: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} not allowed for {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return from_status(exc.status_code, message).to_response()
+
+    app = Starlette(
+        routes=[*openai.routes, *admin.routes, *health.routes],
+        lifespan=lifespan,
+        exception_handlers={SluiceError: sluice_error, HTTPException: http_error},
+    )
+    app.add_middleware(RequestIdMiddleware)
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,44 @@
+"""Liveness, readiness and the OpenAPI document."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.openapi import openapi_document
+from gateway.service import Gateway
+from gateway.util import json_response
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when the database answers and no backend is stuck failing to start."""
+    gateway: Gateway = request.app.state.gateway
+    checks: dict[str, str] = {}
+    try:
+        async with gateway.accounts.sessions() as session:
+            await session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    for name, pool in gateway.runtime.pools.items():
+        checks[f"backend:{name}"] = "ok" if pool.ready else f"error: {pool.last_error}"
+    ready = all(v == "ok" for v in checks.values())
+    return json_response({"status": "ok" if ready else "unavailable", "checks": checks},
+                         status=200 if ready else 503)
+
+
+async def openapi(request: Request) -> Response:
+    return json_response(openapi_document())
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]

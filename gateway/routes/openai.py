@@ -1,0 +1,98 @@
+"""/v1: the OpenAI-compatible API."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.errors import InvalidRequest, NotFound
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.service import Call, Gateway
+from gateway.streaming import read_json
+from gateway.util import json_response
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        param = ".".join(loc) or None
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param}"
+        elif err["type"] == "missing":
+            message = f"Missing required parameter: '{param}'"
+        elif param:
+            message = f"Invalid value for '{param}': {message}"
+        raise InvalidRequest(message, param=param, code=err["type"]) from None
+
+
+async def chat_completions(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    principal = await gateway.keys.authenticate(request.headers.get("authorization"))
+    body = parse(ChatCompletionRequest, await read_json(request, gateway.settings.max_body_bytes))
+    call = gateway.chat_call(request.state.request_id, principal, body)
+    return await respond(gateway, call)
+
+
+async def completions(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    principal = await gateway.keys.authenticate(request.headers.get("authorization"))
+    body = parse(CompletionRequest, await read_json(request, gateway.settings.max_body_bytes))
+    call = gateway.completion_call(request.state.request_id, principal, body)
+    return await respond(gateway, call)
+
+
+async def respond(gateway: Gateway, call: Call) -> Response:
+    if call.stream:
+        return StreamingResponse(
+            gateway.stream(call),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+    return json_response(await gateway.complete(call))
+
+
+async def list_models(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    principal = await gateway.keys.authenticate(request.headers.get("authorization"))
+    cards = [
+        c for c in gateway.registry.cards() if principal.models is None or c.id in principal.models
+    ]
+    return json_response(
+        {
+            "object": "list",
+            "data": [
+                {"id": c.id, "object": "model", "created": 0, "owned_by": c.owned_by}
+                for c in cards
+            ],
+        }
+    )
+
+
+async def get_model(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    principal = await gateway.keys.authenticate(request.headers.get("authorization"))
+    model = request.path_params["model"]
+    route = gateway.registry.get(model)
+    if route is None or (principal.models is not None and model not in principal.models):
+        raise NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
+    return json_response(
+        {"id": model, "object": "model", "created": 0, "owned_by": route.card.owned_by}
+    )
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+]

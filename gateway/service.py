@@ -1,0 +1,352 @@
+"""The request path of /v1/chat/completions and /v1/completions.
+
+:class:`Gateway` holds the stages (key store, model registry, runtime, meter, ...)
+created in the app's lifespan; a :class:`Call` is one request travelling through them.
+Whatever way a call ends — finished, failed, or the client gone mid-stream — ``finish``
+records exactly one usage event for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.accounts import Accounts
+from gateway.auth import KeyStore, Principal
+from gateway.backends import (
+    BackendError,
+    ChatMessage,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
+from gateway.errors import InvalidRequest, NotFound, SluiceError, UpstreamFailed, from_status
+from gateway.formats import ChatFormat, TextFormat, usage_dict
+from gateway.metering import Meter, UsageRecord
+from gateway.plugins import ModelRegistry
+from gateway.runtime import Pool, Runtime
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.settings import Settings
+from gateway.streaming import DONE, sse
+
+log = logging.getLogger("sluice.service")
+
+CLIENT_CLOSED = 499  # nginx's status for a client that went away; recorded, never sent
+
+
+@dataclass
+class Choice:
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int | None = None
+
+
+@dataclass
+class Call:
+    request_id: str
+    endpoint: str
+    principal: Principal
+    model: str
+    pool: Pool
+    requests: list[GenerationRequest]
+    prompt_tokens: int
+    fmt: ChatFormat | TextFormat
+    stream: bool = False
+    include_usage: bool = False
+    want_logprobs: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+    ttft_s: float | None = None
+    status: int = 200
+    choices: list[Choice] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.tokens for c in self.choices)
+
+    @property
+    def response_id(self) -> str:
+        return self.fmt.id_prefix + self.request_id.removeprefix("req_")
+
+    def usage(self) -> dict[str, int]:
+        return usage_dict(Usage(self.prompt_tokens, self.completion_tokens))
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        keys: KeyStore,
+        accounts: Accounts,
+        registry: ModelRegistry,
+        runtime: Runtime,
+        probes: dict[str, Any],
+        meter: Meter,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.accounts = accounts
+        self.registry = registry
+        self.runtime = runtime
+        self.meter = meter
+        # One never-started instance per backend, for what needs no worker (token counts).
+        self._probes = probes
+
+    # -- building a call ---------------------------------------------------------------
+
+    def chat_call(
+        self, request_id: str, principal: Principal, body: ChatCompletionRequest
+    ) -> Call:
+        messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
+        return self._call(
+            request_id,
+            principal,
+            body,
+            endpoint="chat",
+            fmt=ChatFormat(),
+            make=lambda rid, sp: GenerationRequest(rid, body.model, sp, messages=messages),
+            logprobs=body.logprobs,
+            top_logprobs=body.top_logprobs or 0,
+        )
+
+    def completion_call(
+        self, request_id: str, principal: Principal, body: CompletionRequest
+    ) -> Call:
+        prompt = body.prompt_text()
+        return self._call(
+            request_id,
+            principal,
+            body,
+            endpoint="completions",
+            fmt=TextFormat(),
+            make=lambda rid, sp: GenerationRequest(rid, body.model, sp, prompt=prompt),
+            logprobs=body.logprobs is not None,
+            top_logprobs=body.logprobs or 0,
+        )
+
+    def _call(
+        self,
+        request_id: str,
+        principal: Principal,
+        body: ChatCompletionRequest | CompletionRequest,
+        *,
+        endpoint: str,
+        fmt: ChatFormat | TextFormat,
+        make: Any,
+        logprobs: bool,
+        top_logprobs: int,
+    ) -> Call:
+        route = self.registry.get(body.model)
+        if route is None:
+            raise NotFound(
+                f"The model '{body.model}' does not exist", param="model", code="model_not_found"
+            )
+        principal.check_model(body.model)
+        if body.n > self.settings.max_n:
+            raise InvalidRequest(f"n must be at most {self.settings.max_n}", param="n")
+        requests = []
+        for i in range(body.n):
+            sampling = SamplingParams(
+                max_tokens=body.token_limit(),
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                seed=None if body.seed is None else body.seed + i,
+                stop=tuple(body.stops()),
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
+            )
+            rid = request_id if body.n == 1 else f"{request_id}-{i}"
+            requests.append(make(rid, sampling))
+        prompt_tokens = self._probes[route.backend_name].count_tokens(requests[0])
+        return Call(
+            request_id=request_id,
+            endpoint=endpoint,
+            principal=principal,
+            model=body.model,
+            pool=self.runtime.pools[route.backend_name],
+            requests=requests,
+            prompt_tokens=prompt_tokens,
+            fmt=fmt,
+            stream=body.stream,
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            want_logprobs=logprobs,
+            choices=[Choice(logprobs=[] if logprobs else None) for _ in requests],
+        )
+
+    # -- running it --------------------------------------------------------------------
+
+    async def complete(self, call: Call) -> dict[str, Any]:
+        """Run every choice to the end and return the response body."""
+        try:
+            async for _ in self._events(call):
+                pass
+        except (asyncio.CancelledError, GeneratorExit):
+            call.status = CLIENT_CLOSED
+            raise
+        except BaseException as exc:
+            self._fail(call, exc)
+            raise _as_sluice_error(exc) from None
+        finally:
+            self.finish(call)
+        return {
+            "id": call.response_id,
+            "object": call.fmt.object,
+            "created": call.created,
+            "model": call.model,
+            "choices": [
+                call.fmt.choice(i, "".join(c.text), c.finish_reason, c.logprobs)
+                for i, c in enumerate(call.choices)
+            ],
+            "usage": call.usage(),
+            "system_fingerprint": None,
+        }
+
+    async def stream(self, call: Call) -> AsyncIterator[bytes]:
+        """The SSE body. Tokens are counted as they are handed to the transport, so a
+        client that goes away is billed for what it was sent."""
+        head = {"id": call.response_id, "object": call.fmt.chunk_object, "created": call.created,
+                "model": call.model, "system_fingerprint": None}
+        first = [True] * len(call.requests)
+        try:
+            async for index, event in self._events(call):
+                lps = list(event.logprobs) if call.want_logprobs else None
+                if event.text or first[index] or event.finish_reason:
+                    text = event.text if event.text or first[index] else None
+                    chunk = {**head, "choices": [call.fmt.delta(
+                        index, text, event.finish_reason, lps, first[index])]}
+                    if call.include_usage:
+                        chunk["usage"] = None
+                    first[index] = False
+                    yield sse(chunk)
+            if call.include_usage:
+                yield sse({**head, "choices": [], "usage": call.usage()})
+            yield DONE
+        except (asyncio.CancelledError, GeneratorExit):
+            call.status = CLIENT_CLOSED
+            raise
+        except BaseException as exc:
+            self._fail(call, exc)
+            yield sse(_as_sluice_error(exc).body())
+            yield DONE
+        finally:
+            self.finish(call)
+
+    async def _events(self, call: Call) -> AsyncIterator[tuple[int, GenerationEvent]]:
+        """Every choice's events, merged, with the call's accounting kept up to date."""
+        if len(call.requests) == 1:
+            async for event in self._choice(call, 0):
+                yield 0, event
+            return
+        queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for event in self._choice(call, index):
+                    await queue.put((index, event))
+                await queue.put((index, None))
+            except BaseException as exc:
+                await queue.put((index, exc))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(call.requests))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _choice(self, call: Call, index: int) -> AsyncIterator[GenerationEvent]:
+        choice = call.choices[index]
+        worker = await call.pool.acquire()
+        failed = False
+        generation = worker.backend.generate(call.requests[index])
+        try:
+            async for event in generation:
+                if event.tokens and call.ttft_s is None:
+                    call.ttft_s = time.perf_counter() - call.started
+                choice.tokens += event.tokens
+                if event.text:
+                    choice.text.append(event.text)
+                if choice.logprobs is not None:
+                    choice.logprobs.extend(event.logprobs)
+                if event.finish_reason:
+                    choice.finish_reason = event.finish_reason
+                if event.usage is not None:
+                    choice.tokens = event.usage.completion_tokens
+                    choice.prompt_tokens = event.usage.prompt_tokens
+                yield event
+        except BackendError as exc:
+            failed = exc.fatal
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            failed = True
+            log.exception("backend %s crashed serving %s", call.pool.name, call.request_id)
+            raise UpstreamFailed(f"backend '{call.pool.name}' failed: {exc}") from exc
+        finally:
+            try:
+                await generation.aclose()
+            finally:
+                call.pool.release(worker, failed=failed)
+
+    # -- ending it ---------------------------------------------------------------------
+
+    def _fail(self, call: Call, exc: BaseException) -> None:
+        call.status = _as_sluice_error(exc).status
+
+    def finish(self, call: Call) -> None:
+        if call.finished:
+            return
+        call.finished = True
+        counted = [c.prompt_tokens for c in call.choices if c.prompt_tokens is not None]
+        if counted:
+            call.prompt_tokens = counted[0]
+        reasons = {c.finish_reason for c in call.choices if c.finish_reason}
+        self.meter.record(
+            UsageRecord(
+                request_id=call.request_id,
+                tenant_id=call.principal.tenant_id,
+                key_id=call.principal.key_id,
+                model=call.model,
+                endpoint=call.endpoint,
+                prompt_tokens=call.prompt_tokens,
+                completion_tokens=call.completion_tokens,
+                status=call.status,
+                finish_reason=",".join(sorted(reasons)) or None,
+                latency_ms=(time.perf_counter() - call.started) * 1000,
+                ttft_ms=call.ttft_s * 1000 if call.ttft_s is not None else None,
+                created_at=dt.datetime.now(dt.UTC),
+            )
+        )
+
+
+def _as_sluice_error(exc: BaseException) -> SluiceError:
+    if isinstance(exc, SluiceError):
+        return exc
+    if isinstance(exc, BackendError):
+        return from_status(exc.status, str(exc))
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return SluiceError("request cancelled")
+    return SluiceError("internal server error")
