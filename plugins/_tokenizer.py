@@ -44,7 +44,7 @@ class MixtralTokenizer:
         return self._encode(text) if text else []
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode(list(ids))
+        return str(self._sp.decode(list(ids)))
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The prompt exactly as Mixtral sees it: instruct format (chat) or BOS + text."""

@@ -148,6 +148,5 @@ def _logprobs(text: str, n: int, top: int) -> tuple[TokenLogprob, ...]:
     """The echo is certain of every token: log-probability 0 (a multi-token piece
     puts its text on the first token)."""
     alternatives = ((text, 0.0),) if top > 0 else ()
-    return (TokenLogprob(token=text, logprob=0.0, top=alternatives),) + tuple(
-        TokenLogprob(token="", logprob=0.0) for _ in range(n - 1)
-    )
+    rest = (TokenLogprob(token="", logprob=0.0) for _ in range(n - 1))
+    return (TokenLogprob(token=text, logprob=0.0, top=alternatives), *rest)

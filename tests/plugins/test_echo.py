@@ -113,8 +113,11 @@ async def test_stop_string_spanning_tokens_and_absent_stop(echo: EchoBackend) ->
     assert text_of(events) == "nothing to see"
 
 
-@pytest.mark.parametrize("text", ["🦙 llama", "鬱 depression", "日本語のテキスト", "emoji 😀🦙🎉 end",
-                                  "𝄞 clef", "  leading spaces", "tab\tand\nnewline "])
+UTF8_TEXTS = ["🦙 llama", "鬱 depression", "日本語のテキスト", "emoji 😀🦙🎉 end", "𝄞 clef",
+              "  leading spaces", "tab\tand\nnewline "]
+
+
+@pytest.mark.parametrize("text", UTF8_TEXTS)
 async def test_utf8_streams_whole_characters(echo: EchoBackend, text: str) -> None:
     events = await run(echo, completion(text))
     assert text_of(events) == text

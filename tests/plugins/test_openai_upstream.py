@@ -1,0 +1,213 @@
+"""The OpenAI-compatible upstream backend against a real local server (loadtests.mock_upstream)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from gateway.backends import (
+    BackendError,
+    ChatMessage,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+)
+from loadtests.mock_upstream import WORDS, MockApp, start_server
+from plugins.openai_upstream import OpenAIUpstreamBackend
+
+TOKENS = 6
+ANSWER = " ".join(WORDS[:TOKENS])
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[tuple[MockApp, int]]:
+    app = MockApp(tokens=TOKENS)
+    server = await start_server(app)
+    port = server.sockets[0].getsockname()[1]
+    yield app, port
+    server.close()
+
+
+def make_backend(port: int, **options: object) -> OpenAIUpstreamBackend:
+    defaults: dict[str, object] = {
+        "base_url": f"http://127.0.0.1:{port}/v1",
+        "models": {"mock": "mock-model", "nousage": "nousage", "slow": "sleep-500",
+                   "cut": "cut-3", "e429": "status-429", "e500": "status-500",
+                   "e400": "status-400", "e401": "status-401"},
+    }
+    return OpenAIUpstreamBackend(OpenAIUpstreamBackend.Options(**(defaults | options)))
+
+
+@pytest.fixture
+async def upstream(mock: tuple[MockApp, int]) -> AsyncIterator[OpenAIUpstreamBackend]:
+    backend = make_backend(mock[1])
+    await backend.start()
+    yield backend
+    await backend.stop()
+
+
+def chat(model: str = "mock", text: str = "tell me about foxes", **sampling: object
+         ) -> GenerationRequest:
+    return GenerationRequest("r", model, SamplingParams(**sampling),  # type: ignore[arg-type]
+                             messages=(ChatMessage("user", text),))
+
+
+async def run(backend: OpenAIUpstreamBackend, request: GenerationRequest
+              ) -> list[GenerationEvent]:
+    return [event async for event in backend.generate(request)]
+
+
+async def test_chat_streams_deltas_and_passes_upstream_usage_through(
+    upstream: OpenAIUpstreamBackend,
+) -> None:
+    events = await run(upstream, chat())
+    assert "".join(e.text for e in events) == ANSWER
+    assert [e.tokens for e in events[:-1]] == [1] * TOKENS
+    final = events[-1]
+    assert final.finish_reason == "stop"
+    # the mock counts words (1 + 4), not Mixtral tokens: this is the upstream's number
+    assert final.usage is not None
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (5, TOKENS)
+    assert upstream.count_tokens(chat()) != 5
+
+
+async def test_completion_with_max_tokens(upstream: OpenAIUpstreamBackend) -> None:
+    request = GenerationRequest("r", "mock", SamplingParams(max_tokens=2), prompt="once upon")
+    events = await run(upstream, request)
+    assert "".join(e.text for e in events) == "The quick"
+    assert events[-1].finish_reason == "length"
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens == 2
+
+
+async def test_request_sent_upstream(mock: tuple[MockApp, int]) -> None:
+    backend = make_backend(mock[1], api_key="sk-upstream-secret")
+    await backend.start()
+    try:
+        await run(backend, chat(temperature=0.2, top_p=0.9, max_tokens=5, stop=("\n",), seed=7,
+                                logprobs=True, top_logprobs=3))
+    finally:
+        await backend.stop()
+    head, body = mock[0].last_request
+    assert head.startswith(b"POST /v1/chat/completions ")
+    assert b"authorization: Bearer sk-upstream-secret" in head.lower().replace(
+        b"bearer", b"Bearer")
+    sent = orjson.loads(body)
+    assert sent["model"] == "mock-model" and sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True} and sent["n"] == 1
+    assert sent["messages"] == [{"role": "user", "content": "tell me about foxes"}]
+    expected = {"temperature": 0.2, "top_p": 0.9, "max_tokens": 5, "stop": ["\n"], "seed": 7,
+                "logprobs": True, "top_logprobs": 3}
+    assert {k: sent[k] for k in expected} == expected
+    assert "top_k" not in sent
+
+
+async def test_connections_are_kept_alive(mock: tuple[MockApp, int],
+                                          upstream: OpenAIUpstreamBackend) -> None:
+    for _ in range(5):
+        await run(upstream, chat())
+    assert mock[0].connections == 1
+
+
+async def test_missing_usage_falls_back_to_tokenizer_with_one_warning(
+    upstream: OpenAIUpstreamBackend, caplog: pytest.LogCaptureFixture,
+) -> None:
+    request = chat("nousage")
+    with caplog.at_level(logging.WARNING, logger="sluice.plugins.openai_upstream"):
+        events = await run(upstream, request)
+        await run(upstream, request)
+    usage = events[-1].usage
+    assert usage is not None
+    assert usage.prompt_tokens == upstream.count_tokens(request)
+    assert usage.completion_tokens == len(upstream.tokenizer.encode(ANSWER))  # type: ignore[union-attr]
+    assert sum(e.tokens for e in events) == usage.completion_tokens
+    assert len([r for r in caplog.records if "no usage" in r.message]) == 1
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "retryable", "says"),
+    [("e429", 429, True, "mock failure 429"), ("e500", 502, True, "500"),
+     ("e400", 400, False, "mock failure 400"), ("e401", 502, False, "credentials")],
+)
+async def test_upstream_status_errors_are_mapped(
+    upstream: OpenAIUpstreamBackend, model: str, status: int, retryable: bool, says: str,
+) -> None:
+    with pytest.raises(BackendError) as caught:
+        await run(upstream, chat(model))
+    assert (caught.value.status, caught.value.retryable) == (status, retryable)
+    assert says in str(caught.value)
+
+
+async def test_connection_refused_is_503_without_credentials() -> None:
+    with socket.socket() as probe:  # a port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backend = make_backend(port, base_url=f"http://user:hunter2@127.0.0.1:{port}/v1?key=abc")
+    await backend.start()
+    try:
+        with pytest.raises(BackendError) as caught:
+            await run(backend, chat())
+    finally:
+        await backend.stop()
+    assert (caught.value.status, caught.value.retryable) == (503, True)
+    assert "hunter2" not in str(caught.value) and "abc" not in str(caught.value)
+    assert f"127.0.0.1:{port}" in str(caught.value)
+
+
+async def test_read_timeout_is_504(mock: tuple[MockApp, int]) -> None:
+    backend = make_backend(mock[1], timeout_s=0.1)
+    await backend.start()
+    try:
+        with pytest.raises(BackendError) as caught:
+            await run(backend, chat("slow"))
+    finally:
+        await backend.stop()
+    assert (caught.value.status, caught.value.retryable) == (504, True)
+
+
+async def test_dropped_stream_is_502_after_partial_output(upstream: OpenAIUpstreamBackend) -> None:
+    got: list[GenerationEvent] = []
+    with pytest.raises(BackendError) as caught:
+        async for event in upstream.generate(chat("cut")):
+            got.append(event)
+    assert caught.value.status == 502
+    assert got and all(e.finish_reason is None for e in got)
+
+
+async def test_closing_the_stream_cancels_and_the_pool_recovers(
+    upstream: OpenAIUpstreamBackend,
+) -> None:
+    stream = upstream.generate(chat())
+    first = await stream.__anext__()
+    assert first.text
+    await stream.aclose()
+    events = await asyncio.wait_for(run(upstream, chat()), timeout=5)
+    assert events[-1].finish_reason == "stop"
+
+
+async def test_unknown_model_and_not_started(mock: tuple[MockApp, int],
+                                             upstream: OpenAIUpstreamBackend) -> None:
+    with pytest.raises(BackendError) as caught:
+        await run(upstream, chat("nope"))
+    assert caught.value.status == 404
+    with pytest.raises(BackendError) as caught:
+        await run(make_backend(mock[1]), chat())
+    assert caught.value.status == 503
+    assert "mock" in [card.id for card in upstream.models()]
+
+
+async def test_options_need_a_model_and_reject_unknown_keys() -> None:
+    with pytest.raises(ValueError):
+        OpenAIUpstreamBackend.Options(base_url="http://x/v1", models={})
+    with pytest.raises(ValueError):
+        OpenAIUpstreamBackend.Options(base_url="http://x/v1", models={"a": "b"}, retries=3)  # type: ignore[call-arg]
+
+
+async def test_tokenizer_none_estimates_from_bytes() -> None:
+    backend = make_backend(1, tokenizer="none")
+    assert backend.tokenizer is None
+    assert backend.count_tokens(chat(text="x" * 400)) == 1 + (400 + 4 + 3) // 4
