@@ -257,16 +257,13 @@ class AuditLog:
         async with self.engine.begin() as conn:
             missing = []
             for instance_id, group in by_instance.items():
-                stored = dict(
-                    (
-                        await conn.execute(
-                            select(AuditRecord.seq, AuditRecord.hash).where(
-                                AuditRecord.instance_id == instance_id,
-                                AuditRecord.seq.in_([r["seq"] for r in group]),
-                            )
-                        )
-                    ).tuples()
+                result = await conn.execute(
+                    select(AuditRecord.seq, AuditRecord.hash).where(
+                        AuditRecord.instance_id == instance_id,
+                        AuditRecord.seq.in_([r["seq"] for r in group]),
+                    )
                 )
+                stored = {seq: hash_ for seq, hash_ in result}
                 for row in group:
                     if row["seq"] not in stored:
                         missing.append(row)

@@ -1,0 +1,255 @@
+"""Audit log: hash chain, tamper detection, append-only enforcement, outage spooling.
+
+Runs against a Postgres database of its own (created, migrated with alembic, dropped) and
+an SQLite file for the embedded default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from gateway.audit import AuditLog, chain_hash, prompt_digest, verify
+from gateway.db.session import create_engine, migrate
+from gateway.spool import Spool
+
+PG_SERVER = "postgresql+asyncpg://postgres@127.0.0.1:5432"
+
+
+@pytest.fixture(scope="module")
+async def pg_url() -> AsyncIterator[str]:
+    name = f"sluice_t_{secrets.token_hex(6)}"
+    admin = create_async_engine(f"{PG_SERVER}/test", isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = f"{PG_SERVER}/{name}"
+        migrate(url)
+        yield url
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+@pytest.fixture
+async def pg(pg_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(pg_url)
+    yield engine
+    await engine.dispose()
+
+
+async def write_chain(engine: AsyncEngine, n: int, **kw: object) -> tuple[str, list[dict]]:
+    instance = f"gw-{secrets.token_hex(4)}"
+    audit = AuditLog(engine, instance, **kw)  # type: ignore[arg-type]
+    records = [
+        await audit.record(f"key_{i % 3}", "key.use", f"model-{i}", request_id=f"req-{i}",
+                           decision="allow", details={"i": i, "tokens": [i, i * 2]})  # fmt: skip
+        for i in range(n)
+    ]
+    await audit.close()
+    return instance, records
+
+
+async def row_ids(engine: AsyncEngine, instance: str) -> dict[int, int]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT seq, id FROM audit_log WHERE instance_id = :i"), {"i": instance}
+        )
+        return dict(rows.all())
+
+
+async def tamper(engine: AsyncEngine, *statements: str) -> None:
+    """As the superuser: switch the append-only trigger off, change rows, switch it on."""
+    async with engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update_delete"))
+        for stmt in statements:
+            await conn.execute(text(stmt))
+        await conn.execute(text("ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update_delete"))
+
+
+def break_of(report, instance: str):  # type: ignore[no-untyped-def]
+    return next(c.broken for c in report.chains if c.instance_id == instance)
+
+
+async def test_chain_verifies_and_resumes_across_restarts(pg: AsyncEngine) -> None:
+    instance, first = await write_chain(pg, 25, batch_size=7)
+    # A restarted gateway with the same instance id continues the same chain.
+    audit = AuditLog(pg, instance)
+    nxt = await audit.record("admin", "tenant.create", "acme")
+    await audit.close()
+    assert nxt["seq"] == 26 and nxt["prev_hash"] == first[-1]["hash"]
+
+    report = await verify(pg)
+    chain = next(c for c in report.chains if c.instance_id == instance)
+    assert report.ok and chain.records == 26 and chain.last_hash == nxt["hash"]
+    assert first[0]["prev_hash"] == "0" * 64
+
+
+async def test_edit_is_caught_naming_the_row(pg: AsyncEngine) -> None:
+    instance, records = await write_chain(pg, 10)
+    ids = await row_ids(pg, instance)
+    await tamper(pg, f"UPDATE audit_log SET decision = 'deny' WHERE id = {ids[4]}")
+    broken = break_of(await verify(pg), instance)
+    assert (broken.seq, broken.row_id, broken.reason) == (4, ids[4], "hash mismatch")
+    assert f"row id {ids[4]}" in str(broken)
+
+
+async def test_edit_with_recomputed_hash_breaks_the_next_link(pg: AsyncEngine) -> None:
+    instance, records = await write_chain(pg, 10)
+    ids = await row_ids(pg, instance)
+    forged = {**records[4], "decision": "deny"}  # seq 5
+    forged_hash = chain_hash(forged)
+    await tamper(
+        pg, f"UPDATE audit_log SET decision = 'deny', hash = '{forged_hash}' WHERE id = {ids[5]}"
+    )
+    broken = break_of(await verify(pg), instance)
+    assert (broken.seq, broken.row_id, broken.reason) == (6, ids[6], "prev_hash mismatch")
+
+
+async def test_delete_is_caught_as_a_gap(pg: AsyncEngine) -> None:
+    instance, _ = await write_chain(pg, 10)
+    ids = await row_ids(pg, instance)
+    await tamper(pg, f"DELETE FROM audit_log WHERE id IN ({ids[3]}, {ids[4]})")
+    broken = break_of(await verify(pg), instance)
+    assert (broken.seq, broken.row_id, broken.reason) == (5, ids[5], "gap")
+    assert "seq 3..4 missing" in broken.detail
+
+
+async def test_reorder_is_caught(pg: AsyncEngine) -> None:
+    instance, _ = await write_chain(pg, 10)
+    ids = await row_ids(pg, instance)
+    # Swap the stored positions of seq 6 and 7 (content, hashes and links untouched).
+    await tamper(
+        pg,
+        f"UPDATE audit_log SET id = -1 WHERE id = {ids[6]}",
+        f"UPDATE audit_log SET id = {ids[6]} WHERE id = {ids[7]}",
+        f"UPDATE audit_log SET id = {ids[7]} WHERE id = -1",
+    )
+    broken = break_of(await verify(pg), instance)
+    assert (broken.seq, broken.row_id, broken.reason) == (7, ids[6], "reorder")
+
+
+@pytest.mark.parametrize(
+    "stmt", ["UPDATE audit_log SET actor = 'x'", "DELETE FROM audit_log", "TRUNCATE audit_log"]
+)
+async def test_trigger_refuses_changes_even_for_the_owner(pg: AsyncEngine, stmt: str) -> None:
+    await write_chain(pg, 2)
+    with pytest.raises(DBAPIError, match="append-only"):
+        async with pg.begin() as conn:
+            await conn.execute(text(stmt))
+
+
+async def test_plain_role_cannot_change_or_unprotect_the_log(pg: AsyncEngine, pg_url: str) -> None:
+    instance, _ = await write_chain(pg, 3)
+    role = f"sluice_t_app_{secrets.token_hex(4)}"
+    dbname = pg_url.rsplit("/", 1)[1]
+    async with pg.begin() as conn:
+        await conn.execute(text(f"CREATE ROLE {role} LOGIN NOSUPERUSER"))
+        await conn.execute(text(f'GRANT CONNECT ON DATABASE "{dbname}" TO {role}'))
+        await conn.execute(text(f"GRANT USAGE ON SCHEMA public TO {role}"))
+        # Even with UPDATE/DELETE granted, the trigger refuses; INSERT/SELECT keep working.
+        await conn.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON audit_log TO {role}"))
+        await conn.execute(text(f"GRANT USAGE ON SEQUENCE audit_log_id_seq TO {role}"))
+    app = create_engine(f"{PG_SERVER.replace('postgres@', f'{role}@')}/{dbname}")
+    try:
+        audit = AuditLog(app, instance)
+        await audit.record("svc", "key.use", "m")
+        await audit.close()
+        for stmt in (
+            f"UPDATE audit_log SET decision = 'deny' WHERE instance_id = '{instance}'",
+            f"DELETE FROM audit_log WHERE instance_id = '{instance}'",
+        ):
+            with pytest.raises(DBAPIError, match="append-only"):
+                async with app.begin() as conn:
+                    await conn.execute(text(stmt))
+        with pytest.raises(DBAPIError, match="must be owner"):
+            async with app.begin() as conn:
+                await conn.execute(text("ALTER TABLE audit_log DISABLE TRIGGER ALL"))
+        report = await verify(app)
+        assert break_of(report, instance) is None
+        assert next(c for c in report.chains if c.instance_id == instance).records == 4
+    finally:
+        await app.dispose()
+        async with pg.begin() as conn:
+            await conn.execute(text(f"DROP OWNED BY {role}"))
+            await conn.execute(text(f"DROP ROLE {role}"))
+
+
+async def test_outage_spools_then_replays_in_order(pg: AsyncEngine, pg_url: str, tmp_path: Path):
+    dbname = pg_url.rsplit("/", 1)[1]
+    instance = f"gw-{secrets.token_hex(4)}"
+    spool = Spool(tmp_path / "audit.spool")
+    audit = AuditLog(pg, instance, spool=spool)
+    await audit.record("a", "key.use", "m", request_id="before")
+    await audit.flush()
+
+    admin = create_async_engine(f"{PG_SERVER}/test", isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:  # the database goes away
+        await conn.execute(text(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false'))
+        await conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+            {"d": dbname},
+        )
+    try:
+        for i in range(5):
+            await audit.record("a", "key.use", "m", request_id=f"outage-{i}")
+            await audit.flush()  # succeeds: the batch is fsynced in the spool
+        assert spool.pending() == 5
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true'))
+        await admin.dispose()
+
+    await audit.record("a", "key.use", "m", request_id="after")
+    await audit.close()
+    assert spool.pending() == 0
+    async with pg.connect() as conn:
+        rows = (
+            await conn.execute(
+                text("SELECT request_id FROM audit_log WHERE instance_id = :i ORDER BY id"),
+                {"i": instance},
+            )
+        ).scalars().all()
+    assert rows == ["before", *[f"outage-{i}" for i in range(5)], "after"]
+    assert break_of(await verify(pg), instance) is None
+
+
+async def test_restart_replays_spool_and_skips_rows_already_stored(pg: AsyncEngine, tmp_path):
+    instance, records = await write_chain(pg, 4)
+    spool = Spool(tmp_path / "audit.spool")
+    # A crash after the insert committed but before the spool was marked done: the same
+    # batch is spooled again. Replaying it must neither duplicate nor fail.
+    spool.append(records[2:])
+    audit = AuditLog(pg, instance, spool=spool)
+    nxt = await audit.record("a", "key.use", "m")
+    await audit.close()
+    assert nxt["seq"] == 5 and spool.pending() == 0
+    chain = next(c for c in (await verify(pg)).chains if c.instance_id == instance)
+    assert chain.broken is None and chain.records == 5
+
+
+async def test_sqlite_chain_roundtrip(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'sluice.db'}"
+    migrate(url)
+    engine = create_engine(url)
+    try:
+        instance, records = await write_chain(engine, 12, batch_size=5)
+        report = await verify(engine)
+        assert report.ok and report.records == 12
+        assert report.chains[0].last_hash == records[-1]["hash"]
+    finally:
+        await engine.dispose()
+
+
+def test_prompt_digest_keeps_text_only_on_opt_in() -> None:
+    expected = hashlib.sha256("héllo".encode()).hexdigest()
+    assert prompt_digest("héllo", store=False) == {"prompt_sha256": expected, "prompt_chars": 5}
+    assert prompt_digest("héllo", store=True)["prompt"] == "héllo"
