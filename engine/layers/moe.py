@@ -1,0 +1,68 @@
+"""Mixtral's sparse MoE block.
+
+Expert weights are stacked per layer: w13 (E, 2I, D) with w1 (gate) rows first,
+then w3 (up); w2 (E, D, I). All expert math goes through ``experts()`` so a
+fused kernel can replace it with a module swap or by assigning the method.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.layers.linear import Linear
+
+
+class MoE(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.intermediate_size = num_experts, top_k, intermediate_size
+        self.gate = Linear(hidden_size, num_experts)  # the router, stays high precision
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> (N, D)."""
+        topk_weights, topk_ids = self.route(x)
+        return self.experts(x, topk_weights, topk_ids)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax in fp32 over all experts, keep top-k, renormalise: (N, K) fp32, (N, K) int64."""
+        probs = F.softmax(self.gate(x).float(), dim=-1)  # (N, E)
+        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
+        return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids
+
+    def experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """sum_k w_k * w2(silu(w1 x) * w3 x) over each token's chosen experts: (N, D)."""
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self._experts_dense(x, topk_weights, topk_ids)
+        out = torch.zeros_like(x)
+        flat_ids = topk_ids.flatten()  # (N*K,)
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of = order // self.top_k  # (N*K,) token index of each sorted slot
+        weight_of = topk_weights.flatten()[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tokens = token_of[start:start + n]
+            h = self._expert(x[tokens], e) * weight_of[start:start + n, None]  # (n, D) fp32
+            out.index_add_(0, tokens, h.to(x.dtype))
+            start += n
+        return out
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)  # (n, I) each
+        return F.linear(F.silu(gate) * up, self.w2[e])  # (n, D)
+
+    def _experts_dense(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, weighted by a (N, E) combine matrix: static shapes
+        for CUDA-graph capture of small decode batches (weights are read once either way)."""
+        combine = torch.zeros(x.shape[0], self.num_experts, device=x.device, dtype=torch.float32)
+        combine.scatter_(1, topk_ids, topk_weights)  # (N, E)
+        h = torch.einsum("nd,eid->eni", x, self.w13)  # (E, N, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.einsum("eni,edi->end", F.silu(gate) * up, self.w2)  # (E, N, D)
+        return torch.einsum("end,ne->nd", y.float(), combine).to(x.dtype)

@@ -1,0 +1,177 @@
+"""Runs the model on a scheduled batch: builds inputs, owns the KV cache and CUDA graphs.
+
+Tokens of a step are laid out [decode tokens | prefill chunks]. A pure decode step
+on CUDA replays a graph captured at a padded batch-size bucket; everything else
+runs eagerly. One extra cache block at the end is scratch: padded rows write there.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.layers.attention import AttentionMetadata
+from engine.models.mixtral import CausalLM
+from engine.scheduler import ScheduledBatch
+
+log = logging.getLogger(__name__)
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, engine: EngineConfig, max_model_len: int) -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = model.embed_tokens.weight.dtype
+        self.block_size = engine.block_size
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.num_blocks = engine.num_kv_blocks or self._auto_num_blocks(engine)
+        self._allocate_cache(self.num_blocks + 1)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._buckets: dict[int, int] = {}  # decode batch size -> captured (padded) size
+        if self.device.type == "cuda" and not engine.enforce_eager:
+            self._capture_graphs(min(engine.max_num_seqs, GRAPH_BATCH_SIZES[-1]))
+
+    # ---- the step -------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Forward one step; returns fp32 logits (S, V) for the sequences that sample now:
+        every decode, and every prefill whose chunk reaches the end of its tokens."""
+        B = len(batch.decode)
+        if not batch.prefill and B in self._buckets:
+            return self.model.compute_logits(self._replay(batch))
+        input_ids, positions, meta, sample_rows = self._prepare(batch)
+        hidden = self.model(input_ids, positions, meta)  # (N, D)
+        return self.model.compute_logits(hidden[sample_rows])
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        rows: list[int] = []
+        for seq in batch.decode:
+            p = seq.num_tokens - 1
+            rows.append(len(ids))
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(self._slot(seq.block_table, p))
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(batch.decode))
+        if batch.decode:
+            width = max(len(s.block_table) for s in batch.decode)
+            meta.decode_block_tables = self._tensor([s.block_table + [0] * (width - len(s.block_table))
+                                                     for s in batch.decode], torch.int32)
+            meta.decode_context_lens = self._tensor([s.num_tokens for s in batch.decode], torch.int32)
+        for seq, n in zip(batch.prefill, batch.chunk_lens):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids.extend(seq.token_ids[start:end])
+            pos.extend(range(start, end))
+            slots.extend(self._slot(seq.block_table, p) for p in range(start, end))
+            if end == seq.num_tokens:
+                rows.append(len(ids) - 1)
+            meta.prefill_query_lens.append(n)
+            meta.prefill_context_lens.append(end)
+            meta.prefill_block_tables.append(self._tensor(seq.block_table[: -(-end // self.block_size)], torch.int64))
+        meta.slot_mapping = self._tensor(slots, torch.int64)
+        return self._tensor(ids, torch.int64), self._tensor(pos, torch.int64), meta, self._tensor(rows, torch.int64)
+
+    def _slot(self, block_table: list[int], p: int) -> int:
+        return block_table[p // self.block_size] * self.block_size + p % self.block_size
+
+    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    # ---- KV cache -------------------------------------------------------
+
+    def _block_bytes(self) -> int:
+        c = self.config
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+
+    def _auto_num_blocks(self, engine: EngineConfig) -> int:
+        if self.device.type != "cuda":
+            # CPU: room for every sequence at full length, capped at 2 GiB of cache
+            return max(self.max_blocks_per_seq,
+                       min(engine.max_num_seqs * self.max_blocks_per_seq, (2 << 30) // self._block_bytes()))
+        peak = self._measure_peak(engine.max_num_batched_tokens)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        budget = total * engine.memory_fraction - used - max(0, peak - torch.cuda.memory_allocated(self.device))
+        blocks = int(budget // self._block_bytes()) - 1
+        if blocks < self.max_blocks_per_seq:
+            raise MemoryError(f"only {blocks} KV blocks fit in memory_fraction={engine.memory_fraction}; "
+                              f"one sequence of max_model_len needs {self.max_blocks_per_seq}")
+        return blocks
+
+    def _measure_peak(self, num_tokens: int) -> int:
+        """Peak memory of a prefill of ``num_tokens`` tokens, with a throwaway cache."""
+        num_tokens = min(num_tokens, self.max_blocks_per_seq * self.block_size)
+        nblocks = -(-num_tokens // self.block_size)
+        self._allocate_cache(nblocks)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device), num_decode=0,
+            prefill_query_lens=[num_tokens], prefill_context_lens=[num_tokens],
+            prefill_block_tables=[torch.arange(nblocks, device=self.device)])
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            self.model.compute_logits(self.model(ids, torch.arange(num_tokens, device=self.device), meta)[-1:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self._allocate_cache(0)
+        return peak
+
+    def _allocate_cache(self, num_blocks: int) -> None:
+        c = self.config
+        shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)  # per layer
+        for attn in self.model.attention_layers():
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # ---- CUDA graphs for decode ------------------------------------------
+
+    def _capture_graphs(self, max_bs: int) -> None:
+        dev, scratch = self.device, self.num_blocks * self.block_size
+        self.static = {
+            "ids": torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            "pos": torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            "slots": torch.full((max_bs,), scratch, dtype=torch.int64, device=dev),
+            "tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+            "ctx": torch.ones(max_bs, dtype=torch.int32, device=dev),
+        }
+        sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_bs]
+        pool = None
+        s = self.static
+        with torch.inference_mode():
+            for bs in reversed(sizes):
+                meta = AttentionMetadata(slot_mapping=s["slots"][:bs], num_decode=bs,
+                                         decode_block_tables=s["tables"][:bs], decode_context_lens=s["ctx"][:bs])
+                self.model(s["ids"][:bs], s["pos"][:bs], meta)  # warm up outside the graph
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    s[f"out{bs}"] = self.model(s["ids"][:bs], s["pos"][:bs], meta)
+                pool = graph.pool()
+                self.graphs[bs] = graph
+                torch.cuda.synchronize(dev)
+        self._buckets = {b: next(x for x in sizes if x >= b) for b in range(1, max_bs + 1)}
+        log.info("captured decode CUDA graphs for batch sizes %s", sizes)
+
+    def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
+        B, s = len(batch.decode), self.static
+        bucket = self._buckets[B]
+        seqs = batch.decode
+        s["ids"][:B].copy_(self._tensor([q.token_ids[-1] for q in seqs], torch.int64))
+        s["pos"][:B].copy_(self._tensor([q.num_tokens - 1 for q in seqs], torch.int64))
+        s["slots"].fill_(self.num_blocks * self.block_size)
+        s["slots"][:B].copy_(self._tensor([self._slot(q.block_table, q.num_tokens - 1) for q in seqs], torch.int64))
+        s["ctx"].fill_(1)
+        s["ctx"][:B].copy_(self._tensor([q.num_tokens for q in seqs], torch.int32))
+        width = max(len(q.block_table) for q in seqs)
+        s["tables"][:B, :width].copy_(self._tensor([q.block_table + [0] * (width - len(q.block_table))
+                                                    for q in seqs], torch.int32))
+        self.graphs[bucket].replay()
+        return s[f"out{bucket}"][:B]
