@@ -74,7 +74,10 @@ class OpenAIUpstreamBackend(Backend):
         super().__init__(options)
         self.opts = options
         url = httpx.URL(options.base_url.rstrip("/"))
-        self._base = str(url)
+        base = str(url)
+        # parsed once: httpx's URL parsing is a visible share of a proxied request's cost
+        self._urls = {True: httpx.URL(base + "/chat/completions"),
+                      False: httpx.URL(base + "/completions")}
         # what error messages may show: no user:password, no query string
         self._where = f"{url.scheme}://{url.host}" + (f":{url.port}" if url.port else "")
         self.tokenizer = MixtralTokenizer() if options.tokenizer == "mistral" else None
@@ -86,7 +89,7 @@ class OpenAIUpstreamBackend(Backend):
 
     async def start(self) -> None:
         opts = self.opts
-        headers = {"accept": "text/event-stream"}
+        headers = {"accept": "text/event-stream", "content-type": "application/json"}
         if opts.api_key:
             headers["authorization"] = f"Bearer {opts.api_key}"
         self._client = httpx.AsyncClient(
@@ -122,17 +125,13 @@ class OpenAIUpstreamBackend(Backend):
         if upstream_model is None:
             raise BackendError(f"model '{request.model}' is not served here", status=404)
         chat = request.messages is not None
-        path = "/chat/completions" if chat else "/completions"
         body = orjson.dumps(_request_body(request, upstream_model))
         text_parts: list[str] = []
         streamed = 0  # completion tokens already reported in deltas
         finish: FinishReason | None = None
         usage: Usage | None = None
         try:
-            async with self._client.stream(
-                "POST", self._base + path, content=body,
-                headers={"content-type": "application/json"},
-            ) as response:
+            async with self._client.stream("POST", self._urls[chat], content=body) as response:
                 if response.status_code != 200:
                     await response.aread()
                     raise self._status_error(response)
