@@ -44,7 +44,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Explain in one short sentence why the sky looks blue on a clear day."
 MAX_TOKENS = 64
-MOCK_TOKENS = 16  # the mock answers 16 words; the echo answers PROMPT's 17 tokens
+MOCK_TOKENS = 16  # the mock answers 16 words; the echo answers PROMPT's 16 tokens
 console = Console()
 
 CONFIG = """\
