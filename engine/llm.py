@@ -65,15 +65,25 @@ class LLM:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> Sequence:
+        """Queue a request (text is encoded with BOS; pass ids for chat-templated prompts)."""
+        seq = self.make_sequence(prompt, params, request_id)
+        self.enqueue(seq)
+        return seq
+
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
+                      request_id: str | None = None) -> Sequence:
+        """Tokenize and validate (raises RequestError) without touching engine state."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(ids, params)
-        seq = Sequence(ids, params, request_id="")
+        seq = Sequence(ids, params)
         seq.request_id = request_id or f"req-{seq.seq_id}"
+        return seq
+
+    def enqueue(self, seq: Sequence) -> None:
         self.sequences[seq.seq_id] = seq
         self._text[seq.seq_id] = TextState(self.tokenizer, seq)
         self.scheduler.add(seq)
-        return seq
 
     def abort(self, seq_id: int) -> None:
         """Cancel a request now; its KV blocks are freed at once."""
