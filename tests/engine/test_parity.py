@@ -53,7 +53,7 @@ def test_logits_and_greedy_match_transformers(fixture, request):
     for i, got in enumerate(logits):
         assert rel_err(got, ref[len(prompt) - 1 + i]) < 1e-4, f"step {i}"
     assert tokens == hf_tokens
-    assert len(set(tokens)) > 1  # a real sequence, not one token repeated
+    assert not torch.equal(logits[0], logits[-1])  # decode steps really differ
 
 
 @pytest.mark.parametrize("fixture", ["tiny_mixtral", "tiny_llama"])
