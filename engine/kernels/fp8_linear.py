@@ -7,8 +7,8 @@ cuBLAS fp8 reaches only ~43% of HBM bandwidth there. This kernel streams the wei
 with wide tiles and enough programs to fill the chip:
 - swap-AB: each program computes out^T tile = W[BLOCK_N, K] @ x^T[K, BLOCK_M], so the
   weight rows sit in the MMA's large dimension and the few tokens in the small one;
-- split-K: when N / BLOCK_N programs cannot fill the SMs (14336 -> 4096), each program
-  covers K / S of the reduction and writes fp32 partials that a tiny kernel sums;
+- optional split-K: each program covers K / S of the reduction and writes fp32
+  partials that a tiny kernel sums (measured slower at Mixtral shapes: off by default);
 - two activation modes: bf16/fp16 activations (weights widened in registers,
   "W8A16", no activation-quant launch) or fp8 activations with a per-token scale.
 """
@@ -95,16 +95,13 @@ def _sum_splits_kernel(part_ptr, out_ptr, total, SPLITS: tl.constexpr, BLOCK: tl
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def small_m_config(m: int, n: int, k: int, num_sms: int = 132) -> SmallMConfig:
-    """Tile choice for the small-M kernel: enough (n-tile, k-slice) programs for
-    ~2 per SM, each slice long enough (>= 1024) to amortise its partial write."""
-    block_n = 64 if m <= 32 else 32
-    block_k = 256 if m <= 16 else 128
-    n_tiles = triton.cdiv(n, block_n)
-    split_k = 1
-    while n_tiles * split_k < 2 * num_sms and k // (split_k * 2) >= max(1024, block_k):
-        split_k *= 2
-    return SmallMConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+def small_m_config(m: int, n: int, k: int) -> SmallMConfig:
+    """Tiles measured on an H100 (docs/kernels.md, run 2): split-K lost to its extra
+    reduce launch at both Mixtral shapes, so one K pass per program; deep pipelining
+    for long K; wider n-tiles once M > 16 on wide outputs."""
+    if m > 16 and n >= 8192:
+        return SmallMConfig(block_n=128, block_k=256, split_k=1, num_warps=4, num_stages=3)
+    return SmallMConfig(block_n=64, block_k=256, split_k=1, num_warps=4, num_stages=6 if k >= 8192 else 4)
 
 
 def fp8_linear_small_m(

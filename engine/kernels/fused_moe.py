@@ -44,7 +44,7 @@ def moe_config(num_tokens: int) -> MoeConfig:
     """Tiles by token count: tiny BM while decode is weight-bound, larger BM once
     experts see enough tokens for the MMA to matter."""
     if num_tokens <= 32:
-        return MoeConfig(block_m=16, block_n=64, block_k=128, block_n2=32, block_k2=256)
+        return MoeConfig(block_m=16, block_n=32, block_k=256, block_n2=32, block_k2=512)
     if num_tokens <= 128:
         return MoeConfig(block_m=32, block_n=64, block_k=128, block_n2=64, block_k2=128)
     return MoeConfig(block_m=64, block_n=128, block_k=64, block_n2=128, block_k2=64,
@@ -112,7 +112,7 @@ def moe_align_block_size(
     expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     num_post = torch.empty(1, dtype=torch.int32, device=dev)
     block_e = triton.next_power_of_2(num_experts)
-    chunk = max(16, min(1024, 8192 // block_e))
+    chunk = max(16, min(triton.next_power_of_2(max(numel, 1)), 8192 // block_e))
     _moe_align_kernel[(1,)](
         topk_ids, sorted_ids, expert_ids, num_post, numel, padded, max_blocks,
         E=num_experts, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=chunk,

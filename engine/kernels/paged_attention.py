@@ -121,9 +121,13 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """q (B, Hq, D), caches [NB, BS, Hkv, D], block_tables (B, max_blocks) int32,
-    context_lens (B,) int32 -> (B, Hq, D). Zero-length sequences give zeros."""
+    context_lens (B,) int32 -> (B, Hq, D). Zero-length sequences give zeros.
+    num_splits/block_n/num_warps/num_stages override the tile choice (tuning)."""
     check_tensor(q, "q", 3, KV_DTYPES)
     bsz, hq, d = q.shape
     check_tensor(k_cache, "k_cache", 4, KV_DTYPES, device=q.device)
@@ -142,7 +146,7 @@ def paged_decode_attention(
     check(context_lens.shape[0] == bsz and context_lens.is_contiguous(),
           f"context_lens must be contiguous ({bsz},), got {tuple(context_lens.shape)}")
     group = hq // hkv
-    block_n = 64 if page >= 64 else max(16, page)
+    block_n = block_n or 64
     max_tokens = block_tables.shape[1] * page
     splits = num_splits or num_splits_for(bsz, hkv, max_tokens, block_n)
     out = torch.empty_like(q)
@@ -160,7 +164,7 @@ def paged_decode_attention(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         BLOCK_N=block_n, PAGE=page, SPLITS=splits, DOT_F32=dot_in_fp32(),
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         _merge_splits_kernel[(bsz * hq,)](

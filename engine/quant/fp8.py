@@ -1,13 +1,11 @@
 """FP8 (e4m3) quantization: Fp8Linear, Fp8FusedExperts and the `quantize_fp8` swap.
 
 Weights: e4m3 with a float32 scale per output channel (per-tensor checkpoint scales
-are broadcast to channels). Activations:
-- M <= SMALL_M tokens on CUDA: the triton small-M kernel takes the bf16 activations
-  as they are and widens the weight in registers (decode is bound by weight bytes, so
-  skipping the activation-quant pass saves a launch and some error);
-- larger M on CUDA: per-token dynamic e4m3 activations (or the checkpoint's static
-  input_scale) and torch._scaled_mm with row-wise scales;
-- CPU: dequantized weight, plain matmul (the reference path).
+are broadcast to channels). Activations on CUDA: per-token dynamic e4m3 (or the
+checkpoint's static input_scale) from one triton launch, then
+- M <= SMALL_M tokens: the triton split-K small-M kernel (fp8 x fp8 tensor cores);
+- larger M: torch._scaled_mm with row-wise scales.
+On the CPU: dequantized weight, plain matmul (the reference path).
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ import torch
 from torch import nn
 
 from engine.kernels._common import FP8_DTYPE, FP8_MAX
+from engine.kernels.act_quant import per_token_quant_fp8
 from engine.kernels.fp8_linear import fp8_linear_small_m
 from engine.kernels.fused_moe import fused_moe, fused_moe_reference
 
@@ -28,17 +27,6 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = amax / FP8_MAX
     q = (w.float() / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
-
-
-def quantize_per_token(
-    x: torch.Tensor, static_scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) -> (e4m3 (M, K), float32 (M, 1)); dynamic absmax unless a static scale."""
-    if static_scale is not None:
-        scale = static_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
-    else:
-        scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def _channel_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -95,13 +83,14 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if x2.is_cuda and x2.shape[0] <= SMALL_M:
-            y = fp8_linear_small_m(x2.to(self.out_dtype), self.weight, self.weight_scale,
-                                   out_dtype=self.out_dtype)
-        elif x2.is_cuda:
-            xq, xs = quantize_per_token(x2, self.input_scale)
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs,
-                                 scale_b=self.weight_scale.view(1, -1), out_dtype=self.out_dtype)
+        if x2.is_cuda:
+            xq, xs = per_token_quant_fp8(x2, self.input_scale)  # (M, K) e4m3, (M,)
+            if x2.shape[0] <= SMALL_M:
+                y = fp8_linear_small_m(xq, self.weight, self.weight_scale, x_scale=xs,
+                                       out_dtype=self.out_dtype)
+            else:
+                y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs.view(-1, 1),
+                                     scale_b=self.weight_scale.view(1, -1), out_dtype=self.out_dtype)
         else:
             w = self.weight.to(self.out_dtype) * self.weight_scale.to(self.out_dtype)[:, None]
             y = x2.to(self.out_dtype) @ w.t()
