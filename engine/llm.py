@@ -122,9 +122,11 @@ class LLM:
             if tok.token_id not in self._stop_ids(seq):  # a stop token adds no text
                 if text.add_token(seq):
                     reason = "stop"
+            by_token = reason == "stop" and tok.token_id in self._stop_ids(seq)
             outputs.append(RequestOutput(
                 seq.request_id, seq.seq_id, text.delta(final=reason is not None), [tok.token_id], [tok],
-                seq.num_prompt_tokens, seq.num_completion_tokens, reason is not None, reason))
+                seq.num_prompt_tokens, seq.num_completion_tokens, reason is not None, reason,
+                tok.token_id if by_token else None))
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self.sequences[seq.seq_id], self._text[seq.seq_id]

@@ -23,6 +23,7 @@ class RequestOutput:
     num_completion_tokens: int
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "cancelled"
+    stop_token_id: int | None = None  # set when an EOS / stop token id ended the request
 
 
 @dataclass
