@@ -144,6 +144,10 @@ def fp8_linear_small_m(
     splits = triton.cdiv(k, k_per_split)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     even_k = k % k_per_split == 0
+    # Pipeline depth within shared memory (H100: 227 KiB per block): a bf16 x tile at
+    # M=64 with 6 stages needed 272 KiB and failed to launch (check_gpu run 3).
+    stage_bytes = (cfg.block_n + block_m * x.element_size()) * cfg.block_k
+    num_stages = max(2, min(cfg.num_stages, (200 * 1024) // stage_bytes))
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m), splits)
     partial = splits > 1
     target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if partial else out
@@ -153,7 +157,7 @@ def fp8_linear_small_m(
         x.stride(0), weight.stride(0), n, m * n,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         A_FP8=a_fp8, DOT_F32=dot_in_fp32(), EVEN_K=even_k, PARTIAL=partial,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=num_stages,
     )
     if partial:
         block = 1024
