@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port,
         log_level=settings.log_level,
         loop="uvloop",
-        http="httptools",
+        http=args.http,
         access_log=args.access_log,
         timeout_graceful_shutdown=30,
     )
@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--access-log", action="store_true")
+    p.add_argument(
+        "--http", choices=["h11", "httptools"], default="h11",
+        help="HTTP/1.1 parser (h11 notices clients that leave mid-stream most reliably)",
+    )
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("migrate", help="upgrade the database schema")

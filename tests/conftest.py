@@ -1,0 +1,278 @@
+"""Shared fixtures: a database of the run's own on the real Postgres, and a real uvicorn
+server running the gateway in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+POSTGRES_URL = os.environ.get(
+    "SLUICE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("SLUICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_SERVICES = os.environ.get("SLUICE_TEST_REQUIRE_SERVICES") == "1"
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    try:
+        with socket.create_connection((u.host or "127.0.0.1", u.port or default_port), 2):
+            return True
+    except OSError:
+        return False
+
+
+def _service_missing(name: str, url: str) -> None:
+    message = f"{name} is not reachable at {url}"
+    if REQUIRE_SERVICES:
+        pytest.fail(message + " (SLUICE_TEST_REQUIRE_SERVICES=1: these tests may not skip)")
+    pytest.skip(message)
+
+
+async def _admin_execute(url: str, *statements: str) -> None:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    conn = await asyncpg.connect(
+        host=u.host, port=u.port or 5432, user=u.username, password=u.password, database=u.database
+    )
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def make_postgres_database(prefix: str = "sluice_t") -> str:
+    """A fresh, migrated database of this run's own; drop it with drop_postgres_database."""
+    from sqlalchemy.engine import make_url
+
+    from gateway.db.session import migrate
+
+    if not _reachable(POSTGRES_URL, 5432):
+        _service_missing("Postgres", POSTGRES_URL)
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    asyncio.run(_admin_execute(POSTGRES_URL, f'CREATE DATABASE "{name}"'))
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    migrate(url)
+    return url
+
+
+def drop_postgres_database(url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    name = make_url(url).database
+    asyncio.run(_admin_execute(POSTGRES_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    url = make_postgres_database()
+    yield url
+    drop_postgres_database(url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    from gateway.db.session import migrate
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'sluice.db'}"
+    migrate(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    if not _reachable(REDIS_URL, 6379):
+        _service_missing("Redis", REDIS_URL)
+    return REDIS_URL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class GatewayServer:
+    """The real app under a real uvicorn, on a free port, in a thread of its own."""
+
+    def __init__(self, settings: Any) -> None:
+        from gateway.app import create_app
+
+        self.settings = settings
+        self.app = create_app(settings)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+        self.server = uvicorn.Server(config)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve())
+
+    def start(self) -> GatewayServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("gateway did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def gateway(self) -> Any:
+        return self.app.state.gateway
+
+    def run(self, coro: Any) -> Any:
+        """Run a coroutine on the server's loop (e.g. to create tenants and keys)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def tenant_key(self, tenant: str | None = None, **key_options: Any) -> str:
+        """A new tenant (unless it exists) and a new key of it; returns the secret."""
+        accounts = self.gateway.accounts
+        tenant = tenant or f"t-{secrets.token_hex(4)}"
+
+        async def make() -> str:
+            try:
+                await accounts.tenant(tenant)
+            except Exception:
+                await accounts.create_tenant(tenant)
+            return (await accounts.create_key(tenant, **key_options)).secret
+
+        return str(self.run(make()))
+
+
+def echo_settings(database_url: str, **overrides: Any) -> Any:
+    from gateway.settings import BackendConfig, Settings
+
+    backends = overrides.pop(
+        "backends",
+        {
+            "echo": BackendConfig(plugin="echo"),
+            "slow-echo": BackendConfig(
+                plugin="echo", options={"model": "slow-echo", "tokens_per_s": 5}
+            ),
+        },
+    )
+    return Settings(
+        database_url=database_url,
+        admin_jwt_secret="test-secret-" + secrets.token_hex(16),
+        backends=backends,
+        meter_flush_interval_s=0.05,
+        **overrides,
+    )
+
+
+@pytest.fixture
+def sqlite_server(sqlite_url: str) -> Iterator[GatewayServer]:
+    server = GatewayServer(echo_settings(sqlite_url)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_server(postgres_url: str) -> Iterator[GatewayServer]:
+    server = GatewayServer(echo_settings(postgres_url)).start()
+    yield server
+    server.stop()
+
+
+ECHO_CONFIG = """
+[backends.echo]
+plugin = "echo"
+
+[backends.slow-echo]
+plugin = "echo"
+[backends.slow-echo.options]
+model = "slow-echo"
+tokens_per_s = 1
+"""
+
+
+class ProcessServer:
+    """``sluice serve`` as its own OS process, as an operator runs it."""
+
+    def __init__(self, database_url: str, tmp: Path, config: str = ECHO_CONFIG) -> None:
+        import subprocess
+        import sys
+
+        self.database_url = database_url
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        (tmp / "sluice.toml").write_text(config)
+        env = {
+            **os.environ,
+            "SLUICE_DATABASE_URL": database_url,
+            "SLUICE_CONFIG": str(tmp / "sluice.toml"),
+            "SLUICE_ADMIN_JWT_SECRET": "test-secret-" + secrets.token_hex(16),
+            "SLUICE_LOG_LEVEL": "warning",
+        }
+        self.log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port)],
+            env=env, cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> ProcessServer:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sluice serve exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("sluice serve did not become ready")
+
+    def stop(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except Exception:
+            self.proc.kill()
+        self.log.close()
+
+    async def tenant_key(self, tenant: str, **options: Any) -> str:
+        from gateway.accounts import Accounts
+        from gateway.db.session import create_engine, sessionmaker
+
+        engine = create_engine(self.database_url)
+        accounts = Accounts(sessionmaker(engine))
+        try:
+            try:
+                await accounts.tenant(tenant)
+            except Exception:
+                await accounts.create_tenant(tenant)
+            return (await accounts.create_key(tenant, **options)).secret
+        finally:
+            await engine.dispose()
