@@ -39,13 +39,16 @@ class EchoBackend(Backend):
 
     class Options(BackendOptions):
         model: str = "echo"
-        start_delay_s: float = Field(0.0, ge=0)  # simulated cold start, slept in start()
-        ttft_ms: float = Field(0.0, ge=0)  # time to first token
-        tokens_per_s: float = Field(0.0, ge=0)  # 0: as fast as possible
-        max_output_tokens: int = Field(256, ge=0)
+        start_delay_s: float = Field(default=0.0, ge=0)  # simulated cold start, slept in start()
+        ttft_ms: float = Field(default=0.0, ge=0)  # time to first token
+        tokens_per_s: float = Field(default=0.0, ge=0)  # 0: as fast as possible
+        max_output_tokens: int = Field(default=256, ge=0)
         #: Fault injection for crash/recovery tests: raise BackendError mid-stream
         #: once this many completion tokens were streamed (if the answer is that long).
-        fail_after_tokens: int | None = Field(None, ge=0)
+        fail_after_tokens: int | None = Field(default=None, ge=0)
+        #: With fail_after_tokens: mark the injected error fatal (the worker is broken
+        #: and the runtime must replace it) instead of failing only this request.
+        fail_fatal: bool = False
 
     def __init__(self, options: BackendOptions) -> None:
         if not isinstance(options, EchoBackend.Options):
@@ -85,7 +88,8 @@ class EchoBackend(Backend):
         for text, n in pieces:
             if opts.fail_after_tokens is not None and sent_tokens >= opts.fail_after_tokens:
                 raise BackendError(
-                    f"echo: injected failure after {sent_tokens} tokens (fail_after_tokens)"
+                    f"echo: injected failure after {sent_tokens} tokens (fail_after_tokens)",
+                    fatal=opts.fail_fatal,
                 )
             due = first_due  # the piece is due when its last token is
             if opts.tokens_per_s:

@@ -60,9 +60,9 @@ class OpenAIUpstreamBackend(Backend):
         base_url: str  # e.g. http://127.0.0.1:9000/v1
         api_key: str | None = None
         models: dict[str, str] = Field(min_length=1)  # served name -> upstream model name
-        timeout_s: float = Field(60.0, gt=0)
-        connect_timeout_s: float = Field(5.0, gt=0)
-        max_connections: int = Field(256, ge=1)
+        timeout_s: float = Field(default=60.0, gt=0)
+        connect_timeout_s: float = Field(default=5.0, gt=0)
+        max_connections: int = Field(default=256, ge=1)
         #: How count_tokens estimates prompts (the upstream's usage is what gets metered).
         tokenizer: Literal["mistral", "none"] = "mistral"
 

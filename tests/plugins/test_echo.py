@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator
+from typing import cast
 
 import pytest
 from pydantic import ValidationError
@@ -143,7 +145,8 @@ async def test_cut_inside_a_character_matches_sentencepiece_decode(echo: EchoBac
 
 async def test_closing_the_stream_stops_generation() -> None:
     backend = EchoBackend(EchoBackend.Options(tokens_per_s=100))
-    stream = backend.generate(completion("word " * 200))
+    stream = cast(AsyncGenerator[GenerationEvent, None],
+                  backend.generate(completion("word " * 200)))
     await stream.__anext__()
     await stream.__anext__()
     started = time.perf_counter()
@@ -170,6 +173,14 @@ async def test_fail_after_tokens_raises_mid_stream() -> None:
             got.append(event)
     assert sum(e.tokens for e in got) == 3
     assert all(e.finish_reason is None for e in got)
+
+
+@pytest.mark.parametrize("fatal", [False, True])
+async def test_fail_fatal_marks_the_worker_broken(fatal: bool) -> None:
+    backend = EchoBackend(EchoBackend.Options(fail_after_tokens=0, fail_fatal=fatal))
+    with pytest.raises(BackendError) as caught:
+        await run(backend, completion("hello"))
+    assert caught.value.fatal is fatal
 
 
 async def test_timing_knobs() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import cast
 
 import orjson
 import pytest
@@ -40,7 +41,7 @@ def make_backend(port: int, **options: object) -> OpenAIUpstreamBackend:
                    "cut": "cut-3", "e429": "status-429", "e500": "status-500",
                    "e400": "status-400", "e401": "status-401"},
     }
-    return OpenAIUpstreamBackend(OpenAIUpstreamBackend.Options(**(defaults | options)))
+    return OpenAIUpstreamBackend(OpenAIUpstreamBackend.Options.model_validate(defaults | options))
 
 
 @pytest.fixture
@@ -181,7 +182,7 @@ async def test_dropped_stream_is_502_after_partial_output(upstream: OpenAIUpstre
 async def test_closing_the_stream_cancels_and_the_pool_recovers(
     upstream: OpenAIUpstreamBackend,
 ) -> None:
-    stream = upstream.generate(chat())
+    stream = cast(AsyncGenerator[GenerationEvent, None], upstream.generate(chat()))
     first = await stream.__anext__()
     assert first.text
     await stream.aclose()
