@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import mistral_common
@@ -28,7 +29,11 @@ class MixtralTokenizer:
     def __init__(self, path: Path = TOKENIZER_PATH) -> None:
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self._encode = self._sp.encode  # a bound method: skips an attribute lookup per call
-        self._bytes = [self._piece_bytes(i) for i in range(self._sp.vocab_size())]
+
+    @cached_property
+    def _bytes(self) -> list[bytes]:
+        """Each token's UTF-8 bytes; built on first decode (~50 ms), counting never needs it."""
+        return [self._piece_bytes(i) for i in range(self._sp.vocab_size())]
 
     def _piece_bytes(self, token_id: int) -> bytes:
         sp = self._sp
@@ -74,9 +79,10 @@ class MixtralTokenizer:
         SentencePiece's own decode.
         """
         decoder = codecs.getincrementaldecoder("utf-8")()
+        table = self._bytes
         pending = 0
         for i, token_id in enumerate(ids):
-            raw = self._bytes[token_id]
+            raw = table[token_id]
             if i == 0 and raw.startswith(_DUMMY_PREFIX):
                 raw = raw[1:]
             text = decoder.decode(raw)
