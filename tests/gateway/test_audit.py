@@ -6,6 +6,8 @@ an SQLite file for the embedded default.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import hashlib
 import secrets
 from collections.abc import AsyncIterator
@@ -16,8 +18,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from gateway import cli_accounting
 from gateway.audit import AuditLog, chain_hash, prompt_digest, verify
 from gateway.db.session import create_engine, migrate
+from gateway.settings import Settings
 from gateway.spool import Spool
 
 PG_SERVER = "postgresql+asyncpg://postgres@127.0.0.1:5432"
@@ -253,3 +257,31 @@ def test_prompt_digest_keeps_text_only_on_opt_in() -> None:
     expected = hashlib.sha256("héllo".encode()).hexdigest()
     assert prompt_digest("héllo", store=False) == {"prompt_sha256": expected, "prompt_chars": 5}
     assert prompt_digest("héllo", store=True)["prompt"] == "héllo"
+
+
+def verify_cli(url: str) -> int:
+    parser = argparse.ArgumentParser(prog="sluice")
+    cli_accounting.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["audit", "verify"])
+    return args.handler(args, Settings(database_url=url))
+
+
+async def test_cli_verify_exit_codes(pg: AsyncEngine, pg_url: str, tmp_path: Path, capsys):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'ok.db'}"
+    migrate(url)
+    engine = create_engine(url)
+    await write_chain(engine, 3)
+    await engine.dispose()
+    assert await asyncio.to_thread(verify_cli, url) == 0
+    assert "audit log intact: 3 records in 1 chains" in capsys.readouterr().err
+
+    instance, _ = await write_chain(pg, 5)
+    ids = await row_ids(pg, instance)
+    await tamper(pg, f"UPDATE audit_log SET target = 'other' WHERE id = {ids[2]}")
+    assert await asyncio.to_thread(verify_cli, pg_url) == 1
+    assert (f"audit chain broken: instance '{instance}' seq 2 (row id {ids[2]}): hash mismatch"
+            in capsys.readouterr().err)  # fmt: skip
+
+    down = "postgresql+asyncpg://postgres@127.0.0.1:1/nowhere"
+    assert await asyncio.to_thread(verify_cli, down) == 2
+    assert capsys.readouterr().err.startswith("error: ")
