@@ -67,9 +67,11 @@ class EntropyConfig(BaseModel):
     vowel_ratio: Ramp = Ramp(lo=0.275, hi=0.255)
     min_letters_for_vowels: int = 48
     min_letter_share_for_vowels: float = 0.7  # code (many symbols) is exempt
+    max_avg_word_len_for_vowels: float = 12.0  # so are sequences (DNA) and other long tokens
     # zlib output/input bytes: repetition compresses far better than language.
-    compress_ratio: Ramp = Ramp(lo=0.2, hi=0.1)
+    compress_ratio: Ramp = Ramp(lo=0.25, hi=0.12)
     min_bytes_for_compress: int = 160
+    compress_bytes: int = Field(default=1024, ge=128)  # zlib runs on the first this many bytes
     # Distinct words / words.
     distinct_words: Ramp = Ramp(lo=0.3, hi=0.15)
     min_words_for_distinct: int = 30
@@ -158,9 +160,7 @@ def _sample(text: str, limit: int) -> str:
 def _encoded_chars(tokens: list[str], config: EntropyConfig) -> int:
     """Characters in whitespace-free runs that look like hex or base64."""
     total = 0
-    for tok in tokens:
-        if len(tok) < config.run_min_chars:
-            continue
+    for tok in [t for t in tokens if len(t) >= config.run_min_chars]:
         run = tok.strip(_EDGE_PUNCT)
         if len(run) < config.run_min_chars or not run.isascii():
             continue
@@ -216,6 +216,7 @@ def features(text: str, config: EntropyConfig) -> dict[str, float]:
         scripts = scripts[scripts != 0]
         switch = (int(np.count_nonzero(scripts[1:] != scripts[:-1])) / (len(scripts) - 1)
                   if len(scripts) > 1 else 0.0)
+    head = raw[:config.compress_bytes]  # repetition shows within 1 KB; zlib is the slow part
     p = counts[counts > 0] / n
     entropy = float(-(p * np.log2(p)).sum())
     letters_ascii, vowels, digits = (int(x) for x in low[:128] @ _MASKS)
@@ -223,12 +224,17 @@ def features(text: str, config: EntropyConfig) -> dict[str, float]:
     tokens = text.split()
     words = len(tokens)
     # Leetspeak needs digits; most prose has almost none, so skip the scan.
-    leet = _leet_runs(raw) / words if words and digits * 20 >= n else 0.0
+    leet = 0.0
+    if words and digits * 20 >= n:
+        # Long tokens (hashes, tokens, base64) are judged as runs, not as leetspeak words.
+        short = [t for t in tokens if len(t) < config.run_min_chars]
+        text_short = " ".join(short) if len(short) < words else text
+        leet = _leet_runs(text_short.encode("utf-8", "surrogatepass")) / words
     return {
         "chars": float(n),
         "entropy": entropy,
         "ascii_entropy": entropy if ascii_only else 0.0,
-        "compress_ratio": len(zlib.compress(raw, 1)) / len(raw),
+        "compress_ratio": len(zlib.compress(head, 1)) / len(head) if head else 1.0,
         "bytes": float(len(raw)),
         "encoded_frac": _encoded_chars(tokens, config) / n,
         "leet_rate": leet,
@@ -254,7 +260,8 @@ def signals(f: dict[str, float], config: EntropyConfig) -> dict[str, float]:
         "distinct_words": 0.0,
     }
     if (f["letters"] >= config.min_letters_for_vowels
-            and f["letters"] >= config.min_letter_share_for_vowels * f["chars"]):
+            and f["letters"] >= config.min_letter_share_for_vowels * f["chars"]
+            and f["avg_word_len"] <= config.max_avg_word_len_for_vowels):
         out["vowel_ratio"] = config.vowel_ratio(f["vowel_ratio"])
     if f["bytes"] >= config.min_bytes_for_compress:
         out["compress_ratio"] = config.compress_ratio(f["compress_ratio"])
