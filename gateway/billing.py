@@ -73,7 +73,8 @@ async def count_usage(
 ) -> int:
     """Rows an export with the same arguments will write (for a progress bar's total)."""
     async with engine.connect() as conn:
-        stmt = select(func.count()).select_from(UsageEvent).where(*_usage_filter(start, end, tenant))
+        stmt = select(func.count()).select_from(UsageEvent)
+        stmt = stmt.where(*_usage_filter(start, end, tenant))
         return int((await conn.execute(stmt)).scalar_one())
 
 
@@ -353,7 +354,8 @@ async def _send(
         # reused key; the identifier is what keeps the event unique.
         options = {"idempotency_key": f"{event.identifier}-{attempt}"}
         try:
-            await client.v1.billing.meter_events.create_async(params, options)  # type: ignore[arg-type]
+            meter_events = client.v1.billing.meter_events
+            await meter_events.create_async(params, options)  # type: ignore[arg-type]
             return "sent"
         except stripe.InvalidRequestError as exc:
             if exc.code in DUPLICATE_EVENT_CODES:

@@ -94,7 +94,10 @@ def _run(settings: Settings, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
-def _guarded(handler: Callable[[argparse.Namespace, Settings], int]):  # type: ignore[no-untyped-def]
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _guarded(handler: Handler) -> Handler:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             return handler(args, settings)
@@ -160,13 +163,22 @@ def cmd_usage_export(args: argparse.Namespace, settings: Settings) -> int:
         progress = Progress(TextColumn("exporting"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
         task = progress.add_task("export", total=total)
-        target = open(args.output, "wb") if args.output else nullcontext(sys.stdout.buffer)  # noqa: SIM115
-        with target as out, progress:
-            rows = await export_usage(
-                engine, start=args.start, end=args.end, tenant=tenant, fmt=args.fmt, out=out,
-                progress=lambda done: progress.update(task, completed=done),
-            )
-            out.flush()
+        # A file appears under its name only once complete; a failed export leaves none.
+        partial = args.output.with_name(args.output.name + ".partial") if args.output else None
+        target: Any = open(partial, "wb") if partial else nullcontext(sys.stdout.buffer)
+        try:
+            with target as out, progress:
+                rows = await export_usage(
+                    engine, start=args.start, end=args.end, tenant=tenant, fmt=args.fmt,
+                    out=out, progress=lambda done: progress.update(task, completed=done),
+                )
+                out.flush()
+        except BaseException:
+            if partial:
+                partial.unlink(missing_ok=True)
+            raise
+        if partial:
+            os.replace(partial, args.output)
         audit = _cli_audit(engine)
         await audit.record("cli", "usage.export", tenant or "*", decision="ok", details={
             "from": args.start.isoformat(), "to": args.end.isoformat(), "format": args.fmt,

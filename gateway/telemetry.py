@@ -109,8 +109,10 @@ class Telemetry:
                                  namespace=ns, registry=reg)  # fmt: skip
         self.pool_workers = Gauge("pool_workers", "Workers by state", ["backend", "state"],
                                   namespace=ns, registry=reg)  # fmt: skip
-        self.guard_latency = Histogram("guard_latency_seconds", "Guardrail check time", ["stage"],
-                                       buckets=GUARD_BUCKETS, namespace=ns, registry=reg)  # fmt: skip
+        self.guard_latency = Histogram(
+            "guard_latency_seconds", "Guardrail check time", ["stage"],
+            buckets=GUARD_BUCKETS, namespace=ns, registry=reg,
+        )  # fmt: skip
 
     # -- traces ----------------------------------------------------------------------------
 

@@ -362,6 +362,7 @@ async def test_cli_usage_export_writes_a_file(db, db_url, tmp_path: Path, capsys
     code = await _in_thread(args.handler, args, Settings(database_url=db_url))
     assert code == 0 and "exported 2 rows" in capsys.readouterr().err
     assert [json.loads(x)["request_id"] for x in out.read_text().splitlines()] == ["req-2", "req-5"]
+    assert list(tmp_path.iterdir()) == [out]  # the .partial file was renamed into place
 
     bad = cli(["usage", "export", "--from", "2026-03-01", "--tenant", "nobody"])
     assert await _in_thread(bad.handler, bad, Settings(database_url=db_url)) == 2

@@ -54,7 +54,8 @@ def test_request_span_with_one_child_per_stage() -> None:
     for child in spans.values():
         assert child.parent.span_id == request.context.span_id
         assert child.context.trace_id == request.context.trace_id
-    assert spans["prefill"].attributes["tokens"] == 12 and "tokens" not in spans["decode"].attributes
+    assert spans["prefill"].attributes["tokens"] == 12
+    assert "tokens" not in spans["decode"].attributes
     starts = [spans[s].start_time for s in STAGES]
     assert starts == sorted(starts) and spans["metering"].end_time <= request.end_time
 
