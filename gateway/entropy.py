@@ -218,7 +218,7 @@ def features(text: str, config: EntropyConfig) -> dict[str, float]:
                   if len(scripts) > 1 else 0.0)
     head = raw[:config.compress_bytes]  # repetition shows within 1 KB; zlib is the slow part
     p = counts[counts > 0] / n
-    entropy = float(-(p * np.log2(p)).sum())
+    entropy = float(-(p * np.log2(p)).sum()) + 0.0  # never -0.0
     letters_ascii, vowels, digits = (int(x) for x in low[:128] @ _MASKS)
     letters = letters_ascii + latin
     tokens = text.split()

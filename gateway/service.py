@@ -48,7 +48,6 @@ class Choice:
     tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
-    prompt_tokens: int | None = None
 
 
 @dataclass
@@ -293,8 +292,10 @@ class Gateway:
                 if event.finish_reason:
                     choice.finish_reason = event.finish_reason
                 if event.usage is not None:
+                    # The backend's own counts are authoritative (an upstream's tokenizer
+                    # may differ from our estimate).
                     choice.tokens = event.usage.completion_tokens
-                    choice.prompt_tokens = event.usage.prompt_tokens
+                    call.prompt_tokens = event.usage.prompt_tokens
                 yield event
         except BackendError as exc:
             failed = exc.fatal
@@ -320,9 +321,6 @@ class Gateway:
         if call.finished:
             return
         call.finished = True
-        counted = [c.prompt_tokens for c in call.choices if c.prompt_tokens is not None]
-        if counted:
-            call.prompt_tokens = counted[0]
         reasons = {c.finish_reason for c in call.choices if c.finish_reason}
         self.meter.record(
             UsageRecord(
