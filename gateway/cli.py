@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rich.console import Console
+from sqlalchemy.exc import DBAPIError
 from rich.table import Table
 
 from gateway.accounts import Accounts, key_dict, parse_duration, tenant_dict
@@ -63,7 +64,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from gateway.app import create_app
 
-    secret = _run_accounts(settings, _bootstrap)
+    if settings.database_url.startswith("sqlite"):
+        migrate(settings.database_url)  # the embedded database keeps itself current
+    try:
+        secret = _run_accounts(settings, _bootstrap)
+    except DBAPIError as exc:
+        err.print(f"[red]error:[/] database not ready ({type(exc.orig).__name__}); "
+                  "run `sluice migrate` first")
+        return 2
     if secret:
         err.print(
             "\n[bold]First start:[/] created tenant [cyan]default[/] and this API key "
