@@ -53,7 +53,7 @@ class EntropyConfig(BaseModel):
     enabled: bool = True
     min_chars: int = Field(default=24, ge=1)  # shorter prompts are too small to judge
     sample_chars: int = Field(default=4096, ge=256)  # longer prompts are sampled in 4 slices
-    run_min_chars: int = Field(default=16, ge=8)  # a whitespace-free token this long may be a payload
+    run_min_chars: int = Field(default=16, ge=8)  # whitespace-free tokens this long may be payloads
     base64_min_switch_rate: float = 0.4  # char-class changes per char inside a base64-like run
     # Fraction of the prompt's characters inside hex/base64-like runs.
     encoded: Ramp = Ramp(lo=0.4, hi=0.75)

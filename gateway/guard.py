@@ -230,7 +230,8 @@ class StreamBlocked(Exception):
     """The answer was found unsafe mid-stream; stop sending it."""
 
     def __init__(self, verdict: Verdict) -> None:
-        super().__init__(f"answer blocked by the guard: {', '.join(verdict.categories) or verdict.error}")
+        why = ", ".join(verdict.categories) or verdict.error
+        super().__init__(f"answer blocked by the guard: {why}")
         self.verdict = verdict
 
 

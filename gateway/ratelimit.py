@@ -28,7 +28,8 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Literal, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +40,7 @@ from redis.retry import Retry
 from gateway.entropy import EntropyConfig, score_prompt
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +162,8 @@ def _cost(base: int, multiplier: float) -> int:
 class MemoryStore:
     """Single-process store; the same arithmetic as the Redis script."""
 
-    def __init__(self, config: RateLimitConfig, clock=time.monotonic) -> None:
+    def __init__(self, config: RateLimitConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._cfg = config
         self._clock = clock
         self._tat: dict[str, float] = {}
@@ -409,7 +412,8 @@ class RateLimiter:
 
     def _buckets(self, key_id: str, tenant_id: str, key: Limits, tenant: Limits) -> tuple[
             Bucket, Bucket, Bucket, Bucket]:
-        # One hash tag per tenant keeps the four buckets in one Redis Cluster slot.
+        # The tenant as hash tag keeps the four buckets together; the risk key is per key id
+        # (record_violation knows no tenant), so Redis Cluster is not supported.
         k = f"{self._cfg.key_prefix}:{{{tenant_id}}}:key:{key_id}"
         t = f"{self._cfg.key_prefix}:{{{tenant_id}}}:tenant"
         return (Bucket(f"{k}:req", key.rpm or 0), Bucket(f"{k}:tok", key.tpm or 0),
@@ -463,8 +467,11 @@ class RateLimiter:
     async def close(self) -> None:
         await self._store.close()
 
-    async def _call_store(self, fn, *args, raise_closed: bool = True):  # noqa: ANN001, ANN202
+    async def _call_store(self, fn: Callable[..., Awaitable[T]], *args: object,
+                          raise_closed: bool = True) -> T | None:
         """Run a store call; on a store error log (rate-limited) and fail open or closed."""
+        if not isinstance(self._store, RedisStore):
+            return await fn(*args)  # in-process: nothing can be unreachable
         if time.monotonic() >= self._down_until:
             try:
                 return await asyncio.wait_for(fn(*args), self._cfg.store_timeout_s * 3)
@@ -513,7 +520,8 @@ def _denial_message(buckets: tuple[Bucket, ...], result: AdmitResult, key: Limit
     names = ["requests per minute (key)", "tokens per minute (key)",
              "requests per minute (tenant)", "tokens per minute (tenant)"]
     needs = (1, result.cost, 1, result.cost)
-    hit = [f"{b.limit} {name}" for b, name, rem, need in zip(buckets, names, result.remaining, needs)
+    hit = [f"{b.limit} {name}"
+           for b, name, rem, need in zip(buckets, names, result.remaining, needs)
            if b.limit > 0 and rem < need]
     return (f"Rate limit reached: {', '.join(hit) or 'limit'}; this request needs "
             f"{result.cost} tokens{weighted}. Retry after {result.retry_after_s:.1f}s.")
