@@ -96,7 +96,9 @@ class Pool:
             return self._lease(worker)
         if self._closed:
             raise ServiceUnavailable(f"backend '{self.name}' is shutting down")
-        if len(self._waiters) >= self.config.queue_size:
+        self._scale_up()
+        # Requests waiting for a worker that is starting are not "queued": they are its load.
+        if len(self._waiters) >= self.config.queue_size + self._capacity_starting():
             raise ServiceUnavailable(
                 f"backend '{self.name}' is overloaded ({len(self._waiters)} requests queued)",
                 retry_after_s=1,
@@ -164,10 +166,12 @@ class Pool:
 
     # -- scaling -----------------------------------------------------------------------
 
-    def _scale_up(self) -> None:
+    def _capacity_starting(self) -> int:
         starting = sum(w.state is WorkerState.STARTING for w in self._workers)
-        capacity_coming = starting * self.config.max_concurrency
-        if len(self._waiters) < capacity_coming:
+        return starting * self.config.max_concurrency
+
+    def _scale_up(self) -> None:
+        if len(self._waiters) < self._capacity_starting():
             return  # a start under way will absorb everyone waiting
         if len(self._workers) >= self.config.max_workers or time.monotonic() < self._retry_at:
             return

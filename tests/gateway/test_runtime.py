@@ -1,0 +1,168 @@
+"""The serverless runtime: scale 0 -> N -> 0, shared cold starts, bounded queues, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from gateway.backends import GenerationRequest, ChatMessage, SamplingParams
+from gateway.errors import ServiceUnavailable
+from gateway.runtime import Pool, WorkerState
+from gateway.settings import BackendConfig, PoolConfig
+from plugins.echo import EchoBackend
+from tests.conftest import GatewayServer, echo_settings
+
+
+def echo_pool(pool: PoolConfig, **options: object) -> tuple[Pool, list[EchoBackend]]:
+    made: list[EchoBackend] = []
+
+    def factory() -> EchoBackend:
+        backend = EchoBackend(EchoBackend.Options(**options))
+        made.append(backend)
+        return backend
+
+    return Pool("echo", factory, pool), made
+
+
+def request(i: int, text: str = "one two three") -> GenerationRequest:
+    return GenerationRequest(f"r{i}", "echo", SamplingParams(),
+                             messages=(ChatMessage("user", text),))
+
+
+async def serve(pool: Pool, i: int, text: str = "one two three") -> str:
+    worker = await pool.acquire()
+    failed = False
+    try:
+        return "".join([e.text async for e in worker.backend.generate(request(i, text))])
+    except Exception:
+        failed = True
+        raise
+    finally:
+        pool.release(worker, failed=failed)
+
+
+async def test_burst_at_zero_causes_exactly_one_cold_start() -> None:
+    pool, made = echo_pool(PoolConfig(min_workers=0, max_workers=4, max_concurrency=200,
+                                      idle_timeout_s=60), start_delay_s=0.3)
+    await pool.start()
+    results = await asyncio.gather(*(serve(pool, i) for i in range(100)))
+    assert results == ["one two three"] * 100
+    assert pool.cold_starts == 1 and len(made) == 1
+    await pool.close()
+
+
+async def test_scales_zero_to_n_and_back_to_zero_without_losing_requests() -> None:
+    pool, made = echo_pool(PoolConfig(min_workers=0, max_workers=3, max_concurrency=2,
+                                      idle_timeout_s=0.4, queue_size=100),
+                           start_delay_s=0.05, tokens_per_s=200)
+    await pool.start()
+    assert pool.status()["workers"] == []
+    texts = [" ".join(f"w{i}x{j}" for j in range(5)) for i in range(30)]
+    results = await asyncio.gather(*(serve(pool, i, t) for i, t in enumerate(texts)))
+    assert results == texts  # every request served exactly once, in full
+    assert len(made) == 3 and pool.cold_starts == 3  # grew to max_workers under load
+    for _ in range(40):  # then idles back down to zero
+        await asyncio.sleep(0.1)
+        if not pool.status()["workers"]:
+            break
+    assert pool.status()["workers"] == []
+    # ... and comes back on the next request.
+    assert await serve(pool, 99) == "one two three"
+    assert pool.cold_starts == 4
+    await pool.close()
+
+
+async def test_scale_down_never_drops_inflight_or_queued_work() -> None:
+    pool, _ = echo_pool(PoolConfig(min_workers=0, max_workers=1, max_concurrency=1,
+                                   idle_timeout_s=0.05, queue_size=50),
+                        tokens_per_s=100)
+    await pool.start()
+    texts = [f"queued request number {i}" for i in range(12)]
+    results = await asyncio.gather(*(serve(pool, i, t) for i, t in enumerate(texts)))
+    assert results == texts
+    await pool.close()
+
+
+async def test_queue_overflow_gets_503_with_retry_after() -> None:
+    pool, _ = echo_pool(PoolConfig(max_workers=1, max_concurrency=1, queue_size=2,
+                                   queue_timeout_s=5), tokens_per_s=20)
+    await pool.start()
+    outcomes = await asyncio.gather(*(serve(pool, i) for i in range(6)), return_exceptions=True)
+    refused = [o for o in outcomes if isinstance(o, ServiceUnavailable)]
+    assert len(refused) == 3  # one running, two queued, the rest refused at once
+    assert all(int(e.headers["Retry-After"]) >= 1 for e in refused)
+    assert outcomes.count("one two three") == 3
+    await pool.close()
+
+
+async def test_repeated_start_failures_back_off_and_surface() -> None:
+    class Broken(EchoBackend):
+        async def start(self) -> None:
+            raise RuntimeError("no GPU here")
+
+    pool = Pool("broken", lambda: Broken(Broken.Options()), PoolConfig())
+    await pool.start()
+    with pytest.raises(ServiceUnavailable, match="failed to start: RuntimeError: no GPU here"):
+        await serve(pool, 0)
+    assert not pool.ready and pool.status()["start_failures"] == 1
+    with pytest.raises(ServiceUnavailable) as second:
+        await serve(pool, 1)  # within the back-off: refused without another start
+    assert pool.status()["start_failures"] == 1
+    assert int(second.value.headers["Retry-After"]) >= 1
+    await pool.close()
+
+
+def test_worker_killed_mid_stream_is_replaced_and_only_its_requests_fail(
+    sqlite_url: str,
+) -> None:
+    backends = {
+        "echo": BackendConfig(plugin="echo"),
+        "crashy": BackendConfig(
+            plugin="echo",
+            options={"model": "crashy", "fail_after_tokens": 2, "fail_fatal": True},
+            pool=PoolConfig(max_workers=1),
+        ),
+    }
+    server = GatewayServer(echo_settings(sqlite_url, backends=backends)).start()
+    try:
+        key = server.tenant_key()
+        api = openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0)
+        stream = api.chat.completions.create(
+            model="crashy", stream=True,
+            messages=[{"role": "user", "content": "this answer will be cut short"}])
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                pass
+        # The other backend carried on; the crashed worker was replaced by a fresh one.
+        ok = api.chat.completions.create(model="echo",
+                                         messages=[{"role": "user", "content": "fine"}])
+        assert ok.choices[0].message.content == "fine"
+        pool = server.gateway.runtime.pools["crashy"]
+        short = api.chat.completions.create(model="crashy",
+                                            messages=[{"role": "user", "content": "ok"}])
+        assert short.choices[0].message.content == "ok"
+        assert pool.cold_starts == 2
+        assert all(w["state"] != "stopping" for w in pool.status()["workers"])
+        # The failed request was metered with what it streamed.
+        server.run(server.gateway.meter.flush())
+        token = __import__("gateway.auth", fromlist=["x"]).issue_admin_token(
+            server.settings.admin_jwt_secret, "t", 60)
+        usage = httpx.get(server.base_url + "/admin/api/usage", params={"group_by": "model"},
+                          headers={"Authorization": f"Bearer {token}"}).json()["data"]
+        crashy = [row for row in usage if row["model"] == "crashy"][0]
+        assert crashy["requests"] == 2 and crashy["completion_tokens"] == 2 + 1
+    finally:
+        server.stop()
+
+
+def test_runtime_status_lists_workers(sqlite_server: GatewayServer) -> None:
+    pool = sqlite_server.gateway.runtime.pools["echo"]
+    api = openai.OpenAI(base_url=sqlite_server.base_url + "/v1",
+                        api_key=sqlite_server.tenant_key(), max_retries=0)
+    api.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
+    status = pool.status()
+    assert status["workers"][0]["state"] in {WorkerState.READY, WorkerState.BUSY}
+    assert status["cold_starts"] == 1 and status["queue_depth"] == 0
