@@ -12,6 +12,7 @@ import logging
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.errors import ConfigError
 from engine.layers.attention import AttentionMetadata
 from engine.models.mixtral import CausalLM
 from engine.scheduler import ScheduledBatch
@@ -103,7 +104,7 @@ class ModelRunner:
         budget = total * engine.memory_fraction - used - max(0, peak - torch.cuda.memory_allocated(self.device))
         blocks = int(budget // self._block_bytes()) - 1
         if blocks < self.max_blocks_per_seq:
-            raise MemoryError(f"only {blocks} KV blocks fit in memory_fraction={engine.memory_fraction}; "
+            raise ConfigError(f"only {blocks} KV blocks fit in memory_fraction={engine.memory_fraction}; "
                               f"one sequence of max_model_len needs {self.max_blocks_per_seq}")
         return blocks
 
