@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from gateway.audit import AuditLog
 from gateway.auth import generate_key, hash_key
 from gateway.db.models import ApiKey, Tenant, utcnow
 from gateway.errors import InvalidRequest, NotFound
@@ -68,11 +69,19 @@ def key_dict(k: ApiKey) -> dict[str, Any]:
 
 
 class Accounts:
-    def __init__(self, sessions: async_sessionmaker) -> None:
+    """Every change is an audit event when an audit log is attached (``actor`` says who)."""
+
+    def __init__(self, sessions: async_sessionmaker, *, audit: AuditLog | None = None) -> None:
         self.sessions = sessions
+        self.audit = audit
+
+    async def _audit(self, actor: str, action: str, target: str, **details: Any) -> None:
+        if self.audit is not None:
+            await self.audit.record(actor, action, target, decision="allow",
+                                    details={k: v for k, v in details.items() if v is not None})
 
     async def create_tenant(
-        self, name: str, *, rpm: int | None = None, tpm: int | None = None
+        self, name: str, *, rpm: int | None = None, tpm: int | None = None, actor: str = "system"
     ) -> Tenant:
         if not _NAME.match(name):
             raise InvalidRequest(
@@ -85,6 +94,7 @@ class Accounts:
                 session.add(tenant)
         except IntegrityError:
             raise InvalidRequest(f"tenant '{name}' already exists", param="name") from None
+        await self._audit(actor, "tenant.create", tenant.id, name=name, rpm=rpm, tpm=tpm)
         return tenant
 
     async def tenant(self, ref: str) -> Tenant:
@@ -99,12 +109,13 @@ class Accounts:
         async with self.sessions() as session:
             return list(await session.scalars(select(Tenant).order_by(Tenant.created_at)))
 
-    async def update_tenant(self, ref: str, **changes: Any) -> Tenant:
+    async def update_tenant(self, ref: str, *, actor: str = "system", **changes: Any) -> Tenant:
         tenant = await self.tenant(ref)
         async with self.sessions() as session, session.begin():
             tenant = await session.get_one(Tenant, tenant.id)
             for name, value in changes.items():
                 setattr(tenant, name, value)
+        await self._audit(actor, "tenant.update", tenant.id, changes=changes)
         return tenant
 
     async def create_key(
@@ -116,6 +127,7 @@ class Accounts:
         expires_in: dt.timedelta | None = None,
         rpm: int | None = None,
         tpm: int | None = None,
+        actor: str = "system",
     ) -> CreatedKey:
         tenant = await self.tenant(tenant_ref)
         secret, prefix = generate_key()
@@ -133,6 +145,8 @@ class Accounts:
         )
         async with self.sessions() as session, session.begin():
             session.add(key)
+        await self._audit(actor, "key.create", key.id, tenant=tenant.id, prefix=prefix,
+                          models=models, expires_at=key.expires_at)
         return CreatedKey(key=key, secret=secret)
 
     async def list_keys(self, tenant_ref: str | None = None) -> list[ApiKey]:
@@ -149,11 +163,12 @@ class Accounts:
             raise NotFound(f"no API key '{key_id}'", code="key_not_found")
         return key
 
-    async def revoke_key(self, key_id: str) -> ApiKey:
+    async def revoke_key(self, key_id: str, *, actor: str = "system") -> ApiKey:
         async with self.sessions() as session, session.begin():
             key = await session.get(ApiKey, key_id)
             if key is None:
                 raise NotFound(f"no API key '{key_id}'", code="key_not_found")
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
+        await self._audit(actor, "key.revoke", key.id, tenant=key.tenant_id)
         return key

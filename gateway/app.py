@@ -13,7 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.accounts import Accounts
+from gateway.audit import AuditLog, default_instance_id
 from gateway.auth import KeyStore
+from gateway.backends import Backend
 from gateway.db.session import create_engine, sessionmaker
 from gateway.errors import SluiceError, from_status
 from gateway.metering import Meter
@@ -21,13 +23,18 @@ from gateway.middleware import RequestIdMiddleware
 from gateway.plugins import ModelRegistry, build_backend, discover
 from gateway.routes import admin, health, openai
 from gateway.runtime import Pool, Runtime
+from gateway.guard import Guard
+from gateway.ratelimit import RateLimiter
 from gateway.service import Gateway
-from gateway.settings import Settings
+from gateway.settings import BackendConfig, Settings
+from gateway.spool import Spool
+from gateway.stages import Admission, Authenticator, Guardrails, pool_completer
+from gateway.telemetry import Telemetry
 
 log = logging.getLogger("sluice.app")
 
 
-def build_gateway(settings: Settings) -> Gateway:
+def build_gateway(settings: Settings, *, telemetry: Telemetry | None = None) -> Gateway:
     engine = create_engine(settings.database_url)
     sessions = sessionmaker(engine)
     plugins = discover(settings.plugins)
@@ -40,19 +47,52 @@ def build_gateway(settings: Settings) -> Gateway:
         runtime.add(
             Pool(name, lambda n=name, c=config: build_backend(n, c, plugins), config.pool)
         )
+    settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    instance = settings.instance_id or default_instance_id()
+    audit = AuditLog(engine, instance, spool=Spool(settings.spool_dir / f"audit-{instance}.spool"))
+    telemetry = telemetry or Telemetry.from_settings(settings)
+    limiter = RateLimiter.from_settings(settings.redis_url, settings.ratelimit)
+    guard = _guard(settings, registry, runtime, plugins)
+    keys = KeyStore(sessions, cache_ttl_s=settings.key_cache_ttl_s)
     return Gateway(
         settings,
-        keys=KeyStore(sessions, cache_ttl_s=settings.key_cache_ttl_s),
-        accounts=Accounts(sessions),
+        auth=Authenticator(keys, audit),
+        accounts=Accounts(sessions, audit=audit),
         registry=registry,
         runtime=runtime,
         probes=probes,
+        admission=Admission(limiter),
+        guardrails=Guardrails(guard, audit, limiter, telemetry),
         meter=Meter(
             engine,
+            spool=Spool(settings.spool_dir / "usage.spool"),
             batch_size=settings.meter_batch_size,
             flush_interval_s=settings.meter_flush_interval_s,
         ),
+        audit=audit,
+        telemetry=telemetry,
     )
+
+
+def _guard(settings: Settings, registry: ModelRegistry, runtime: Runtime,
+           plugins: dict[str, type[Backend]]) -> Guard | None:
+    """LlamaGuard through a backend that serves ``guard_model``, or the in-process engine
+    on a checkpoint directory of that name (a pool of its own, not a public model)."""
+    if not settings.guard_model:
+        log.warning("guardrails: OFF (set SLUICE_GUARD_MODEL to a Llama Guard model to enable)")
+        return None
+    route = registry.get(settings.guard_model)
+    if route is not None:
+        pool, model = runtime.pools[route.backend_name], route.card.id
+    else:
+        config = BackendConfig(plugin="local", options={"model": settings.guard_model,
+                                                        "served_model_name": "llama-guard"})
+        backend = build_backend("guard", config, plugins)
+        model = backend.models()[0].id
+        pool = Pool("guard", lambda: build_backend("guard", config, plugins), config.pool)
+        runtime.add(pool)
+    log.info("guardrails: on, LlamaGuard model %s", model)
+    return Guard(pool_completer(pool, model))
 
 
 async def _periodic_last_used(gateway: Gateway) -> None:
@@ -64,14 +104,15 @@ async def _periodic_last_used(gateway: Gateway) -> None:
             log.warning("could not record key last use: %s", exc)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, *, telemetry: Telemetry | None = None) -> Starlette:
     settings = settings or Settings.from_env()
-    gateway = build_gateway(settings)
+    gateway = build_gateway(settings, telemetry=telemetry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.gateway = gateway
         gateway.meter.start()
+        await gateway.audit.start()
         await gateway.runtime.start()
         last_used = asyncio.create_task(_periodic_last_used(gateway))
         models = ", ".join(card.id for card in gateway.registry.cards())
@@ -81,9 +122,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             last_used.cancel()
             await gateway.runtime.close()  # drains in-flight requests first
-            await gateway.meter.close()  # then every usage record is written
+            await gateway.meter.close()  # then every usage record is written (or spooled)
+            await gateway.audit.close()
+            await gateway.admission.limiter.close()
             with contextlib.suppress(Exception):
                 await gateway.keys.flush_last_used()
+            gateway.telemetry.shutdown()
             await gateway.meter.engine.dispose()
 
     async def sluice_error(request: Request, exc: Exception) -> Response:

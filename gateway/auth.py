@@ -61,6 +61,7 @@ class Principal:
     tenant_tpm: int | None
     guard_policy: dict[str, Any] | None
     store_prompts: bool
+    never_used: bool = False  # no use recorded when the key was looked up
 
     def check_model(self, model: str) -> None:
         if self.models is not None and model not in self.models:
@@ -173,6 +174,7 @@ class KeyStore:
             tenant_tpm=tenant.tpm,
             guard_policy=tenant.guard_policy,
             store_prompts=tenant.store_prompts,
+            never_used=key.last_used_at is None,
         )
         expires = key.expires_at
         if expires is not None and expires.tzinfo is None:  # SQLite drops the zone

@@ -16,21 +16,28 @@ from sqlalchemy.exc import DBAPIError
 from rich.table import Table
 
 from gateway.accounts import Accounts, key_dict, parse_duration, tenant_dict
+from gateway.audit import AuditLog, default_instance_id
 from gateway.auth import issue_admin_token
+from gateway.cli_accounting import register as register_accounting
 from gateway.db.session import create_engine, migrate, sessionmaker
 from gateway.errors import SluiceError
 from gateway.settings import Settings, SettingsError
 
 out = Console()
+CLI = f"cli:{getpass.getuser()}"
 err = Console(stderr=True)
 
 
 def _run_accounts(settings: Settings, work: Callable[[Accounts], Awaitable[Any]]) -> Any:
+    """Run ``work`` with an Accounts whose changes go to this process's audit chain."""
+
     async def main() -> Any:
         engine = create_engine(settings.database_url)
+        audit = AuditLog(engine, f"cli-{default_instance_id()}"[:64])
         try:
-            return await work(Accounts(sessionmaker(engine)))
+            return await work(Accounts(sessionmaker(engine), audit=audit))
         finally:
+            await audit.close()
             await engine.dispose()
 
     return asyncio.run(main())
@@ -95,7 +102,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_tenants_create(args: argparse.Namespace, settings: Settings) -> int:
     tenant = _run_accounts(
-        settings, lambda a: a.create_tenant(args.name, rpm=args.rpm, tpm=args.tpm)
+        settings, lambda a: a.create_tenant(args.name, rpm=args.rpm, tpm=args.tpm, actor=CLI)
     )
     if args.json:
         print(json.dumps(tenant_dict(tenant)))
@@ -120,7 +127,7 @@ def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
         settings,
         lambda a: a.create_key(
             args.tenant, name=args.name, models=models, expires_in=expires,
-            rpm=args.rpm, tpm=args.tpm,
+            rpm=args.rpm, tpm=args.tpm, actor=CLI,
         ),
     )
     if args.json:
@@ -143,7 +150,7 @@ def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    key = _run_accounts(settings, lambda a: a.revoke_key(args.key_id))
+    key = _run_accounts(settings, lambda a: a.revoke_key(args.key_id, actor=CLI))
     if args.json:
         print(json.dumps(key_dict(key)))
     else:
@@ -222,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("username")
     p.add_argument("--password", help="(prompted when omitted)")
     p.set_defaults(handler=cmd_admins_create)
+
+    register_accounting(sub)
 
     p = sub.add_parser("admin-token", help="print an admin JWT for /admin/api")
     p.add_argument("--subject", default="cli")

@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.db.models import UsageDaily, UsageEvent
+from gateway.spool import Spool
 
 log = logging.getLogger("sluice.metering")
 
@@ -98,12 +99,24 @@ async def write_usage(engine: AsyncEngine, records: list[dict[str, Any]]) -> int
 
 
 class Meter:
-    """Collects usage records and writes them in batches from a background task."""
+    """Collects usage records and writes them in batches from a background task.
+
+    When the database cannot take a batch, the batch goes to the local spool (fsync'd)
+    and is replayed, in order, once the database is back: nothing is lost, and since
+    inserts are idempotent by request id, nothing is counted twice.
+    """
 
     def __init__(
-        self, engine: AsyncEngine, *, batch_size: int = 500, flush_interval_s: float = 0.2
+        self,
+        engine: AsyncEngine,
+        *,
+        spool: Spool | None = None,
+        batch_size: int = 500,
+        flush_interval_s: float = 0.2,
     ) -> None:
         self.engine = engine
+        self.spool = spool
+        self.healthy = True
         self._batch_size = batch_size
         self._interval = flush_interval_s
         self._pending: list[dict[str, Any]] = []
@@ -122,14 +135,26 @@ class Meter:
 
     async def flush(self) -> None:
         async with self._lock:
+            if self.spool is not None and self.spool.pending():
+                await self.spool.replay(self._write)  # older records first
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    self.written += await write_usage(self.engine, batch)
+                    await self._write(batch)
                 except Exception:
-                    # Keep the batch; the next flush retries it (inserts are idempotent).
-                    self._pending[:0] = batch
+                    if self.spool is None:
+                        self._pending[:0] = batch  # keep it; the next flush retries
+                        raise
+                    self.spool.append(batch)
+                    self.healthy = False
                     raise
+            self.healthy = True
+
+    async def _write(self, batch: list[dict[str, Any]]) -> None:
+        for record in batch:  # replayed from the spool: timestamps come back as text
+            if isinstance(record["created_at"], str):
+                record["created_at"] = dt.datetime.fromisoformat(record["created_at"])
+        self.written += await write_usage(self.engine, batch)
 
     async def close(self) -> None:
         if self._task:
@@ -148,6 +173,8 @@ class Meter:
             try:
                 await self.flush()
             except Exception as exc:
-                log.error("usage write failed (%s); %d records kept for retry", exc, len(self._pending))
+                where = "spooled to disk" if self.spool is not None else "kept in memory"
+                log.error("usage write failed (%s: %s); records %s for replay",
+                          type(exc).__name__, exc, where)
                 await asyncio.sleep(1.0)
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.ratelimit import RateLimitConfig
+
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./sluice.db"
 
 
@@ -48,6 +50,7 @@ class FileConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backends: dict[str, BackendConfig] = Field(default_factory=dict)
+    ratelimit: RateLimitConfig = Field(default_factory=RateLimitConfig)
 
 
 def default_backends() -> dict[str, BackendConfig]:
@@ -78,6 +81,18 @@ class Settings(BaseModel):
     meter_flush_interval_s: float = Field(0.2, gt=0)
     plugins: tuple[str, ...] | None = None  # None: every installed plugin may load
     backends: dict[str, BackendConfig] = Field(default_factory=default_backends)
+    ratelimit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    # Tokens reserved against tokens/min limits when a request sets no max_tokens.
+    default_reserve_tokens: int = Field(1024, ge=1)
+    # The guard model: a model name served by a configured backend, or a checkpoint
+    # directory run on the in-process engine. None: guardrails off.
+    guard_model: str | None = None
+    spool_dir: Path = Path(".sluice/spool")
+    # With the database unreachable: keep serving and spool usage to disk, or refuse (503).
+    db_outage: Literal["serve", "refuse"] = "serve"
+    otlp_endpoint: str | None = None
+    service_name: str = "sluice"
+    instance_id: str | None = None  # the audit chain's name; default host-pid
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod
@@ -92,6 +107,11 @@ class Settings(BaseModel):
             "SLUICE_KEY_CACHE_TTL_S": "key_cache_ttl_s",
             "SLUICE_MAX_BODY_BYTES": "max_body_bytes",
             "SLUICE_LOG_LEVEL": "log_level",
+            "SLUICE_GUARD_MODEL": "guard_model",
+            "SLUICE_SPOOL_DIR": "spool_dir",
+            "SLUICE_DB_OUTAGE": "db_outage",
+            "SLUICE_OTLP_ENDPOINT": "otlp_endpoint",
+            "SLUICE_INSTANCE_ID": "instance_id",
         }
         for var, name in simple.items():
             if env.get(var):
@@ -100,7 +120,9 @@ class Settings(BaseModel):
             values["plugins"] = tuple(p.strip() for p in env["SLUICE_PLUGINS"].split(",") if p)
         if path := env.get("SLUICE_CONFIG"):
             values["config_path"] = Path(path)
-            values["backends"] = load_file_config(Path(path)).backends
+            file_config = load_file_config(Path(path))
+            values["backends"] = file_config.backends
+            values["ratelimit"] = file_config.ratelimit
         values.update(overrides)
         if not values.get("admin_jwt_secret"):
             values["admin_jwt_secret"] = _persistent_secret()

@@ -8,11 +8,12 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.accounts import key_dict, parse_duration, tenant_dict
 from gateway.auth import verify_admin_token
+from gateway.billing import iter_usage_export
 from gateway.db.models import UsageDaily
 from gateway.errors import AuthenticationFailed, InvalidRequest
 from gateway.routes.openai import parse
@@ -60,6 +61,10 @@ def admin(request: Request) -> Gateway:
     return gateway
 
 
+def actor(request: Request) -> str:
+    return f"admin:{request.state.admin['sub']}"
+
+
 async def list_tenants(request: Request) -> Response:
     gateway = admin(request)
     return json_response({"data": [tenant_dict(t) for t in await gateway.accounts.list_tenants()]})
@@ -68,7 +73,8 @@ async def list_tenants(request: Request) -> Response:
 async def create_tenant(request: Request) -> Response:
     gateway = admin(request)
     body = parse(TenantCreate, await read_json(request, 65536))
-    tenant = await gateway.accounts.create_tenant(body.name, rpm=body.rpm, tpm=body.tpm)
+    tenant = await gateway.accounts.create_tenant(body.name, rpm=body.rpm, tpm=body.tpm,
+                                                  actor=actor(request))
     return json_response(tenant_dict(tenant), status=201)
 
 
@@ -81,7 +87,8 @@ async def update_tenant(request: Request) -> Response:
     gateway = admin(request)
     body = parse(TenantUpdate, await read_json(request, 65536))
     changes = body.model_dump(exclude_unset=True)
-    tenant = await gateway.accounts.update_tenant(request.path_params["tenant"], **changes)
+    tenant = await gateway.accounts.update_tenant(request.path_params["tenant"],
+                                                  actor=actor(request), **changes)
     gateway.keys.invalidate()
     return json_response(tenant_dict(tenant))
 
@@ -103,13 +110,14 @@ async def create_key(request: Request) -> Response:
         expires_in=expires,
         rpm=body.rpm,
         tpm=body.tpm,
+        actor=actor(request),
     )
     return json_response({**key_dict(created.key), "key": created.secret}, status=201)
 
 
 async def revoke_key(request: Request) -> Response:
     gateway = admin(request)
-    key = await gateway.accounts.revoke_key(request.path_params["key"])
+    key = await gateway.accounts.revoke_key(request.path_params["key"], actor=actor(request))
     gateway.keys.invalidate(key.prefix)
     return json_response(key_dict(key))
 
@@ -170,6 +178,38 @@ async def usage(request: Request) -> Response:
     )
 
 
+def _instant(value: str | None, default: dt.datetime) -> dt.datetime:
+    if not value:
+        return default
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"invalid time '{value}' (use ISO 8601)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+async def usage_export(request: Request) -> Response:
+    """Usage events as CSV or JSON lines, streamed in constant memory."""
+    gateway = admin(request)
+    q = request.query_params
+    now = dt.datetime.now(dt.UTC)
+    start = _instant(q.get("from"), now - dt.timedelta(days=30))
+    end = _instant(q.get("to"), now)
+    fmt = q.get("format", "csv")
+    if fmt not in ("csv", "jsonl"):
+        raise InvalidRequest("format must be csv or jsonl", param="format")
+    tenant = (await gateway.accounts.tenant(q["tenant"])).id if q.get("tenant") else None
+    await gateway.audit.record(actor(request), "usage.export", tenant or "*", decision="allow",
+                               details={"from": start.isoformat(), "to": end.isoformat(),
+                                        "format": fmt})
+    body = iter_usage_export(gateway.meter.engine, start=start, end=end, tenant=tenant,
+                             fmt=fmt)  # type: ignore[arg-type]
+    media = "text/csv" if fmt == "csv" else "application/x-ndjson"
+    name = f"usage-{start.date()}-{end.date()}.{fmt}"
+    return StreamingResponse(body, media_type=media,
+                             headers={"content-disposition": f'attachment; filename="{name}"'})
+
+
 async def runtime(request: Request) -> Response:
     gateway = admin(request)
     return json_response({"backends": gateway.runtime.status()})
@@ -185,5 +225,6 @@ routes = [
     Route("/admin/api/keys", list_keys, methods=["GET"]),
     Route("/admin/api/keys/{key}/revoke", revoke_key, methods=["POST"]),
     Route("/admin/api/usage", usage, methods=["GET"]),
+    Route("/admin/api/usage/export", usage_export, methods=["GET"]),
     Route("/admin/api/runtime", runtime, methods=["GET"]),
 ]

@@ -33,6 +33,21 @@ async def readyz(request: Request) -> Response:
                          status=200 if ready else 503)
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition: request, token, latency and pool metrics."""
+    gateway: Gateway = request.app.state.gateway
+    telemetry = gateway.telemetry
+    for status in gateway.runtime.status():
+        telemetry.set_queue_depth(status["backend"], status["queue_depth"])
+        counts: dict[str, int] = dict.fromkeys(("starting", "ready", "busy", "stopping"), 0)
+        for worker in status["workers"]:
+            counts[worker["state"]] = counts.get(worker["state"], 0) + 1
+        for state, count in counts.items():
+            telemetry.set_pool_workers(status["backend"], state, count)
+    body, content_type = telemetry.metrics_response()
+    return Response(body, media_type=content_type)
+
+
 async def openapi(request: Request) -> Response:
     return json_response(openapi_document())
 
@@ -41,4 +56,5 @@ routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
 ]

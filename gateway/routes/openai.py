@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import InvalidRequest, NotFound, SluiceError
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.service import Call, Gateway
+from gateway.service import Gateway
 from gateway.streaming import read_json
 from gateway.util import json_response
 
@@ -36,29 +37,46 @@ def parse(model: type[M], data: Any) -> M:
 
 
 async def chat_completions(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
-    principal = await gateway.keys.authenticate(request.headers.get("authorization"))
-    body = parse(ChatCompletionRequest, await read_json(request, gateway.settings.max_body_bytes))
-    call = gateway.chat_call(request.state.request_id, principal, body)
-    return await respond(gateway, call)
+    return await serve(request, "chat", ChatCompletionRequest)
 
 
 async def completions(request: Request) -> Response:
+    return await serve(request, "completions", CompletionRequest)
+
+
+async def serve(request: Request, endpoint: str,
+                schema: type[ChatCompletionRequest] | type[CompletionRequest]) -> Response:
+    """auth -> parse -> route -> rate limit -> input guard -> dispatch (-> output guard,
+    metering, audit and telemetry as the call ends)."""
     gateway: Gateway = request.app.state.gateway
-    principal = await gateway.keys.authenticate(request.headers.get("authorization"))
-    body = parse(CompletionRequest, await read_json(request, gateway.settings.max_body_bytes))
-    call = gateway.completion_call(request.state.request_id, principal, body)
-    return await respond(gateway, call)
-
-
-async def respond(gateway: Gateway, call: Call) -> Response:
+    request_id = request.state.request_id
+    span = gateway.telemetry.tracer.start_span(f"POST {request.url.path}")
+    try:
+        with trace.use_span(span, end_on_exit=False):
+            with gateway.telemetry.span("auth"):
+                principal = await gateway.auth.authenticate(
+                    request.headers.get("authorization"),
+                    request.client.host if request.client else "-", request_id)
+            body = parse(schema, await read_json(request, gateway.settings.max_body_bytes))
+            if isinstance(body, ChatCompletionRequest):
+                call = gateway.chat_call(request_id, principal, body, span)
+            else:
+                call = gateway.completion_call(request_id, principal, body, span)
+    except BaseException:
+        span.end()
+        raise
+    try:
+        await gateway.admit(call)
+    except SluiceError as exc:
+        exc.headers = {**call.headers, **exc.headers}
+        raise
     if call.stream:
         return StreamingResponse(
             gateway.stream(call),
             media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **call.headers},
         )
-    return json_response(await gateway.complete(call))
+    return json_response(await gateway.complete(call), headers=call.headers)
 
 
 async def list_models(request: Request) -> Response:
