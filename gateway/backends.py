@@ -154,6 +154,18 @@ class Backend(abc.ABC):
     async def stop(self) -> None:  # noqa: B027 - optional hook
         """Release what start() took."""
 
+    #: Whether sleep()/wake() are implemented (a cheaper way down than stop()).
+    supports_sleep: ClassVar[bool] = False
+
+    async def sleep(self) -> None:
+        """Release the accelerator but keep what makes waking fast (e.g. weights parked in
+        host memory). Only called when ``supports_sleep``."""
+        raise BackendError(f"backend {self.name} cannot sleep", status=500)
+
+    async def wake(self) -> None:
+        """Undo sleep(): be ready to serve again."""
+        raise BackendError(f"backend {self.name} cannot wake", status=500)
+
     @abc.abstractmethod
     def count_tokens(self, request: GenerationRequest) -> int:
         """Prompt tokens of ``request`` exactly as generate() will count them."""

@@ -33,7 +33,12 @@ class WorkerState(enum.StrEnum):
     STARTING = "starting"
     READY = "ready"
     BUSY = "busy"
+    SLEEPING = "sleeping"
+    WAKING = "waking"
     STOPPING = "stopping"
+
+
+COMING = (WorkerState.STARTING, WorkerState.WAKING)  # capacity on its way
 
 
 @dataclass(eq=False)
@@ -45,6 +50,7 @@ class Worker:
     served: int = 0
     started_at: float = 0.0
     cold_start_s: float | None = None
+    wake_s: float | None = None
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -62,6 +68,8 @@ class Pool:
         self.last_error: str | None = None
         self.last_cold_start_s: float | None = None
         self.cold_starts = 0
+        self.last_wake_s: float | None = None
+        self.wakes = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -167,15 +175,50 @@ class Pool:
     # -- scaling -----------------------------------------------------------------------
 
     def _capacity_starting(self) -> int:
-        starting = sum(w.state is WorkerState.STARTING for w in self._workers)
-        return starting * self.config.max_concurrency
+        coming = sum(w.state in COMING for w in self._workers)
+        return coming * self.config.max_concurrency
 
     def _scale_up(self) -> None:
         if len(self._waiters) < self._capacity_starting():
-            return  # a start under way will absorb everyone waiting
+            return  # a start or wake under way will absorb everyone waiting
+        asleep = next((w for w in self._workers if w.state is WorkerState.SLEEPING), None)
+        if asleep is not None:
+            asleep.state = WorkerState.WAKING  # waking beats a cold start
+            self._track(self._wake_worker(asleep))
+            return
         if len(self._workers) >= self.config.max_workers or time.monotonic() < self._retry_at:
             return
         self._spawn()
+
+    async def _wake_worker(self, worker: Worker) -> None:
+        began = time.monotonic()
+        try:
+            await asyncio.wait_for(worker.backend.wake(), self.config.start_timeout_s)
+        except Exception as exc:
+            log.error("backend %s: worker %d failed to wake (%s); replacing it",
+                      self.name, worker.id, exc)
+            self._workers.remove(worker)
+            self._track(self._stop(worker))
+            self._wake(len(self._waiters))
+            return
+        worker.wake_s = self.last_wake_s = time.monotonic() - began
+        self.wakes += 1
+        worker.state = WorkerState.READY
+        worker.last_used = time.monotonic()
+        log.info("backend %s: worker %d awake in %.2fs", self.name, worker.id, worker.wake_s)
+        self._wake(self.config.max_concurrency)
+
+    async def _sleep_worker(self, worker: Worker) -> None:
+        worker.state = WorkerState.SLEEPING
+        worker.last_used = time.monotonic()
+        try:
+            await worker.backend.sleep()
+        except Exception as exc:
+            log.error("backend %s: worker %d failed to sleep (%s); stopping it",
+                      self.name, worker.id, exc)
+            if worker in self._workers:
+                self._workers.remove(worker)
+            await self._stop(worker)
 
     def _spawn(self) -> None:
         worker = Worker(id=self._next_id, backend=self._factory())
@@ -219,17 +262,31 @@ class Pool:
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
+            config = self.config
             for worker in list(self._workers):
-                live = sum(w.state is not WorkerState.STARTING for w in self._workers)
+                idle_s = now - worker.last_used
+                if worker.state is WorkerState.SLEEPING and worker.inflight == 0:
+                    if config.stop_after_sleep_s is not None and idle_s >= config.stop_after_sleep_s:
+                        self._workers.remove(worker)
+                        log.info("backend %s: worker %d slept long enough, stopping",
+                                 self.name, worker.id)
+                        await self._stop(worker)
+                    continue
+                awake = sum(w.state in (WorkerState.READY, WorkerState.BUSY)
+                            for w in self._workers)
                 if (
                     worker.state is WorkerState.READY
                     and worker.inflight == 0
-                    and now - worker.last_used >= self.config.idle_timeout_s
-                    and live > self.config.min_workers
+                    and idle_s >= config.idle_timeout_s
+                    and awake > config.min_workers
                 ):
-                    self._workers.remove(worker)
-                    log.info("backend %s: worker %d idle, stopping", self.name, worker.id)
-                    await self._stop(worker)
+                    if config.idle_action == "sleep" and worker.backend.supports_sleep:
+                        log.info("backend %s: worker %d idle, sleeping", self.name, worker.id)
+                        await self._sleep_worker(worker)
+                    else:
+                        self._workers.remove(worker)
+                        log.info("backend %s: worker %d idle, stopping", self.name, worker.id)
+                        await self._stop(worker)
 
     def _track(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -250,6 +307,8 @@ class Pool:
             "queue_depth": len(self._waiters),
             "cold_starts": self.cold_starts,
             "last_cold_start_s": self.last_cold_start_s,
+            "wakes": self.wakes,
+            "last_wake_s": self.last_wake_s,
             "last_error": self.last_error,
             "start_failures": self._failures,
             "workers": [
@@ -259,6 +318,7 @@ class Pool:
                     "inflight": w.inflight,
                     "served": w.served,
                     "cold_start_s": w.cold_start_s,
+                    "wake_s": w.wake_s,
                     "idle_s": round(now - w.last_used, 3) if w.inflight == 0 else 0.0,
                 }
                 for w in self._workers

@@ -31,6 +31,11 @@ class PoolConfig(BaseModel):
     max_workers: int = Field(1, ge=1)
     max_concurrency: int = Field(64, ge=1)
     idle_timeout_s: float = Field(300.0, gt=0)
+    # What an idle worker does after idle_timeout_s: stop (release everything) or sleep
+    # (backends that support it park their weights and free the accelerator; waking is fast).
+    idle_action: Literal["stop", "sleep"] = "stop"
+    # A sleeping worker is stopped after this much more idleness (None: it sleeps on).
+    stop_after_sleep_s: float | None = Field(None, gt=0)
     queue_size: int = Field(256, ge=0)
     queue_timeout_s: float = Field(30.0, gt=0)
     start_timeout_s: float = Field(600.0, gt=0)

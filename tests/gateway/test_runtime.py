@@ -166,3 +166,55 @@ def test_runtime_status_lists_workers(sqlite_server: GatewayServer) -> None:
     status = pool.status()
     assert status["workers"][0]["state"] in {WorkerState.READY, WorkerState.BUSY}
     assert status["cold_starts"] == 1 and status["queue_depth"] == 0
+
+
+class SleepyEcho(EchoBackend):
+    """Echo that can sleep: waking takes 50 ms, a cold start 300 ms."""
+
+    supports_sleep = True
+
+    def __init__(self, options: EchoBackend.Options) -> None:
+        super().__init__(options)
+        self.asleep = False
+        self.sleeps = 0
+
+    async def sleep(self) -> None:
+        self.asleep, self.sleeps = True, self.sleeps + 1
+
+    async def wake(self) -> None:
+        await asyncio.sleep(0.05)
+        self.asleep = False
+
+    async def generate(self, request):  # type: ignore[no-untyped-def,override]
+        assert not self.asleep, "a sleeping worker was given work"
+        async for event in super().generate(request):
+            yield event
+
+
+async def test_idle_workers_sleep_and_wake_faster_than_a_cold_start() -> None:
+    made: list[SleepyEcho] = []
+
+    def factory() -> SleepyEcho:
+        made.append(SleepyEcho(SleepyEcho.Options(start_delay_s=0.3)))
+        return made[-1]
+
+    pool = Pool("sleepy", factory, PoolConfig(idle_timeout_s=0.2, idle_action="sleep",
+                                              stop_after_sleep_s=1.5))
+    await pool.start()
+    assert await serve(pool, 0) == "one two three"
+    for _ in range(30):
+        await asyncio.sleep(0.05)
+        if pool.status()["workers"][0]["state"] == "sleeping":
+            break
+    assert pool.status()["workers"][0]["state"] == "sleeping" and made[0].sleeps == 1
+    results = await asyncio.gather(*(serve(pool, i) for i in range(20)))  # all share one wake
+    assert results == ["one two three"] * 20
+    status = pool.status()
+    assert len(made) == 1 and status["cold_starts"] == 1 and status["wakes"] == 1
+    assert status["last_wake_s"] < status["last_cold_start_s"]
+    for _ in range(60):  # asleep long enough: stopped for good
+        await asyncio.sleep(0.05)
+        if not pool.status()["workers"]:
+            break
+    assert pool.status()["workers"] == []
+    await pool.close()
