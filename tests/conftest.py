@@ -110,11 +110,11 @@ def free_port() -> int:
 class GatewayServer:
     """The real app under a real uvicorn, on a free port, in a thread of its own."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, *, telemetry: Any = None) -> None:
         from gateway.app import create_app
 
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = create_app(settings, telemetry=telemetry)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
@@ -217,7 +217,8 @@ tokens_per_s = 1
 class ProcessServer:
     """``sluice serve`` as its own OS process, as an operator runs it."""
 
-    def __init__(self, database_url: str, tmp: Path, config: str = ECHO_CONFIG) -> None:
+    def __init__(self, database_url: str, tmp: Path, config: str = ECHO_CONFIG,
+                 env: dict[str, str] | None = None) -> None:
         import subprocess
         import sys
 
@@ -231,6 +232,8 @@ class ProcessServer:
             "SLUICE_CONFIG": str(tmp / "sluice.toml"),
             "SLUICE_ADMIN_JWT_SECRET": "test-secret-" + secrets.token_hex(16),
             "SLUICE_LOG_LEVEL": "warning",
+            "SLUICE_SPOOL_DIR": str(tmp / "spool"),
+            **(env or {}),
         }
         self.log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
