@@ -1,17 +1,21 @@
 """The gateway benchmark: requests/s and latency through sluice, auth and metering on.
 
     python -m loadtests.bench_gateway [--duration 10] [--out bench_results/gateway]
+                                      [--http h11|httptools]
 
 Starts, in a temporary directory with a fresh SQLite database, the mock upstream
 (``loadtests.mock_upstream``) and the gateway (``sluice serve``, one uvicorn
-worker) as subprocesses; creates a tenant and an API key with the CLI; then for
+worker, with the server's default HTTP parser unless ``--http`` names one) as
+subprocesses; creates a tenant and an API key with the CLI; then for
 each cell (backend x streaming x concurrency) runs ``wrk`` for a fixed time.
 ``wrk`` (C, one thread, Lua only to set the POST body and headers) keeps the load
 generator off the critical path on a small machine. Rows "direct" hit the mock
 upstream without the gateway, for reference.
 
 A Python client (httpx, one connection, sequential) then measures the latency
-the gateway adds at concurrency 1: gateway-to-mock p50 minus direct-to-mock p50.
+the gateway adds at concurrency 1: gateway p50 (through ``openai_upstream``, and
+through ``echo``) minus direct-to-mock p50. Every cell records the 1-minute load
+average when it ends, since the machine may be shared.
 After the gateway is stopped, the usage_events table is counted against the
 successful requests sent, to show metering kept up.
 
@@ -93,6 +97,7 @@ class Cell:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
+    load1: float = 0.0  # 1-minute load average when the cell ended
 
 
 @dataclass
@@ -126,8 +131,10 @@ def body(model: str, stream: bool) -> bytes:
 class Stack:
     """The mock upstream and the gateway, as subprocesses in a temporary directory."""
 
-    def __init__(self, workdir: Path, gateway_port: int, mock_port: int) -> None:
+    def __init__(self, workdir: Path, gateway_port: int, mock_port: int,
+                 http: str | None = None) -> None:
         self.workdir = workdir
+        self.http = http  # uvicorn's HTTP parser; None: `sluice serve`'s default
         self.gateway_url = f"http://127.0.0.1:{gateway_port}"
         self.mock_url = f"http://127.0.0.1:{mock_port}"
         self.gateway_port, self.mock_port = gateway_port, mock_port
@@ -182,8 +189,10 @@ class Stack:
         self.cli("migrate")
         self.cli("tenants", "create", "bench")
         self.key = json.loads(self.cli("keys", "create", "--tenant", "bench", "--json"))["key"]
-        self.gateway = self.spawn("gateway", "gateway.cli", "serve", "--host", "127.0.0.1",
-                                  "--port", str(self.gateway_port))
+        serve = ["gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(self.gateway_port)]
+        if self.http:
+            serve += ["--http", self.http]
+        self.gateway = self.spawn("gateway", *serve)
         self.wait_ready(f"{self.gateway_url}/readyz", self.gateway, "gateway")
 
     def stop_gateway(self) -> None:
@@ -229,6 +238,7 @@ def run_wrk(stack: Stack, cell: Cell, duration: float) -> None:
     cell.p50_ms, cell.p90_ms = r["p50_us"] / 1000, r["p90_us"] / 1000
     cell.p99_ms, cell.max_ms = r["p99_us"] / 1000, r["max_us"] / 1000
     cell.errors = {k: r[k] for k in ("connect", "read", "write", "status", "timeout") if r[k]}
+    cell.load1 = os.getloadavg()[0]
 
 
 def python_latency(stack: Stack, target: str, stream: bool, seconds: float) -> Sample:
@@ -273,23 +283,25 @@ def environment() -> dict[str, Any]:
 
 def render(cells: list[Cell], added: dict[str, Any]) -> tuple[Table, str]:
     table = Table(title="sluice gateway benchmark (wrk, 1 thread)")
-    head = ["target", "stream", "conc.", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors"]
+    head = ["target", "stream", "conc.", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors",
+            "load"]
     for name in head:
         table.add_column(name, justify="right" if name not in ("target", "stream") else "left")
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         row = [c.target, "yes" if c.stream else "no", str(c.concurrency), f"{c.rps:,.0f}",
                f"{c.p50_ms:.2f}", f"{c.p90_ms:.2f}", f"{c.p99_ms:.2f}",
-               ", ".join(f"{k} {v}" for k, v in c.errors.items()) or "0"]
+               ", ".join(f"{k} {v}" for k, v in c.errors.items()) or "0", f"{c.load1:.2f}"]
         table.add_row(*row)
         md.append("| " + " | ".join(row) + " |")
     md += ["", "Python client, concurrency 1 (sequential, one connection):", "",
            "| target | requests | p50 ms | p99 ms |", "|---|---|---|---|"]
     for name, r in added["samples"].items():
         md.append(f"| {name} | {r['requests']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} |")
-    for stream, ms in added["added_p50_ms"].items():
-        md.append(f"\nLatency the gateway adds in front of the upstream, p50, stream={stream}: "
-                  f"**{ms:.3f} ms**")
+    for key, ms in added["added_p50_ms"].items():
+        target, _, stream = key.partition(" ")
+        md.append(f"\nLatency the gateway adds, p50, through {target}, stream={stream}: "
+                  f"**{ms:.3f} ms** ({target} p50 minus direct p50)")
     return table, "\n".join(md) + "\n"
 
 
@@ -303,13 +315,15 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results/gateway",
                         help="path prefix for .json and .md results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--http", choices=["h11", "httptools"],
+                        help="the gateway's HTTP parser (`sluice serve --http`; default: its own)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install -y wrk")
 
     env = environment()
     workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    stack = Stack(workdir, free_port(), free_port())
+    stack = Stack(workdir, free_port(), free_port(), args.http)
     cells = [Cell(t, s, c) for t in args.targets.split(",") for s in (False, True)
              for c in map(int, args.concurrency.split(","))]
     added: dict[str, Any] = {"samples": {}, "added_p50_ms": {}}
@@ -335,9 +349,10 @@ def main() -> None:
                 added["samples"][f"{target}{suffix}"] = asdict(r)
                 if target != "direct":
                     sent_through_gateway += r.requests - r.failures
-            added["added_p50_ms"][str(stream).lower()] = (
-                added["samples"][f"upstream{suffix}"]["p50_ms"]
-                - added["samples"][f"direct{suffix}"]["p50_ms"])
+            for target in ("upstream", "echo"):
+                added["added_p50_ms"][f"{target} {str(stream).lower()}"] = (
+                    added["samples"][f"{target}{suffix}"]["p50_ms"]
+                    - added["samples"][f"direct{suffix}"]["p50_ms"])
         stack.stop_gateway()
         metered = usage_events(workdir)
     except BaseException:
@@ -361,12 +376,14 @@ def main() -> None:
     command = "python -m loadtests.bench_gateway " + " ".join(sys.argv[1:])
     out.with_suffix(".json").write_text(json.dumps(
         {"command": command.strip(), "environment": env, "duration_s": args.duration,
+         "http": args.http or "sluice serve's default",
          "prompt": PROMPT, "max_tokens": MAX_TOKENS, "mock_tokens": MOCK_TOKENS,
          "cells": [asdict(c) for c in cells], "python_client": added, "metering": metering},
         indent=2))
     out.with_suffix(".md").write_text(
         f"Command: `{command.strip()}` at commit {env['commit']} on {env['cpus']} CPUs "
-        f"({env['cpu']}), load average before {env['loadavg_before'][0]:.2f}.\n\n" + markdown
+        f"({env['cpu']}), load average before {env['loadavg_before'][0]:.2f}, gateway HTTP "
+        f"parser: {args.http or 'sluice serve default'}.\n\n" + markdown
         + f"\nMetering: {metered} usage events for {sent_through_gateway} timed successful "
           "gateway requests (plus warm-ups).\n")
     console.print(f"[green]wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}[/]")

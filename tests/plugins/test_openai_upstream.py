@@ -114,6 +114,45 @@ async def test_connections_are_kept_alive(mock: tuple[MockApp, int],
     assert mock[0].connections == 1
 
 
+async def test_max_connections_bounds_the_pool(mock: tuple[MockApp, int]) -> None:
+    backend = make_backend(mock[1], max_connections=2)
+    await backend.start()
+    try:
+        results = await asyncio.gather(*(run(backend, chat()) for _ in range(8)))
+    finally:
+        await backend.stop()
+    assert all(events[-1].finish_reason == "stop" for events in results)
+    assert mock[0].connections <= 2
+
+
+async def test_waiting_too_long_for_a_pooled_connection_is_503(
+    mock: tuple[MockApp, int],
+) -> None:
+    backend = make_backend(mock[1], max_connections=1, connect_timeout_s=0.1)
+    await backend.start()
+    try:
+        busy = asyncio.create_task(run(backend, chat("slow")))  # holds the only connection
+        await asyncio.sleep(0.05)
+        with pytest.raises(BackendError) as caught:
+            await run(backend, chat())
+        assert (caught.value.status, caught.value.retryable) == (503, True)
+        assert "no connection in time" in str(caught.value)
+        assert (await busy)[-1].finish_reason == "stop"
+    finally:
+        await backend.stop()
+
+
+async def test_base_url_query_string_is_kept(mock: tuple[MockApp, int]) -> None:
+    backend = make_backend(mock[1], base_url=f"http://127.0.0.1:{mock[1]}/v1/?api-version=2")
+    await backend.start()
+    try:
+        events = await run(backend, chat())
+    finally:
+        await backend.stop()
+    assert events[-1].finish_reason == "stop"
+    assert mock[0].last_request[0].startswith(b"POST /v1/chat/completions?api-version=2 ")
+
+
 async def test_missing_usage_falls_back_to_tokenizer_with_one_warning(
     upstream: OpenAIUpstreamBackend, caplog: pytest.LogCaptureFixture,
 ) -> None:
