@@ -46,7 +46,8 @@ async def create_tenant(request: Request, session: Session, form: FormData) -> R
 
 
 async def _tenant_page(request: Request, session: Session, *, error: str = "",
-                       status: int = 200, policy_text: str | None = None) -> Response:
+                       status: int = 200, submitted: FormData | None = None) -> Response:
+    """The tenant's settings and keys; after a refused change, the form as it was sent."""
     gw = gateway(request)
     try:
         tenant = await gw.accounts.tenant(request.path_params["tenant"])
@@ -54,13 +55,22 @@ async def _tenant_page(request: Request, session: Session, *, error: str = "",
         return render(request, "error.html", {"title": "No such tenant", "message": exc.message},
                       session=session, status=404)
     keys = await gw.accounts.list_keys(tenant.id)
-    if policy_text is None:
-        policy_text = json.dumps(tenant.guard_policy, indent=2) if tenant.guard_policy else ""
+    values = {
+        "rpm": tenant.rpm or "", "tpm": tenant.tpm or "",
+        "stripe_customer_id": tenant.stripe_customer_id or "",
+        "disabled": tenant.disabled, "store_prompts": tenant.store_prompts,
+        "guard_policy": json.dumps(tenant.guard_policy, indent=2) if tenant.guard_policy else "",
+    }
+    if submitted is not None:
+        values.update({name: text(submitted, name) for name in
+                       ("rpm", "tpm", "stripe_customer_id", "guard_policy")})
+        values.update({name: submitted.get(name) == "on"
+                       for name in ("disabled", "store_prompts")})
     q = request.query_params
     notice = "Tenant created." if q.get("created") else "Saved." if q.get("saved") else ""
     return render(request, "tenant.html", {
         "tenant": tenant, "keys": keys, "error": error, "notice": notice,
-        "policy_text": policy_text, "models": [c.id for c in gw.registry.cards()],
+        "values": values, "models": [c.id for c in gw.registry.cards()],
     }, session=session, status=status)
 
 
@@ -105,7 +115,7 @@ async def update_tenant(request: Request, session: Session, form: FormData) -> R
         updated = await gw.accounts.update_tenant(ref, actor=session.actor, **changes)
     except (SluiceError, ValueError) as exc:
         return await _tenant_page(request, session, error=_message(exc), status=400,
-                                  policy_text=text(form, "guard_policy"))
+                                  submitted=form)
     gw.keys.invalidate()  # limits, policy and the disabled flag are cached with the keys
     return RedirectResponse(f"/admin/tenants/{updated.id}?saved=1", status_code=303)
 
