@@ -54,7 +54,8 @@ async def login_page(request: Request) -> Response:
 
 async def login(request: Request) -> Response:
     async with request.form(max_files=0, max_fields=8) as form:
-        if not sessions.login_csrf_ok(request, form.get("csrf_token")):  # type: ignore[arg-type]
+        submitted = form.get("csrf_token")
+        if not sessions.login_csrf_ok(request, submitted if isinstance(submitted, str) else None):
             return _login_form(request, status=403,
                                error="The login form expired. Please try again.")
         return await _check_login(request, form)

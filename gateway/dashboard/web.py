@@ -100,7 +100,9 @@ def action(nav: str) -> Callable[[FormHandler], Callable[[Request], Awaitable[Re
                 return render(request, "error.html", {"title": "Not logged in",
                               "message": message, "login": True}, status=401)
             async with request.form(max_files=0, max_fields=64) as form:
-                if not sessions.csrf_ok(secret(request), current, form.get("csrf_token")):  # type: ignore[arg-type]
+                submitted = form.get("csrf_token")
+                if not sessions.csrf_ok(secret(request), current,
+                                        submitted if isinstance(submitted, str) else None):
                     return render(request, "error.html", {
                         "title": "Form expired",
                         "message": "The form's security token is missing or does not belong "

@@ -38,7 +38,9 @@ def login(server: GatewayServer) -> Iterator[httpx.Client]:
 
 
 def csrf_of(c: httpx.Client, path: str = "/admin/tenants") -> str:
-    return re.search(r'name="csrf_token" value="([^"]+)"', c.get(path).text)[1]  # type: ignore[index]
+    match = re.search(r'name="csrf_token" value="([^"]+)"', c.get(path).text)
+    assert match, f"no CSRF token on {path}"
+    return match[1]
 
 
 def test_pages_redirect_to_login_without_a_session(dashboard_server: GatewayServer) -> None:
