@@ -8,7 +8,7 @@ PORT   ?= 8000
 STAMP      := $(VENV)/.installed
 STAMP_DEV  := $(VENV)/.installed-dev
 
-.PHONY: run test test-full bench-gateway clean
+.PHONY: run test test-full bench-gateway clean chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,17 @@ run: $(STAMP)
 	$(VENV)/bin/sluice migrate
 	$(VENV)/bin/sluice serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP_DEV)
+# The dashboard's browser tests drive Debian's Chromium (Playwright's own browsers are
+# never downloaded).
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP_DEV) chromium
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-full: $(STAMP_DEV)
+test-full: $(STAMP_DEV) chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench-gateway: $(STAMP_DEV)

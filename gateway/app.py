@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway import dashboard
 from gateway.accounts import Accounts
 from gateway.audit import AuditLog, default_instance_id
 from gateway.auth import KeyStore
@@ -145,7 +146,12 @@ def create_app(settings: Settings | None = None, *, telemetry: Telemetry | None 
         return from_status(exc.status_code, message).to_response()
 
     app = Starlette(
-        routes=[*openai.routes, *admin.routes, *health.routes],
+        routes=[
+            *openai.routes,
+            *admin.routes,
+            *health.routes,
+            *dashboard.build_routes(cookie_secure=settings.dashboard_cookie_secure),
+        ],
         lifespan=lifespan,
         exception_handlers={SluiceError: sluice_error, HTTPException: http_error},
     )

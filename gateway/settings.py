@@ -98,6 +98,8 @@ class Settings(BaseModel):
     otlp_endpoint: str | None = None
     service_name: str = "sluice"
     instance_id: str | None = None  # the audit chain's name; default host-pid
+    # The dashboard cookie's Secure flag; None: set it when the request came over HTTPS.
+    dashboard_cookie_secure: bool | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod
@@ -117,6 +119,7 @@ class Settings(BaseModel):
             "SLUICE_DB_OUTAGE": "db_outage",
             "SLUICE_OTLP_ENDPOINT": "otlp_endpoint",
             "SLUICE_INSTANCE_ID": "instance_id",
+            "SLUICE_DASHBOARD_COOKIE_SECURE": "dashboard_cookie_secure",
         }
         for var, name in simple.items():
             if env.get(var):

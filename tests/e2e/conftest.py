@@ -42,7 +42,7 @@ def dashboard_server(sqlite_url: str) -> Iterator[GatewayServer]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # closed before other modules use asyncio
 def browser() -> Iterator[Any]:
     if not os.path.exists(CHROMIUM):
         pytest.fail(
