@@ -16,11 +16,11 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.backends import Backend
+from gateway.backends import Backend, BackendError
 from gateway.errors import ServiceUnavailable
 from gateway.settings import PoolConfig
 
@@ -137,6 +137,23 @@ class Pool:
             worker = self._pick()
             if worker is not None:
                 return self._lease(worker)
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[Worker]:
+        """``async with pool.lease() as worker``: a worker for the block; one that raised
+        something other than a non-fatal BackendError is replaced."""
+        worker = await self.acquire()
+        failed = False
+        try:
+            yield worker
+        except BackendError as exc:
+            failed = exc.fatal
+            raise
+        except Exception:
+            failed = True
+            raise
+        finally:
+            self.release(worker, failed=failed)
 
     def release(self, worker: Worker, *, failed: bool = False) -> None:
         worker.inflight -= 1

@@ -127,15 +127,8 @@ def pool_completer(pool: Pool, model: str, max_tokens: int = 24) -> Complete:
             f"guard_{secrets.token_hex(8)}", model,
             SamplingParams(max_tokens=max_tokens, temperature=0.0), prompt=prompt,
         )
-        worker = await pool.acquire()
-        failed = False
-        try:
+        async with pool.lease() as worker:
             return "".join([event.text async for event in worker.backend.generate(request)])
-        except Exception:
-            failed = True
-            raise
-        finally:
-            pool.release(worker, failed=failed)
 
     return complete
 

@@ -33,15 +33,8 @@ def request(i: int, text: str = "one two three") -> GenerationRequest:
 
 
 async def serve(pool: Pool, i: int, text: str = "one two three") -> str:
-    worker = await pool.acquire()
-    failed = False
-    try:
+    async with pool.lease() as worker:
         return "".join([e.text async for e in worker.backend.generate(request(i, text))])
-    except Exception:
-        failed = True
-        raise
-    finally:
-        pool.release(worker, failed=failed)
 
 
 async def test_burst_at_zero_causes_exactly_one_cold_start() -> None:
