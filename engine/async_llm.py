@@ -68,6 +68,17 @@ class AsyncLLM:
             finally:
                 self._lock.release()
 
+    def sleep(self) -> None:
+        """LLM.sleep() between steps (blocking; call from a worker thread in async code)."""
+        with self._lock:
+            self._apply_commands()
+            self.llm.sleep()
+
+    def wake(self) -> None:
+        with self._lock:
+            self.llm.wake()
+        self._wake.set()  # requests queued while asleep run now
+
     def close(self) -> None:
         self._stopped = True
         self._wake.set()
@@ -95,7 +106,7 @@ class AsyncLLM:
                 try:
                     with self._lock:
                         self._apply_commands()
-                        if not self.llm.has_unfinished():
+                        if self.llm.asleep or not self.llm.has_unfinished():
                             break
                         outputs = self.llm.step()
                 except Exception as exc:  # a failed step fails every request in flight

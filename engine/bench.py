@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny-mixtral")
     p.add_argument("--random-weights", action="store_true", help="build the preset with random weights")
     p.add_argument("--num-layers", type=int, help="fewer layers than the preset (fits smaller devices)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "fp8"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "bf16", "float16", "fp8"])
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=128)

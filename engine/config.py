@@ -38,6 +38,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
+    quant_method: str | None = None  # "fp8" / "compressed-tensors": the checkpoint holds e4m3 weights
 
     @property
     def is_moe(self) -> bool:
@@ -94,6 +95,7 @@ class ModelConfig:
                 dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+                quant_method=_quant_method(raw.get("quantization_config"), source),
             )
         except KeyError as exc:
             raise ConfigError(f"{source}: missing field {exc.args[0]!r}") from None
@@ -109,6 +111,27 @@ class ModelConfig:
         if not 1 <= k <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok must be in 1..{self.num_experts}, got {k}")
         return replace(self, num_experts_per_tok=k)
+
+
+def _quant_method(qc: dict[str, Any] | None, source: str) -> str | None:
+    """The pre-quantized FP8 dialects we read (reference/mixtral.md); anything else is an error."""
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method == "fp8":
+        return method
+    if method == "compressed-tensors":
+        if qc.get("format", "float-quantized") != "float-quantized":
+            raise ConfigError(f"{source}: compressed-tensors format {qc.get('format')!r} is not supported "
+                              "(only float-quantized FP8)")
+        for group in (qc.get("config_groups") or {}).values():
+            w = group.get("weights") or {}
+            if w.get("num_bits", 8) != 8 or w.get("type", "float") != "float" or \
+                    w.get("strategy", "tensor") not in ("tensor", "channel"):
+                raise ConfigError(f"{source}: compressed-tensors weights {w} are not FP8 per-tensor/channel")
+        return method
+    raise ConfigError(f"{source}: quantization_config quant_method {method!r} is not supported "
+                      "(fp8 or compressed-tensors)")
 
 
 # Real shapes for benchmarks with random weights (no checkpoint needed).
@@ -136,7 +159,7 @@ class EngineConfig:
     """How the engine runs a model (request-level knobs live in SamplingParams)."""
 
     model: str | None = None  # checkpoint directory
-    dtype: str = "auto"  # auto, float32, bfloat16, float16 (fp8 is applied by engine.quant)
+    dtype: str = "auto"  # auto, float32, bfloat16 (or bf16), float16, fp8
     device: str | None = None  # None: cuda when available, else cpu
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
@@ -155,8 +178,19 @@ class EngineConfig:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    def wants_fp8(self, model: ModelConfig, device: torch.device) -> bool:
+        """fp8 weights: asked for, or auto on a Hopper GPU (and for FP8 checkpoints on any GPU)."""
+        if self.dtype == "fp8":
+            return True
+        if self.dtype != "auto" or device.type != "cuda":
+            return False
+        return model.quant_method is not None or torch.cuda.get_device_capability(device) >= (9, 0)
+
     def resolve_dtype(self, model: ModelConfig, device: torch.device) -> torch.dtype:
-        name = self.dtype
+        """The dtype of activations and of the weights that stay high precision."""
+        name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(self.dtype, self.dtype)
+        if name == "auto" and model.quant_method is not None:
+            name = "float32" if device.type == "cpu" else "bfloat16"
         if name == "auto":
             name = "float32" if device.type == "cpu" else ("bfloat16" if model.dtype == "float32" else model.dtype)
         if name == "fp8":

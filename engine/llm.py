@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import ConfigError, RequestError
 from engine.kv_cache import BlockManager
-from engine.loader import build_model, init_random_, load_weights
+from engine.loader import load_model
 from engine.model_runner import ModelRunner
 from engine.models.mixtral import CausalLM
 from engine.output import Completion, RequestOutput, TextState
@@ -41,25 +42,47 @@ class LLM:
         cfg = model_config.with_experts_per_tok(self.config.num_experts_per_tok)
         device = self.config.resolve_device()
         dtype = self.config.resolve_dtype(cfg, device)
+        self.fp8 = self.config.wants_fp8(cfg, device)
         self.max_model_len = min(self.config.max_model_len or 8192, cfg.max_position_embeddings)
-        net = build_model(cfg, device, dtype, max_positions=self.max_model_len)
-        if model is not None:
-            load_weights(net, model, progress=progress)
-        else:
-            init_random_(net, seed=self.config.seed)
-        if self.config.dtype == "fp8":
-            _quantize_fp8(net)
+        began = time.perf_counter()
+        net = load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
+                         max_positions=self.max_model_len, progress=progress)
+        self.timings = {"load_s": time.perf_counter() - began}
         self.model: CausalLM = net
         self.tokenizer = tokenizer or load_tokenizer(model, cfg.bos_token_id, cfg.eos_token_ids)
         self.eos_ids = set(cfg.eos_token_ids) | set(self.tokenizer.eos_ids)
+        began = time.perf_counter()
         self.runner = ModelRunner(net, self.config, self.max_model_len)
+        self.timings["runner_s"] = time.perf_counter() - began  # KV sizing + graph capture
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.asleep = False
         self.sequences: dict[int, Sequence] = {}
         self._text: dict[int, TextState] = {}
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens", cfg.architecture, device,
-                 dtype, self.runner.num_blocks, self.config.block_size)
+        log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens", cfg.architecture, device,
+                 dtype, ", fp8 weights" if self.fp8 else "", self.runner.num_blocks, self.config.block_size)
+
+    # ---- sleep ----------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Park the weights in (pinned) host memory and give the GPU memory back: the
+        KV cache is dropped (and the prefix cache with it). Only between requests."""
+        if self.asleep:
+            return
+        if self.has_unfinished():
+            raise RequestError("cannot sleep with requests in flight")
+        self.runner.sleep()
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler.blocks = self.block_manager
+        self.asleep = True
+
+    def wake(self) -> None:
+        """Weights back on the device, a fresh KV cache, CUDA graphs valid again."""
+        if self.asleep:
+            self.runner.wake()
+            self.asleep = False
 
     # ---- requests -------------------------------------------------------
 
@@ -98,6 +121,8 @@ class LLM:
     # ---- the step -------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.asleep:
+            raise RequestError("the engine is asleep: wake() it first")
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -171,10 +196,3 @@ class LLM:
         return [Completion(s.request_id, s.prompt_token_ids, s.completion_token_ids, texts[s.seq_id],
                            s.finish_reason, list(s.sampled)) for s in seqs]
 
-
-def _quantize_fp8(model: torch.nn.Module) -> None:
-    try:
-        from engine.quant import quantize_fp8  # module swaps against this model's layouts
-    except ImportError as exc:
-        raise ConfigError(f"dtype 'fp8' needs engine.quant ({exc})") from None
-    quantize_fp8(model)

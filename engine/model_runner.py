@@ -8,6 +8,7 @@ runs eagerly. One extra cache block at the end is scratch: padded rows write the
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -30,12 +31,26 @@ class ModelRunner:
         self.dtype = model.embed_tokens.weight.dtype
         self.block_size = engine.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        if self.device.type == "cuda":
+            self._use_triton_attention()
         self.num_blocks = engine.num_kv_blocks or self._auto_num_blocks(engine)
         self._allocate_cache(self.num_blocks + 1)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buckets: dict[int, int] = {}  # decode batch size -> captured (padded) size
+        self._max_graph_bs = min(engine.max_num_seqs, GRAPH_BATCH_SIZES[-1])
+        self._graph_ptrs: tuple[int, ...] = ()  # device addresses the graphs were captured against
+        self._host: torch.Tensor | None = None  # weights parked by sleep() (pinned on CUDA)
+        self.recaptured_on_wake = False
         if self.device.type == "cuda" and not engine.enforce_eager:
-            self._capture_graphs(min(engine.max_num_seqs, GRAPH_BATCH_SIZES[-1]))
+            self._capture_graphs(self._max_graph_bs)
+
+    def _use_triton_attention(self) -> None:
+        from engine.kernels.paged_attention import paged_decode_attention  # triton: CUDA only
+
+        d = self.config.head_dim
+        if d >= 16 and d & (d - 1) == 0 and self.block_size & (self.block_size - 1) == 0:
+            for attn in self.model.attention_layers():
+                attn.decode_fn = paged_decode_attention
 
     # ---- the step -------------------------------------------------------
 
@@ -127,11 +142,65 @@ class ModelRunner:
         return peak
 
     def _allocate_cache(self, num_blocks: int) -> None:
+        """One allocation for every layer's K and V (a single address to re-take on wake)."""
         c = self.config
-        shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)  # per layer
-        for attn in self.model.attention_layers():
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        layers = self.model.attention_layers()
+        for attn in layers:  # drop the old cache before taking the new one
+            attn.k_cache = attn.v_cache = torch.empty(0)
+        self.kv_cache = torch.zeros((len(layers), 2, num_blocks, self.block_size, c.num_kv_heads, c.head_dim),
+                                    dtype=self.dtype, device=self.device)
+        for attn, kv in zip(layers, self.kv_cache):
+            attn.k_cache, attn.v_cache = kv[0], kv[1]  # (num_blocks, block_size, Hkv, D) each
+
+    # ---- sleep / wake ------------------------------------------------------
+
+    def _weights(self) -> list[torch.Tensor]:
+        return list(self.model.parameters()) + list(self.model.buffers())
+
+    def _layout(self, shapes: list[tuple[torch.Size, torch.dtype]]) -> tuple[list[int], int]:
+        offsets, total = [], 0
+        for shape, dtype in shapes:
+            offsets.append(total)
+            total += -(-shape.numel() * dtype.itemsize // 256) * 256
+        return offsets, total
+
+    def _pointers(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in self._weights()) + (self.kv_cache.data_ptr(),)
+
+    def sleep(self) -> None:
+        """Weights to host memory (copied once: they never change), then every weight
+        and the KV cache released; the captured graphs and their static buffers stay."""
+        weights = self._weights()
+        if self._host is None:
+            self._shapes = [(t.shape, t.dtype) for t in weights]
+            offsets, total = self._layout(self._shapes)
+            self._host = _host_buffer(total, pinned=self.device.type == "cuda")
+            for t, off in zip(weights, offsets):
+                self._host[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+        for t in weights:
+            t.data = torch.empty(0, dtype=t.dtype, device=self.device)
+        self._allocate_cache(0)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        """Weights back as views of one device allocation (one host-to-device copy) and
+        a zeroed KV cache. Graphs are kept when every address is the one they were
+        captured against; otherwise they are captured again (``recaptured_on_wake``)."""
+        assert self._host is not None, "wake() without sleep()"
+        offsets, total = self._layout(self._shapes)
+        arena = torch.empty(total, dtype=torch.uint8, device=self.device)
+        arena.copy_(self._host, non_blocking=True)
+        for t, off, (shape, dtype) in zip(self._weights(), offsets, self._shapes):
+            t.data = arena[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape)
+        self._allocate_cache(self.num_blocks + 1)
+        self.recaptured_on_wake = bool(self.graphs) and self._pointers() != self._graph_ptrs
+        if self.recaptured_on_wake:
+            self.graphs.clear()
+            self._capture_graphs(self._max_graph_bs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # ---- CUDA graphs for decode ------------------------------------------
 
@@ -159,6 +228,7 @@ class ModelRunner:
                 self.graphs[bs] = graph
                 torch.cuda.synchronize(dev)
         self._buckets = {b: next(x for x in sizes if x >= b) for b in range(1, max_bs + 1)}
+        self._graph_ptrs = self._pointers()
         log.info("captured decode CUDA graphs for batch sizes %s", sizes)
 
     def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -176,3 +246,17 @@ class ModelRunner:
                                                     for q in seqs], torch.int32))
         self.graphs[bucket].replay()
         return s[f"out{bucket}"][:B]
+
+
+def _host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
+    """Host bytes, page-locked with cudaHostRegister for full-speed copies (torch's
+    pinned allocator would round a 47 GB request up to 64 GB)."""
+    host = torch.empty(nbytes, dtype=torch.uint8)
+    if pinned and nbytes:
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(host.data_ptr(), nbytes, 0)
+        if int(err) != 0:
+            log.warning("cudaHostRegister failed (%s): sleeping weights stay in pageable memory", err)
+        else:
+            weakref.finalize(host, cudart.cudaHostUnregister, host.data_ptr())
+    return host

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -43,11 +43,12 @@ def default_cache_dir() -> Path:
 
 class LocalEngineBackend(Backend):
     name = "local"
+    supports_sleep: ClassVar[bool] = True
 
     class Options(BackendOptions):
         model: str | None = None  # HF checkpoint directory; None: the tiny random Mixtral
         served_model_name: str | None = None  # default: the directory's name, or "tiny-mixtral"
-        dtype: Literal["auto", "float32", "bfloat16", "fp8"] = "auto"
+        dtype: Literal["auto", "float32", "bfloat16", "bf16", "fp8"] = "auto"  # auto: fp8 on Hopper
         device: str | None = None  # None: cuda when available
         max_num_seqs: int = Field(64, ge=1)
         max_model_len: int | None = Field(None, ge=16)
@@ -56,6 +57,9 @@ class LocalEngineBackend(Backend):
         memory_fraction: float = Field(0.9, gt=0, le=1)
         num_experts_per_tok: int | None = Field(None, ge=1)
         cache_dir: str | None = None  # where the tiny model is generated (~/.cache/sluice)
+        # What an idle worker should do: "stop" frees everything (next request: cold start);
+        # "sleep" parks the weights in pinned host memory and frees the GPU (next: wake()).
+        idle_action: Literal["stop", "sleep"] = "stop"
 
     def __init__(self, options: BackendOptions) -> None:
         if not isinstance(options, LocalEngineBackend.Options):
@@ -90,6 +94,26 @@ class LocalEngineBackend(Backend):
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    async def sleep(self) -> None:
+        """Weights to pinned host memory, KV cache and GPU memory released (requests in
+        flight: BackendError 409). A no-op when not started or already asleep."""
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine_call, "sleep")
+
+    async def wake(self) -> None:
+        """Weights back on the GPU, fresh KV cache; ready to generate."""
+        if self._engine is None:
+            raise BackendError("local engine is not started", status=503, retryable=True)
+        await asyncio.to_thread(self._engine_call, "wake")
+
+    def _engine_call(self, method: str) -> None:
+        from engine.errors import EngineError
+
+        try:
+            getattr(self._engine, method)()
+        except EngineError as exc:
+            raise BackendError(f"local engine: {exc}", status=409, retryable=True) from None
 
     def _load(self):
         from engine.async_llm import AsyncLLM

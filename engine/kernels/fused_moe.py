@@ -151,7 +151,7 @@ def _moe_gemm_kernel(
     stride_am, stride_we, stride_wn, stride_se, stride_om,
     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -190,10 +190,12 @@ def _moe_gemm_kernel(
             acc_up += tl.dot(a, tl.trans(wu.to(a.dtype)))
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    scale_ptrs = w_scale_ptr + expert * stride_se + rows_n
-    acc = acc * tl.load(scale_ptrs)[None, :]
+    if HAS_SCALE:
+        scale_ptrs = w_scale_ptr + expert * stride_se + rows_n
+        acc = acc * tl.load(scale_ptrs)[None, :]
+        if GATED:
+            acc_up = acc_up * tl.load(scale_ptrs + N)[None, :]
     if GATED:
-        acc_up = acc_up * tl.load(scale_ptrs + N)[None, :]
         acc = acc * tl.sigmoid(acc) * acc_up
     if MUL_ROUTED:
         acc = acc * tl.load(topk_w_ptr + slots, mask=slot_mask, other=0.0)[:, None]
@@ -205,18 +207,22 @@ def _check_moe_args(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) -> 
     check_tensor(x, "x", 2, ACT_DTYPES)
     check(x.is_contiguous(), f"x must be contiguous, strides {x.stride()}")
     t, d = x.shape
-    check_tensor(w13, "w13", 3, (FP8_DTYPE,), device=x.device)
-    check_tensor(w2, "w2", 3, (FP8_DTYPE,), device=x.device)
+    check_tensor(w13, "w13", 3, (FP8_DTYPE, x.dtype), device=x.device)
+    check_tensor(w2, "w2", 3, (w13.dtype,), device=x.device)
     check(w13.is_contiguous() and w2.is_contiguous(), "w13 and w2 must be contiguous")
     e, two_i, d13 = w13.shape
     check(d13 == d and two_i % 2 == 0, f"w13 {tuple(w13.shape)} must be [E, 2I, {d}]")
     check(tuple(w2.shape) == (e, d, two_i // 2), f"w2 {tuple(w2.shape)} must be [{e}, {d}, {two_i // 2}]")
-    check_tensor(w13_scale, "w13_scale", 2, (torch.float32,), device=x.device)
-    check_tensor(w2_scale, "w2_scale", 2, (torch.float32,), device=x.device)
-    check(tuple(w13_scale.shape) == (e, two_i) and w13_scale.is_contiguous(),
-          f"w13_scale must be contiguous [{e}, {two_i}], got {tuple(w13_scale.shape)}")
-    check(tuple(w2_scale.shape) == (e, d) and w2_scale.is_contiguous(),
-          f"w2_scale must be contiguous [{e}, {d}], got {tuple(w2_scale.shape)}")
+    fp8 = w13.dtype == FP8_DTYPE
+    check(fp8 == (w13_scale is not None) == (w2_scale is not None),
+          "fp8 experts need w13_scale and w2_scale; 16/32-bit experts take none")
+    if fp8:
+        check_tensor(w13_scale, "w13_scale", 2, (torch.float32,), device=x.device)
+        check_tensor(w2_scale, "w2_scale", 2, (torch.float32,), device=x.device)
+        check(tuple(w13_scale.shape) == (e, two_i) and w13_scale.is_contiguous(),
+              f"w13_scale must be contiguous [{e}, {two_i}], got {tuple(w13_scale.shape)}")
+        check(tuple(w2_scale.shape) == (e, d) and w2_scale.is_contiguous(),
+              f"w2_scale must be contiguous [{e}, {d}], got {tuple(w2_scale.shape)}")
     check_tensor(topk_ids, "topk_ids", 2, (torch.int32, torch.int64), device=x.device)
     check_tensor(topk_weights, "topk_weights", 2, (torch.float32,), device=x.device)
     check(topk_ids.shape == topk_weights.shape and topk_ids.shape[0] == t,
@@ -225,18 +231,25 @@ def _check_moe_args(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids) -> 
           "topk_ids and topk_weights must be contiguous")
 
 
+def _stages(wanted: int, stage_bytes: int) -> int:
+    """Pipeline depth within shared memory (H100: 227 KiB per block): 16-bit experts
+    take twice the bytes per stage of fp8 ones at the same tiles."""
+    return max(2, min(wanted, (200 * 1024) // stage_bytes))
+
+
 def fused_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
-    w13_scale: torch.Tensor,
+    w13_scale: torch.Tensor | None,
     w2: torch.Tensor,
-    w2_scale: torch.Tensor,
+    w2_scale: torch.Tensor | None,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     config: MoeConfig | None = None,
 ) -> torch.Tensor:
     """x (T, D), w13 e4m3 [E, 2I, D] + scale [E, 2I], w2 e4m3 [E, D, I] + scale [E, D],
-    topk_weights (T, k) fp32, topk_ids (T, k) in [0, E) -> (T, D) in x's dtype."""
+    topk_weights (T, k) fp32, topk_ids (T, k) in [0, E) -> (T, D) in x's dtype.
+    Experts in x's own dtype (bf16 decode) pass no scales: the same kernels, no widening."""
     _check_moe_args(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
     t, d = x.shape
     e, two_i, _ = w13.shape
@@ -250,21 +263,26 @@ def fused_moe(
     h = torch.empty((numel, i), dtype=x.dtype, device=x.device)  # (T*k, I)
     y = torch.empty((numel, d), dtype=x.dtype, device=x.device)  # (T*k, D)
     f32 = dot_in_fp32()
+    has_scale = w13_scale is not None
+    if not has_scale:  # any fp32 tensor stands in for the unused scale pointers
+        w13_scale = w2_scale = topk_weights
+    stages1 = _stages(cfg.num_stages, (2 * cfg.block_n * w13.element_size() + cfg.block_m * x.element_size()) * cfg.block_k)
+    stages2 = _stages(cfg.num_stages, (cfg.block_n2 * w2.element_size() + cfg.block_m * x.element_size()) * cfg.block_k2)
     _moe_gemm_kernel[(triton.cdiv(i, cfg.block_n), max_blocks)](
         x, w13, w13_scale, h, topk_weights, sorted_ids, expert_ids, num_post,
         numel, i, d, x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), h.stride(0),
         A_ROW_DIV=top_k, GATED=True, MUL_ROUTED=False,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_F32=f32, EVEN_K=d % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_F32=f32, EVEN_K=d % cfg.block_k == 0, HAS_SCALE=has_scale,
+        num_warps=cfg.num_warps, num_stages=stages1,
     )
     _moe_gemm_kernel[(triton.cdiv(d, cfg.block_n2), max_blocks)](
         h, w2, w2_scale, y, topk_weights, sorted_ids, expert_ids, num_post,
         numel, d, i, h.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), y.stride(0),
         A_ROW_DIV=1, GATED=False, MUL_ROUTED=True,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
-        DOT_F32=f32, EVEN_K=i % cfg.block_k2 == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_F32=f32, EVEN_K=i % cfg.block_k2 == 0, HAS_SCALE=has_scale,
+        num_warps=cfg.num_warps, num_stages=stages2,
     )
     return y.view(t, top_k, d).sum(dim=1)
 
@@ -272,9 +290,9 @@ def fused_moe(
 def fused_moe_reference(
     x: torch.Tensor,
     w13: torch.Tensor,
-    w13_scale: torch.Tensor,
+    w13_scale: torch.Tensor | None,
     w2: torch.Tensor,
-    w2_scale: torch.Tensor,
+    w2_scale: torch.Tensor | None,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
 ) -> torch.Tensor:
@@ -287,8 +305,11 @@ def fused_moe_reference(
         tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
         if tok.numel() == 0:
             continue
-        w13_e = w13[e].float() * w13_scale[e].float()[:, None]  # (2I, D)
-        w2_e = w2[e].float() * w2_scale[e].float()[:, None]  # (D, I)
+        w13_e = w13[e].float()  # (2I, D)
+        w2_e = w2[e].float()  # (D, I)
+        if w13_scale is not None and w2_scale is not None:
+            w13_e = w13_e * w13_scale[e].float()[:, None]
+            w2_e = w2_e * w2_scale[e].float()[:, None]
         gu = xf[tok] @ w13_e.t()
         hid = torch.nn.functional.silu(gu[:, :i]) * gu[:, i:]
         out.index_add_(0, tok, (hid @ w2_e.t()) * topk_weights[tok, slot, None].float())

@@ -13,6 +13,8 @@ from torch import nn
 
 from engine.layers.linear import Linear
 
+FUSED_MAX_TOKENS = 64  # the largest decode graph; past it the per-expert matmuls win
+
 
 class MoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int) -> None:
@@ -34,9 +36,16 @@ class MoE(nn.Module):
         return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids
 
     def experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """sum_k w_k * w2(silu(w1 x) * w3 x) over each token's chosen experts: (N, D)."""
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return self._experts_dense(x, topk_weights, topk_ids)
+        """sum_k w_k * w2(silu(w1 x) * w3 x) over each token's chosen experts: (N, D).
+
+        CUDA, decode-sized batches (and always under graph capture): the triton fused MoE,
+        which reads only the routed experts and never syncs with the host. Larger
+        batches (prefill) and the CPU: one cuBLAS/CPU matmul pair per expert."""
+        if x.is_cuda and (x.shape[0] <= FUSED_MAX_TOKENS or torch.cuda.is_current_stream_capturing()):
+            from engine.kernels.fused_moe import fused_moe  # triton: imported only on CUDA
+
+            return fused_moe(x.contiguous(), self.w13, None, self.w2, None,
+                             topk_weights.float().contiguous(), topk_ids.contiguous())
         out = torch.zeros_like(x)
         flat_ids = topk_ids.flatten()  # (N*K,)
         order = flat_ids.argsort(stable=True)
@@ -56,13 +65,3 @@ class MoE(nn.Module):
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)  # (n, I) each
         return F.linear(F.silu(gate) * up, self.w2[e])  # (n, D)
-
-    def _experts_dense(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token, weighted by a (N, E) combine matrix: static shapes
-        for CUDA-graph capture of small decode batches (weights are read once either way)."""
-        combine = torch.zeros(x.shape[0], self.num_experts, device=x.device, dtype=torch.float32)
-        combine.scatter_(1, topk_ids, topk_weights)  # (N, E)
-        h = torch.einsum("nd,eid->eni", x, self.w13)  # (E, N, 2I)
-        gate, up = h.chunk(2, dim=-1)
-        y = torch.einsum("eni,edi->end", F.silu(gate) * up, self.w2)  # (E, N, D)
-        return torch.einsum("end,ne->nd", y.float(), combine).to(x.dtype)

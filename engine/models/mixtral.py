@@ -73,18 +73,24 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     """MixtralForCausalLM / MistralForCausalLM / LlamaForCausalLM."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None, build_layers: bool = True) -> None:
+        """build_layers=False leaves ``layers`` empty for the loader to append one at a
+        time (``new_layer``), so a layer can be quantized before the next one exists."""
         super().__init__()
         self.config = cfg
         positions = max_positions or cfg.max_position_embeddings
-        rotary = RotaryEmbedding(cfg.head_dim, positions, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = RotaryEmbedding(cfg.head_dim, positions, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.new_layer() for _ in range(cfg.num_layers if build_layers else 0))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def new_layer(self) -> DecoderLayer:
+        """A decoder layer sharing this model's rotary tables (on the current default device)."""
+        return DecoderLayer(self.config, self.rotary)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions (N,) -> final hidden states (N, D)."""

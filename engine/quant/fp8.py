@@ -22,14 +22,19 @@ SMALL_M = 64
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., out, in] float -> (e4m3 same shape, float32 scale [..., out])."""
+    """[..., out, in] float -> (e4m3 same shape, float32 scale [..., out]).
+    Stacked experts go one at a time: the fp32 temporaries of a whole Mixtral w13
+    stack would take ~15 GB."""
+    if w.dim() == 3:
+        parts = [quantize_per_channel(x) for x in w]
+        return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
     amax = w.float().abs().amax(dim=-1).clamp(min=1e-12)
     scale = amax / FP8_MAX
     q = (w.float() / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
-def _channel_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
+def channel_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
     """Checkpoint weight_scale (scalar, [1], [out] or [out, 1]) -> float32 [out]."""
     s = scale.float().reshape(-1)
     if s.numel() == 1:
@@ -56,7 +61,7 @@ class Fp8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.out_dtype = out_dtype
         self.register_buffer("weight", weight.contiguous())
-        self.register_buffer("weight_scale", _channel_scale(weight_scale, self.out_features))
+        self.register_buffer("weight_scale", channel_scale(weight_scale, self.out_features))
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(out_dtype), requires_grad=False)
 
@@ -142,10 +147,10 @@ class Fp8FusedExperts(nn.Module):
                           w2: list[torch.Tensor], w2_scale: list[torch.Tensor]) -> Fp8FusedExperts:
         """From per-expert checkpoint tensors (F8_E4M3 weights, scalar or [out, 1] scales)."""
         i, d = w1[0].shape
-        s1 = torch.stack([_channel_scale(s, i) for s in w1_scale])
-        s3 = torch.stack([_channel_scale(s, i) for s in w3_scale])
+        s1 = torch.stack([channel_scale(s, i) for s in w1_scale])
+        s3 = torch.stack([channel_scale(s, i) for s in w3_scale])
         w13 = torch.stack([torch.cat([a, b]) for a, b in zip(w1, w3)])  # (E, 2I, D)
-        s2 = torch.stack([_channel_scale(s, d) for s in w2_scale])
+        s2 = torch.stack([channel_scale(s, d) for s in w2_scale])
         return cls(w13, torch.cat([s1, s3], dim=1), torch.stack(list(w2)), s2)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -165,14 +170,23 @@ def _swap_experts(module: nn.Module) -> bool:
     """MoE modules with stacked `w13`/`w2` get an fp8 `fp8_experts` submodule, and
     their `experts(x, topk_weights, topk_ids)` now calls it (instance attribute
     shadowing the method); the bf16 stacks are dropped."""
+    if isinstance(module, Fp8FusedExperts):
+        return False
     w13, w2 = getattr(module, "w13", None), getattr(module, "w2", None)
     if not (isinstance(w13, torch.Tensor) and isinstance(w2, torch.Tensor) and w13.dim() == 3):
         return False
-    fp8 = Fp8FusedExperts.from_weights(w13, w2)
-    del module.w13, module.w2
+    install_fp8_experts(module, Fp8FusedExperts.from_weights(w13, w2))
+    return True
+
+
+def install_fp8_experts(module: nn.Module, fp8: Fp8FusedExperts) -> None:
+    """Make ``module.experts(x, topk_weights, topk_ids)`` run ``fp8`` (an instance
+    attribute shadowing the method) and drop the module's 16-bit w13/w2 stacks."""
+    for name in ("w13", "w2"):
+        if hasattr(module, name):
+            delattr(module, name)
     module.fp8_experts = fp8
     object.__setattr__(module, "experts", fp8.forward)
-    return True
 
 
 def quantize_fp8(model: nn.Module) -> nn.Module:

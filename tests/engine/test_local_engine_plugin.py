@@ -91,3 +91,19 @@ def test_prompt_too_long_is_a_client_error(backend):
     with pytest.raises(BackendError) as info:
         asyncio.run(collect(backend, req))
     assert info.value.status == 400 and "max_model_len" in str(info.value)
+
+
+def test_sleep_and_wake_keep_the_output(backend):
+    assert LocalEngineBackend.supports_sleep and backend.opts.idle_action == "stop"
+    req = chat(("user", "Hello"), max_tokens=6, temperature=0)
+    before = asyncio.run(collect(backend, req))
+
+    async def cycle():
+        await backend.sleep()
+        await backend.sleep()  # already asleep: a no-op
+        await backend.wake()
+        return await collect(backend, req)
+
+    after = asyncio.run(cycle())
+    assert "".join(e.text for e in after) == "".join(e.text for e in before)
+    assert LocalEngineBackend.Options(idle_action="sleep").idle_action == "sleep"

@@ -60,6 +60,22 @@ def test_fused_moe_matches_reference(t, e, k, d, i, config):
     assert rel_err(out, ref) < 2e-2  # bf16 intermediate + output
 
 
+@pytest.mark.parametrize("t,e,k,d,i", [(1, 4, 2, 64, 96), (9, 5, 2, 96, 64)])
+def test_fused_moe_bf16_experts_match_reference(t, e, k, d, i):
+    """16-bit experts (the bf16 decode path) take no scales and skip the widening."""
+    torch.manual_seed(t + e)
+    x = torch.randn(t, d, device=DEVICE).bfloat16()
+    w13 = (torch.randn(e, 2 * i, d, device=DEVICE) / d**0.5).bfloat16()
+    w2 = (torch.randn(e, d, i, device=DEVICE) / i**0.5).bfloat16()
+    tw, ti = _routing(t, e, k)
+    out = fused_moe(x, w13, None, w2, None, tw, ti)
+    ref = fused_moe_reference(x, w13, None, w2, None, tw, ti)
+    assert out.shape == (t, d) and out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 2e-2
+    with pytest.raises(ValueError, match="take none"):
+        fused_moe(x, w13, torch.ones(e, 2 * i, device=DEVICE), w2, None, tw, ti)
+
+
 def test_fused_moe_rejects_bad_shapes():
     e, d, i = 4, 32, 48
     x = torch.randn(2, d, device=DEVICE).bfloat16()

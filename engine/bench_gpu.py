@@ -1,0 +1,319 @@
+"""The GPU report for issue 4/5 in one run: ``python -m engine.bench_gpu OUT_DIR``.
+
+Checks first (fused bf16 MoE vs its reference; CUDA-graph vs eager greedy tokens in
+bf16 and fp8), then times Mixtral-8x7B shapes with random weights: decode step and
+weight-bandwidth use per batch, TTFT of a 1K prompt, a Poisson serving workload
+(1K-token prompts, 50 output tokens), sleep/wake, cold start from a page-cached
+checkpoint, and `transformers` as the outside reference. Results go to OUT_DIR
+(results.json, log, profiler tables); sections past the time budget are skipped.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.bench import run_batch
+from engine.config import PRESETS, ModelConfig
+from engine.llm import LLM
+from engine.sampling import SamplingParams
+
+T0 = time.perf_counter()
+BUDGET_S = 540
+OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "bench_out")
+RESULTS: dict = {}
+
+
+def tokenizer():
+    """Mixtral's tokenizer; from a file beside the repo where mistral-common is not installed."""
+    from engine.tokenizer import SentencePieceTokenizer
+
+    local = Path(".tok/tokenizer.model.v1")
+    return SentencePieceTokenizer(local if local.exists() else None)
+
+
+def log(*args) -> None:
+    line = f"[{time.perf_counter() - T0:6.1f}s] " + " ".join(str(a) for a in args)
+    print(line, flush=True)
+    with open(OUT / "log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+def section(name: str, min_left: float = 30):
+    def wrap(fn):
+        def run(*a, **k):
+            if time.perf_counter() - T0 > BUDGET_S - min_left:
+                log(f"SKIPPED {name}: out of time")
+                return None
+            try:
+                return fn(*a, **k)
+            except Exception as exc:  # report and go on with the next section
+                log(f"FAILED {name}: {type(exc).__name__}: {exc}")
+                RESULTS.setdefault("failures", []).append(f"{name}: {exc}")
+                return None
+            finally:
+                (OUT / "results.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+        return run
+    return wrap
+
+
+def mixtral(layers: int) -> ModelConfig:
+    return ModelConfig.from_dict({**PRESETS["mixtral-8x7b"], "num_hidden_layers": layers})
+
+
+def build(layers: int, dtype: str, **kw) -> LLM:
+    opts = dict(max_num_seqs=64, max_model_len=2048, max_num_batched_tokens=4096, progress=False)
+    return LLM(model_config=mixtral(layers), dtype=dtype, tokenizer=tokenizer(), **{**opts, **kw})
+
+
+def free(llm: LLM | None) -> None:
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def weight_bytes_per_step(llm: LLM, batch: int) -> float:
+    """Weights a decode step must read: everything but the embeddings and experts, plus
+    the experts routed to (random routers: each is unused by a token with p = 21/28)."""
+    cfg, total, experts = llm.model.config, 0, 0
+    for name, t in list(llm.model.named_parameters()) + list(llm.model.named_buffers()):
+        n = t.numel() * t.element_size()
+        if "embed_tokens" in name or name.startswith("rotary") or ".rotary." in name:
+            continue
+        if "w13" in name or name.endswith("w2") or "fp8_experts" in name:
+            experts += n
+        else:
+            total += n
+    k, e = cfg.num_experts_per_tok, cfg.num_experts
+    p_unused = 1.0
+    for i in range(k):
+        p_unused *= (e - 1 - i) / (e - i)
+    return total + experts * (1 - p_unused ** batch)
+
+
+@section("correctness")
+def correctness() -> None:
+    from engine.kernels.fused_moe import fused_moe, fused_moe_reference
+
+    t, e, d, i = 5, 8, 1024, 2048
+    x = torch.randn(t, d, device="cuda").bfloat16()
+    w13 = (torch.randn(e, 2 * i, d, device="cuda") / d**0.5).bfloat16()
+    w2 = (torch.randn(e, d, i, device="cuda") / i**0.5).bfloat16()
+    w, ids = torch.randn(t, e, device="cuda").softmax(-1).topk(2)
+    w = (w / w.sum(-1, keepdim=True)).float().contiguous()
+    ids = ids.int().contiguous()
+    err = ((fused_moe(x, w13, None, w2, None, w, ids).float() - fused_moe_reference(x, w13, None, w2, None, w, ids).float()).norm()
+           / fused_moe_reference(x, w13, None, w2, None, w, ids).float().norm()).item()
+    RESULTS["fused_moe_bf16_rel_err"] = err
+    log("fused MoE bf16 experts rel err", err)
+    assert err < 2e-2
+    cfg = ModelConfig.from_dict(PRESETS["tiny-mixtral"])
+    prompts = [[random.Random(s).randrange(3, 32000) for _ in range(20 + s)] for s in range(3)]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for dtype in ("bfloat16", "fp8"):
+        toks = {}
+        for eager in (False, True):
+            llm = LLM(model_config=cfg, dtype=dtype, enforce_eager=eager, num_kv_blocks=64, progress=False,
+                      tokenizer=tokenizer())
+            toks[eager] = [c.token_ids for c in llm.generate(prompts, sp)]
+            free(llm)
+        RESULTS[f"graph_vs_eager_tokens_equal_{dtype}"] = toks[False] == toks[True]
+        log(dtype, "graph == eager greedy tokens:", toks[False] == toks[True])
+
+
+def decode_sweep(llm: LLM, label: str, batches: list[int]) -> None:
+    rows = []
+    for b in batches:
+        r = run_batch(llm, b, 128, 33)
+        step_s = b / r.decode_tok_s
+        gb = weight_bytes_per_step(llm, b) / 1e9
+        rows.append({"batch": b, "step_ms": step_s * 1e3, "tok_s": r.decode_tok_s,
+                     "weights_GB_per_step": gb, "TB_s": gb / step_s / 1e3, "MBU_vs_3TBs": gb / step_s / 3000})
+        log(label, rows[-1])
+    RESULTS[f"decode_{label}"] = rows
+
+
+def profile_steps(llm: LLM, batch: int, label: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for _ in range(batch):
+        llm.add_request([random.randrange(3, 32000) for _ in range(64)], sp)
+    for _ in range(4):
+        llm.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            llm.step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+    (OUT / f"profile_{label}_b{batch}.txt").write_text(table)
+    while llm.has_unfinished():
+        llm.step()
+
+
+def serve(llm: LLM, rate: float, duration: float, prompt_len: int = 1024, out_len: int = 50) -> dict:
+    rng = random.Random(int(rate * 100))
+    arrivals, t = [], rng.expovariate(rate)
+    while t < duration:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    sp = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
+    prompts = [[rng.randrange(3, 32000) for _ in range(prompt_len)] for _ in arrivals]
+    start, pending, arrived, first, done = time.perf_counter(), list(range(len(arrivals))), {}, {}, {}
+    while pending or llm.has_unfinished():
+        now = time.perf_counter() - start
+        while pending and arrivals[pending[0]] <= now:
+            i = pending.pop(0)
+            arrived[llm.add_request(prompts[i], sp).seq_id] = arrivals[i]
+        if not llm.has_unfinished():
+            time.sleep(max(0.0, arrivals[pending[0]] - now))
+            continue
+        outs = llm.step()
+        now = time.perf_counter() - start
+        for o in outs:
+            first.setdefault(o.seq_id, now)
+            if o.finished:
+                done[o.seq_id] = now
+        if now > duration + 25:  # overloaded: stop waiting
+            for sid in list(llm.sequences):
+                llm.abort(sid)
+            break
+    tpot = sorted((done[s] - first[s]) / (out_len - 1) for s in done)
+    lat = sorted(done[s] - arrived[s] for s in done)
+    ttft = sorted(first[s] - arrived[s] for s in done)
+    q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")  # noqa: E731
+    span = max(done.values()) - min(arrived.values()) if done else float("nan")
+    return {"rate": rate, "offered": len(arrivals), "completed": len(done), "req_s": len(done) / span,
+            "tpot_p50_ms": q(tpot, .5) * 1e3, "tpot_p90_ms": q(tpot, .9) * 1e3,
+            "latency_p50_s": q(lat, .5), "latency_p90_s": q(lat, .9), "ttft_p50_s": q(ttft, .5)}
+
+
+def serving(llm: LLM, label: str, rates: list[float], duration: float) -> None:
+    rows = []
+    for r in rates:
+        if time.perf_counter() - T0 > BUDGET_S - 60:
+            log("serving: skipped rate", r)
+            break
+        rows.append(serve(llm, r, duration))
+        log(label, "serving", rows[-1])
+    RESULTS[f"serving_{label}"] = rows
+
+
+@section("fp8 32 layers", 200)
+def fp8_full() -> None:
+    llm = build(32, "fp8")
+    RESULTS["fp8_32_build"] = dict(llm.timings, mem_GB=torch.cuda.memory_allocated() / 1e9,
+                                   kv_blocks=llm.runner.num_blocks)
+    log("fp8 32 built", RESULTS["fp8_32_build"])
+    run_batch(llm, 1, 16, 4)
+    decode_sweep(llm, "fp8_32", [1, 8, 32, 64])
+    r = run_batch(llm, 1, 1024, 1)
+    RESULTS["ttft_1k_fp8_32_s"] = r.ttft_s
+    log("TTFT 1K fp8 32 layers", r.ttft_s)
+    for b in (1, 64):
+        profile_steps(llm, b, "fp8_32")
+    for cycle in (1, 2):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.sleep()
+        sleep_s = time.perf_counter() - t
+        free_b, total_b = torch.cuda.mem_get_info()
+        asleep = {"sleep_s": sleep_s, "torch_reserved_GiB": torch.cuda.memory_reserved() / 2**30,
+                  "device_used_GiB": (total_b - free_b) / 2**30}
+        t = time.perf_counter()
+        llm.wake()
+        wake_s = time.perf_counter() - t
+        r = run_batch(llm, 1, 16, 1)
+        asleep.update(wake_s=wake_s, wake_to_first_token_s=wake_s + r.ttft_s, recaptured=llm.runner.recaptured_on_wake)
+        RESULTS[f"sleep_cycle{cycle}"] = asleep
+        log("sleep/wake", cycle, asleep)
+    serving(llm, "fp8_32", [2, 4, 6, 8], 8)
+    free(llm)
+
+
+@section("16-layer fp8 vs bf16", 150)
+def half_models() -> None:
+    for dtype in os.environ.get("BENCH_HALF_DTYPES", "bfloat16,fp8").split(","):
+        llm = None  # the previous model must be gone before the next is built
+        gc.collect()
+        torch.cuda.empty_cache()
+        llm = build(16, dtype)
+        run_batch(llm, 1, 16, 4)
+        decode_sweep(llm, f"{dtype}_16", [1, 64])
+        serving(llm, f"{dtype}_16", [4, 8, 12, 16], 8)
+        free(llm)
+
+
+@section("transformers reference", 60)
+def hf_reference() -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    raw = {k: v for k, v in PRESETS["mixtral-8x7b"].items() if k not in ("architectures", "dtype")}
+    cfg = MixtralConfig(**{**raw, "num_hidden_layers": 2})
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = MixtralForCausalLM(cfg).eval()
+        torch.set_default_dtype(torch.float32)
+    impl = "eager"
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("grouped_mm")
+        impl = "grouped_mm"
+    rows = []
+    for b in (1, 32):
+        ids = torch.randint(3, 32000, (b, 128), device="cuda")
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for i in range(13):
+                if i == 3:
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+        rows.append({"batch": b, "step_ms_2_layers": (time.perf_counter() - t) / 10 * 1e3, "experts": impl})
+        log("transformers", rows[-1])
+    RESULTS["transformers_bf16_2_layers"] = rows
+    free(model)
+
+
+@section("cold start", 40)
+def cold_start() -> None:
+    from engine.loader import write_random_checkpoint
+
+    path = Path("/tmp/sluice-ckpt-2l")
+    raw = {**PRESETS["mixtral-8x7b"], "num_hidden_layers": 2}
+    t = time.perf_counter()
+    write_random_checkpoint(path, raw, dtype=torch.bfloat16, device="cuda")
+    log("wrote 2-layer bf16 checkpoint in", time.perf_counter() - t)
+    for f in path.glob("*.safetensors"):  # page cache warm, as after a previous start
+        f.read_bytes()
+    t = time.perf_counter()
+    llm = LLM(path, dtype="fp8", max_num_seqs=64, max_model_len=2048, progress=False, tokenizer=tokenizer())
+    llm.generate([[5] * 16], SamplingParams(temperature=0, max_tokens=1))
+    total = time.perf_counter() - t
+    RESULTS["cold_start_2_layers"] = dict(llm.timings, first_token_total_s=total)
+    log("cold start 2 layers", RESULTS["cold_start_2_layers"])
+    free(llm)
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    RESULTS["device"] = torch.cuda.get_device_name()
+    RESULTS["torch"] = torch.__version__
+    chosen = os.environ.get("BENCH_SECTIONS", "correctness,fp8_full,half_models,hf_reference,cold_start")
+    for name in chosen.split(","):
+        globals()[name]()
+    log("done", json.dumps(RESULTS, default=str)[:6000])
+
+
+if __name__ == "__main__":
+    main()
