@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -50,10 +51,12 @@ async def serve(request: Request, endpoint: str,
     metering, audit and telemetry as the call ends)."""
     gateway: Gateway = request.app.state.gateway
     request_id = request.state.request_id
-    span = gateway.telemetry.tracer.start_span(f"POST {request.url.path}")
+    tracing = gateway.telemetry.tracing
+    span = (gateway.telemetry.tracer.start_span(f"POST {request.url.path}") if tracing
+            else trace.INVALID_SPAN)
     try:
-        with trace.use_span(span, end_on_exit=False):
-            with gateway.telemetry.span("auth"):
+        with trace.use_span(span, end_on_exit=False) if tracing else contextlib.nullcontext():
+            with gateway.telemetry.span("auth") if tracing else contextlib.nullcontext():
                 principal = await gateway.auth.authenticate(
                     request.headers.get("authorization"),
                     request.client.host if request.client else "-", request_id)
