@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +77,7 @@ class Call:
     model: str
     pool: Pool
     requests: list[GenerationRequest]
-    prompt_tokens: int
+    count_prompt: Callable[[], int]  # the backend's token count, asked for only when needed
     prompt_text: str
     conversation: list[tuple[str, str]]
     reserve_tokens: int
@@ -94,6 +95,17 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     dispatched: bool = False
     finished: bool = False
+    _prompt_tokens: int | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        if self._prompt_tokens is None:
+            self._prompt_tokens = self.count_prompt()
+        return self._prompt_tokens
+
+    @prompt_tokens.setter
+    def prompt_tokens(self, value: int) -> None:
+        self._prompt_tokens = value
 
     @property
     def completion_tokens(self) -> int:
@@ -199,7 +211,8 @@ class Gateway:
             model=body.model,
             pool=self.runtime.pools[route.backend_name],
             requests=requests,
-            prompt_tokens=self._probes[route.backend_name].count_tokens(requests[0]),
+            count_prompt=functools.partial(self._probes[route.backend_name].count_tokens,
+                                           requests[0]),
             prompt_text=prompt_text,
             conversation=conversation,
             reserve_tokens=reserve,

@@ -84,6 +84,7 @@ class Telemetry:
             self.provider.get_tracer("sluice.gateway") if self.tracing else trace.NoOpTracer()
         )
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._children: dict[tuple[str, str, int], tuple[Any, ...]] = {}
         self._metrics()
 
     @classmethod
@@ -144,14 +145,27 @@ class Telemetry:
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
     ) -> None:
-        self.requests.labels(model=model, status=str(status), endpoint=endpoint).inc()
-        self.request_latency.labels(model=model, endpoint=endpoint).observe(latency_s)
+        # Label children cached per (model, endpoint, status): .labels() costs a lock and
+        # a dict walk per metric per request.
+        key = (model, endpoint, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(model=model, status=str(status), endpoint=endpoint),
+                self.request_latency.labels(model=model, endpoint=endpoint),
+                self.ttft.labels(model=model),
+                self.tokens.labels(model=model, kind="prompt"),
+                self.tokens.labels(model=model, kind="completion"),
+            )
+        requests, latency, ttft, prompt, completion = children
+        requests.inc()
+        latency.observe(latency_s)
         if ttft_s is not None:
-            self.ttft.labels(model=model).observe(ttft_s)
+            ttft.observe(ttft_s)
         if prompt_tokens:
-            self.tokens.labels(model=model, kind="prompt").inc(prompt_tokens)
+            prompt.inc(prompt_tokens)
         if completion_tokens:
-            self.tokens.labels(model=model, kind="completion").inc(completion_tokens)
+            completion.inc(completion_tokens)
 
     def set_queue_depth(self, backend: str, depth: int) -> None:
         self.queue_depth.labels(backend=backend).set(depth)
