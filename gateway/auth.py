@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import hmac
+import logging
 import secrets
 import string
 import time
@@ -21,15 +22,21 @@ from typing import Any
 
 import jwt
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from gateway.db.models import ApiKey, Tenant, utcnow
-from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+
+log = logging.getLogger("sluice.auth")
 
 KEY_PREFIX = "sk-"
 PREFIX_LEN = 12
 SECRET_LEN = 40
 _ALPHABET = string.ascii_letters + string.digits
+
+# How long a cached key stays usable while the database cannot be reached.
+STALE_IF_ERROR_S = 600.0
 
 ADMIN_AUDIENCE = "sluice-admin"
 ADMIN_ISSUER = "sluice"
@@ -140,8 +147,20 @@ class KeyStore:
         future: asyncio.Future[_Entry | None] = asyncio.get_running_loop().create_future()
         self._inflight[prefix] = future
         try:
-            entry = await self._load(prefix)
-            self._cache[prefix] = (time.monotonic(), entry)
+            try:
+                entry = await self._load(prefix)
+            except (SQLAlchemyError, OSError) as exc:
+                # The database is unreachable: serve what we knew (stale-if-error, bounded),
+                # or tell the client to come back, never a 500.
+                if hit is not None and now - hit[0] < STALE_IF_ERROR_S:
+                    log.warning("key lookup failed (%s); serving the cached entry", exc)
+                    entry = hit[1]
+                else:
+                    raise ServiceUnavailable(
+                        "cannot verify the API key right now; try again shortly",
+                        retry_after_s=2) from None
+            else:
+                self._cache[prefix] = (time.monotonic(), entry)
             future.set_result(entry)
             return entry
         except BaseException as exc:

@@ -124,7 +124,8 @@ class ServiceUnavailable(SluiceError):
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, **kw: Any) -> None:
         super().__init__(message, **kw)
-        self.headers.setdefault("Retry-After", str(max(1, math.ceil(retry_after_s))))
+        if not any(name.lower() == "retry-after" for name in self.headers):
+            self.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
 
 
 class GatewayTimeout(SluiceError):

@@ -140,7 +140,15 @@ class Meter:
     async def flush(self) -> None:
         async with self._lock:
             if self.spool is not None and self.spool.pending():
-                await self.spool.replay(self._write)  # older records first
+                try:
+                    await self.spool.replay(self._write)  # older records first
+                except Exception:
+                    # Still down: newer records join the spool too (durable, in order).
+                    if self._pending:
+                        batch, self._pending = self._pending, []
+                        self.spool.append(batch)
+                    self.healthy = False
+                    raise
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
