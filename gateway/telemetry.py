@@ -110,6 +110,14 @@ class Telemetry:
                                  namespace=ns, registry=reg)  # fmt: skip
         self.pool_workers = Gauge("pool_workers", "Workers by state", ["backend", "state"],
                                   namespace=ns, registry=reg)  # fmt: skip
+        self.cold_starts = Gauge("pool_cold_starts", "Cold starts since the gateway started",
+                                 ["backend"], namespace=ns, registry=reg)  # fmt: skip
+        self.last_cold_start = Gauge("pool_last_cold_start_seconds", "Duration of the last "
+                                     "cold start", ["backend"], namespace=ns, registry=reg)
+        self.wakes = Gauge("pool_wakes", "Wakes from sleep since the gateway started",
+                           ["backend"], namespace=ns, registry=reg)  # fmt: skip
+        self.last_wake = Gauge("pool_last_wake_seconds", "Duration of the last wake from sleep",
+                               ["backend"], namespace=ns, registry=reg)  # fmt: skip
         self.guard_latency = Histogram(
             "guard_latency_seconds", "Guardrail check time", ["stage"],
             buckets=GUARD_BUCKETS, namespace=ns, registry=reg,
@@ -173,6 +181,15 @@ class Telemetry:
     def set_pool_workers(self, backend: str, state: str, count: int) -> None:
         """``state``: e.g. ``idle``, ``busy``, ``starting``."""
         self.pool_workers.labels(backend=backend, state=state).set(count)
+
+    def set_pool_starts(self, backend: str, *, cold_starts: int, last_cold_start_s: float | None,
+                        wakes: int, last_wake_s: float | None) -> None:
+        self.cold_starts.labels(backend=backend).set(cold_starts)
+        self.wakes.labels(backend=backend).set(wakes)
+        if last_cold_start_s is not None:
+            self.last_cold_start.labels(backend=backend).set(last_cold_start_s)
+        if last_wake_s is not None:
+            self.last_wake.labels(backend=backend).set(last_wake_s)
 
     def observe_guard(self, stage: str, seconds: float) -> None:
         """``stage``: ``input`` or ``output``."""

@@ -39,11 +39,16 @@ async def metrics(request: Request) -> Response:
     telemetry = gateway.telemetry
     for status in gateway.runtime.status():
         telemetry.set_queue_depth(status["backend"], status["queue_depth"])
-        counts: dict[str, int] = dict.fromkeys(("starting", "ready", "busy", "stopping"), 0)
+        counts: dict[str, int] = dict.fromkeys(
+            ("starting", "ready", "busy", "sleeping", "waking", "stopping"), 0)
         for worker in status["workers"]:
             counts[worker["state"]] = counts.get(worker["state"], 0) + 1
         for state, count in counts.items():
             telemetry.set_pool_workers(status["backend"], state, count)
+        telemetry.set_pool_starts(
+            status["backend"], cold_starts=status["cold_starts"],
+            last_cold_start_s=status["last_cold_start_s"], wakes=status["wakes"],
+            last_wake_s=status["last_wake_s"])
     body, content_type = telemetry.metrics_response()
     return Response(body, media_type=content_type)
 

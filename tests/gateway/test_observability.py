@@ -47,3 +47,6 @@ def test_metrics_endpoint_exposes_requests_tokens_and_pools(sqlite_server: Gatew
     assert "sluice_ttft_seconds_bucket" in text
     assert 'sluice_pool_workers{backend="echo",state="ready"} 1.0' in text
     assert 'sluice_queue_depth{backend="echo"} 0.0' in text
+    assert 'sluice_pool_cold_starts{backend="echo"} 1.0' in text
+    assert 'sluice_pool_last_cold_start_seconds{backend="echo"}' in text
+    assert 'sluice_pool_workers{backend="echo",state="sleeping"} 0.0' in text
