@@ -26,7 +26,7 @@ from engine.llm import LLM
 from engine.sampling import SamplingParams
 
 T0 = time.perf_counter()
-BUDGET_S = 540
+BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", 540))
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "bench_out")
 RESULTS: dict = {}
 
@@ -126,6 +126,130 @@ def correctness() -> None:
             free(llm)
         RESULTS[f"graph_vs_eager_tokens_equal_{dtype}"] = toks[False] == toks[True]
         log(dtype, "graph == eager greedy tokens:", toks[False] == toks[True])
+        # the fused small kernels (norm, rotary+KV store, router) against the torch code
+        from engine.layers import fusion
+
+        fusion.ENABLED = False
+        llm = LLM(model_config=cfg, dtype=dtype, num_kv_blocks=64, progress=False, tokenizer=tokenizer())
+        plain = [c.token_ids for c in llm.generate(prompts, sp)]
+        free(llm)
+        fusion.ENABLED = True
+        RESULTS[f"fused_vs_torch_tokens_equal_{dtype}"] = plain == toks[False]
+        log(dtype, "fused small kernels == torch ops, greedy tokens:", plain == toks[False])
+
+
+@section("kernel checks")
+def kernel_checks() -> None:
+    """New kernels at Mixtral shapes against their torch references (bf16 on the GPU)."""
+    from engine.kernels.fused_moe import fused_moe, fused_moe_reference
+    from engine.kernels.fused_small import (fused_add_rmsnorm, fused_add_rmsnorm_reference, rope_store_kv,
+                                            router_topk, router_topk_reference)
+    from engine.kernels.moe_prefill import fp8_moe_prefill
+    from engine.layers.attention import store_kv
+    from engine.layers.rotary import RotaryEmbedding
+    from engine.quant.fp8 import quantize_per_channel
+
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    x, r = torch.randn(64, 4096, device=dev, dtype=bf), torch.randn(64, 4096, device=dev, dtype=bf)
+    w = (1 + 0.1 * torch.randn(4096, device=dev)).to(bf)
+    (o, res), (o_ref, res_ref) = fused_add_rmsnorm(x, r, w, 1e-5), fused_add_rmsnorm_reference(x, r, w, 1e-5)
+    RESULTS["add_rmsnorm"] = {"residual_equal": torch.equal(res, res_ref), "out_equal_frac": (o == o_ref).float().mean().item(),
+                              "max_abs_diff": (o.float() - o_ref.float()).abs().max().item()}
+    rot = RotaryEmbedding(128, 4096, 1e6).to(dev)
+    qkv = torch.randn(64, 48 * 128, device=dev, dtype=bf)
+    pos = torch.randint(0, 4096, (64,), device=dev)
+    slots = torch.randperm(16 * 16, device=dev)[:64]
+    kc, vc = torch.zeros(16, 16, 8, 128, device=dev, dtype=bf), torch.zeros(16, 16, 8, 128, device=dev, dtype=bf)
+    kc2, vc2 = kc.clone(), vc.clone()
+    q = rope_store_kv(qkv, pos, rot.cos, rot.sin, kc, vc, slots, 32, 8, 128)
+    qr, kr, vr = qkv.split((4096, 1024, 1024), dim=-1)
+    q_ref, k_ref = rot(pos, qr.reshape(64, 32, 128), kr.reshape(64, 8, 128))
+    store_kv(k_ref, vr.reshape(64, 8, 128), kc2, vc2, slots)
+    RESULTS["rope_store_kv"] = {"q_k_v_equal": [torch.equal(q, q_ref), torch.equal(kc, kc2), torch.equal(vc, vc2)],
+                                "q_equal_frac": (q == q_ref).float().mean().item(),
+                                "q_max_abs_diff": (q.float() - q_ref.float()).abs().max().item(),
+                                "k_max_abs_diff": (kc.float() - kc2.float()).abs().max().item()}
+    logits = torch.randn(64, 8, device=dev, dtype=bf)
+    (tw, ti), (tw_ref, ti_ref) = router_topk(logits, 2), router_topk_reference(logits, 2)
+    RESULTS["router_topk"] = {"ids_equal": torch.equal(ti.long(), ti_ref), "w_max_diff": (tw - tw_ref).abs().max().item()}
+    # MoE at Mixtral shapes, T=1024: new W8A8 prefill path and the W8A16 fused kernel vs the fp32 reference
+    e, d, i = 8, 4096, 14336
+    w13, s13 = quantize_per_channel(torch.randn(e, 2 * i, d, device=dev, dtype=bf) * 0.02)
+    w2, s2 = quantize_per_channel(torch.randn(e, d, i, device=dev, dtype=bf) * 0.02)
+    xm = torch.randn(1024, d, device=dev, dtype=bf)
+    tw, ti = router_topk(torch.randn(1024, e, device=dev), 2)
+    ref = fused_moe_reference(xm, w13, s13, w2, s2, tw, ti).float()
+    rel = lambda a: ((a.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+    RESULTS["moe_T1024_rel_err"] = {"fp8_prefill_w8a8": rel(fp8_moe_prefill(xm, w13, s13, w2, s2, tw, ti)),
+                                    "fused_w8a16": rel(fused_moe(xm, w13, s13, w2, s2, tw, ti))}
+    log("kernel checks", {k: RESULTS[k] for k in ("add_rmsnorm", "rope_store_kv", "router_topk", "moe_T1024_rel_err")})
+    del w13, w2
+
+
+@section("micro timings")
+def micro() -> None:
+    """MoE per layer by path and token count; small decode regions, torch vs triton (graph replays)."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    from engine.kernels.fused_moe import fused_moe
+    from engine.kernels.fused_small import (fused_add_rmsnorm, fused_add_rmsnorm_reference, rope_store_kv,
+                                            router_topk, router_topk_reference)
+    from engine.kernels.moe_prefill import fp8_moe_prefill
+    from engine.layers.attention import store_kv
+    from engine.layers.moe import MoE
+    from engine.layers.rotary import RotaryEmbedding
+    from engine.quant.fp8 import quantize_per_channel
+
+    dev, bf = "cuda", torch.bfloat16
+    e, d, i = 8, 4096, 14336
+    with torch.device(dev):
+        moe = MoE(d, i, e, 2).to(bf)
+    moe.w13.normal_(0, 0.02)
+    moe.w2.normal_(0, 0.02)
+    w13, s13 = quantize_per_channel(moe.w13)
+    w2, s2 = quantize_per_channel(moe.w2)
+    rows = []
+    for t in (64, 128, 256, 1024, 4096):
+        x = torch.randn(t, d, device=dev, dtype=bf)
+        tw, ti = router_topk(torch.randn(t, e, device=dev), 2)
+        row = {"T": t,
+               "fp8_fused_w8a16_us": do_bench(lambda: fused_moe(x, w13, s13, w2, s2, tw, ti), return_mode="median") * 1e3,
+               "fp8_prefill_w8a8_us": do_bench(lambda: fp8_moe_prefill(x, w13, s13, w2, s2, tw, ti), return_mode="median") * 1e3}
+        if t > 64:
+            row["bf16_cublas_per_expert_us"] = do_bench(lambda: moe.experts(x, tw, ti), return_mode="median") * 1e3
+        rows.append(row)
+        log("moe", row)
+    RESULTS["micro_moe"] = rows
+    del moe, w13, w2
+    gc.collect()
+    torch.cuda.empty_cache()
+    small = []
+    for n in (1, 64):
+        x, r = torch.randn(n, d, device=dev, dtype=bf), torch.randn(n, d, device=dev, dtype=bf)
+        w = torch.ones(d, device=dev, dtype=bf)
+        rot = RotaryEmbedding(128, 4096, 1e6).to(dev)
+        qkv = torch.randn(n, 48 * 128, device=dev, dtype=bf)
+        pos = torch.randint(0, 4096, (n,), device=dev)
+        slots = torch.arange(n, device=dev)
+        kc, vc = torch.zeros(16, 16, 8, 128, device=dev, dtype=bf), torch.zeros(16, 16, 8, 128, device=dev, dtype=bf)
+        logits = torch.randn(n, 8, device=dev, dtype=bf)
+
+        def rope_torch():
+            qr, kr, vr = qkv.split((4096, 1024, 1024), dim=-1)
+            q, k = rot(pos, qr.view(n, 32, 128), kr.view(n, 8, 128))
+            store_kv(k, vr.view(n, 8, 128), kc, vc, slots)
+            return q
+
+        cases = {"add_rmsnorm": (lambda: fused_add_rmsnorm_reference(x, r, w, 1e-5), lambda: fused_add_rmsnorm(x, r, w, 1e-5)),
+                 "rope_store_kv": (rope_torch, lambda: rope_store_kv(qkv, pos, rot.cos, rot.sin, kc, vc, slots, 32, 8, 128)),
+                 "router_topk": (lambda: router_topk_reference(logits, 2), lambda: router_topk(logits, 2))}
+        for name, (torch_fn, triton_fn) in cases.items():
+            row = {"N": n, "region": name, "torch_us": do_bench_cudagraph(torch_fn, return_mode="median") * 1e3,
+                   "triton_us": do_bench_cudagraph(triton_fn, return_mode="median") * 1e3}
+            small.append(row)
+            log("small", row)
+    RESULTS["micro_small"] = small
 
 
 def decode_sweep(llm: LLM, label: str, batches: list[int]) -> None:
@@ -213,14 +337,18 @@ def fp8_full() -> None:
     RESULTS["fp8_32_build"] = dict(llm.timings, mem_GB=torch.cuda.memory_allocated() / 1e9,
                                    kv_blocks=llm.runner.num_blocks)
     log("fp8 32 built", RESULTS["fp8_32_build"])
+    parts = os.environ.get("BENCH_FP8_PARTS", "decode,ttft,profile,sleep,serve").split(",")
     run_batch(llm, 1, 16, 4)
-    decode_sweep(llm, "fp8_32", [1, 8, 32, 64])
-    r = run_batch(llm, 1, 1024, 1)
-    RESULTS["ttft_1k_fp8_32_s"] = r.ttft_s
-    log("TTFT 1K fp8 32 layers", r.ttft_s)
-    for b in (1, 64):
-        profile_steps(llm, b, "fp8_32")
-    for cycle in (1, 2):
+    if "decode" in parts:
+        decode_sweep(llm, "fp8_32", [1, 8, 32, 64])
+    if "ttft" in parts:
+        ttfts = [run_batch(llm, 1, 1024, 1).ttft_s for _ in range(3)]
+        RESULTS["ttft_1k_fp8_32_s"] = ttfts
+        log("TTFT 1K fp8 32 layers (3 runs)", ttfts)
+    if "profile" in parts:
+        for b in (1, 64):
+            profile_steps(llm, b, "fp8_32")
+    for cycle in ((1, 2) if "sleep" in parts else ()):
         torch.cuda.synchronize()
         t = time.perf_counter()
         llm.sleep()
@@ -235,7 +363,8 @@ def fp8_full() -> None:
         asleep.update(wake_s=wake_s, wake_to_first_token_s=wake_s + r.ttft_s, recaptured=llm.runner.recaptured_on_wake)
         RESULTS[f"sleep_cycle{cycle}"] = asleep
         log("sleep/wake", cycle, asleep)
-    serving(llm, "fp8_32", [2, 4, 6, 8], 8)
+    if "serve" in parts:
+        serving(llm, "fp8_32", [2, 4, 6, 8], 8)
     free(llm)
 
 
@@ -309,7 +438,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["torch"] = torch.__version__
-    chosen = os.environ.get("BENCH_SECTIONS", "correctness,fp8_full,half_models,hf_reference,cold_start")
+    chosen = os.environ.get("BENCH_SECTIONS",
+                            "correctness,kernel_checks,micro,fp8_full,half_models,hf_reference,cold_start")
     for name in chosen.split(","):
         globals()[name]()
     log("done", json.dumps(RESULTS, default=str)[:6000])

@@ -82,6 +82,10 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q (N, Hq, D), k/v (N, Hkv, D) -> (N, Hq, D)."""
         store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.attend(q, meta)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention of q (N, Hq, D) over the cache, this step's K/V already stored."""
         nd = meta.num_decode
         parts = []
         if nd:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers import fusion
 from engine.layers.linear import Linear
 
 FUSED_MAX_TOKENS = 64  # the largest decode graph; past it the per-expert matmuls win
@@ -30,7 +31,12 @@ class MoE(nn.Module):
         return self.experts(x, topk_weights, topk_ids)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax in fp32 over all experts, keep top-k, renormalise: (N, K) fp32, (N, K) int64."""
+        """Softmax in fp32 over all experts, keep top-k, renormalise: (N, K) fp32, (N, K) int64
+        (int32 from the fused triton kernel on CUDA)."""
+        if fusion.use_fused(x):
+            from engine.kernels.fused_small import router_topk
+
+            return router_topk(self.gate(x), self.top_k)
         probs = F.softmax(self.gate(x).float(), dim=-1)  # (N, E)
         topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
         return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.layers import fusion
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.linear import Linear
 from engine.layers.moe import MoE
@@ -31,7 +32,14 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         N = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        qkv = self.qkv_proj(x)
+        if fusion.use_fused(qkv) and qkv.is_contiguous() and self.attn.k_cache.dtype == qkv.dtype:
+            from engine.kernels.fused_small import rope_store_kv  # rotary + KV store, one launch
+
+            q = rope_store_kv(qkv, positions, self.rotary.cos, self.rotary.sin, self.attn.k_cache,
+                              self.attn.v_cache, meta.slot_mapping, self.hq, self.hkv, self.dh)
+            return self.o_proj(self.attn.attend(q, meta).reshape(N, self.hq * self.dh))
+        q, k, v = qkv.split(self.split, dim=-1)
         q, k = self.rotary(positions, q.view(N, self.hq, self.dh), k.view(N, self.hkv, self.dh))
         out = self.attn(q, k, v.view(N, self.hkv, self.dh), meta)  # (N, Hq, Dh)
         return self.o_proj(out.reshape(N, self.hq * self.dh))
