@@ -460,8 +460,6 @@ def _as_sluice_error(exc: BaseException) -> SluiceError:
         return exc
     if isinstance(exc, BackendError):
         return from_status(exc.status, str(exc))
-    if isinstance(exc, StreamBlocked):
-        return violation("output", exc.verdict)
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return SluiceError("request cancelled")
     return SluiceError("internal server error")

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway.auth import Principal
 from gateway.errors import InvalidRequest, NotFound, SluiceError
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.service import Gateway
@@ -37,6 +38,14 @@ def parse(model: type[M], data: Any) -> M:
         raise InvalidRequest(message, param=param, code=err["type"]) from None
 
 
+async def authenticate(gateway: Gateway, request: Request) -> Principal:
+    return await gateway.auth.authenticate(
+        request.headers.get("authorization"),
+        request.client.host if request.client else "-",
+        request.state.request_id,
+    )
+
+
 async def chat_completions(request: Request) -> Response:
     return await serve(request, "chat", ChatCompletionRequest)
 
@@ -57,9 +66,7 @@ async def serve(request: Request, endpoint: str,
     try:
         with trace.use_span(span, end_on_exit=False) if tracing else contextlib.nullcontext():
             with gateway.telemetry.span("auth") if tracing else contextlib.nullcontext():
-                principal = await gateway.auth.authenticate(
-                    request.headers.get("authorization"),
-                    request.client.host if request.client else "-", request_id)
+                principal = await authenticate(gateway, request)
             body = parse(schema, await read_json(request, gateway.settings.max_body_bytes))
             if isinstance(body, ChatCompletionRequest):
                 call = gateway.chat_call(request_id, principal, body, span)
@@ -84,7 +91,7 @@ async def serve(request: Request, endpoint: str,
 
 async def list_models(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
-    principal = await gateway.keys.authenticate(request.headers.get("authorization"))
+    principal = await authenticate(gateway, request)
     cards = [
         c for c in gateway.registry.cards() if principal.models is None or c.id in principal.models
     ]
@@ -101,7 +108,7 @@ async def list_models(request: Request) -> Response:
 
 async def get_model(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
-    principal = await gateway.keys.authenticate(request.headers.get("authorization"))
+    principal = await authenticate(gateway, request)
     model = request.path_params["model"]
     route = gateway.registry.get(model)
     if route is None or (principal.models is not None and model not in principal.models):
