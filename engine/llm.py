@@ -54,6 +54,7 @@ class LLM:
         began = time.perf_counter()
         self.runner = ModelRunner(net, self.config, self.max_model_len)
         self.timings["runner_s"] = time.perf_counter() - began  # KV sizing + graph capture
+        self.timings.update(self.runner.timings)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)

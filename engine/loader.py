@@ -28,6 +28,7 @@ from engine.errors import CheckpointError
 from engine.layers.moe import MoE
 from engine.models.mixtral import CausalLM
 from engine.quant.fp8 import Fp8FusedExperts, Fp8Linear, channel_scale, install_fp8_experts, quantize_fp8
+from engine.staging import LayerStager, read_header
 
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -104,6 +105,7 @@ class Checkpoint:
         self.path = path
         self.handles: dict[Path, Any] = {}
         self.location: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+        self.staged: dict[str, torch.Tensor] = {}  # page-locked copies of the layer being loaded
         for f in checkpoint_files(path):
             try:
                 self.handles[f] = h = stack.enter_context(safe_open(str(f), framework="pt"))
@@ -132,11 +134,20 @@ class Checkpoint:
                 raise CheckpointError(f"{f.name}: FP8 tensor {name} has no {name}_scale")
 
     def get(self, name: str) -> torch.Tensor:
+        if (staged := self.staged.get(name)) is not None:
+            return staged
         f = self.location[name][0]
         try:
             return self.handles[f].get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{f.name}: cannot read tensor {name} ({exc})") from None
+
+    def stager(self, groups: list[list[str]]) -> LayerStager:
+        """Parallel page-locked reads of ``groups`` of tensors, one group ahead."""
+        extents = {}
+        for f in self.handles:
+            extents.update(read_header(f))
+        return LayerStager(extents, groups)
 
     def is_fp8(self, name: str) -> bool:
         return name in self.location and self.location[name][2] == "F8_E4M3"
@@ -174,11 +185,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path: str | Path | None = None, *,
                fp8: bool = False, seed: int = 0, max_positions: int | None = None,
-               progress: bool = True) -> CausalLM:
+               progress: bool = True, stage: bool | None = None) -> CausalLM:
     """Build the model on ``device`` one decoder layer at a time, each filled from the
     checkpoint at ``path`` (random weights when None) and, with ``fp8``, quantized
     before the next is built: peak memory is the FP8 model plus one 16-bit layer.
-    Pre-quantized FP8 tensors are used as stored (dequantized when not ``fp8``)."""
+    Pre-quantized FP8 tensors are used as stored (dequantized when not ``fp8``).
+    ``stage`` (default: on CUDA) reads each layer into page-locked memory with parallel
+    reads while the previous one is copied to the device (engine/staging.py)."""
     with _default_dtype(dtype), torch.device(device):
         model = CausalLM(cfg, max_positions, build_layers=False).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -191,6 +204,11 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
         fill = (lambda name: destination(model, name).copy_(ckpt.dense(name))) if ckpt else \
             (lambda name: _random_(destination(model, name), name, gen))
         fill(top[0])  # embeddings, layers, then the rest: the order of init_random_
+        stager = None
+        if ckpt is not None and (stage if stage is not None else torch.device(device).type == "cuda"):
+            stager = ckpt.stager([[k for k in ckpt.location if k.startswith(f"model.layers.{n}.")]
+                                  for n in range(cfg.num_layers)])
+            stack.callback(stager.close)
         desc = "loading weights" + (" + fp8 quantization" if fp8 else "")
         for n in tqdm(range(cfg.num_layers), desc=desc, unit="layer", disable=not progress or None):
             with _default_dtype(dtype), torch.device(device):
@@ -200,11 +218,16 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
                 for name, p in layer.named_parameters():
                     _random_(p, name, gen)
             else:
+                if stager is not None:
+                    ckpt.staged = stager.take(n)
                 names = [k for k in expected_tensors(cfg, layers=[n]) if k.startswith(prefix)]
                 if fp8:
                     names = [k for k in names if k not in _install_prequantized(layer, prefix, ckpt, device)]
                 for name in names:
                     fill(name)
+                if stager is not None:
+                    stager.release(n)
+                    ckpt.staged = {}
             if fp8:
                 quantize_fp8(layer)
         for name in top[1:]:
@@ -228,7 +251,7 @@ def _install_prequantized(layer: nn.Module, prefix: str, ckpt: Checkpoint, devic
         names = [f"{prefix}{p}.weight" for p in parts]
         if not all(ckpt.is_fp8(n) for n in names):
             continue
-        module = Fp8Linear(torch.cat([ckpt.get(n) for n in names]), torch.cat([ckpt.weight_scale(n) for n in names]),
+        module = Fp8Linear(_rows([ckpt.get(n) for n in names], device), torch.cat([ckpt.weight_scale(n) for n in names]),
                            input_scale=ckpt.input_scale(names), out_dtype=layer.input_layernorm.weight.dtype)
         parent, child = target.rsplit(".", 1)
         setattr(layer.get_submodule(parent), child, module.to(device))
@@ -241,10 +264,21 @@ def _install_prequantized(layer: nn.Module, prefix: str, ckpt: Checkpoint, devic
         if all(ckpt.is_fp8(n) for n in names):
             experts = Fp8FusedExperts.from_prequantized(
                 *[t for k in ("w1", "w3", "w2") for t in ([ckpt.get(n) for n in w[k]],
-                                                          [ckpt.weight_scale(n) for n in w[k]])])
+                                                          [ckpt.weight_scale(n) for n in w[k]])], device=device)
             install_fp8_experts(moe, experts.to(device))
             used.update(names)
     return used
+
+
+def _rows(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Concatenate 2-D tensors by rows straight into one ``device`` tensor (each part
+    copied once, asynchronously from page-locked memory)."""
+    out = torch.empty((sum(p.shape[0] for p in parts), parts[0].shape[1]), dtype=parts[0].dtype, device=device)
+    row = 0
+    for p in parts:
+        out[row:row + p.shape[0]].copy_(p, non_blocking=True)
+        row += p.shape[0]
+    return out
 
 
 def _random_(p: torch.Tensor, name: str, gen: torch.Generator, std: float = 0.02) -> None:

@@ -8,7 +8,7 @@ runs eagerly. One extra cache block at the end is scratch: padded rows write the
 from __future__ import annotations
 
 import logging
-import weakref
+import time
 
 import torch
 
@@ -17,6 +17,7 @@ from engine.errors import ConfigError
 from engine.layers.attention import AttentionMetadata
 from engine.models.mixtral import CausalLM
 from engine.scheduler import ScheduledBatch
+from engine.staging import pinned_buffer
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,10 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         if self.device.type == "cuda":
             self._use_triton_attention()
+        self.timings: dict[str, float] = {}  # start-up phases, seconds
+        began = time.perf_counter()
         self.num_blocks = engine.num_kv_blocks or self._auto_num_blocks(engine)
+        self.timings["kv_profile_s"] = time.perf_counter() - began
         self._allocate_cache(self.num_blocks + 1)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._buckets: dict[int, int] = {}  # decode batch size -> captured (padded) size
@@ -42,7 +46,9 @@ class ModelRunner:
         self._host: torch.Tensor | None = None  # weights parked by sleep() (pinned on CUDA)
         self.recaptured_on_wake = False
         if self.device.type == "cuda" and not engine.enforce_eager:
+            began = time.perf_counter()
             self._capture_graphs(self._max_graph_bs)
+            self.timings["graph_capture_s"] = time.perf_counter() - began
 
     def _use_triton_attention(self) -> None:
         from engine.kernels.paged_attention import paged_decode_attention  # triton: CUDA only
@@ -174,7 +180,7 @@ class ModelRunner:
         if self._host is None:
             self._shapes = [(t.shape, t.dtype) for t in weights]
             offsets, total = self._layout(self._shapes)
-            self._host = _host_buffer(total, pinned=self.device.type == "cuda")
+            self._host = pinned_buffer(total) if self.device.type == "cuda" else torch.empty(total, dtype=torch.uint8)
             for t, off in zip(weights, offsets):
                 self._host[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
         for t in weights:
@@ -205,14 +211,8 @@ class ModelRunner:
     # ---- CUDA graphs for decode ------------------------------------------
 
     def _capture_graphs(self, max_bs: int) -> None:
-        dev, scratch = self.device, self.num_blocks * self.block_size
-        self.static = {
-            "ids": torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            "pos": torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            "slots": torch.full((max_bs,), scratch, dtype=torch.int64, device=dev),
-            "tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
-            "ctx": torch.ones(max_bs, dtype=torch.int32, device=dev),
-        }
+        self.inputs = DecodeInputs(max_bs, self.max_blocks_per_seq, self.num_blocks * self.block_size, self.device)
+        self.static = self.inputs.views()
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_bs]
         pool = None
         s = self.static
@@ -232,31 +232,65 @@ class ModelRunner:
         log.info("captured decode CUDA graphs for batch sizes %s", sizes)
 
     def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
-        B, s = len(batch.decode), self.static
+        B = len(batch.decode)
         bucket = self._buckets[B]
-        seqs = batch.decode
-        s["ids"][:B].copy_(self._tensor([q.token_ids[-1] for q in seqs], torch.int64))
-        s["pos"][:B].copy_(self._tensor([q.num_tokens - 1 for q in seqs], torch.int64))
-        s["slots"].fill_(self.num_blocks * self.block_size)
-        s["slots"][:B].copy_(self._tensor([self._slot(q.block_table, q.num_tokens - 1) for q in seqs], torch.int64))
-        s["ctx"].fill_(1)
-        s["ctx"][:B].copy_(self._tensor([q.num_tokens for q in seqs], torch.int32))
-        width = max(len(q.block_table) for q in seqs)
-        s["tables"][:B, :width].copy_(self._tensor([q.block_table + [0] * (width - len(q.block_table))
-                                                    for q in seqs], torch.int32))
+        self.inputs.load(batch.decode, bucket, self.block_size)
         self.graphs[bucket].replay()
-        return s[f"out{bucket}"][:B]
+        return self.static[f"out{bucket}"][:B]
 
 
-def _host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
-    """Host bytes, page-locked with cudaHostRegister for full-speed copies (torch's
-    pinned allocator would round a 47 GB request up to 64 GB)."""
-    host = torch.empty(nbytes, dtype=torch.uint8)
-    if pinned and nbytes:
-        cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(host.data_ptr(), nbytes, 0)
-        if int(err) != 0:
-            log.warning("cudaHostRegister failed (%s): sleeping weights stay in pageable memory", err)
-        else:
-            weakref.finalize(host, cudart.cudaHostUnregister, host.data_ptr())
-    return host
+class DecodeInputs:
+    """The decode graphs' static inputs, packed into two device buffers so that a replay
+    needs two host-to-device copies: int64 [ids | positions | slots] and int32
+    [context lengths | block tables], each filled in a page-locked host twin.
+    Padded rows (bucket > batch) read one token and write to the scratch slot."""
+
+    def __init__(self, max_bs: int, max_blocks: int, scratch_slot: int, device: torch.device) -> None:
+        self.max_bs, self.max_blocks, self.scratch = max_bs, max_blocks, scratch_slot
+        host64 = torch.zeros(3, max_bs, dtype=torch.int64)
+        host64[2] = scratch_slot
+        host32 = torch.zeros(max_bs * (1 + max_blocks), dtype=torch.int32)
+        host32[:max_bs] = 1
+        pin = device.type == "cuda"
+        self.host64 = host64.pin_memory() if pin else host64
+        self.host32 = host32.pin_memory() if pin else host32
+        self.dev64, self.dev32 = self.host64.to(device), self.host32.to(device)
+        self.copied: torch.cuda.Event | None = None
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """Contiguous views of the device buffers (what the graphs are captured against)."""
+        n = self.max_bs
+        return {"ids": self.dev64[0], "pos": self.dev64[1], "slots": self.dev64[2], "ctx": self.dev32[:n],
+                "tables": self.dev32[n:].view(n, self.max_blocks)}
+
+    def fill(self, seqs: list, bucket: int, block_size: int) -> None:
+        """Write the host twins for ``seqs`` padded to ``bucket`` rows."""
+        B, n = len(seqs), self.max_bs
+        h64 = self.host64.numpy()
+        h32 = self.host32.numpy()
+        tables = h32[n:].reshape(n, self.max_blocks)
+        for i, q in enumerate(seqs):
+            p = q.num_tokens - 1
+            table = q.block_table
+            h64[0, i] = q.token_ids[p]
+            h64[1, i] = p
+            h64[2, i] = table[p // block_size] * block_size + p % block_size
+            h32[i] = q.num_tokens
+            tables[i, :len(table)] = table
+        h64[0, B:bucket] = 0
+        h64[1, B:bucket] = 0
+        h64[2, B:bucket] = self.scratch
+        h32[B:bucket] = 1
+
+    def load(self, seqs: list, bucket: int, block_size: int) -> None:
+        """Fill the host twins (once the previous copy out of them is done) and copy them over."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        self.fill(seqs, bucket, block_size)
+        self.dev64.copy_(self.host64, non_blocking=True)
+        # context lengths, then the tables of the bucket's rows only
+        self.dev32[: self.max_bs + bucket * self.max_blocks].copy_(
+            self.host32[: self.max_bs + bucket * self.max_blocks], non_blocking=True)
+        if self.dev64.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()

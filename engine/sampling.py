@@ -57,6 +57,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     S, V = logits.shape
     if S == 0:
         return []
+    want_lp = any(p.logprobs or p.top_logprobs for p in params)
+    if not want_lp and all(p.greedy for p in params):
+        for g in generators:  # the draw every row takes, so a request's stream stays its own
+            torch.rand(1, generator=g)
+        return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
     probs = torch.softmax(logits / temps[:, None], dim=-1)  # (S, V)
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
@@ -68,7 +73,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp_(max=V - 1)  # (S,)
     greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool, device=logits.device)
     tokens = torch.where(greedy, logits.argmax(dim=-1), drawn)
-    want_lp = any(p.logprobs or p.top_logprobs for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
     out = []
     for i, (tok, p) in enumerate(zip(tokens.tolist(), params)):

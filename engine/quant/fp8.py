@@ -149,14 +149,23 @@ class Fp8FusedExperts(nn.Module):
     @classmethod
     def from_prequantized(cls, w1: list[torch.Tensor], w1_scale: list[torch.Tensor],
                           w3: list[torch.Tensor], w3_scale: list[torch.Tensor],
-                          w2: list[torch.Tensor], w2_scale: list[torch.Tensor]) -> Fp8FusedExperts:
-        """From per-expert checkpoint tensors (F8_E4M3 weights, scalar or [out, 1] scales)."""
+                          w2: list[torch.Tensor], w2_scale: list[torch.Tensor],
+                          device: torch.device | str | None = None) -> Fp8FusedExperts:
+        """From per-expert checkpoint tensors (F8_E4M3 weights, scalar or [out, 1] scales),
+        stacked straight into tensors on ``device`` (default: where the parts are)."""
         i, d = w1[0].shape
+        device = torch.device(device) if device is not None else w1[0].device
         s1 = torch.stack([channel_scale(s, i) for s in w1_scale])
         s3 = torch.stack([channel_scale(s, i) for s in w3_scale])
-        w13 = torch.stack([torch.cat([a, b]) for a, b in zip(w1, w3)])  # (E, 2I, D)
         s2 = torch.stack([channel_scale(s, d) for s in w2_scale])
-        return cls(w13, torch.cat([s1, s3], dim=1), torch.stack(list(w2)), s2)
+        e = len(w1)
+        w13 = torch.empty((e, 2 * i, d), dtype=w1[0].dtype, device=device)
+        w2s = torch.empty((e, d, i), dtype=w2[0].dtype, device=device)
+        for x in range(e):  # each part copied once (asynchronously when it is page-locked)
+            w13[x, :i].copy_(w1[x], non_blocking=True)
+            w13[x, i:].copy_(w3[x], non_blocking=True)
+            w2s[x].copy_(w2[x], non_blocking=True)
+        return cls(w13, torch.cat([s1, s3], dim=1).to(device), w2s, s2.to(device))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         args = (x.contiguous(), self.w13, self.w13_scale, self.w2, self.w2_scale,

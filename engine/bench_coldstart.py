@@ -1,0 +1,151 @@
+"""Cold start of a full-size FP8 Mixtral from a page-cached, pre-quantized checkpoint.
+
+    python -m engine.bench_coldstart /tmp/out                  # Mixtral-8x7B shapes, on CUDA
+    python -m engine.bench_coldstart /tmp/out --layers 2 --device cpu --preset tiny-mixtral
+
+Writes a random checkpoint the way published FP8 Mixtral checkpoints are stored (e4m3
+weights with per-output-channel ``weight_scale``; router, norms, embeddings and lm_head in
+bf16; one safetensors shard per layer plus ``model.safetensors.index.json``), leaves it in
+the page cache, then times what the runtime's cold start does twice: build the engine
+(load, KV sizing, kernel compiles, CUDA-graph capture) and produce the first token. The
+second start finds triton's on-disk kernel cache warm, as a restart on the same host does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from engine.config import PRESETS, ModelConfig
+from engine.llm import LLM
+from engine.loader import expected_tensors
+from engine.sampling import SamplingParams
+
+E4M3_MAX = 448.0
+
+
+def _is_linear(name: str) -> bool:
+    return name.endswith("proj.weight") or ".experts." in name
+
+
+def write_fp8_checkpoint(path: Path, raw: dict, device: str, seed: int = 0) -> float:
+    """Write the checkpoint; returns its size in GB."""
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = ModelConfig.from_dict(raw)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    size = 0
+
+    def shard(fname: str, shapes: dict[str, tuple[int, ...]]) -> None:
+        nonlocal size
+        tensors: dict[str, torch.Tensor] = {}
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+                continue
+            w = torch.randn(shape, generator=gen, device=device) * 0.02
+            if _is_linear(name) and not name.endswith("gate.weight"):
+                scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+                tensors[name] = (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).cpu()
+                tensors[name.replace(".weight", ".weight_scale")] = scale.float().cpu()
+            else:
+                tensors[name] = w.to(torch.bfloat16).cpu()
+        save_file(tensors, str(path / fname), metadata={"format": "pt"})
+        size += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, fname))
+
+    everything = expected_tensors(cfg)
+    layer_names = {n: s for n, s in everything.items() if n.startswith("model.layers.")}
+    shard("top.safetensors", {n: s for n, s in everything.items() if n not in layer_names})
+    for layer in range(cfg.num_layers):
+        prefix = f"model.layers.{layer}."
+        shard(f"layer-{layer:03d}.safetensors",
+              {n: s for n, s in layer_names.items() if n.startswith(prefix)})
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}))
+    config = {**raw, "torch_dtype": "bfloat16",
+              "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return size / 1e9
+
+
+def verify(llm: LLM, path: Path) -> int:
+    """Compare loaded weights with the checkpoint's bytes (first, middle and last layer;
+    first and last expert); returns how many tensors matched, raises on a mismatch."""
+    from safetensors import safe_open
+
+    cfg, checked = llm.model.config, 0
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    for n in sorted({0, cfg.num_layers // 2, cfg.num_layers - 1}):
+        layer = llm.model.layers[n]
+        experts = layer.mlp.fp8_experts
+        I = cfg.intermediate_size
+        pairs = {"self_attn.q_proj.weight": layer.self_attn.qkv_proj.weight[: cfg.num_heads * cfg.head_dim],
+                 "self_attn.o_proj.weight": layer.self_attn.o_proj.weight}
+        for e in (0, cfg.num_experts - 1):
+            q = f"block_sparse_moe.experts.{e}."
+            pairs |= {q + "w1.weight": experts.w13[e, :I], q + "w3.weight": experts.w13[e, I:],
+                      q + "w2.weight": experts.w2[e]}
+        for name, got in pairs.items():
+            full = f"model.layers.{n}.{name}"
+            with safe_open(str(path / index[full]), framework="pt") as f:
+                want = f.get_tensor(full)
+            if not torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8)):
+                raise AssertionError(f"{full}: loaded bytes differ from the checkpoint")
+            checked += 1
+    return checked
+
+
+def cold_start(path: Path, device: str, tokenizer: object, check: bool = False) -> dict:
+    began = time.perf_counter()
+    llm = LLM(path, dtype="fp8", device=device, max_num_seqs=64, max_model_len=2048,
+              progress=False, tokenizer=tokenizer)
+    built = time.perf_counter() - began
+    llm.generate([[5] * 16], SamplingParams(temperature=0, max_tokens=1))
+    total = time.perf_counter() - began
+    result = {**llm.timings, "engine_built_s": built, "first_token_total_s": total}
+    if check:
+        result["tensors_verified"] = verify(llm, path)
+    del llm
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--preset", default="mixtral-8x7b", choices=sorted(PRESETS))
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/sluice-fp8-ckpt"))
+    parser.add_argument("--starts", type=int, default=2)
+    args = parser.parse_args()
+    from engine.bench_gpu import tokenizer
+
+    raw = dict(PRESETS[args.preset])
+    if args.layers:
+        raw["num_hidden_layers"] = args.layers
+    t = time.perf_counter()
+    gb = write_fp8_checkpoint(args.checkpoint, raw, args.device)
+    results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                     "torch": torch.__version__, "preset": args.preset,
+                     "layers": raw["num_hidden_layers"], "checkpoint_gb": round(gb, 2),
+                     "write_s": round(time.perf_counter() - t, 1), "starts": []}
+    print(json.dumps(results), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for n in range(args.starts):
+        results["starts"].append(cold_start(args.checkpoint, args.device, tokenizer(), check=n == args.starts - 1))
+        print(json.dumps(results["starts"][-1]), flush=True)
+        (args.out / "coldstart.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
