@@ -226,7 +226,7 @@ class ModelRunner:
                     s[f"out{bs}"] = self.model(s["ids"][:bs], s["pos"][:bs], meta)
                 pool = graph.pool()
                 self.graphs[bs] = graph
-                torch.cuda.synchronize(dev)
+                torch.cuda.synchronize(self.device)
         self._buckets = {b: next(x for x in sizes if x >= b) for b in range(1, max_bs + 1)}
         self._graph_ptrs = self._pointers()
         log.info("captured decode CUDA graphs for batch sizes %s", sizes)
