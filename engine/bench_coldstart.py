@@ -119,6 +119,64 @@ def cold_start(path: Path, device: str, tokenizer: object, check: bool = False) 
     return result
 
 
+def read_ceilings(path: Path, layers: int, device: str) -> dict:
+    """What the page cache gives for the first (up to) 8 layers' shards, read several ways:
+    one thread sequentially; the stager alone at several thread counts; the stager feeding
+    GPU copies; and safetensors' get_tensor + copy to the device (the loader before staging)."""
+    from safetensors import safe_open
+
+    from engine import staging
+    from engine.staging import LayerStager, read_header
+
+    out: dict = {"meminfo": [ln for ln in Path("/proc/meminfo").read_text().splitlines()
+                             if ln.startswith(("Cached:", "MemTotal:", "MemFree:"))]}
+    files = [path / f"layer-{n:03d}.safetensors" for n in range(min(layers, 8))]
+    buf = bytearray(64 << 20)
+    t, nbytes = time.perf_counter(), 0
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while got := fh.readinto(buf):
+                nbytes += got
+    out["sequential_1thread_GBps"] = nbytes / 1e9 / (time.perf_counter() - t)
+    extents: dict = {}
+    groups = []
+    for f in files:
+        e = read_header(f)
+        extents.update(e)
+        groups.append(list(e))
+    variants = [("stager_t4", 4, 32 << 20, False), ("stager_t16", 16, 32 << 20, False),
+                ("stager_t16_c8M", 16, 8 << 20, False), ("stager_t32", 32, 32 << 20, False),
+                ("stager_t16_to_gpu", 16, 32 << 20, True)]
+    for label, threads, chunk, to_gpu in variants:
+        staging.CHUNK = chunk
+        t = time.perf_counter()
+        stager = LayerStager(extents, groups, threads=threads)
+        made = time.perf_counter() - t
+        dst = None
+        for n in range(len(groups)):
+            for x in stager.take(n).values():
+                if to_gpu:
+                    dst = x.to(device, non_blocking=True)
+            stager.release(n)
+        if dst is not None and dst.is_cuda:
+            torch.cuda.synchronize()
+        stager.close()
+        out[f"{label}_GBps"] = stager.bytes_read / 1e9 / (time.perf_counter() - t)
+        out[f"{label}_buffers_s"] = made
+        print(label, out[f"{label}_GBps"], flush=True)
+    staging.CHUNK = 32 << 20
+    t, nbytes = time.perf_counter(), 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                x = h.get_tensor(name).to(device)
+                nbytes += x.numel() * x.element_size()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    out["get_tensor_to_device_GBps"] = nbytes / 1e9 / (time.perf_counter() - t)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -127,6 +185,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/sluice-fp8-ckpt"))
     parser.add_argument("--starts", type=int, default=2)
+    parser.add_argument("--reuse", action="store_true", help="keep a checkpoint already written there")
+    parser.add_argument("--read-ceilings", action="store_true",
+                        help="first time plain reads and the stager on quarters of the layers")
     args = parser.parse_args()
     from engine.bench_gpu import tokenizer
 
@@ -134,12 +195,19 @@ def main() -> None:
     if args.layers:
         raw["num_hidden_layers"] = args.layers
     t = time.perf_counter()
-    gb = write_fp8_checkpoint(args.checkpoint, raw, args.device)
+    existing = args.checkpoint / "model.safetensors.index.json"
+    if args.reuse and existing.exists():
+        gb = json.loads(existing.read_text())["metadata"]["total_size"] / 1e9
+    else:
+        gb = write_fp8_checkpoint(args.checkpoint, raw, args.device)
     results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                      "torch": torch.__version__, "preset": args.preset,
                      "layers": raw["num_hidden_layers"], "checkpoint_gb": round(gb, 2),
                      "write_s": round(time.perf_counter() - t, 1), "starts": []}
     print(json.dumps(results), flush=True)
+    if args.read_ceilings:
+        results["read_ceilings"] = read_ceilings(args.checkpoint, raw["num_hidden_layers"], args.device)
+        print(json.dumps(results["read_ceilings"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     for n in range(args.starts):
         results["starts"].append(cold_start(args.checkpoint, args.device, tokenizer(), check=n == args.starts - 1))

@@ -45,9 +45,10 @@ class LLM:
         self.fp8 = self.config.wants_fp8(cfg, device)
         self.max_model_len = min(self.config.max_model_len or 8192, cfg.max_position_embeddings)
         began = time.perf_counter()
+        self.timings: dict[str, float] = {}
         net = load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
-                         max_positions=self.max_model_len, progress=progress)
-        self.timings = {"load_s": time.perf_counter() - began}
+                         max_positions=self.max_model_len, progress=progress, stats=self.timings)
+        self.timings["load_s"] = time.perf_counter() - began
         self.model: CausalLM = net
         self.tokenizer = tokenizer or load_tokenizer(model, cfg.bos_token_id, cfg.eos_token_ids)
         self.eos_ids = set(cfg.eos_token_ids) | set(self.tokenizer.eos_ids)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,13 +186,14 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path: str | Path | None = None, *,
                fp8: bool = False, seed: int = 0, max_positions: int | None = None,
-               progress: bool = True, stage: bool | None = None) -> CausalLM:
+               progress: bool = True, stage: bool | None = None, stats: dict | None = None) -> CausalLM:
     """Build the model on ``device`` one decoder layer at a time, each filled from the
     checkpoint at ``path`` (random weights when None) and, with ``fp8``, quantized
     before the next is built: peak memory is the FP8 model plus one 16-bit layer.
     Pre-quantized FP8 tensors are used as stored (dequantized when not ``fp8``).
     ``stage`` (default: on CUDA) reads each layer into page-locked memory with parallel
-    reads while the previous one is copied to the device (engine/staging.py)."""
+    reads while the previous one is copied to the device (engine/staging.py). ``stats``,
+    when given, receives the seconds spent waiting for staged reads and the bytes staged."""
     with _default_dtype(dtype), torch.device(device):
         model = CausalLM(cfg, max_positions, build_layers=False).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -219,7 +221,10 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
                     _random_(p, name, gen)
             else:
                 if stager is not None:
+                    waited = time.perf_counter()
                     ckpt.staged = stager.take(n)
+                    if stats is not None:
+                        stats["read_wait_s"] = stats.get("read_wait_s", 0.0) + time.perf_counter() - waited
                 names = [k for k in expected_tensors(cfg, layers=[n]) if k.startswith(prefix)]
                 if fp8:
                     names = [k for k in names if k not in _install_prequantized(layer, prefix, ckpt, device)]
@@ -232,6 +237,8 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
                 quantize_fp8(layer)
         for name in top[1:]:
             fill(name)
+        if stager is not None and stats is not None:
+            stats["staged_GB"] = stager.bytes_read / 1e9
     return model
 
 
