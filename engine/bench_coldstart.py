@@ -165,6 +165,8 @@ def read_ceilings(path: Path, layers: int, device: str) -> dict:
         out[f"{label}_buffers_s"] = made
         print(label, out[f"{label}_GBps"], flush=True)
     staging.CHUNK = 32 << 20
+    if device.startswith("cuda"):
+        out |= h2d_ceilings()
     t, nbytes = time.perf_counter(), 0
     for f in files:
         with safe_open(str(f), framework="pt") as h:
@@ -174,6 +176,29 @@ def read_ceilings(path: Path, layers: int, device: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     out["get_tensor_to_device_GBps"] = nbytes / 1e9 / (time.perf_counter() - t)
+    return out
+
+
+def h2d_ceilings(nbytes: int = 1536 << 20, piece: int = 96 << 20) -> dict:
+    """Host-to-device copy rates from pageable, torch-pinned and cudaHostRegister'ed
+    memory, in pieces the size of one expert's weights, into one device tensor."""
+    from engine.staging import pinned_buffer
+
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    sources = {"pageable": torch.ones(nbytes, dtype=torch.uint8),
+               "pinned_alloc": torch.ones(nbytes, dtype=torch.uint8).pin_memory(),
+               "registered": pinned_buffer(nbytes).fill_(1)}
+    out = {}
+    for label, src in sources.items():
+        for _ in range(2):  # the second pass is the one reported
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for off in range(0, nbytes, piece):
+                dst[off:off + piece].copy_(src[off:off + piece], non_blocking=True)
+            torch.cuda.synchronize()
+            out[f"h2d_{label}_GBps"] = nbytes / 1e9 / (time.perf_counter() - t)
+        out[f"h2d_{label}_is_pinned"] = src.is_pinned()
+        print(label, out[f"h2d_{label}_GBps"], flush=True)
     return out
 
 
