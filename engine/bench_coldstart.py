@@ -147,6 +147,7 @@ def read_ceilings(path: Path, layers: int, device: str) -> dict:
     variants = [("stager_t4", 4, 32 << 20, False), ("stager_t16", 16, 32 << 20, False),
                 ("stager_t16_c8M", 16, 8 << 20, False), ("stager_t32", 32, 32 << 20, False),
                 ("stager_t16_to_gpu", 16, 32 << 20, True)]
+    default_chunk = staging.CHUNK
     for label, threads, chunk, to_gpu in variants:
         staging.CHUNK = chunk
         t = time.perf_counter()
@@ -164,7 +165,7 @@ def read_ceilings(path: Path, layers: int, device: str) -> dict:
         out[f"{label}_GBps"] = stager.bytes_read / 1e9 / (time.perf_counter() - t)
         out[f"{label}_buffers_s"] = made
         print(label, out[f"{label}_GBps"], flush=True)
-    staging.CHUNK = 32 << 20
+    staging.CHUNK = default_chunk
     if device.startswith("cuda"):
         out |= h2d_ceilings()
     t, nbytes = time.perf_counter(), 0

@@ -227,7 +227,8 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
                         stats["read_wait_s"] = stats.get("read_wait_s", 0.0) + time.perf_counter() - waited
                 names = [k for k in expected_tensors(cfg, layers=[n]) if k.startswith(prefix)]
                 if fp8:
-                    names = [k for k in names if k not in _install_prequantized(layer, prefix, ckpt, device)]
+                    used = _install_prequantized(layer, prefix, ckpt, device)
+                    names = [k for k in names if k not in used]
                 for name in names:
                     fill(name)
                 if stager is not None:

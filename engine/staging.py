@@ -35,7 +35,7 @@ DTYPES = {
     "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
-CHUNK = 32 << 20  # bytes per read: big tensors are split across threads
+CHUNK = 8 << 20  # bytes per read: big tensors are split across threads (8 MB read fastest on an H200 host)
 ALIGN = 256
 
 

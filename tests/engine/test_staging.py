@@ -80,3 +80,24 @@ def test_staged_load_equals_direct_load(three_layers, tmp_path, prequantized, fp
     assert a.keys() == b.keys() and len(a) > 10
     for name in a:
         assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+
+
+def test_prequantized_load_reads_each_tensor_once(three_layers, tmp_path, monkeypatch):
+    """Every checkpoint tensor is read (and copied to the device) once: an earlier loader
+    re-installed a layer's FP8 weights once per tensor name, 31 times a Mixtral layer."""
+    from collections import Counter
+
+    from engine.loader import Checkpoint
+
+    path = write_prequantized(three_layers, tmp_path / "fp8", "fp8")
+    reads: Counter[str] = Counter()
+    original = Checkpoint.get
+
+    def counting_get(self, name):
+        reads[name] += 1
+        return original(self, name)
+
+    monkeypatch.setattr(Checkpoint, "get", counting_get)
+    cfg = ModelConfig.from_file(path)
+    load_model(cfg, torch.device("cpu"), torch.float32, path, fp8=True, progress=False, stage=True)
+    assert reads and max(reads.values()) == 1, reads.most_common(3)
