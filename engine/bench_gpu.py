@@ -370,14 +370,17 @@ def fp8_full() -> None:
 
 @section("16-layer fp8 vs bf16", 150)
 def half_models() -> None:
+    # 16 layers so bf16 fits an 80 GB H100; BENCH_HALF_LAYERS=32 on an H200 compares whole models
+    layers = int(os.environ.get("BENCH_HALF_LAYERS", 16))
+    rates = [float(r) for r in os.environ.get("BENCH_SERVE_RATES", "4,8,12,16").split(",")]
     for dtype in os.environ.get("BENCH_HALF_DTYPES", "bfloat16,fp8").split(","):
         llm = None  # the previous model must be gone before the next is built
         gc.collect()
         torch.cuda.empty_cache()
-        llm = build(16, dtype)
+        llm = build(layers, dtype)
         run_batch(llm, 1, 16, 4)
-        decode_sweep(llm, f"{dtype}_16", [1, 64])
-        serving(llm, f"{dtype}_16", [4, 8, 12, 16], 8)
+        decode_sweep(llm, f"{dtype}_{layers}", [1, 64])
+        serving(llm, f"{dtype}_{layers}", rates, 8)
         free(llm)
 
 
