@@ -171,7 +171,7 @@ def read_ceilings(path: Path, layers: int, device: str) -> dict:
     t, nbytes = time.perf_counter(), 0
     for f in files:
         with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():
+            for name in h.keys():  # noqa: SIM118 (safe_open is not iterable)
                 x = h.get_tensor(name).to(device)
                 nbytes += x.numel() * x.element_size()
     if device.startswith("cuda"):

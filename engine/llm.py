@@ -12,8 +12,6 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import ConfigError, RequestError
 from engine.kv_cache import BlockManager

@@ -28,7 +28,13 @@ from engine.config import ModelConfig
 from engine.errors import CheckpointError
 from engine.layers.moe import MoE
 from engine.models.mixtral import CausalLM
-from engine.quant.fp8 import Fp8FusedExperts, Fp8Linear, channel_scale, install_fp8_experts, quantize_fp8
+from engine.quant.fp8 import (
+    Fp8FusedExperts,
+    Fp8Linear,
+    channel_scale,
+    install_fp8_experts,
+    quantize_fp8,
+)
 from engine.staging import LayerStager, read_header
 
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -110,7 +116,7 @@ class Checkpoint:
         for f in checkpoint_files(path):
             try:
                 self.handles[f] = h = stack.enter_context(safe_open(str(f), framework="pt"))
-                for name in h.keys():
+                for name in h.keys():  # noqa: SIM118 (safe_open is not iterable)
                     sl = h.get_slice(name)
                     self.location[name] = (f, tuple(sl.get_shape()), sl.get_dtype())
             except (SafetensorError, OSError, ValueError) as exc:

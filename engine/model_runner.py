@@ -40,6 +40,8 @@ class ModelRunner:
         self.timings["kv_profile_s"] = time.perf_counter() - began
         self._allocate_cache(self.num_blocks + 1)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.inputs: DecodeInputs | None = None  # the graphs' static inputs
+        self.static: dict[str, torch.Tensor] = {}  # their views, and each graph's output
         self._buckets: dict[int, int] = {}  # decode batch size -> captured (padded) size
         self._max_graph_bs = min(engine.max_num_seqs, GRAPH_BATCH_SIZES[-1])
         self._graph_ptrs: tuple[int, ...] = ()  # device addresses the graphs were captured against
@@ -173,9 +175,18 @@ class ModelRunner:
     def _pointers(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for t in self._weights()) + (self.kv_cache.data_ptr(),)
 
+    # Whether sleep keeps the decode graphs (and their memory pool) for a wake that finds
+    # every address unchanged. Off: on the H100 and H200 the weights never came back at the
+    # same addresses, so kept graphs were always re-captured and only held memory asleep.
+    keep_graphs_asleep = False
+
     def sleep(self) -> None:
-        """Weights to host memory (copied once: they never change), then every weight
-        and the KV cache released; the captured graphs and their static buffers stay."""
+        """Weights to host memory (copied once: they never change), then every weight,
+        the KV cache and (unless ``keep_graphs_asleep``) the decode graphs released."""
+        if self.graphs and not self.keep_graphs_asleep:
+            self.graphs.clear()
+            self._buckets = {}
+            self.static, self.inputs = {}, None
         weights = self._weights()
         if self._host is None:
             self._shapes = [(t.shape, t.dtype) for t in weights]
@@ -192,8 +203,9 @@ class ModelRunner:
 
     def wake(self) -> None:
         """Weights back as views of one device allocation (one host-to-device copy) and
-        a zeroed KV cache. Graphs are kept when every address is the one they were
-        captured against; otherwise they are captured again (``recaptured_on_wake``)."""
+        a zeroed KV cache. Kept graphs are reused when every address is the one they were
+        captured against; otherwise (or when sleep dropped them) they are captured again
+        (``recaptured_on_wake``)."""
         assert self._host is not None, "wake() without sleep()"
         offsets, total = self._layout(self._shapes)
         arena = torch.empty(total, dtype=torch.uint8, device=self.device)
@@ -201,7 +213,7 @@ class ModelRunner:
         for t, off, (shape, dtype) in zip(self._weights(), offsets, self._shapes):
             t.data = arena[off:off + shape.numel() * dtype.itemsize].view(dtype).view(shape)
         self._allocate_cache(self.num_blocks + 1)
-        self.recaptured_on_wake = bool(self.graphs) and self._pointers() != self._graph_ptrs
+        self.recaptured_on_wake = bool(self._graph_ptrs) and (not self.graphs or self._pointers() != self._graph_ptrs)
         if self.recaptured_on_wake:
             self.graphs.clear()
             self._capture_graphs(self._max_graph_bs)
@@ -234,6 +246,7 @@ class ModelRunner:
     def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
         B = len(batch.decode)
         bucket = self._buckets[B]
+        assert self.inputs is not None
         self.inputs.load(batch.decode, bucket, self.block_size)
         self.graphs[bucket].replay()
         return self.static[f"out{bucket}"][:B]
