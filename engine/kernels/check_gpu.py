@@ -7,6 +7,7 @@ replayed under triton.testing.do_bench (median, L2 flushed between replays).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -161,6 +162,13 @@ def moe() -> None:
         hit = int(ti.unique().numel())
         row("triton fused MoE fp8 (W8A16)", f"T={t} ({hit} exp)",
             bench_us(lambda: fused_moe(x, w13, s13, w2, s2, tw, ti)), hit * expert_bytes, str(moe_config(t)))
+        for mode in (0, 1, 2):  # bf16 dots, fp16 dots (x converted in the kernel / before it)
+            c16 = dataclasses.replace(moe_config(t), dot_f16=mode)
+            verdict(f"fused moe T={t} dot_f16={mode}",
+                    rel_err(fused_moe(x, w13, s13, w2, s2, tw, ti, config=c16),
+                            fused_moe_reference(x, w13, s13, w2, s2, tw, ti)), 2e-2)
+            row(f"triton fused MoE fp8, dot_f16={mode}", f"T={t} ({hit} exp)",
+                bench_us(lambda: fused_moe(x, w13, s13, w2, s2, tw, ti, config=c16)), hit * expert_bytes, str(c16))
         if t in (1, 8, 64) and SWEEPS:
             row("  moe_align_block_size alone", f"T={t}",
                 bench_us(lambda: moe_align_block_size(ti, E, moe_config(t).block_m)), 0.0)
@@ -168,7 +176,10 @@ def moe() -> None:
             for c in [MoeConfig(16, 32, 256, 32, 512), MoeConfig(16, 32, 256, 32, 512, 4, 5), MoeConfig(16, 32, 512, 32, 512, 4, 3),
                       MoeConfig(16, 16, 512, 16, 1024, 4, 3), MoeConfig(16, 64, 256, 32, 512, 4, 4), MoeConfig(16, 32, 256, 16, 512),
                       MoeConfig(16, 32, 128, 32, 256, 4, 6), MoeConfig(32, 64, 128, 64, 128), MoeConfig(64, 128, 64, 128, 64, 8, 3),
-                      MoeConfig(32, 32, 256, 32, 256, 4, 4), MoeConfig(64, 64, 128, 64, 128, 4, 4)]:
+                      MoeConfig(32, 32, 256, 32, 256, 4, 4), MoeConfig(64, 64, 128, 64, 128, 4, 4),
+                      MoeConfig(16, 32, 256, 32, 512, dot_f16=1), MoeConfig(16, 64, 256, 64, 256, dot_f16=1),
+                      MoeConfig(16, 32, 512, 32, 512, 4, 3, dot_f16=1), MoeConfig(16, 64, 128, 32, 256, 4, 6, dot_f16=1),
+                      MoeConfig(32, 64, 128, 64, 128, dot_f16=1), MoeConfig(16, 128, 128, 64, 256, 4, 4, dot_f16=1)]:
                 try:
                     us = bench_us(lambda: fused_moe(x, w13, s13, w2, s2, tw, ti, config=c))
                 except Exception as exc:

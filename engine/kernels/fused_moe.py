@@ -18,6 +18,7 @@ bytes, and the activations keep their full precision.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,17 +39,25 @@ class MoeConfig:
     block_k2: int
     num_warps: int = 4
     num_stages: int = 4
+    # fp8 experts only: the dots in fp16 (e4m3 -> fp16 is one packed conversion on
+    # Hopper, -> bf16 several). 0: bf16 dots; 1: activations converted in the kernel;
+    # 2: x converted (clamped to the fp16 range) before the kernel. h is written in fp16
+    # (clamped) whenever this is on.
+    dot_f16: int = 0
+
+
+DOT_F16 = int(os.environ.get("SLUICE_MOE_DOT_F16", "0"))  # MoeConfig.dot_f16 of the default tiles
 
 
 def moe_config(num_tokens: int) -> MoeConfig:
     """Tiles by token count: tiny BM while decode is weight-bound, larger BM once
     experts see enough tokens for the MMA to matter."""
     if num_tokens <= 32:
-        return MoeConfig(block_m=16, block_n=32, block_k=256, block_n2=32, block_k2=512)
+        return MoeConfig(block_m=16, block_n=32, block_k=256, block_n2=32, block_k2=512, dot_f16=DOT_F16)
     if num_tokens <= 128:
-        return MoeConfig(block_m=32, block_n=64, block_k=128, block_n2=64, block_k2=128)
+        return MoeConfig(block_m=32, block_n=64, block_k=128, block_n2=64, block_k2=128, dot_f16=DOT_F16)
     return MoeConfig(block_m=64, block_n=128, block_k=64, block_n2=128, block_k2=64,
-                     num_warps=8, num_stages=3)
+                     num_warps=8, num_stages=3, dot_f16=DOT_F16)
 
 
 @triton.jit
@@ -151,7 +160,7 @@ def _moe_gemm_kernel(
     stride_am, stride_we, stride_wn, stride_se, stride_om,
     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+    DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F16: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -183,7 +192,9 @@ def _moe_gemm_kernel(
             if GATED:
                 wu = tl.load(w_ptrs + up_off, mask=k_mask[None, :], other=0.0,
                              eviction_policy="evict_first")
-        if DOT_F32:
+        if DOT_F16:
+            a = a.to(tl.float16)
+        elif DOT_F32:
             a = a.to(tl.float32)
         acc += tl.dot(a, tl.trans(w.to(a.dtype)))
         if GATED:
@@ -199,6 +210,8 @@ def _moe_gemm_kernel(
         acc = acc * tl.sigmoid(acc) * acc_up
     if MUL_ROUTED:
         acc = acc * tl.load(topk_w_ptr + slots, mask=slot_mask, other=0.0)[:, None]
+    if DOT_F16 and GATED:  # h feeds an fp16 dot: saturate rather than overflow to inf
+        acc = tl.minimum(tl.maximum(acc, -65504.0), 65504.0)
     out_ptrs = out_ptr + slots.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=slot_mask[:, None] & n_mask[None, :])
 
@@ -260,10 +273,14 @@ def fused_moe(
     cfg = config or moe_config(t)
     sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, e, cfg.block_m)
     max_blocks = expert_ids.numel()
-    h = torch.empty((numel, i), dtype=x.dtype, device=x.device)  # (T*k, I)
-    y = torch.empty((numel, d), dtype=x.dtype, device=x.device)  # (T*k, D)
     f32 = dot_in_fp32()
     has_scale = w13_scale is not None
+    f16 = bool(cfg.dot_f16) and has_scale
+    out_dtype = x.dtype
+    if f16 and cfg.dot_f16 == 2:
+        x = x.clamp(-65504.0, 65504.0).to(torch.float16)
+    h = torch.empty((numel, i), dtype=torch.float16 if f16 else x.dtype, device=x.device)  # (T*k, I)
+    y = torch.empty((numel, d), dtype=out_dtype, device=x.device)  # (T*k, D)
     if not has_scale:  # any fp32 tensor stands in for the unused scale pointers
         w13_scale = w2_scale = topk_weights
     stages1 = _stages(cfg.num_stages, (2 * cfg.block_n * w13.element_size() + cfg.block_m * x.element_size()) * cfg.block_k)
@@ -273,7 +290,7 @@ def fused_moe(
         numel, i, d, x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), h.stride(0),
         A_ROW_DIV=top_k, GATED=True, MUL_ROUTED=False,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_F32=f32, EVEN_K=d % cfg.block_k == 0, HAS_SCALE=has_scale,
+        DOT_F32=f32, EVEN_K=d % cfg.block_k == 0, HAS_SCALE=has_scale, DOT_F16=f16,
         num_warps=cfg.num_warps, num_stages=stages1,
     )
     _moe_gemm_kernel[(triton.cdiv(d, cfg.block_n2), max_blocks)](
@@ -281,7 +298,7 @@ def fused_moe(
         numel, d, i, h.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), y.stride(0),
         A_ROW_DIV=1, GATED=False, MUL_ROUTED=True,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
-        DOT_F32=f32, EVEN_K=i % cfg.block_k2 == 0, HAS_SCALE=has_scale,
+        DOT_F32=f32, EVEN_K=i % cfg.block_k2 == 0, HAS_SCALE=has_scale, DOT_F16=f16,
         num_warps=cfg.num_warps, num_stages=stages2,
     )
     return y.view(t, top_k, d).sum(dim=1)

@@ -44,6 +44,9 @@ MOE_CASES = [
     (33, 8, 2, 64, 128, None),
     (3, 3, 3, 80, 48, None),
     (20, 4, 2, 64, 64, MoeConfig(block_m=32, block_n=32, block_k=32, block_n2=16, block_k2=64)),
+    # fp16 dots: x converted in the kernel, and x converted (clamped) before it
+    (1, 4, 2, 64, 96, MoeConfig(block_m=16, block_n=32, block_k=32, block_n2=32, block_k2=32, dot_f16=1)),
+    (7, 5, 2, 96, 64, MoeConfig(block_m=16, block_n=32, block_k=32, block_n2=32, block_k2=32, dot_f16=2)),
 ]
 
 
@@ -58,6 +61,20 @@ def test_fused_moe_matches_reference(t, e, k, d, i, config):
     ref = fused_moe_reference(x, w13, s13, w2, s2, tw, ti)
     assert out.shape == (t, d) and out.dtype == torch.bfloat16
     assert rel_err(out, ref) < 2e-2  # bf16 intermediate + output
+    assert torch.isfinite(out.float()).all()
+
+
+def test_fp16_dots_saturate_instead_of_overflowing():
+    """h beyond fp16's range is clamped to +-65504, never inf or NaN."""
+    torch.manual_seed(3)
+    t, e, k, d, i = 2, 2, 2, 64, 32
+    x = (torch.randn(t, d, device=DEVICE) * 300).bfloat16()
+    w13, s13 = quantize(torch.randn(e, 2 * i, d, device=DEVICE) * 40)
+    w2, s2 = quantize(torch.randn(e, d, i, device=DEVICE) / i**0.5)
+    tw, ti = _routing(t, e, k)
+    cfg = MoeConfig(block_m=16, block_n=32, block_k=32, block_n2=32, block_k2=32, dot_f16=1)
+    out = fused_moe(x, w13, s13, w2, s2, tw, ti, config=cfg)
+    assert torch.isfinite(out.float()).all()
 
 
 @pytest.mark.parametrize("t,e,k,d,i", [(1, 4, 2, 64, 96), (9, 5, 2, 96, 64)])
