@@ -12,8 +12,10 @@ Pipeline, three kernels and one sum, no host sync (CUDA-graph safe):
    rows of the stacked w13 read in the same program, per-channel scales applied.
 3. `_moe_gemm_kernel` (not GATED): y_slot = (h W2^T) * scale * routed weight.
 4. out = y_slot.view(T, k, D).sum(1).
-The fp8 weights are widened to bf16 in registers (W8A16): decode is bound by weight
-bytes, and the activations keep their full precision.
+The fp8 weights are widened in registers (W8A16): decode is bound by weight bytes, and
+the activations keep 16-bit precision. The dots run in fp16 (e4m3 -> fp16 is one packed
+conversion on Hopper, -> bf16 several): x is converted in the kernel, h is written in
+fp16 saturated to +-65504; the output is in x's dtype.
 """
 
 from __future__ import annotations
@@ -46,14 +48,16 @@ class MoeConfig:
     dot_f16: int = 0
 
 
-DOT_F16 = int(os.environ.get("SLUICE_MOE_DOT_F16", "0"))  # MoeConfig.dot_f16 of the default tiles
+DOT_F16 = int(os.environ.get("SLUICE_MOE_DOT_F16", "1"))  # MoeConfig.dot_f16 of the default tiles
 
 
 def moe_config(num_tokens: int) -> MoeConfig:
-    """Tiles by token count: tiny BM while decode is weight-bound, larger BM once
-    experts see enough tokens for the MMA to matter."""
+    """Tiles by token count (measured on an H200, docs/kernels.md): tiny BM while decode
+    is weight-bound, larger BM once experts see enough tokens for the MMA to matter;
+    fp16 dots throughout (20-30% faster than bf16 ones at every size, same error)."""
     if num_tokens <= 32:
-        return MoeConfig(block_m=16, block_n=32, block_k=256, block_n2=32, block_k2=512, dot_f16=DOT_F16)
+        return MoeConfig(block_m=16, block_n=64, block_k=128, block_n2=32, block_k2=256, num_stages=6,
+                         dot_f16=DOT_F16)
     if num_tokens <= 128:
         return MoeConfig(block_m=32, block_n=64, block_k=128, block_n2=64, block_k2=128, dot_f16=DOT_F16)
     return MoeConfig(block_m=64, block_n=128, block_k=64, block_n2=128, block_k2=64,
