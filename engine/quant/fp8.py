@@ -42,7 +42,7 @@ def channel_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
         return s.expand(out_features).contiguous()
     if s.numel() != out_features:
         raise ValueError(f"weight_scale has {s.numel()} values for {out_features} output channels")
-    return s.contiguous()
+    return s.clone()  # its own storage: a view would keep its base alive through sleep()
 
 
 class Fp8Linear(nn.Module):
@@ -137,7 +137,7 @@ class Fp8FusedExperts(nn.Module):
             s = s.expand(experts, rows)
         if s.shape[1] != rows:
             raise ValueError(f"expert scale {tuple(scale.shape)} does not fit [{experts}, {rows}]")
-        return s.contiguous()
+        return s.clone()  # its own storage (see channel_scale)
 
     @classmethod
     def from_weights(cls, w13: torch.Tensor, w2: torch.Tensor) -> Fp8FusedExperts:
