@@ -1,14 +1,16 @@
-"""Dashboard administrators: argon2 password hashes."""
+"""Dashboard administrators: argon2 password hashes, and sessions ended by logout."""
 
 from __future__ import annotations
 
 from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError
-from sqlalchemy import select
+import datetime as dt
+
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from gateway.db.models import Admin, utcnow
+from gateway.db.models import Admin, RevokedSession, utcnow
 from gateway.errors import InvalidRequest
 
 _hasher = PasswordHasher()
@@ -38,3 +40,18 @@ async def check_password(sessions: async_sessionmaker, username: str, password: 
 
 
 _DUMMY = _hasher.hash("not-a-password-of-anyone")
+
+
+async def revoke_session(sessions: async_sessionmaker, sid: str, expires_at: int) -> None:
+    """Record a logged-out session id until its token expires; drop rows already past that."""
+    now = utcnow()
+    async with sessions() as session, session.begin():
+        await session.execute(delete(RevokedSession).where(RevokedSession.expires_at < now))
+        if await session.get(RevokedSession, sid) is None:
+            session.add(RevokedSession(sid=sid, expires_at=dt.datetime.fromtimestamp(expires_at, dt.UTC),
+                                       revoked_at=now))
+
+
+async def session_revoked(sessions: async_sessionmaker, sid: str) -> bool:
+    async with sessions() as session:
+        return await session.get(RevokedSession, sid) is not None

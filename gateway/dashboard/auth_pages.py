@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import secrets
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from gateway.admins import check_password
+from gateway.admins import check_password, revoke_session
 from gateway.dashboard import session as sessions
 from gateway.dashboard.security import COOKIE_SECURE_SCOPE_KEY
 from gateway.dashboard.session import Session, SessionInvalid
-from gateway.dashboard.web import action, gateway, render, secret, text
+from gateway.dashboard.web import action, current_session, database_down, gateway, render, secret, text
 
 LOGIN_CSRF_TTL_S = 900
 
@@ -42,10 +43,10 @@ def _login_form(request: Request, *, error: str = "", notice: str = "",
 
 async def login_page(request: Request) -> Response:
     try:
-        sessions.from_request(request, secret(request))
+        await current_session(request)
         return RedirectResponse(_safe_next(request.query_params.get("next")), status_code=303)
-    except SessionInvalid:
-        pass
+    except (SessionInvalid, SQLAlchemyError, OSError):
+        pass  # no usable session (or no database to check it with): the form
     q = request.query_params
     notice = ("Your session has expired. Log in again." if q.get("expired")
               else "You have logged out." if q.get("logged_out") else "")
@@ -58,7 +59,10 @@ async def login(request: Request) -> Response:
         if not sessions.login_csrf_ok(request, submitted if isinstance(submitted, str) else None):
             return _login_form(request, status=403,
                                error="The login form expired. Please try again.")
-        return await _check_login(request, form)
+        try:
+            return await _check_login(request, form)
+        except (SQLAlchemyError, OSError) as exc:
+            return database_down(request, exc)
 
 
 async def _check_login(request: Request, form: FormData) -> Response:
@@ -87,8 +91,9 @@ async def _check_login(request: Request, form: FormData) -> Response:
 
 @action("")
 async def logout(request: Request, session: Session, form: FormData) -> Response:
-    await gateway(request).audit.record(session.actor, "admin.logout", "dashboard",
-                                        decision="allow")
+    gw = gateway(request)
+    await revoke_session(gw.accounts.sessions, session.sid, session.expires_at)
+    await gw.audit.record(session.actor, "admin.logout", "dashboard", decision="allow")
     response = RedirectResponse("/admin/login?logged_out=1", status_code=303)
     sessions.clear_cookie(response, request, sessions.SESSION_COOKIE,
                           secure=_cookie_secure(request))

@@ -5,20 +5,24 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
+from gateway.admins import session_revoked
 from gateway.dashboard import session as sessions
 from gateway.dashboard.session import Session, SessionInvalid
 from gateway.service import Gateway
 
+log = logging.getLogger(__name__)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 
 Handler = Callable[[Request, Session], Awaitable[Response]]
@@ -54,6 +58,14 @@ def secret(request: Request) -> str:
     return gateway(request).settings.admin_jwt_secret
 
 
+async def current_session(request: Request) -> Session:
+    """The request's valid, not logged-out session; SessionInvalid otherwise."""
+    found = sessions.from_request(request, secret(request))
+    if await session_revoked(gateway(request).accounts.sessions, found.sid):
+        raise SessionInvalid("session ended by logout")
+    return found
+
+
 def render(request: Request, name: str, context: dict[str, Any], *,
            session: Session | None = None, status: int = 200) -> Response:
     ctx = {"session": session, "nav": request.scope.get("dashboard_nav", ""), **context}
@@ -68,18 +80,28 @@ def _login_redirect(request: Request, reason: SessionInvalid) -> Response:
     return RedirectResponse(f"/admin/login?{query}", status_code=303)
 
 
+def database_down(request: Request, exc: Exception) -> Response:
+    log.warning("dashboard %s: database unavailable (%s)", request.url.path, type(exc).__name__)
+    return render(request, "error.html", {
+        "title": "Database unavailable",
+        "message": "The dashboard cannot reach its database. Try again in a moment."}, status=503)
+
+
 def page(nav: str) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """A GET page: without a valid session, a redirect to the login page."""
+    """A GET page: without a valid session, a redirect to the login page; 503 while the
+    database is unreachable."""
 
     def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
             try:
-                current = sessions.from_request(request, secret(request))
+                current = await current_session(request)
+                request.scope["dashboard_nav"] = nav
+                return await handler(request, current)
             except SessionInvalid as exc:
                 return _login_redirect(request, exc)
-            request.scope["dashboard_nav"] = nav
-            return await handler(request, current)
+            except (SQLAlchemyError, OSError) as exc:
+                return database_down(request, exc)
 
         return endpoint
 
@@ -93,12 +115,14 @@ def action(nav: str) -> Callable[[FormHandler], Callable[[Request], Awaitable[Re
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
             try:
-                current = sessions.from_request(request, secret(request))
+                current = await current_session(request)
             except SessionInvalid as exc:
                 message = ("Your session has expired. Log in again." if exc.expired
                            else "You are not logged in.")
                 return render(request, "error.html", {"title": "Not logged in",
                               "message": message, "login": True}, status=401)
+            except (SQLAlchemyError, OSError) as exc:
+                return database_down(request, exc)
             async with request.form(max_files=0, max_fields=64) as form:
                 submitted = form.get("csrf_token")
                 if not sessions.csrf_ok(secret(request), current,
@@ -109,7 +133,10 @@ def action(nav: str) -> Callable[[FormHandler], Callable[[Request], Awaitable[Re
                                    "to this session. Reload the page and try again."},
                         session=current, status=403)
                 request.scope["dashboard_nav"] = nav
-                return await handler(request, current, form)
+                try:
+                    return await handler(request, current, form)
+                except (SQLAlchemyError, OSError) as exc:
+                    return database_down(request, exc)
 
         return endpoint
 

@@ -112,3 +112,14 @@ class Admin(Base):
     username: Mapped[str] = mapped_column(String(64), unique=True)
     password_hash: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class RevokedSession(Base):
+    """Dashboard sessions ended by logout before their token expires: the token is a
+    signed cookie, so without this row a copy of it would stay valid until ``expires_at``."""
+
+    __tablename__ = "dashboard_revoked_sessions"
+
+    sid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)
+    revoked_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -106,6 +106,24 @@ def test_posts_without_the_sessions_csrf_token_are_refused(
     assert names == ["acme"]
 
 
+def test_logout_ends_the_session_on_the_server(dashboard_server: GatewayServer) -> None:
+    """A copy of the session cookie taken before logout (a shared machine, a stolen cookie)
+    is refused afterwards; another session of the same admin is untouched."""
+    with login(dashboard_server) as c, login(dashboard_server) as other:
+        stolen = c.cookies[sessions.SESSION_COOKIE]
+        r = c.post("/admin/logout", data={"csrf_token": csrf_of(c)})
+        assert r.status_code == 303 and r.headers["location"] == "/admin/login?logged_out=1"
+        with _cookie(dashboard_server, stolen) as replay:
+            r = replay.get("/admin/tenants")
+            assert r.status_code == 303 and r.headers["location"].startswith("/admin/login")
+            assert "expired=1" not in r.headers["location"]
+            r = replay.post("/admin/tenants", data={"name": "evil", "csrf_token": "x"})
+            assert r.status_code == 401
+            assert replay.get("/admin/login").status_code == 200  # the form, not a redirect
+        assert other.get("/admin/tenants").status_code == 200
+    assert [t.name for t in dashboard_server.run(dashboard_server.gateway.accounts.list_tenants())] == []
+
+
 def test_login_form_needs_its_csrf_pair_and_the_right_password(
         dashboard_server: GatewayServer) -> None:
     with client(dashboard_server) as c:
@@ -167,3 +185,4 @@ def test_cookie_secure_flag_follows_configuration() -> None:
     assert "Secure" not in cookie("http", None)
     assert "Secure" in cookie("http", True)
     assert "Secure" not in cookie("https", False)
+

@@ -28,7 +28,8 @@ def test_upgrade_downgrade_upgrade(dialect: str, tmp_path: Path) -> None:
     else:
         url = make_postgres_database("sluice_mig")
     try:
-        expected = {"tenants", "api_keys", "usage_events", "usage_daily", "admins"}
+        expected = {"tenants", "api_keys", "usage_events", "usage_daily", "admins", "audit_log",
+                    "dashboard_revoked_sessions"}
         assert expected <= asyncio.run(_tables(url))
         migrate(url, "base", downgrade=True)
         assert asyncio.run(_tables(url)) == set()

@@ -153,3 +153,54 @@ def test_usage_served_during_outage_survives_a_gateway_crash(
 
 async def _keys(server: ProcessServer) -> list[str]:
     return [await server.tenant_key(t) for t in ("outage-a", "outage-b", "outage-c")]
+
+
+def test_dashboard_during_outage_is_503_not_500(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every dashboard request checks its session against the logout table: while Postgres
+    is cut the pages and forms answer 503 and the login form still renders; afterwards the
+    same session works again."""
+    import re
+
+    from gateway.admins import create_admin
+    from gateway.db.session import create_engine, sessionmaker
+
+    with proxied_gateway(tmp_path, monkeypatch, key_cache_ttl_s=1) as (server, proxy, url, _):
+        async def admin() -> None:
+            engine = create_engine(url)
+            await create_admin(sessionmaker(engine), "ops", "a-long-password-1")
+            await engine.dispose()
+
+        asyncio.run(admin())
+        def client() -> httpx.Client:
+            return httpx.Client(base_url=server.base_url, follow_redirects=False, timeout=30)
+
+        def csrf(c: httpx.Client, path: str) -> str:
+            match = re.search(r'name="csrf_token" value="([^"]+)"', c.get(path).text)
+            assert match, path
+            return match[1]
+
+        with client() as c, client() as fresh:
+            r = c.post("/admin/login", data={"username": "ops", "password": "a-long-password-1",
+                                             "csrf_token": csrf(c, "/admin/login"), "next": "/admin/"})
+            assert r.status_code == 303
+            token = csrf(c, "/admin/tenants")
+            proxy.cut()
+            try:
+                pages = [c.get(p) for p in ("/admin/", "/admin/tenants", "/admin/keys")]
+                form = c.post("/admin/tenants", data={"name": "acme", "csrf_token": token})
+                login_page = fresh.get("/admin/login")
+                login_token = re.search(r'name="csrf_token" value="([^"]+)"', login_page.text)
+                assert login_token
+                login = fresh.post("/admin/login", data={"username": "ops", "password": "a-long-password-1",
+                                                         "csrf_token": login_token[1]})
+            finally:
+                proxy.restore()
+            after = c.get("/admin/tenants")
+        report("postgres_outage_dashboard", pages=[p.status_code for p in pages], form=form.status_code,
+               login_page=login_page.status_code, login=login.status_code, after=after.status_code)
+        assert [p.status_code for p in pages] == [503, 503, 503]
+        assert "Database unavailable" in pages[0].text
+        assert form.status_code == 503
+        assert login_page.status_code == 200 and login.status_code == 503
+        assert after.status_code == 200
