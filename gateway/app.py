@@ -52,7 +52,8 @@ def build_gateway(settings: Settings, *, telemetry: Telemetry | None = None) -> 
     instance = settings.instance_id or default_instance_id()
     audit = AuditLog(engine, instance, spool=Spool(settings.spool_dir / f"audit-{instance}.spool"))
     telemetry = telemetry or Telemetry.from_settings(settings)
-    limiter = RateLimiter.from_settings(settings.redis_url, settings.ratelimit)
+    limiter = RateLimiter.from_settings(settings.redis_url, settings.ratelimit,
+                                          redis_cluster=settings.redis_cluster)
     guard = _guard(settings, registry, runtime, plugins)
     keys = KeyStore(sessions, cache_ttl_s=settings.key_cache_ttl_s)
     return Gateway(

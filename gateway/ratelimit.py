@@ -29,9 +29,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from pydantic import BaseModel, ConfigDict, Field
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -345,7 +346,7 @@ return string.format('%.6f', risk)
 class RedisStore:
     """Shared store: every admit is one EVALSHA; times come from the Redis server."""
 
-    def __init__(self, client: aioredis.Redis, config: RateLimitConfig) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster, config: RateLimitConfig) -> None:
         self._r = client
         self._cfg = config
         self._admit = client.register_script(_ADMIT_LUA)
@@ -353,10 +354,14 @@ class RedisStore:
         self._risk = client.register_script(_RISK_LUA)
 
     @classmethod
-    def from_url(cls, url: str, config: RateLimitConfig) -> RedisStore:
-        client = aioredis.Redis.from_url(
-            url, socket_timeout=config.store_timeout_s,
-            socket_connect_timeout=config.store_timeout_s, retry=Retry(NoBackoff(), 0))
+    def from_url(cls, url: str, config: RateLimitConfig, *, cluster: bool = False) -> RedisStore:
+        """``cluster``: ``url`` names one node of a Redis Cluster; the client discovers the
+        rest and sends each script call to the node owning its keys' slot."""
+        options: dict[str, Any] = {"socket_timeout": config.store_timeout_s,
+                                   "socket_connect_timeout": config.store_timeout_s,
+                                   "retry": Retry(NoBackoff(), 0)}
+        client = (RedisCluster.from_url(url, **options) if cluster
+                  else aioredis.Redis.from_url(url, **options))
         return cls(client, config)
 
     async def admit(self, req: AdmitRequest) -> AdmitResult:
@@ -402,8 +407,10 @@ class RateLimiter:
         self._suppressed = 0
 
     @classmethod
-    def from_settings(cls, redis_url: str | None, config: RateLimitConfig) -> RateLimiter:
-        store = RedisStore.from_url(redis_url, config) if redis_url else MemoryStore(config)
+    def from_settings(cls, redis_url: str | None, config: RateLimitConfig, *,
+                      redis_cluster: bool = False) -> RateLimiter:
+        store = (RedisStore.from_url(redis_url, config, cluster=redis_cluster) if redis_url
+                 else MemoryStore(config))
         return cls(store, config)
 
     @property
@@ -412,15 +419,15 @@ class RateLimiter:
 
     def _buckets(self, key_id: str, tenant_id: str, key: Limits, tenant: Limits) -> tuple[
             Bucket, Bucket, Bucket, Bucket]:
-        # The tenant as hash tag keeps the four buckets together; the risk key is per key id
-        # (record_violation knows no tenant), so Redis Cluster is not supported.
+        # The tenant as hash tag keeps the four buckets and the risk key in one Redis Cluster
+        # slot, so each admit stays one script call on one node.
         k = f"{self._cfg.key_prefix}:{{{tenant_id}}}:key:{key_id}"
         t = f"{self._cfg.key_prefix}:{{{tenant_id}}}:tenant"
         return (Bucket(f"{k}:req", key.rpm or 0), Bucket(f"{k}:tok", key.tpm or 0),
                 Bucket(f"{t}:req", tenant.rpm or 0), Bucket(f"{t}:tok", tenant.tpm or 0))
 
-    def _risk_key(self, key_id: str) -> str:
-        return f"{self._cfg.key_prefix}:risk:{key_id}"
+    def _risk_key(self, key_id: str, tenant_id: str) -> str:
+        return f"{self._cfg.key_prefix}:{{{tenant_id}}}:risk:{key_id}"
 
     async def admit(self, *, key_id: str, tenant_id: str, key_limits: Limits,
                     tenant_limits: Limits, prompt: str, prompt_tokens: int,
@@ -429,7 +436,7 @@ class RateLimiter:
         entropy = score_prompt(prompt, self._cfg.entropy)
         base = max(0, prompt_tokens) + max(0, max_tokens)
         buckets = self._buckets(key_id, tenant_id, key_limits, tenant_limits)
-        req = AdmitRequest(buckets, self._risk_key(key_id), base, entropy.multiplier,
+        req = AdmitRequest(buckets, self._risk_key(key_id, tenant_id), base, entropy.multiplier,
                            entropy.score)
         result = await self._call_store(self._store.admit, req)
         if result is None:  # store down, failing open
@@ -459,9 +466,9 @@ class RateLimiter:
                           admission.tenant_limits)
         await self._call_store(self._store.adjust, [b[1], b[3]], delta, raise_closed=False)
 
-    async def record_violation(self, key_id: str, severity: float = 1.0) -> None:
+    async def record_violation(self, key_id: str, tenant_id: str, severity: float = 1.0) -> None:
         """Raise a key's risk (e.g. a guard block); it decays with risk.half_life_s."""
-        await self._call_store(self._store.add_risk, self._risk_key(key_id), max(0.0, severity),
+        await self._call_store(self._store.add_risk, self._risk_key(key_id, tenant_id), max(0.0, severity),
                                raise_closed=False)
 
     async def close(self) -> None:

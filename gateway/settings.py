@@ -76,6 +76,7 @@ class Settings(BaseModel):
 
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str | None = None
+    redis_cluster: bool = False  # redis_url names one node of a Redis Cluster
     config_path: Path | None = None
     admin_jwt_secret: str = ""
     admin_jwt_ttl_s: int = Field(3600, gt=0)
@@ -109,6 +110,7 @@ class Settings(BaseModel):
         simple = {
             "SLUICE_DATABASE_URL": "database_url",
             "SLUICE_REDIS_URL": "redis_url",
+            "SLUICE_REDIS_CLUSTER": "redis_cluster",
             "SLUICE_ADMIN_JWT_SECRET": "admin_jwt_secret",
             "SLUICE_ADMIN_JWT_TTL_S": "admin_jwt_ttl_s",
             "SLUICE_KEY_CACHE_TTL_S": "key_cache_ttl_s",

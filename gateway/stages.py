@@ -198,7 +198,7 @@ class Guardrails:
                      **prompt_digest(call.prompt_text, call.principal.store_prompts)},
         )
         if verdict.decision == "block":
-            await self.limiter.record_violation(call.principal.key_id)
+            await self.limiter.record_violation(call.principal.key_id, call.principal.tenant_id)
 
 
 def violation(stage: str, verdict: Verdict) -> ContentPolicyViolation:

@@ -244,20 +244,20 @@ async def test_violations_raise_risk_which_decays(clock: Clock) -> None:
     risk = RiskConfig(half_life_s=100.0, weight=0.5, max_multiplier=4.0, clean_credit=0.0)
     lim = memory_limiter(clock, risk=risk)
     assert (await admit(lim)).multiplier == 1.0
-    await lim.record_violation("k1", severity=2.0)
+    await lim.record_violation("k1", "t1", severity=2.0)
     adm = await admit(lim, Limits(tpm=100_000))
     assert adm.risk_multiplier == pytest.approx(2.0) and adm.reserved_tokens == 600
     assert (await admit(lim, key_id="innocent")).multiplier == 1.0
     clock.now += 100.0  # one half-life
     assert (await admit(lim)).risk_multiplier == pytest.approx(1.5)
     for _ in range(10):
-        await lim.record_violation("k1", severity=5.0)
+        await lim.record_violation("k1", "t1", severity=5.0)
     assert (await admit(lim)).risk_multiplier == 4.0  # capped
 
 
 async def test_clean_traffic_earns_risk_back(clock: Clock) -> None:
     lim = memory_limiter(clock, risk=RiskConfig(half_life_s=1e9, clean_credit=0.1))
-    await lim.record_violation("k1", severity=1.0)
+    await lim.record_violation("k1", "t1", severity=1.0)
     first = await admit(lim)
     for _ in range(10):
         last = await admit(lim)
@@ -269,7 +269,7 @@ async def test_clean_traffic_earns_risk_back(clock: Clock) -> None:
 async def test_redis_risk_rises_with_violations(redis_prefix: str) -> None:
     lim = RateLimiter.from_settings(REDIS_URL, RateLimitConfig(key_prefix=redis_prefix))
     try:
-        await lim.record_violation("k1", severity=2.0)
+        await lim.record_violation("k1", "t1", severity=2.0)
         adm = await admit(lim)
         assert adm.risk_multiplier == pytest.approx(2.0, abs=1e-3)
         assert (await admit(lim, key_id="k2")).risk_multiplier == 1.0
@@ -317,7 +317,7 @@ async def test_unreachable_redis_gives_only_documented_errors(mode: str, caplog)
                 await admit(lim, Limits(rpm=1))
             assert err.value.status_code == 503 and err.value.headers["retry-after"] == "1"
             assert isinstance(err.value, LimiterError)
-        await lim.record_violation("k1")
+        await lim.record_violation("k1", "t1")
     await lim.close()
     assert time.perf_counter() - start < 2.0
     assert len([r for r in caplog.records if "unreachable" in r.message]) == 1  # once per interval
