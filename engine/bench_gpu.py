@@ -320,6 +320,29 @@ def serve(llm: LLM, rate: float, duration: float, prompt_len: int = 1024, out_le
             "latency_p50_s": q(lat, .5), "latency_p90_s": q(lat, .9), "ttft_p50_s": q(ttft, .5)}
 
 
+# Latency cut-offs at which "requests/s sustained" is read off a serving sweep.
+CUTOFFS = {"tpot_p50_ms": (25.0, 50.0, 100.0), "tpot_p90_ms": (40.0, 80.0, 120.0),
+           "latency_p50_s": (1.2, 2.5, 5.0), "latency_p90_s": (2.0, 4.0, 6.0)}
+
+
+def sustained(rows: list[dict], metric: str, limit: float) -> float | None:
+    """Completed requests/s of the highest offered rate whose ``metric`` met ``limit`` and
+    that finished every request it was offered; None when no offered rate did."""
+    ok = [r for r in rows if r["completed"] == r["offered"] and r[metric] <= limit]
+    return max(ok, key=lambda r: r["rate"])["req_s"] if ok else None
+
+
+def compare_at_cutoffs(fast: list[dict], base: list[dict]) -> list[dict]:
+    """Per cut-off: what each sweep sustains and their ratio (None where either met none)."""
+    out = []
+    for metric, limits in CUTOFFS.items():
+        for limit in limits:
+            a, b = sustained(fast, metric, limit), sustained(base, metric, limit)
+            out.append({"metric": metric, "limit": limit, "fast_req_s": a, "base_req_s": b,
+                        "ratio": a / b if a and b else None})
+    return out
+
+
 def serving(llm: LLM, label: str, rates: list[float], duration: float) -> None:
     serve(llm, rates[0], 2)  # untimed: triton JIT-compiles the prefill and mixed-batch shapes here
     rows = []
@@ -383,6 +406,11 @@ def half_models() -> None:
         decode_sweep(llm, f"{dtype}_{layers}", [1, 64])
         serving(llm, f"{dtype}_{layers}", rates, 8)
         free(llm)
+    fast, base = RESULTS.get(f"serving_fp8_{layers}"), RESULTS.get(f"serving_bfloat16_{layers}")
+    if fast and base:
+        RESULTS[f"serving_fp8_vs_bf16_{layers}"] = table = compare_at_cutoffs(fast, base)
+        for row in table:
+            log("fp8 vs bf16 at", row)
 
 
 @section("transformers reference", 60)

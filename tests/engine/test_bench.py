@@ -20,3 +20,47 @@ def test_bench_preset_needs_random_weights(capsys):
 
     with pytest.raises(SystemExit, match="--random-weights"):
         main(["--preset", "mixtral-8x7b", "--device", "cpu"])
+
+
+def test_serving_harness_on_tiny_model_and_cutoff_readout():
+    """The GPU bench's Poisson serving loop runs end to end (tiny model, CPU), and the
+    requests/s at a cut-off is read from the highest rate that met it and lost nothing."""
+    from engine.bench_gpu import compare_at_cutoffs, serve, sustained
+    from engine.config import PRESETS, ModelConfig
+    from engine.llm import LLM
+
+    llm = LLM(model_config=ModelConfig.from_dict(PRESETS["tiny-mixtral"]), device="cpu", progress=False,
+              max_num_seqs=8)
+    row = serve(llm, rate=20.0, duration=0.5, prompt_len=16, out_len=4)
+    assert row["completed"] == row["offered"] > 0 and row["req_s"] > 0
+    assert row["tpot_p50_ms"] <= row["tpot_p90_ms"] and row["latency_p50_s"] <= row["latency_p90_s"]
+
+    def r(rate, req_s, tpot, lost=0):
+        return {"rate": rate, "offered": 10, "completed": 10 - lost, "req_s": req_s, "tpot_p50_ms": tpot,
+                "tpot_p90_ms": tpot, "latency_p50_s": 1.0, "latency_p90_s": 1.0}
+
+    fast = [r(3, 3.0, 10), r(6, 5.9, 20), r(9, 8.8, 45), r(12, 11.0, 30, lost=2)]
+    base = [r(3, 3.0, 30), r(6, 5.8, 60), r(9, 8.0, 90)]
+    assert sustained(fast, "tpot_p50_ms", 50) == 8.8  # rate 12 lost requests: not sustained
+    assert sustained(base, "tpot_p50_ms", 25) is None
+    row = next(x for x in compare_at_cutoffs(fast, base) if x["metric"] == "tpot_p50_ms" and x["limit"] == 50)
+    assert row["ratio"] == 8.8 / 3.0
+
+
+def test_coldstart_bench_on_tiny_model(tmp_path, monkeypatch):
+    """engine.bench_coldstart writes a pre-quantized sharded checkpoint, starts from it and
+    checks the loaded bytes against it (CPU, tiny model)."""
+    import sys
+
+    from engine import bench_coldstart
+
+    monkeypatch.setattr(sys, "argv", ["bench_coldstart", str(tmp_path / "out"), "--preset", "tiny-mixtral",
+                                      "--device", "cpu", "--checkpoint", str(tmp_path / "ckpt"),
+                                      "--starts", "1", "--layers", "3", "--read-ceilings"])
+    bench_coldstart.main()
+    report = json.loads((tmp_path / "out" / "coldstart.json").read_text())
+    [start] = report["starts"]
+    assert report["layers"] == 3 and start["tensors_verified"] == 24
+    assert start["first_token_total_s"] >= start["engine_built_s"] >= start["load_s"] > 0
+    assert report["read_ceilings"]["stager_t16_GBps"] > 0
+    assert len(list((tmp_path / "ckpt").glob("layer-*.safetensors"))) == 3
