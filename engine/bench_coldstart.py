@@ -25,9 +25,8 @@ from safetensors.torch import save_file
 from engine.config import PRESETS, ModelConfig
 from engine.llm import LLM
 from engine.loader import expected_tensors
+from engine.quant.fp8 import quantize_per_channel
 from engine.sampling import SamplingParams
-
-E4M3_MAX = 448.0
 
 
 def _is_linear(name: str) -> bool:
@@ -51,9 +50,9 @@ def write_fp8_checkpoint(path: Path, raw: dict, device: str, seed: int = 0) -> f
                 continue
             w = torch.randn(shape, generator=gen, device=device) * 0.02
             if _is_linear(name) and not name.endswith("gate.weight"):
-                scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-                tensors[name] = (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).cpu()
-                tensors[name.replace(".weight", ".weight_scale")] = scale.float().cpu()
+                q, scale = quantize_per_channel(w)
+                tensors[name] = q.cpu()
+                tensors[name.replace(".weight", ".weight_scale")] = scale.unsqueeze(-1).cpu()  # [out, 1]
             else:
                 tensors[name] = w.to(torch.bfloat16).cpu()
         save_file(tensors, str(path / fname), metadata={"format": "pt"})

@@ -17,11 +17,16 @@ from engine.errors import ConfigError
 from engine.layers.attention import AttentionMetadata
 from engine.models.mixtral import CausalLM
 from engine.scheduler import ScheduledBatch
-from engine.staging import pinned_buffer
+from engine.staging import packed_layout, pinned_buffer
 
 log = logging.getLogger(__name__)
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def cache_slot(block_table: list[int], pos: int, block_size: int) -> int:
+    """The KV-cache slot of a sequence's token at ``pos``."""
+    return block_table[pos // block_size] * block_size + pos % block_size
 
 
 class ModelRunner:
@@ -83,7 +88,7 @@ class ModelRunner:
             rows.append(len(ids))
             ids.append(seq.token_ids[p])
             pos.append(p)
-            slots.append(self._slot(seq.block_table, p))
+            slots.append(cache_slot(seq.block_table, p, self.block_size))
         meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode=len(batch.decode))
         if batch.decode:
             width = max(len(s.block_table) for s in batch.decode)
@@ -94,7 +99,7 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids.extend(seq.token_ids[start:end])
             pos.extend(range(start, end))
-            slots.extend(self._slot(seq.block_table, p) for p in range(start, end))
+            slots.extend(cache_slot(seq.block_table, p, self.block_size) for p in range(start, end))
             if end == seq.num_tokens:
                 rows.append(len(ids) - 1)
             meta.prefill_query_lens.append(n)
@@ -102,9 +107,6 @@ class ModelRunner:
             meta.prefill_block_tables.append(self._tensor(seq.block_table[: -(-end // self.block_size)], torch.int64))
         meta.slot_mapping = self._tensor(slots, torch.int64)
         return self._tensor(ids, torch.int64), self._tensor(pos, torch.int64), meta, self._tensor(rows, torch.int64)
-
-    def _slot(self, block_table: list[int], p: int) -> int:
-        return block_table[p // self.block_size] * self.block_size + p % self.block_size
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype)
@@ -166,11 +168,7 @@ class ModelRunner:
         return list(self.model.parameters()) + list(self.model.buffers())
 
     def _layout(self, shapes: list[tuple[torch.Size, torch.dtype]]) -> tuple[list[int], int]:
-        offsets, total = [], 0
-        for shape, dtype in shapes:
-            offsets.append(total)
-            total += -(-shape.numel() * dtype.itemsize // 256) * 256
-        return offsets, total
+        return packed_layout([shape.numel() * dtype.itemsize for shape, dtype in shapes])
 
     def _pointers(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for t in self._weights()) + (self.kv_cache.data_ptr(),)
@@ -293,7 +291,7 @@ class DecodeInputs:
             table = q.block_table
             h64[0, i] = q.token_ids[p]
             h64[1, i] = p
-            h64[2, i] = table[p // block_size] * block_size + p % block_size
+            h64[2, i] = cache_slot(table, p, block_size)
             h32[i] = q.num_tokens
             tables[i, :len(table)] = table
         h64[0, B:bucket] = 0

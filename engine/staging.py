@@ -70,6 +70,16 @@ def read_header(path: Path) -> dict[str, Extent]:
     return out
 
 
+def packed_layout(sizes: list[int], align: int = ALIGN) -> tuple[list[int], int]:
+    """Byte offsets of buffers of ``sizes`` packed back to back, each start ``align``ed,
+    and the total they take."""
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // align) * align
+    return offsets, total
+
+
 def pinned_buffer(nbytes: int) -> torch.Tensor:
     """Host bytes page-locked with cudaHostRegister for full-speed copies (torch's pinned
     allocator would round a 47 GB request up to 64 GB). Pageable where that fails."""
@@ -110,11 +120,7 @@ class LayerStager:
             self.pending[0] = self.pool.submit(self._fill, 0)
 
     def _layout(self, names: list[str]) -> tuple[list[int], int]:
-        offsets, total = [], 0
-        for name in names:
-            offsets.append(total)
-            total += -(-self.extents[name].nbytes // ALIGN) * ALIGN
-        return offsets, total
+        return packed_layout([self.extents[name].nbytes for name in names])
 
     def _fd(self, path: Path) -> int:
         if path not in self.fds:

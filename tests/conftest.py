@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import uvicorn
 
 POSTGRES_URL = os.environ.get(
@@ -99,6 +102,74 @@ def redis_url() -> str:
     if not _reachable(REDIS_URL, 6379):
         _service_missing("Redis", REDIS_URL)
     return REDIS_URL
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster-bus port (port + 10000) is free too."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 >= 65536:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A three-node Redis Cluster (redis-server --cluster-enabled) on free ports, started
+    for the session and torn down after; the URL names its first node."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if not server or not cli:
+        pytest.fail("redis-server and redis-cli are needed to start a test cluster", pytrace=False)
+    data = tmp_path_factory.mktemp("redis-cluster")
+    ports: list[int] = []
+    procs = []
+    try:
+        for _ in range(3):
+            port = _cluster_port()
+            ports.append(port)
+            procs.append(subprocess.Popen(
+                [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", f"nodes-{port}.conf", "--save", "", "--appendonly", "no",
+                 "--dir", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in ports:
+            _wait(lambda p=port: redis.Redis(host="127.0.0.1", port=p, socket_timeout=0.5).ping())
+        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for port in ports:
+            _wait(lambda p=port: _cluster_ok(p))
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+
+
+def _cluster_ok(port: int) -> bool:
+    info = redis.Redis(host="127.0.0.1", port=port, decode_responses=True).execute_command("CLUSTER INFO")
+    return (info.get("cluster_state") if isinstance(info, dict) else "cluster_state:ok" in info) in (True, "ok")
+
+
+def _wait(ready, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ready():
+                return
+        except (redis.RedisError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("the test Redis Cluster did not come up")
+        time.sleep(0.1)
 
 
 def free_port() -> int:

@@ -13,7 +13,15 @@ from gateway.admins import check_password, revoke_session
 from gateway.dashboard import session as sessions
 from gateway.dashboard.security import COOKIE_SECURE_SCOPE_KEY
 from gateway.dashboard.session import Session, SessionInvalid
-from gateway.dashboard.web import action, current_session, database_down, gateway, render, secret, text
+from gateway.dashboard.web import (
+    action,
+    current_session,
+    database_guard,
+    gateway,
+    render,
+    secret,
+    text,
+)
 
 LOGIN_CSRF_TTL_S = 900
 
@@ -53,16 +61,14 @@ async def login_page(request: Request) -> Response:
     return _login_form(request, notice=notice)
 
 
+@database_guard
 async def login(request: Request) -> Response:
     async with request.form(max_files=0, max_fields=8) as form:
         submitted = form.get("csrf_token")
         if not sessions.login_csrf_ok(request, submitted if isinstance(submitted, str) else None):
             return _login_form(request, status=403,
                                error="The login form expired. Please try again.")
-        try:
-            return await _check_login(request, form)
-        except (SQLAlchemyError, OSError) as exc:
-            return database_down(request, exc)
+        return await _check_login(request, form)
 
 
 async def _check_login(request: Request, form: FormData) -> Response:

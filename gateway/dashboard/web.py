@@ -80,11 +80,20 @@ def _login_redirect(request: Request, reason: SessionInvalid) -> Response:
     return RedirectResponse(f"/admin/login?{query}", status_code=303)
 
 
-def database_down(request: Request, exc: Exception) -> Response:
-    log.warning("dashboard %s: database unavailable (%s)", request.url.path, type(exc).__name__)
-    return render(request, "error.html", {
-        "title": "Database unavailable",
-        "message": "The dashboard cannot reach its database. Try again in a moment."}, status=503)
+def database_guard(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """A 503 page instead of a 500 while the database is unreachable."""
+
+    @functools.wraps(endpoint)
+    async def guarded(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("dashboard %s: database unavailable (%s)", request.url.path, type(exc).__name__)
+            return render(request, "error.html", {
+                "title": "Database unavailable",
+                "message": "The dashboard cannot reach its database. Try again in a moment."}, status=503)
+
+    return guarded
 
 
 def page(nav: str) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
@@ -96,14 +105,12 @@ def page(nav: str) -> Callable[[Handler], Callable[[Request], Awaitable[Response
         async def endpoint(request: Request) -> Response:
             try:
                 current = await current_session(request)
-                request.scope["dashboard_nav"] = nav
-                return await handler(request, current)
             except SessionInvalid as exc:
                 return _login_redirect(request, exc)
-            except (SQLAlchemyError, OSError) as exc:
-                return database_down(request, exc)
+            request.scope["dashboard_nav"] = nav
+            return await handler(request, current)
 
-        return endpoint
+        return database_guard(endpoint)
 
     return wrap
 
@@ -121,8 +128,6 @@ def action(nav: str) -> Callable[[FormHandler], Callable[[Request], Awaitable[Re
                            else "You are not logged in.")
                 return render(request, "error.html", {"title": "Not logged in",
                               "message": message, "login": True}, status=401)
-            except (SQLAlchemyError, OSError) as exc:
-                return database_down(request, exc)
             async with request.form(max_files=0, max_fields=64) as form:
                 submitted = form.get("csrf_token")
                 if not sessions.csrf_ok(secret(request), current,
@@ -133,12 +138,9 @@ def action(nav: str) -> Callable[[FormHandler], Callable[[Request], Awaitable[Re
                                    "to this session. Reload the page and try again."},
                         session=current, status=403)
                 request.scope["dashboard_nav"] = nav
-                try:
-                    return await handler(request, current, form)
-                except (SQLAlchemyError, OSError) as exc:
-                    return database_down(request, exc)
+                return await handler(request, current, form)
 
-        return endpoint
+        return database_guard(endpoint)
 
     return wrap
 

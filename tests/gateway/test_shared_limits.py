@@ -1,4 +1,5 @@
-"""Rate limits hold across replicas: two gateway processes share one Redis."""
+"""Rate limits hold across replicas: two gateway processes share one Redis, or one Redis
+Cluster (SLUICE_REDIS_CLUSTER=1)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,24 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import ECHO_CONFIG, ProcessServer
 
 
+@pytest.mark.parametrize("store", ["redis", "redis_cluster"])
 async def test_two_gateways_sharing_redis_admit_no_more_than_the_limit(
-    postgres_url: str, redis_url: str, tmp_path: Path
+    postgres_url: str, store: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    redis_url = request.getfixturevalue(f"{store}_url")
     prefix = f"sluice-test-{secrets.token_hex(4)}"
     config = ECHO_CONFIG + f'\n[ratelimit]\nkey_prefix = "{prefix}"\n'
+    env = {"SLUICE_REDIS_URL": redis_url, **({"SLUICE_REDIS_CLUSTER": "1"} if store == "redis_cluster" else {})}
     servers = []
     for i in range(2):
         (tmp_path / str(i)).mkdir()
-        servers.append(ProcessServer(postgres_url, tmp_path / str(i), config,
-                                     env={"SLUICE_REDIS_URL": redis_url}))
+        servers.append(ProcessServer(postgres_url, tmp_path / str(i), config, env=env))
     try:
         for server in servers:
             server.wait_ready()
@@ -54,8 +58,9 @@ async def test_two_gateways_sharing_redis_admit_no_more_than_the_limit(
     finally:
         for server in servers:
             server.stop()
-        client = aioredis.from_url(redis_url)
-        keys = [k async for k in client.scan_iter(f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+        if store == "redis":  # the test cluster goes away with the session
+            client = aioredis.from_url(redis_url)
+            keys = [k async for k in client.scan_iter(f"{prefix}*")]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
