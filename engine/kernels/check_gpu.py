@@ -20,7 +20,10 @@ import triton
 import triton.testing
 
 from engine.kernels.fp8_linear import SmallMConfig, fp8_linear_small_m, small_m_config
-from engine.kernels.fused_moe import MoeConfig, fused_moe, fused_moe_reference, moe_align_block_size, moe_config
+from engine.kernels.fused_moe import (MoeConfig, fused_moe, fused_moe_reference, moe_align_block_size, moe_config,
+                                      moe_prefill_config)
+from engine.kernels.moe_prefill import fp8_moe_prefill
+from engine.layers.moe import MoE
 from engine.kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
 from engine.kernels.act_quant import per_token_quant_fp8, per_token_quant_reference
 from engine.quant.fp8 import Fp8Linear, quantize_per_channel
@@ -49,10 +52,13 @@ def verdict(name: str, err: float, tol: float) -> None:
         FAILS.append(f"{name}: {err}")
 
 
-def bench_us(fn, inner: int = 1) -> float:
-    """Median microseconds per inner call of fn, replayed from a CUDA graph."""
+def bench_us(fn, inner: int = 1, eager: bool = False) -> float:
+    """Median microseconds per inner call of fn, replayed from a CUDA graph (or called
+    eagerly: for code that syncs with the host)."""
     fn()
     torch.cuda.synchronize()
+    if eager:
+        return triton.testing.do_bench(fn, warmup=20, rep=80, return_mode="median") * 1000.0 / inner
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -203,6 +209,62 @@ def moe() -> None:
     row("bf16 2 experts dense (cuBLAS)", "T=1 (2 exp)", bench_us(dense), 2 * 2 * expert_bytes)
 
 
+A8_SWEEP = [MoeConfig(bm, bn, bk, bn2, bk2, warps, stages, act_fp8=True, group_m=group)
+            for bm, bn, bk, bn2, bk2, warps, stages, group in [
+    (64, 128, 128, 128, 128, 4, 4, 1), (64, 128, 128, 128, 128, 4, 4, 8),
+    (64, 128, 128, 128, 128, 8, 4, 8), (64, 128, 128, 128, 128, 4, 4, 16),
+    (128, 128, 128, 128, 128, 8, 3, 8), (128, 128, 128, 128, 128, 8, 4, 8),
+    (128, 64, 128, 128, 128, 4, 4, 8), (64, 256, 128, 256, 128, 8, 3, 8),
+    (64, 64, 128, 128, 128, 4, 5, 8), (128, 128, 64, 128, 64, 8, 4, 8),
+    (32, 128, 128, 128, 128, 4, 4, 8), (128, 256, 64, 256, 64, 8, 3, 8),
+]]
+
+
+def moe_prefill() -> None:
+    """Prefill-sized T: triton W8A8 fused MoE vs the per-expert _scaled_mm loop, the W8A16
+    fused kernel and the engine's bf16 path (per-expert cuBLAS), all from one random layer."""
+    wb13 = torch.randn(E, 2 * I, D, device="cuda", dtype=torch.bfloat16) / D**0.5
+    wb2 = torch.randn(E, D, I, device="cuda", dtype=torch.bfloat16) / I**0.5
+    w13, s13 = quantize_per_channel(wb13)
+    w2, s2 = quantize_per_channel(wb2)
+    bf16 = MoE(D, I, E, TOPK).cuda()
+    bf16.w13.data, bf16.w2.data = wb13, wb2
+    flops_per_slot = 2 * 3 * I * D
+    for t in [64, 128, 256, 384, 512, 1024, 2048, 4096]:
+        x = torch.randn(t, D, device="cuda", dtype=torch.bfloat16)
+        w, ti = torch.randn(t, E, device="cuda").softmax(-1).topk(TOPK)
+        tw, ti = (w / w.sum(-1, keepdim=True)).contiguous(), ti.int().contiguous()
+        cfg = moe_prefill_config(t)
+        ref = fused_moe_reference(x, w13, s13, w2, s2, tw, ti)
+        verdict(f"fused moe W8A8 T={t}", rel_err(fused_moe(x, w13, s13, w2, s2, tw, ti, config=cfg), ref), 6e-2)
+        if t in (256, 1024):
+            verdict(f"moe prefill _scaled_mm T={t}", rel_err(fp8_moe_prefill(x, w13, s13, w2, s2, tw, ti), ref), 6e-2)
+            verdict(f"bf16 per-expert T={t}", rel_err(bf16.experts(x, tw, ti.long()),
+                                                      fused_moe_reference(x, wb13, None, wb2, None, tw, ti)), 2e-2)
+        tflop = t * TOPK * flops_per_slot / 1e12
+        timed = [("triton fused MoE fp8 W8A8", lambda: fused_moe(x, w13, s13, w2, s2, tw, ti, config=cfg), str(cfg)),
+                 ("triton fused MoE fp8 W8A16", lambda: fused_moe(x, w13, s13, w2, s2, tw, ti), str(moe_config(t))),
+                 ("triton fused MoE bf16 weights", lambda: fused_moe(x, wb13, None, wb2, None, tw, ti), str(moe_config(t))),
+                 ("fp8 per-expert _scaled_mm (eager)", lambda: fp8_moe_prefill(x, w13, s13, w2, s2, tw, ti), ""),
+                 ("bf16 per-expert cuBLAS (engine bf16, eager)", lambda: bf16.experts(x, tw, ti.long()), "")]
+        for name, fn, note in timed:
+            us = bench_us(fn, eager="eager" in name)
+            row(name, f"T={t}", us, E * 3 * I * D, f"{tflop / us * 1e6:.0f} TFLOP/s {note}")
+        if SWEEPS and t in (256, 1024, 4096):
+            best = None
+            for c in A8_SWEEP:
+                try:
+                    us = bench_us(lambda: fused_moe(x, w13, s13, w2, s2, tw, ti, config=c))
+                except Exception as exc:
+                    log(f"  sweep {c}: {exc!r:.120}")
+                    continue
+                log(f"    sweep W8A8 MoE T={t} {c}: {us:.2f} us {tflop / us * 1e6:.0f} TFLOP/s")
+                if best is None or us < best[0]:
+                    best = (us, c)
+            if best:
+                row("triton fused MoE W8A8 best of sweep", f"T={t}", best[0], E * 3 * I * D, str(best[1]))
+
+
 def attention() -> None:
     for page, b, ctx in [(16, 1, 2048), (16, 1, 8192), (16, 8, 2048), (16, 32, 2048), (16, 64, 1024),
                          (16, 64, 4096), (256, 32, 2048), (256, 1, 8192)]:
@@ -257,7 +319,7 @@ def main() -> int:
     props = torch.cuda.get_device_properties(0)
     log(f"device {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}; "
         f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
-    only = sys.argv[1:] or ["ceilings", "linear", "moe", "attention", "quant_pass"]
+    only = sys.argv[1:] or ["ceilings", "linear", "moe", "moe_prefill", "attention", "quant_pass"]
     for name in only:
         section(globals()[name])
     log("\n| kernel | size | us | TB/s | note |\n|---|---|---|---|---|")

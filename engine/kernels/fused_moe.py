@@ -16,6 +16,13 @@ The fp8 weights are widened in registers (W8A16): decode is bound by weight byte
 the activations keep 16-bit precision. The dots run in fp16 (e4m3 -> fp16 is one packed
 conversion on Hopper, -> bf16 several): x is converted in the kernel, h is written in
 fp16 saturated to +-65504; the output is in x's dtype.
+
+Prefill-sized T (`moe_prefill_config`, `MoeConfig.act_fp8`): the MoE turns compute-bound,
+so the same two kernels run W8A8 instead. x is quantized per token and h per slot to e4m3
+(one triton pass each), the dots run fp8 x fp8 (twice the 16-bit MMA rate on Hopper) and
+the activation scales join the weight scales in the epilogue. Programs are grouped
+(`group_m`) so each weight tile is fetched once per group of token blocks. Still no
+host sync, so it also serves under graph capture.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels._common import FP8_DTYPE, check, check_tensor, dot_in_fp32
+from engine.kernels.act_quant import per_token_quant_fp8
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -46,6 +54,15 @@ class MoeConfig:
     # 2: x converted (clamped to the fp16 range) before the kernel. h is written in fp16
     # (clamped) whenever this is on.
     dot_f16: int = 0
+    # fp8 experts only: W8A8. Activations quantized per row to e4m3 (x per token before
+    # GEMM1, h per slot between the GEMMs) and the dots run fp8 x fp8 on the tensor
+    # cores: twice the bf16/fp16 MMA rate, for prefill-sized T where the MoE is
+    # compute-bound. Overrides dot_f16. Adds the activations' quantization error.
+    act_fp8: bool = False
+    # Programs are ordered in groups of `group_m` token blocks that sweep the N tiles
+    # together, so a weight tile is fetched from HBM once for the whole group (L2)
+    # rather than once per token block. 1: N tiles fastest (decode: one token block).
+    group_m: int = 1
 
 
 DOT_F16 = int(os.environ.get("SLUICE_MOE_DOT_F16", "1"))  # MoeConfig.dot_f16 of the default tiles
@@ -62,6 +79,16 @@ def moe_config(num_tokens: int) -> MoeConfig:
         return MoeConfig(block_m=32, block_n=64, block_k=128, block_n2=64, block_k2=128, dot_f16=DOT_F16)
     return MoeConfig(block_m=64, block_n=128, block_k=64, block_n2=128, block_k2=64,
                      num_warps=8, num_stages=3, dot_f16=DOT_F16)
+
+
+def moe_prefill_config(num_tokens: int) -> MoeConfig:
+    """W8A8 tiles for prefill-sized token counts, fp8 experts only (H200 sweep 2026-11-29,
+    docs/kernels.md: at T=1024 the 128-row tiles run 1107 us, 652 TFLOP/s)."""
+    if num_tokens <= 512:
+        return MoeConfig(block_m=64, block_n=128, block_k=128, block_n2=128, block_k2=128,
+                         num_warps=4, num_stages=4, act_fp8=True, group_m=16)
+    return MoeConfig(block_m=128, block_n=128, block_k=128, block_n2=128, block_k2=128,
+                     num_warps=8, num_stages=4, act_fp8=True, group_m=8)
 
 
 @triton.jit
@@ -158,16 +185,23 @@ def moe_align_reference(
 
 @triton.jit
 def _moe_gemm_kernel(
-    a_ptr, w_ptr, w_scale_ptr, out_ptr, topk_w_ptr,
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
-    numel, N, K,
+    numel, N, K, num_pid_m,
     stride_am, stride_we, stride_wn, stride_se, stride_om,
     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F16: tl.constexpr,
+    A_FP8: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # Grouped order: GROUP_M token blocks share each N tile (L2 reuse of the weights).
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -196,11 +230,11 @@ def _moe_gemm_kernel(
             if GATED:
                 wu = tl.load(w_ptrs + up_off, mask=k_mask[None, :], other=0.0,
                              eviction_policy="evict_first")
-        if DOT_F16:
-            a = a.to(tl.float16)
-        elif DOT_F32:
+        if DOT_F32:  # the interpreter (and its fp8 operands) widen to fp32
             a = a.to(tl.float32)
-        acc += tl.dot(a, tl.trans(w.to(a.dtype)))
+        elif DOT_F16 and not A_FP8:
+            a = a.to(tl.float16)
+        acc += tl.dot(a, tl.trans(w.to(a.dtype)))  # A_FP8: e4m3 x e4m3, no widening
         if GATED:
             acc_up += tl.dot(a, tl.trans(wu.to(a.dtype)))
         a_ptrs += BLOCK_K
@@ -210,11 +244,16 @@ def _moe_gemm_kernel(
         acc = acc * tl.load(scale_ptrs)[None, :]
         if GATED:
             acc_up = acc_up * tl.load(scale_ptrs + N)[None, :]
+    if A_FP8:  # per-row activation scales (x: per token; h: per slot)
+        a_scale = tl.load(a_scale_ptr + rows, mask=slot_mask, other=0.0)[:, None]
+        acc = acc * a_scale
+        if GATED:
+            acc_up = acc_up * a_scale
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     if MUL_ROUTED:
         acc = acc * tl.load(topk_w_ptr + slots, mask=slot_mask, other=0.0)[:, None]
-    if DOT_F16 and GATED:  # h feeds an fp16 dot: saturate rather than overflow to inf
+    if DOT_F16 and GATED and not A_FP8:  # h feeds an fp16 dot: saturate rather than overflow to inf
         acc = tl.minimum(tl.maximum(acc, -65504.0), 65504.0)
     out_ptrs = out_ptr + slots.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=slot_mask[:, None] & n_mask[None, :])
@@ -279,31 +318,38 @@ def fused_moe(
     max_blocks = expert_ids.numel()
     f32 = dot_in_fp32()
     has_scale = w13_scale is not None
-    f16 = bool(cfg.dot_f16) and has_scale
+    a8 = cfg.act_fp8 and has_scale
+    f16 = bool(cfg.dot_f16) and has_scale and not a8
     out_dtype = x.dtype
-    if f16 and cfg.dot_f16 == 2:
+    x_scale = None
+    if a8:
+        x, x_scale = per_token_quant_fp8(x)  # (T, D) e4m3, (T,) fp32
+    elif f16 and cfg.dot_f16 == 2:
         x = x.clamp(-65504.0, 65504.0).to(torch.float16)
-    h = torch.empty((numel, i), dtype=torch.float16 if f16 else x.dtype, device=x.device)  # (T*k, I)
+    h_dtype = torch.float16 if f16 else (out_dtype if a8 else x.dtype)
+    h = torch.empty((numel, i), dtype=h_dtype, device=x.device)  # (T*k, I)
     y = torch.empty((numel, d), dtype=out_dtype, device=x.device)  # (T*k, D)
     if not has_scale:  # any fp32 tensor stands in for the unused scale pointers
         w13_scale = w2_scale = topk_weights
-    stages1 = _stages(cfg.num_stages, (2 * cfg.block_n * w13.element_size() + cfg.block_m * x.element_size()) * cfg.block_k)
-    stages2 = _stages(cfg.num_stages, (cfg.block_n2 * w2.element_size() + cfg.block_m * x.element_size()) * cfg.block_k2)
-    _moe_gemm_kernel[(triton.cdiv(i, cfg.block_n), max_blocks)](
-        x, w13, w13_scale, h, topk_weights, sorted_ids, expert_ids, num_post,
-        numel, i, d, x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), h.stride(0),
-        A_ROW_DIV=top_k, GATED=True, MUL_ROUTED=False,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_F32=f32, EVEN_K=d % cfg.block_k == 0, HAS_SCALE=has_scale, DOT_F16=f16,
-        num_warps=cfg.num_warps, num_stages=stages1,
+    a_bytes = 1 if a8 else x.element_size()
+    stages1 = _stages(cfg.num_stages, (2 * cfg.block_n * w13.element_size() + cfg.block_m * a_bytes) * cfg.block_k)
+    stages2 = _stages(cfg.num_stages, (cfg.block_n2 * w2.element_size() + cfg.block_m * (1 if a8 else h.element_size())) * cfg.block_k2)
+    common = dict(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_F32=f32, HAS_SCALE=has_scale, DOT_F16=f16,
+                  A_FP8=a8, num_warps=cfg.num_warps)
+    _moe_gemm_kernel[(triton.cdiv(i, cfg.block_n) * max_blocks,)](
+        x, x_scale if a8 else topk_weights, w13, w13_scale, h, topk_weights, sorted_ids, expert_ids, num_post,
+        numel, i, d, max_blocks, x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), h.stride(0),
+        A_ROW_DIV=top_k, GATED=True, MUL_ROUTED=False, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=d % cfg.block_k == 0, num_stages=stages1, **common,
     )
-    _moe_gemm_kernel[(triton.cdiv(d, cfg.block_n2), max_blocks)](
-        h, w2, w2_scale, y, topk_weights, sorted_ids, expert_ids, num_post,
-        numel, d, i, h.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), y.stride(0),
-        A_ROW_DIV=1, GATED=False, MUL_ROUTED=True,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
-        DOT_F32=f32, EVEN_K=i % cfg.block_k2 == 0, HAS_SCALE=has_scale, DOT_F16=f16,
-        num_warps=cfg.num_warps, num_stages=stages2,
+    h_scale = None
+    if a8:
+        h, h_scale = per_token_quant_fp8(h)  # per slot: each row of h is one (token, expert) pair
+    _moe_gemm_kernel[(triton.cdiv(d, cfg.block_n2) * max_blocks,)](
+        h, h_scale if a8 else topk_weights, w2, w2_scale, y, topk_weights, sorted_ids, expert_ids, num_post,
+        numel, d, i, max_blocks, h.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), y.stride(0),
+        A_ROW_DIV=1, GATED=False, MUL_ROUTED=True, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
+        EVEN_K=i % cfg.block_k2 == 0, num_stages=stages2, **common,
     )
     return y.view(t, top_k, d).sum(dim=1)
 

@@ -26,7 +26,9 @@ import triton.language as tl
 from engine.kernels._common import FP8_DTYPE, check, interpreting
 from engine.kernels.act_quant import per_token_quant_fp8, per_token_quant_reference
 
-PREFILL_MIN_TOKENS = 384  # H100 2026-11-22: fused W8A16 wins at T<=256 (1372 vs 1428 us), W8A8 at T=1024 (3851 vs 2196 us)
+# Token count from which fp8 experts run W8A8 (triton, or this module's _scaled_mm loop).
+# H200 2026-11-29: triton W8A8 385 us against W8A16's 577 at T=128, level at T=64 (379/388).
+PREFILL_MIN_TOKENS = 128
 ALIGN = 16  # rows per expert segment and its offset, for cuBLASLt fp8
 
 

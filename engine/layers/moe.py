@@ -14,7 +14,10 @@ from torch import nn
 from engine.layers import fusion
 from engine.layers.linear import Linear
 
-FUSED_MAX_TOKENS = 64  # the largest decode graph; past it the per-expert matmuls win
+# 16-bit experts: the triton fused MoE up to here, per-expert cuBLAS past it. H200
+# 2026-11-29 (check_gpu moe_prefill): fused 961/881/1351 us against cuBLAS 2305/1750/1389
+# at T=128/256/384; cuBLAS ahead from T=512 (1355 against 1617).
+FUSED_MAX_TOKENS = 384
 
 
 class MoE(nn.Module):

@@ -10,13 +10,15 @@ On the CPU: dequantized weight, plain matmul (the reference path).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from engine.kernels._common import FP8_DTYPE, FP8_MAX
 from engine.kernels.act_quant import per_token_quant_fp8
 from engine.kernels.fp8_linear import fp8_linear_small_m
-from engine.kernels.fused_moe import fused_moe, fused_moe_reference
+from engine.kernels.fused_moe import fused_moe, fused_moe_reference, moe_prefill_config
 from engine.kernels.moe_prefill import PREFILL_MIN_TOKENS, fp8_moe_prefill, fp8_moe_prefill_supported
 
 SMALL_M = 64
@@ -111,11 +113,14 @@ class Fp8Linear(nn.Module):
 class Fp8FusedExperts(nn.Module):
     """Stacked e4m3 experts: w13 [E, 2I, D] (w1 rows, then w3), w2 [E, D, I], with
     fp32 per-channel scales [E, 2I] / [E, D]. Call as (x (T, D), topk_weights (T, k)
-    fp32, topk_ids (T, k)) -> (T, D). On CUDA: the triton fused MoE (W8A16) for decode
-    sizes and under graph capture; W8A8 per-expert torch._scaled_mm (moe_prefill.py) for
-    T >= ``prefill_min_tokens``. On the CPU: the fp32 reference loop."""
+    fp32, topk_ids (T, k)) -> (T, D). On CUDA: the triton fused MoE, W8A16 for decode
+    sizes, W8A8 (fp8 x fp8 dots) for T >= ``prefill_min_tokens``; with
+    SLUICE_MOE_PREFILL=scaled_mm the prefill sizes take one torch._scaled_mm pair per
+    expert instead (moe_prefill.py; not under graph capture). On the CPU: the fp32
+    reference loop."""
 
     prefill_min_tokens = PREFILL_MIN_TOKENS
+    prefill_kernel = os.environ.get("SLUICE_MOE_PREFILL", "triton")  # "triton" | "scaled_mm"
 
     def __init__(self, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                  w2_scale: torch.Tensor) -> None:
@@ -171,10 +176,12 @@ class Fp8FusedExperts(nn.Module):
         args = (x.contiguous(), self.w13, self.w13_scale, self.w2, self.w2_scale,
                 topk_weights.float().contiguous(), topk_ids.contiguous())
         if x.is_cuda:
-            if (x.shape[0] >= self.prefill_min_tokens and not torch.cuda.is_current_stream_capturing()
+            if x.shape[0] < self.prefill_min_tokens:
+                return fused_moe(*args)
+            if (self.prefill_kernel == "scaled_mm" and not torch.cuda.is_current_stream_capturing()
                     and fp8_moe_prefill_supported(x, self.w13, self.w2)):
                 return fp8_moe_prefill(*args)
-            return fused_moe(*args)
+            return fused_moe(*args, config=moe_prefill_config(x.shape[0]))
         return fused_moe_reference(*args)
 
 
