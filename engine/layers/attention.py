@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -98,14 +99,21 @@ class Attention(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _prefill(self, q: torch.Tensor, ctx: int, table: torch.Tensor) -> torch.Tensor:
-        """q (T, Hq, D) are the last T of ctx positions; keys come from the cache."""
+        """q (T, Hq, D) are the last T of ctx positions; keys come from the cache.
+
+        Query i sits at position ctx - T + i and sees keys 0..ctx - T + i: a causal mask
+        aligned to the bottom right, which SDPA takes as a ``causal_lower_right`` bias and
+        runs in its fused kernels (flash / memory-efficient) rather than materialising a
+        (T, ctx) mask and falling back to the fp32 math path."""
         T = q.shape[0]
         k = self.k_cache[table].flatten(0, 1)[:ctx]  # (ctx, Hkv, D)
         v = self.v_cache[table].flatten(0, 1)[:ctx]
         groups = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(groups, dim=1).transpose(0, 1)  # (Hq, ctx, D)
         v = v.repeat_interleave(groups, dim=1).transpose(0, 1)
-        # query i sits at position ctx - T + i and sees keys 0..ctx - T + i
-        mask = torch.ones(T, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - T)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=self.scale)
+        q = q.transpose(0, 1)  # (Hq, T, D)
+        if T == ctx:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, ctx), scale=self.scale)
         return out.transpose(0, 1)  # (T, Hq, D)
