@@ -45,6 +45,13 @@ def test_serving_harness_on_tiny_model_and_cutoff_readout():
     assert sustained(base, "tpot_p50_ms", 25) is None
     row = next(x for x in compare_at_cutoffs(fast, base) if x["metric"] == "tpot_p50_ms" and x["limit"] == 50)
     assert row["ratio"] == 8.8 / 3.0
+    assert not row["capped"]  # fast's highest offered rate (12) lost requests
+    # strict reading: the highest rate below the first miss
+    dip = [r(3, 3.0, 10), r(6, 5.9, 60), r(9, 8.8, 45)]
+    assert sustained(dip, "tpot_p50_ms", 50) == 8.8
+    assert sustained(dip, "tpot_p50_ms", 50, strict=True) == 3.0
+    row = next(x for x in compare_at_cutoffs(dip, base) if x["metric"] == "tpot_p50_ms" and x["limit"] == 100)
+    assert row["capped"] and row["strict_ratio"] == 8.8 / 8.0
 
 
 def test_coldstart_bench_on_tiny_model(tmp_path, monkeypatch):
