@@ -37,3 +37,13 @@ def test_fp8_moe_prefill_matches_reference(t, e, k, d, i):
 
 def test_fp8_experts_dispatch_threshold():
     assert Fp8FusedExperts.prefill_min_tokens >= 64  # decode graphs (<= 64 tokens) keep the fused kernel
+
+
+def test_unknown_prefill_kernel_is_a_config_error(monkeypatch):
+    from engine.errors import ConfigError
+
+    monkeypatch.setattr(Fp8FusedExperts, "prefill_kernel", "cutlass")
+    w13, s13 = quantize(torch.randn(2, 8, 16, device=DEVICE))
+    w2, s2 = quantize(torch.randn(2, 16, 4, device=DEVICE))
+    with pytest.raises(ConfigError, match="SLUICE_MOE_PREFILL='cutlass'.*triton, scaled_mm, w8a16"):
+        Fp8FusedExperts(w13, s13, w2, s2)
