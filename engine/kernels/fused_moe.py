@@ -91,7 +91,10 @@ def moe_prefill_config(num_tokens: int) -> MoeConfig:
                      num_warps=8, num_stages=4, act_fp8=True, group_m=8)
 
 
-@triton.jit
+# Token-count arguments are not specialised (triton would compile a variant per
+# "divisible by 16" / "equal to 1" combination of them, i.e. new JITs mid-serving as
+# batch sizes vary); nothing in the kernels gains from knowing them.
+@triton.jit(do_not_specialize=["numel", "max_padded", "max_blocks"])
 def _moe_align_kernel(
     topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
     numel, max_padded, max_blocks,
@@ -183,7 +186,7 @@ def moe_align_reference(
     return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel", "num_pid_m"])
 def _moe_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
