@@ -389,8 +389,9 @@ def compare_at_cutoffs(fast: list[dict], base: list[dict]) -> list[dict]:
 
 
 def serving(llm: LLM, label: str, rates: list[float], duration: float) -> None:
-    """One serve() per offered rate, in order; stops after the first rate whose median
-    request waited over a second for its first token (saturated: higher rates only queue).
+    """One serve() per offered rate, in order; stops after the first rate that lost requests
+    or whose median request waited over a second for its first token (saturated: higher
+    rates only queue).
 
     Warm-up first, untimed, at the sweep's middle rate: the loaded rates bring batch shapes
     (mixed steps of every size) whose triton kernels would otherwise JIT-compile inside the
@@ -404,7 +405,8 @@ def serving(llm: LLM, label: str, rates: list[float], duration: float) -> None:
             break
         rows.append(serve(llm, r, duration))
         log(label, "serving", rows[-1])
-        if rows[-1]["ttft_p50_s"] > 1.0:
+        last = rows[-1]
+        if last["completed"] < last["offered"] or not last["ttft_p50_s"] <= 1.0:  # NaN when none finished
             log(label, "serving: saturated, stopping at rate", r)
             break
     RESULTS[f"serving_{label}"] = rows

@@ -329,7 +329,8 @@ def fused_moe(
         x, x_scale = per_token_quant_fp8(x)  # (T, D) e4m3, (T,) fp32
     elif f16 and cfg.dot_f16 == 2:
         x = x.clamp(-65504.0, 65504.0).to(torch.float16)
-    h_dtype = torch.float16 if f16 else (out_dtype if a8 else x.dtype)
+    # W8A8: h is re-quantized right away; bf16 holds any finite value fp16 would overflow on
+    h_dtype = torch.float16 if f16 else (torch.bfloat16 if a8 else x.dtype)
     h = torch.empty((numel, i), dtype=h_dtype, device=x.device)  # (T*k, I)
     y = torch.empty((numel, d), dtype=out_dtype, device=x.device)  # (T*k, D)
     if not has_scale:  # any fp32 tensor stands in for the unused scale pointers

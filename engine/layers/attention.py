@@ -102,18 +102,19 @@ class Attention(nn.Module):
         """q (T, Hq, D) are the last T of ctx positions; keys come from the cache.
 
         Query i sits at position ctx - T + i and sees keys 0..ctx - T + i: a causal mask
-        aligned to the bottom right, which SDPA takes as a ``causal_lower_right`` bias and
-        runs in its fused kernels (flash / memory-efficient) rather than materialising a
-        (T, ctx) mask and falling back to the fp32 math path."""
+        aligned to the bottom right (``causal_lower_right``; plain ``is_causal`` when
+        T == ctx). Both run in SDPA's fused kernels (flash / memory-efficient), which take
+        only 4-D (batch, heads, len, dim) inputs: 3-D ones, or a materialised bool mask,
+        send SDPA to its math path (fp32 bmm + softmax, O(T * ctx) memory)."""
         T = q.shape[0]
         k = self.k_cache[table].flatten(0, 1)[:ctx]  # (ctx, Hkv, D)
         v = self.v_cache[table].flatten(0, 1)[:ctx]
         groups = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(groups, dim=1).transpose(0, 1)  # (Hq, ctx, D)
-        v = v.repeat_interleave(groups, dim=1).transpose(0, 1)
-        q = q.transpose(0, 1)  # (Hq, T, D)
+        k = k.repeat_interleave(groups, dim=1).transpose(0, 1)[None]  # (1, Hq, ctx, D)
+        v = v.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
+        q = q.transpose(0, 1)[None]  # (1, Hq, T, D)
         if T == ctx:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, ctx), scale=self.scale)
-        return out.transpose(0, 1)  # (T, Hq, D)
+        return out[0].transpose(0, 1)  # (T, Hq, D)

@@ -182,14 +182,22 @@ class Fp8FusedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         args = (x.contiguous(), self.w13, self.w13_scale, self.w2, self.w2_scale,
                 topk_weights.float().contiguous(), topk_ids.contiguous())
-        if x.is_cuda:
-            if x.shape[0] < self.prefill_min_tokens or self.prefill_kernel == "w8a16":
-                return fused_moe(*args)
-            if (self.prefill_kernel == "scaled_mm" and not torch.cuda.is_current_stream_capturing()
-                    and fp8_moe_prefill_supported(x, self.w13, self.w2)):
-                return fp8_moe_prefill(*args)
-            return fused_moe(*args, config=moe_prefill_config(x.shape[0]))
-        return fused_moe_reference(*args)
+        if not x.is_cuda:
+            return fused_moe_reference(*args)
+        path = self.path(x.shape[0], torch.cuda.is_current_stream_capturing(),
+                         fp8_moe_prefill_supported(x, self.w13, self.w2))
+        if path == "scaled_mm":
+            return fp8_moe_prefill(*args)
+        return fused_moe(*args, config=moe_prefill_config(x.shape[0]) if path == "w8a8" else None)
+
+    def path(self, num_tokens: int, capturing: bool = False, scaled_mm_ok: bool = True) -> str:
+        """Which CUDA kernel a batch of ``num_tokens`` takes: "w8a16" (fused, 16-bit
+        activations), "w8a8" (fused, e4m3 activations) or "scaled_mm" (per expert)."""
+        if num_tokens < self.prefill_min_tokens or self.prefill_kernel == "w8a16":
+            return "w8a16"
+        if self.prefill_kernel == "scaled_mm" and not capturing and scaled_mm_ok:
+            return "scaled_mm"
+        return "w8a8"
 
 
 def _is_router(parent: nn.Module, child_name: str) -> bool:

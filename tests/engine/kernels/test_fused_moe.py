@@ -69,6 +69,7 @@ def test_fused_moe_matches_reference(t, e, k, d, i, config):
 A8_CASES = [
     # (T, E, k, D, I, group_m): W8A8, the prefill path; uneven experts, partial tiles
     (37, 8, 2, 64, 96, 1),
+    (37, 8, 2, 64, 96, 4),  # 13 token blocks: the last group holds one
     (130, 8, 2, 64, 96, 4),
     (17, 5, 3, 48, 32, 2),
 ]

@@ -35,8 +35,20 @@ def test_fp8_moe_prefill_matches_reference(t, e, k, d, i):
     assert rel_err(out, ref) < 6e-2
 
 
-def test_fp8_experts_dispatch_threshold():
-    assert Fp8FusedExperts.prefill_min_tokens >= 64  # decode graphs (<= 64 tokens) keep the fused kernel
+def test_fp8_experts_dispatch(monkeypatch):
+    assert Fp8FusedExperts.prefill_min_tokens > 64  # decode graphs (<= 64 tokens) keep W8A16
+    w13, s13 = quantize(torch.randn(2, 8, 16, device=DEVICE))
+    w2, s2 = quantize(torch.randn(2, 16, 4, device=DEVICE))
+    experts = Fp8FusedExperts(w13, s13, w2, s2)
+    n = experts.prefill_min_tokens
+    assert [experts.path(t) for t in (1, 64, n - 1, n, 4096)] == ["w8a16"] * 3 + ["w8a8"] * 2
+    monkeypatch.setattr(Fp8FusedExperts, "prefill_kernel", "scaled_mm")
+    assert experts.path(n) == "scaled_mm"
+    assert experts.path(n, capturing=True) == "w8a8"  # _scaled_mm syncs: never under graph capture
+    assert experts.path(n, scaled_mm_ok=False) == "w8a8"
+    assert experts.path(n - 1) == "w8a16"
+    monkeypatch.setattr(Fp8FusedExperts, "prefill_kernel", "w8a16")
+    assert experts.path(4096) == "w8a16"
 
 
 def test_unknown_prefill_kernel_is_a_config_error(monkeypatch):
