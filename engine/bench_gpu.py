@@ -138,6 +138,31 @@ def correctness() -> None:
         log(dtype, "fused small kernels == torch ops, greedy tokens:", plain == toks[False])
 
 
+@section("fp8 vs bf16 per sub-layer", 60)
+def layer_errors() -> None:
+    """The issue's per-layer check on the GPU kernels: 2 Mixtral-shaped layers, each
+    attention and MoE sub-layer of the fp8 model fed the bf16 model's inputs. A 1K-token
+    prefill takes the W8A8 MoE and the _scaled_mm linears; a 32-token one the W8A16 MoE
+    and the small-M linears. Prefill attention must run in a fused SDPA kernel (flash or
+    memory-efficient): the math fallback raises here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from engine.quant.compare import sublayer_errors
+
+    rng = random.Random(0)
+    for tokens in (1024, 32):
+        prompt = [rng.randrange(3, 32000) for _ in range(tokens)]
+        ref = build(2, "bfloat16", num_kv_blocks=256, enforce_eager=True)
+        fp8 = build(2, "fp8", num_kv_blocks=256, enforce_eager=True)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            errors = sublayer_errors(ref, fp8, prompt)
+        RESULTS[f"fp8_vs_bf16_sublayer_errors_{tokens}_tokens"] = errors
+        log(f"fp8 vs bf16, {tokens}-token prefill, relative error per sub-layer", errors)
+        ref = fp8 = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 @section("kernel checks")
 def kernel_checks() -> None:
     """New kernels at Mixtral shapes against their torch references (bf16 on the GPU)."""
@@ -530,7 +555,7 @@ def main() -> None:
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["torch"] = torch.__version__
     chosen = os.environ.get("BENCH_SECTIONS",
-                            "correctness,kernel_checks,micro,fp8_full,half_models,hf_reference,cold_start")
+                            "correctness,layer_errors,kernel_checks,micro,fp8_full,half_models,hf_reference,cold_start")
     for name in chosen.split(","):
         globals()[name]()
     log("done", json.dumps(RESULTS, default=str)[:6000])

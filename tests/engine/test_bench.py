@@ -71,3 +71,33 @@ def test_coldstart_bench_on_tiny_model(tmp_path, monkeypatch):
     assert start["first_token_total_s"] >= start["engine_built_s"] >= start["load_s"] > 0
     assert report["read_ceilings"]["stager_t16_GBps"] > 0
     assert len(list((tmp_path / "ckpt").glob("layer-*.safetensors"))) == 3
+
+
+def test_gpu_bench_layer_errors_section_on_cpu(tmp_path, monkeypatch):
+    """bench_gpu's per-sub-layer fp8-vs-bf16 section runs end to end (tiny model in place
+    of Mixtral, CPU) with SDPA restricted to its fused kernels, and records every
+    sub-layer and the logits for both prompt sizes."""
+    import torch
+
+    from engine import bench_gpu
+    from engine.config import ModelConfig
+    from engine.llm import LLM
+
+    raw = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}
+
+    def tiny(layers, dtype, **kw):
+        return LLM(model_config=ModelConfig.from_dict(raw), dtype=dtype, device="cpu", progress=False,
+                   max_model_len=2048, **kw)
+
+    monkeypatch.setattr(bench_gpu, "build", tiny)
+    monkeypatch.setattr(bench_gpu, "OUT", tmp_path)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench_gpu, "RESULTS", {})
+    bench_gpu.layer_errors()
+    assert "failures" not in bench_gpu.RESULTS, bench_gpu.RESULTS
+    for tokens in (1024, 32):
+        errors = bench_gpu.RESULTS[f"fp8_vs_bf16_sublayer_errors_{tokens}_tokens"]
+        assert set(errors) == {"layers.0.self_attn", "layers.0.mlp", "layers.1.self_attn", "layers.1.mlp", "logits"}
+        assert all(0 < e < 0.2 for e in errors.values()), errors

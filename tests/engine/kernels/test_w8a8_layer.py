@@ -24,8 +24,8 @@ from engine.config import ModelConfig
 from engine.kernels.act_quant import per_token_quant_reference
 from engine.kernels.fused_moe import fused_moe, moe_config, moe_prefill_config
 from engine.llm import LLM
+from engine.quant.compare import capture_sublayers
 from engine.quant.fp8 import Fp8Linear
-from engine.sampling import SamplingParams
 
 from ._util import rel_err
 
@@ -43,16 +43,7 @@ def sublayers():
     opts = dict(device="cpu", num_kv_blocks=16, max_model_len=256, progress=False)
     ref = LLM(model_config=cfg, dtype="bfloat16", **opts)
     fp8 = LLM(model_config=cfg, dtype="fp8", **opts)
-    ref.add_request([3 + (7 * i) % 500 for i in range(160)], SamplingParams(max_tokens=1))
-    ids, pos, meta, _ = ref.runner._prepare(ref.scheduler.schedule())
-    seen: dict[str, tuple] = {}
-    hooks = [m.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, (args, out)))
-             for name, m in ref.model.named_modules()
-             if name.startswith("layers.") and name.endswith((".mlp", ".self_attn"))]
-    with torch.no_grad():
-        ref.model(ids, pos, meta)
-    for h in hooks:
-        h.remove()
+    seen, _ = capture_sublayers(ref, [3 + (7 * i) % 500 for i in range(160)])
     fp8.runner.kv_cache.copy_(ref.runner.kv_cache)
     return seen, fp8
 
