@@ -81,6 +81,22 @@ def row(kernel: str, size: str, us: float, nbytes: float, note: str = "") -> Non
     log(f"  {kernel:34s} {size:14s} {us:9.2f} us {r['TB/s']:6.3f} TB/s {note}")
 
 
+def best_of(configs, time_one, describe) -> tuple[float, object] | None:
+    """Time each config (one that fails to compile or run is logged and skipped);
+    returns the fastest as (us, config)."""
+    best = None
+    for c in configs:
+        try:
+            us = time_one(c)
+        except Exception as exc:
+            log(f"  sweep {c}: {exc!r:.120}")
+            continue
+        log(f"    sweep {describe(c, us)}")
+        if best is None or us < best[0]:
+            best = (us, c)
+    return best
+
+
 def section(fn) -> None:
     log(f"== {fn.__name__}")
     try:
@@ -135,16 +151,10 @@ def linear() -> None:
                 log(f"  _scaled_mm M={m}: {exc!r:.200}")
             row("bf16 F.linear (cuBLAS)", f"{shape} M={m}", bench_us(lambda: [F.linear(x, w) for w in wb], 4), 2 * nbytes)
             if m in (1, 16, 64) and SWEEPS:
-                best = None
-                for c in SWEEP:
-                    try:
-                        us = bench_us(lambda: [fp8_linear_small_m(xq, w, s, x_scale=xs, config=c) for w, s in ws], 4)
-                    except Exception as exc:
-                        log(f"  sweep {c}: {exc!r:.120}")
-                        continue
-                    log(f"    sweep W8A8 {shape} M={m} {c}: {us:.2f} us {nbytes / us / 1e6:.3f} TB/s")
-                    if best is None or us < best[0]:
-                        best = (us, c)
+                best = best_of(
+                    SWEEP,
+                    lambda c: bench_us(lambda: [fp8_linear_small_m(xq, w, s, x_scale=xs, config=c) for w, s in ws], 4),
+                    lambda c, us: f"W8A8 {shape} M={m} {c}: {us:.2f} us {nbytes / us / 1e6:.3f} TB/s")
                 if best:
                     row("triton fp8 W8A8 gemm best of sweep", f"{shape} M={m}", best[0], nbytes, str(best[1]))
         del ws, wb, layers
@@ -178,22 +188,16 @@ def moe() -> None:
         if t in (1, 8, 64) and SWEEPS:
             row("  moe_align_block_size alone", f"T={t}",
                 bench_us(lambda: moe_align_block_size(ti, E, moe_config(t).block_m)), 0.0)
-            best = None
-            for c in [MoeConfig(16, 32, 256, 32, 512), MoeConfig(16, 32, 256, 32, 512, 4, 5), MoeConfig(16, 32, 512, 32, 512, 4, 3),
-                      MoeConfig(16, 16, 512, 16, 1024, 4, 3), MoeConfig(16, 64, 256, 32, 512, 4, 4), MoeConfig(16, 32, 256, 16, 512),
-                      MoeConfig(16, 32, 128, 32, 256, 4, 6), MoeConfig(32, 64, 128, 64, 128), MoeConfig(64, 128, 64, 128, 64, 8, 3),
-                      MoeConfig(32, 32, 256, 32, 256, 4, 4), MoeConfig(64, 64, 128, 64, 128, 4, 4),
-                      MoeConfig(16, 32, 256, 32, 512, dot_f16=1), MoeConfig(16, 64, 256, 64, 256, dot_f16=1),
-                      MoeConfig(16, 32, 512, 32, 512, 4, 3, dot_f16=1), MoeConfig(16, 64, 128, 32, 256, 4, 6, dot_f16=1),
-                      MoeConfig(32, 64, 128, 64, 128, dot_f16=1), MoeConfig(16, 128, 128, 64, 256, 4, 4, dot_f16=1)]:
-                try:
-                    us = bench_us(lambda: fused_moe(x, w13, s13, w2, s2, tw, ti, config=c))
-                except Exception as exc:
-                    log(f"  sweep {c}: {exc!r:.120}")
-                    continue
-                log(f"    sweep MoE T={t} {c}: {us:.2f} us {hit * expert_bytes / us / 1e6:.3f} TB/s")
-                if best is None or us < best[0]:
-                    best = (us, c)
+            best = best_of(
+                [MoeConfig(16, 32, 256, 32, 512), MoeConfig(16, 32, 256, 32, 512, 4, 5), MoeConfig(16, 32, 512, 32, 512, 4, 3),
+                 MoeConfig(16, 16, 512, 16, 1024, 4, 3), MoeConfig(16, 64, 256, 32, 512, 4, 4), MoeConfig(16, 32, 256, 16, 512),
+                 MoeConfig(16, 32, 128, 32, 256, 4, 6), MoeConfig(32, 64, 128, 64, 128), MoeConfig(64, 128, 64, 128, 64, 8, 3),
+                 MoeConfig(32, 32, 256, 32, 256, 4, 4), MoeConfig(64, 64, 128, 64, 128, 4, 4),
+                 MoeConfig(16, 32, 256, 32, 512, dot_f16=1), MoeConfig(16, 64, 256, 64, 256, dot_f16=1),
+                 MoeConfig(16, 32, 512, 32, 512, 4, 3, dot_f16=1), MoeConfig(16, 64, 128, 32, 256, 4, 6, dot_f16=1),
+                 MoeConfig(32, 64, 128, 64, 128, dot_f16=1), MoeConfig(16, 128, 128, 64, 256, 4, 4, dot_f16=1)],
+                lambda c: bench_us(lambda: fused_moe(x, w13, s13, w2, s2, tw, ti, config=c)),
+                lambda c, us: f"MoE T={t} {c}: {us:.2f} us {hit * expert_bytes / us / 1e6:.3f} TB/s")
             if best:
                 row("triton fused MoE best of sweep", f"T={t} ({hit} exp)", best[0], hit * expert_bytes, str(best[1]))
     # bf16 baseline at batch 1: the two routed experts as dense cuBLAS GEMMs, no routing cost.
@@ -251,16 +255,10 @@ def moe_prefill() -> None:
             us = bench_us(fn, eager="eager" in name)
             row(name, f"T={t}", us, E * 3 * I * D, f"{tflop / us * 1e6:.0f} TFLOP/s {note}")
         if SWEEPS and t in (256, 1024, 4096):
-            best = None
-            for c in A8_SWEEP:
-                try:
-                    us = bench_us(lambda: fused_moe(x, w13, s13, w2, s2, tw, ti, config=c))
-                except Exception as exc:
-                    log(f"  sweep {c}: {exc!r:.120}")
-                    continue
-                log(f"    sweep W8A8 MoE T={t} {c}: {us:.2f} us {tflop / us * 1e6:.0f} TFLOP/s")
-                if best is None or us < best[0]:
-                    best = (us, c)
+            best = best_of(
+                A8_SWEEP,
+                lambda c: bench_us(lambda: fused_moe(x, w13, s13, w2, s2, tw, ti, config=c)),
+                lambda c, us: f"W8A8 MoE T={t} {c}: {us:.2f} us {tflop / us * 1e6:.0f} TFLOP/s")
             if best:
                 row("triton fused MoE W8A8 best of sweep", f"T={t}", best[0], E * 3 * I * D, str(best[1]))
 
