@@ -124,6 +124,9 @@ class ModelRunner:
             return max(self.max_blocks_per_seq,
                        min(engine.max_num_seqs * self.max_blocks_per_seq, (2 << 30) // self._block_bytes()))
         peak = self._measure_peak(engine.max_num_batched_tokens)
+        # A mid-size batch too, so that its kernel variants (the MoE's 128..512-token tiles)
+        # JIT-compile here rather than stall the first such step under load.
+        self._measure_peak(min(256, engine.max_num_batched_tokens))
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         budget = total * engine.memory_fraction - used - max(0, peak - torch.cuda.memory_allocated(self.device))
