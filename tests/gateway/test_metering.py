@@ -14,9 +14,10 @@ from sqlalchemy import func, select, text
 
 from gateway.db.models import UsageDaily, UsageEvent
 from gateway.db.session import create_engine
-from tests.conftest import GatewayServer, ProcessServer
+from tests.conftest import ECHO_CONFIG, GatewayServer, ProcessServer
 
 CANCELLED: dict[str, int] = {}
+SLOW_CONFIG = ECHO_CONFIG.replace("tokens_per_s = 1\n", "tokens_per_s = 0.4\n")  # slow-echo: a token every 2.5 s
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
@@ -52,13 +53,15 @@ async def _one(http: httpx.AsyncClient, key: str, i: int, rng: random.Random) ->
                 received += 1
                 if mode == 3 and received == 2:
                     break
-        # The client goes away mid-stream, right after a token arrives: the next one is a
-        # whole second away, ample time for the gateway to see the connection close. (A
-        # client that closes just as a token is being written cannot know whether it got
-        # it; the gateway bills tokens it handed to the transport.)
+        # The client goes away mid-stream, right after a token arrives: the next one is
+        # 2.5 s away (SLOW_CONFIG), time for the gateway to see the connection close even
+        # on a loaded 2-core CI box (with 1 s, 3 of 125 streams were once billed a token
+        # sent after the client's close). A client that closes just as a token is being
+        # written cannot know whether it got it; the gateway bills tokens it handed to
+        # the transport.
         with contextlib.suppress(TimeoutError, StopAsyncIteration):
             while True:
-                line = await asyncio.wait_for(anext(lines), 3.0)
+                line = await asyncio.wait_for(anext(lines), 6.0)  # the third token, 2.5 s on
                 if '"content":"' in line and '"content":""' not in line:
                     received += 1
                     break
@@ -73,7 +76,7 @@ async def test_burst_of_500_mixed_requests_is_metered_exactly(
     """A separate `sluice serve` process on Postgres takes 500 concurrent requests:
     streamed and not, chat and completions, a quarter cancelled by the client mid-stream.
     Every request leaves one usage row, and each row holds exactly what its client got."""
-    server = ProcessServer(postgres_url, tmp_path).wait_ready()
+    server = ProcessServer(postgres_url, tmp_path, config=SLOW_CONFIG).wait_ready()
     try:
         await _burst(server)
     finally:
