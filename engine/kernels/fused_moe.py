@@ -324,7 +324,7 @@ def fused_moe(
     a8 = cfg.act_fp8 and has_scale
     f16 = bool(cfg.dot_f16) and has_scale and not a8
     out_dtype = x.dtype
-    x_scale = None
+    x_scale = h_scale = topk_weights  # stand-ins for the activation-scale pointers unless W8A8
     if a8:
         x, x_scale = per_token_quant_fp8(x)  # (T, D) e4m3, (T,) fp32
     elif f16 and cfg.dot_f16 == 2:
@@ -335,22 +335,20 @@ def fused_moe(
     y = torch.empty((numel, d), dtype=out_dtype, device=x.device)  # (T*k, D)
     if not has_scale:  # any fp32 tensor stands in for the unused scale pointers
         w13_scale = w2_scale = topk_weights
-    a_bytes = 1 if a8 else x.element_size()
-    stages1 = _stages(cfg.num_stages, (2 * cfg.block_n * w13.element_size() + cfg.block_m * a_bytes) * cfg.block_k)
-    stages2 = _stages(cfg.num_stages, (cfg.block_n2 * w2.element_size() + cfg.block_m * (1 if a8 else h.element_size())) * cfg.block_k2)
     common = dict(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_F32=f32, HAS_SCALE=has_scale, DOT_F16=f16,
                   A_FP8=a8, num_warps=cfg.num_warps)
+    stages1 = _stages(cfg.num_stages, (2 * cfg.block_n * w13.element_size() + cfg.block_m * x.element_size()) * cfg.block_k)
     _moe_gemm_kernel[(triton.cdiv(i, cfg.block_n) * max_blocks,)](
-        x, x_scale if a8 else topk_weights, w13, w13_scale, h, topk_weights, sorted_ids, expert_ids, num_post,
+        x, x_scale, w13, w13_scale, h, topk_weights, sorted_ids, expert_ids, num_post,
         numel, i, d, max_blocks, x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), h.stride(0),
         A_ROW_DIV=top_k, GATED=True, MUL_ROUTED=False, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=d % cfg.block_k == 0, num_stages=stages1, **common,
     )
-    h_scale = None
     if a8:
         h, h_scale = per_token_quant_fp8(h)  # per slot: each row of h is one (token, expert) pair
+    stages2 = _stages(cfg.num_stages, (cfg.block_n2 * w2.element_size() + cfg.block_m * h.element_size()) * cfg.block_k2)
     _moe_gemm_kernel[(triton.cdiv(d, cfg.block_n2) * max_blocks,)](
-        h, h_scale if a8 else topk_weights, w2, w2_scale, y, topk_weights, sorted_ids, expert_ids, num_post,
+        h, h_scale, w2, w2_scale, y, topk_weights, sorted_ids, expert_ids, num_post,
         numel, d, i, max_blocks, h.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), y.stride(0),
         A_ROW_DIV=1, GATED=False, MUL_ROUTED=True, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
         EVEN_K=i % cfg.block_k2 == 0, num_stages=stages2, **common,
