@@ -126,6 +126,17 @@ def correctness() -> None:
             free(llm)
         RESULTS[f"graph_vs_eager_tokens_equal_{dtype}"] = toks[False] == toks[True]
         log(dtype, "graph == eager greedy tokens:", toks[False] == toks[True])
+        # prefill attention: the triton varlen kernel against the per-sequence SDPA reference
+        from engine.layers.attention import paged_varlen_attention
+
+        llm = LLM(model_config=cfg, dtype=dtype, enforce_eager=True, num_kv_blocks=64, progress=False,
+                  tokenizer=tokenizer())
+        for attn in llm.model.attention_layers():
+            attn.varlen_fn = paged_varlen_attention
+        sdpa = [c.token_ids for c in llm.generate(prompts, sp)]
+        free(llm)
+        RESULTS[f"varlen_kernel_vs_sdpa_tokens_equal_{dtype}"] = sdpa == toks[True]
+        log(dtype, "triton varlen attention == SDPA reference, greedy tokens:", sdpa == toks[True])
         # the fused small kernels (norm, rotary+KV store, router) against the torch code
         from engine.layers import fusion
 
@@ -484,6 +495,9 @@ def half_models() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         llm = build(layers, dtype)
+        RESULTS[f"build_{dtype}_{layers}"] = dict(llm.timings, kv_blocks=llm.runner.num_blocks,
+                                                  varlen_graphs=sorted(llm.runner.varlen_graphs))
+        log(f"{dtype} {layers} layers built:", RESULTS[f"build_{dtype}_{layers}"])
         run_batch(llm, 1, 16, 4)
         decode_sweep(llm, f"{dtype}_{layers}", [1, 64])
         serving(llm, f"{dtype}_{layers}", rates, float(os.environ.get("BENCH_SERVE_SECONDS", 8)))

@@ -25,6 +25,8 @@ from engine.kernels.fused_moe import (MoeConfig, fused_moe, fused_moe_reference,
 from engine.kernels.moe_prefill import fp8_moe_prefill
 from engine.layers.moe import MoE
 from engine.kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
+from engine.kernels.varlen_attention import paged_varlen_attention
+from engine.layers.attention import paged_varlen_attention as paged_varlen_reference
 from engine.kernels.act_quant import per_token_quant_fp8, per_token_quant_reference
 from engine.quant.fp8 import Fp8Linear, quantize_per_channel
 
@@ -300,6 +302,50 @@ def attention() -> None:
             del k, v
 
 
+def varlen_attention() -> None:
+    """Mixed-step attention: the triton varlen kernel (one launch, graph-safe) against the
+    per-sequence SDPA reference it replaces (flash kernel per sequence, host-read lengths)."""
+    page = 16
+    cases = {
+        "1 prompt 1K": [(1024, 1024)],
+        "1 prompt 4K": [(4096, 4096)],
+        "4 prompts 1K": [(1024, 1024)] * 4,
+        "chunk 512 after 1K": [(512, 1536)],
+        "60 dec ~1K + 1K prompt": [(1, 1000 + 7 * i) for i in range(60)] + [(1024, 1024)],
+        "64 dec 1K": [(1, 1024)] * 64,
+    }
+    for name, seqs in cases.items():
+        width = max(-(-ctx // page) for _, ctx in seqs)
+        nblocks = len(seqs) * width
+        kc = torch.randn(nblocks, page, HKV, HD, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        tables = torch.randperm(nblocks, device="cuda", dtype=torch.int32).view(len(seqs), width)
+        starts = torch.tensor([0] + [sum(q for q, _ in seqs[:i + 1]) for i in range(len(seqs))],
+                              dtype=torch.int32, device="cuda")
+        lens = torch.tensor([c for _, c in seqs], dtype=torch.int32, device="cuda")
+        q = torch.randn(int(starts[-1]), HQ, HD, device="cuda", dtype=torch.bfloat16)
+        scale = HD**-0.5
+        args = (q, kc, vc, starts, lens, tables, scale)
+        verdict(f"varlen attn {name}", rel_err(paged_varlen_attention(*args), paged_varlen_reference(*args)), 1e-2)
+        # causal work: each query token scores (its position + 1) keys
+        flops = 4 * HQ * HD * sum(sum(c - ql + i + 1 for i in range(ql)) for ql, c in seqs)
+        kv_bytes = 2 * int(lens.sum()) * HKV * HD * 2
+        us = bench_us(lambda: paged_varlen_attention(*args))
+        row("triton varlen attn", name, us, kv_bytes, f"{flops / us / 1e6:.0f} TFLOP/s")
+        row("SDPA per sequence (reference)", name, bench_us(lambda: paged_varlen_reference(*args), eager=True),
+            kv_bytes)
+        if all(ql == 1 for ql, _ in seqs):
+            row("triton paged decode attn", name, bench_us(
+                lambda: paged_decode_attention(q, kc, vc, tables, lens, scale)), kv_bytes)
+        if SWEEPS and name in ("1 prompt 1K", "60 dec ~1K + 1K prompt", "1 prompt 4K"):
+            best_of([(64, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (128, 64, 4, 2),
+                     (64, 64, 4, 3), (128, 128, 8, 2), (32, 64, 4, 2)],
+                    lambda c: bench_us(lambda: paged_varlen_attention(*args, block_m=c[0], block_n=c[1],
+                                                                      num_warps=c[2], num_stages=c[3])),
+                    lambda c, us: f"varlen {name} block_m={c[0]} block_n={c[1]} warps={c[2]} stages={c[3]}: "
+                                  f"{us:.1f} us {flops / us / 1e6:.0f} TFLOP/s")
+
+
 def quant_pass() -> None:
     """How much a fused RMSNorm+quant could save: the torch per-token quant pass vs the GEMM it feeds."""
     w, s = quantize_per_channel(torch.randn(I, D, device="cuda", dtype=torch.bfloat16))
@@ -317,7 +363,8 @@ def main() -> int:
     props = torch.cuda.get_device_properties(0)
     log(f"device {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}; "
         f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
-    only = sys.argv[1:] or ["ceilings", "linear", "moe", "moe_prefill", "attention", "quant_pass"]
+    only = sys.argv[1:] or ["ceilings", "linear", "moe", "moe_prefill", "attention", "varlen_attention",
+                            "quant_pass"]
     for name in only:
         section(globals()[name])
     log("\n| kernel | size | us | TB/s | note |\n|---|---|---|---|---|")

@@ -1,16 +1,17 @@
 """Attention over a paged KV cache.
 
 Cache layout per layer: k_cache, v_cache of shape (num_blocks, block_size, Hkv, D).
-A token's slot is block_id * block_size + offset. Tokens of one step are laid
-out as [decode tokens (one per sequence) | prefill chunks (varlen)]; decode goes
-through ``paged_decode_attention`` (a triton kernel can replace it), prefill
-through SDPA per sequence against everything cached so far (prefix hits included).
+A token's slot is block_id * block_size + offset. A step is either decode-only (one
+token per sequence: ``paged_decode_attention``) or varlen: sequence s owns query rows
+query_start[s]:query_start[s+1], the last of its seq_lens[s] positions, decodes
+(one row) and prefill chunks alike (``paged_varlen_attention``). Each has a torch
+reference here; the model runner swaps in the triton kernels on CUDA.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +24,13 @@ class AttentionMetadata:
     """What attention needs to know about one step's batch (built by the model runner)."""
 
     slot_mapping: torch.Tensor  # (N,) int64: cache slot of each new token
-    num_decode: int  # the first num_decode tokens are decodes, one per sequence
+    # decode-only steps: token b is sequence b's next token
     decode_block_tables: torch.Tensor | None = None  # (B, max_blocks) int32
     decode_context_lens: torch.Tensor | None = None  # (B,) int32, new token included
-    prefill_query_lens: list[int] = field(default_factory=list)  # per prefill sequence
-    prefill_context_lens: list[int] = field(default_factory=list)  # cached + new tokens
-    prefill_block_tables: list[torch.Tensor] = field(default_factory=list)  # (n_blocks,) each
+    # varlen steps (any prefill chunk): set instead of the two above
+    query_start: torch.Tensor | None = None  # (S+1,) int32: sequence s owns rows [qs[s], qs[s+1])
+    seq_lens: torch.Tensor | None = None  # (S,) int32: cached + new tokens
+    block_tables: torch.Tensor | None = None  # (S, max_blocks) int32
 
 
 def paged_decode_attention(
@@ -55,8 +57,47 @@ def paged_decode_attention(
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
+def paged_varlen_attention(
+    q: torch.Tensor,  # (N, Hq, D)
+    k_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D)
+    v_cache: torch.Tensor,
+    query_start: torch.Tensor,  # (S+1,) int32
+    seq_lens: torch.Tensor,  # (S,) int32
+    block_tables: torch.Tensor,  # (S, max_blocks) int32
+    scale: float,
+) -> torch.Tensor:  # (N, Hq, D); rows no sequence owns are zero
+    """Torch reference (reads the lengths on the host): SDPA per sequence against its
+    cached keys, query i of T at position ctx - T + i seeing keys 0..ctx - T + i, a
+    causal mask aligned to the bottom right (``causal_lower_right``; plain ``is_causal``
+    when T == ctx). Inputs are 4-D (batch, heads, len, dim), the only layout SDPA's
+    fused kernels take: 3-D ones, or a materialised bool mask, send it to its math path
+    (fp32 bmm + softmax, O(T * ctx) memory)."""
+    out = torch.zeros_like(q)
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    groups = q.shape[1] // hkv
+    starts = query_start.tolist()
+    for s, ctx in enumerate(seq_lens.tolist()):
+        a, b = starts[s], starts[s + 1]
+        T = b - a
+        if T == 0:
+            continue
+        table = block_tables[s, : -(-ctx // block_size)].long()
+        k = k_cache[table].flatten(0, 1)[:ctx]  # (ctx, Hkv, D)
+        v = v_cache[table].flatten(0, 1)[:ctx]
+        k = k.repeat_interleave(groups, dim=1).transpose(0, 1)[None]  # (1, Hq, ctx, D)
+        v = v.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
+        qs = q[a:b].transpose(0, 1)[None]  # (1, Hq, T, D)
+        mask = {"is_causal": True} if T == ctx else {"attn_mask": causal_lower_right(T, ctx)}
+        o = F.scaled_dot_product_attention(qs, k, v, scale=scale, **mask)
+        out[a:b] = o[0].transpose(0, 1)
+    return out
+
+
 DecodeAttentionFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+]
+VarlenAttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
 ]
 
 
@@ -72,6 +113,7 @@ class Attention(nn.Module):
     """Caches this layer's K/V and attends; the runner assigns k_cache/v_cache."""
 
     decode_fn: DecodeAttentionFn = staticmethod(paged_decode_attention)
+    varlen_fn: VarlenAttentionFn = staticmethod(paged_varlen_attention)
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -87,34 +129,8 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention of q (N, Hq, D) over the cache, this step's K/V already stored."""
-        nd = meta.num_decode
-        parts = []
-        if nd:
-            parts.append(self.decode_fn(q[:nd], self.k_cache, self.v_cache, meta.decode_block_tables,
-                                        meta.decode_context_lens, self.scale))
-        start = nd
-        for qlen, ctx, table in zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables):
-            parts.append(self._prefill(q[start:start + qlen], ctx, table))
-            start += qlen
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _prefill(self, q: torch.Tensor, ctx: int, table: torch.Tensor) -> torch.Tensor:
-        """q (T, Hq, D) are the last T of ctx positions; keys come from the cache.
-
-        Query i sits at position ctx - T + i and sees keys 0..ctx - T + i: a causal mask
-        aligned to the bottom right (``causal_lower_right``; plain ``is_causal`` when
-        T == ctx). Both run in SDPA's fused kernels (flash / memory-efficient), which take
-        only 4-D (batch, heads, len, dim) inputs: 3-D ones, or a materialised bool mask,
-        send SDPA to its math path (fp32 bmm + softmax, O(T * ctx) memory)."""
-        T = q.shape[0]
-        k = self.k_cache[table].flatten(0, 1)[:ctx]  # (ctx, Hkv, D)
-        v = self.v_cache[table].flatten(0, 1)[:ctx]
-        groups = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(groups, dim=1).transpose(0, 1)[None]  # (1, Hq, ctx, D)
-        v = v.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
-        q = q.transpose(0, 1)[None]  # (1, Hq, T, D)
-        if T == ctx:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, ctx), scale=self.scale)
-        return out[0].transpose(0, 1)  # (T, Hq, D)
+        if meta.query_start is None:
+            return self.decode_fn(q, self.k_cache, self.v_cache, meta.decode_block_tables,
+                                  meta.decode_context_lens, self.scale)
+        return self.varlen_fn(q, self.k_cache, self.v_cache, meta.query_start, meta.seq_lens,
+                              meta.block_tables, self.scale)

@@ -28,6 +28,13 @@ class MoE(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
 
+    def graph_max_tokens(self) -> int | None:
+        """The most tokens a CUDA graph may capture this block at (None: no limit). Under
+        capture the experts take the fused kernel; past FUSED_MAX_TOKENS eager 16-bit
+        experts take per-expert cuBLAS instead, so larger graphs would change the kernel."""
+        fp8 = getattr(self, "fp8_experts", None)
+        return fp8.graph_max_tokens() if fp8 is not None else FUSED_MAX_TOKENS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, D) -> (N, D)."""
         topk_weights, topk_ids = self.route(x)

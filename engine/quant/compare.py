@@ -26,7 +26,7 @@ def capture_sublayers(ref: LLM, prompt: list[int]) -> tuple[dict[str, tuple], tu
     output); returns them and the step's (ids, positions, metadata). The request is
     left scheduled in ``ref`` (its cache holds the prompt's K/V)."""
     ref.add_request(list(prompt), SamplingParams(max_tokens=1))
-    ids, pos, meta, _ = ref.runner._prepare(ref.scheduler.schedule())
+    ids, pos, meta, _ = ref.runner.prepare_varlen(ref.scheduler.schedule())
     seen: dict[str, tuple] = {}
     hooks = [m.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, (args, out)))
              for name, m in ref.model.named_modules()

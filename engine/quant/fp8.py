@@ -190,6 +190,10 @@ class Fp8FusedExperts(nn.Module):
             return fp8_moe_prefill(*args)
         return fused_moe(*args, config=moe_prefill_config(x.shape[0]) if path == "w8a8" else None)
 
+    def graph_max_tokens(self) -> int | None:
+        """Every path but "scaled_mm" (a host sync per expert) is graph-safe as chosen."""
+        return self.prefill_min_tokens - 1 if self.prefill_kernel == "scaled_mm" else None
+
     def path(self, num_tokens: int, capturing: bool = False, scaled_mm_ok: bool = True) -> str:
         """Which CUDA kernel a batch of ``num_tokens`` takes: "w8a16" (fused, 16-bit
         activations), "w8a8" (fused, e4m3 activations) or "scaled_mm" (per expert)."""

@@ -63,7 +63,7 @@ def test_prefill_logits_every_position(fixture, request):
     llm = LLM(path, dtype="float32", device="cpu", block_size=4, num_kv_blocks=16, progress=False)
     seq = llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=1))
     batch = llm.scheduler.schedule()
-    ids, pos, meta, _ = llm.runner._prepare(batch)
+    ids, pos, meta, _ = llm.runner.prepare_varlen(batch)
     with torch.no_grad():
         got = llm.model.compute_logits(llm.model(ids, pos, meta))
         ref = hf_model(path)(torch.tensor([prompt])).logits[0].float()
