@@ -6,6 +6,13 @@ way through their prompt first, then new arrivals in order. When the cache runs
 out of blocks, the most recently admitted sequence is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed later (its
 full blocks usually come back from the prefix cache).
+
+When the runner replays steps from CUDA graphs captured at padded token counts
+(``token_buckets``), a step just past one of them (say 50 decodes and a 1024-token
+prompt: 1074, padded to 1536) would spend the padding's compute for nothing. Past
+TRIM_FROM_TOKENS, where the step's cost grows with its tokens, the last prefill chunk
+is cut back to land on the graph below when that drops fewer tokens than padding
+would add; the cut tokens go into the next step.
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ from dataclasses import dataclass, field
 
 from engine.kv_cache import BlockManager
 from engine.sequence import Sequence, Status
+
+# Below this many tokens a Mixtral step costs about the same whatever its size (weights
+# dominate), so padding is nearly free and a trimmed chunk would only delay its prompt.
+TRIM_FROM_TOKENS = 512
 
 
 @dataclass
@@ -43,6 +54,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self.token_buckets: tuple[int, ...] = ()  # step sizes the runner has graphs for, ascending
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -77,7 +89,21 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
+        self._fit_bucket(batch)
         return batch
+
+    def _fit_bucket(self, batch: ScheduledBatch) -> None:
+        """Trim the last prefill chunk down to a graph size (module docstring)."""
+        if not batch.prefill:
+            return
+        n = batch.num_tokens
+        up = next((b for b in self.token_buckets if b >= n), None)
+        down = max((b for b in self.token_buckets if b < n), default=0)
+        if up is None or up == n or down < TRIM_FROM_TOKENS:
+            return
+        trim = n - down
+        if trim < up - n and trim < batch.chunk_lens[-1]:
+            batch.chunk_lens[-1] -= trim
 
     def _schedule_chunk(self, seq: Sequence, batch: ScheduledBatch, budget: int) -> int:
         room = (len(seq.block_table) + self.blocks.num_free_blocks) * self.blocks.block_size
