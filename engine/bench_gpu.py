@@ -465,6 +465,12 @@ def fp8_full() -> None:
     if "profile" in parts:
         for b in (1, 64):
             profile_steps(llm, b, "fp8_32")
+    # greedy tokens of a mixed-size batch (a 1020-token first step: the 1024 varlen graph)
+    # before any sleep, against the same after each wake (varlen graphs captured on first use)
+    rng = random.Random(1)
+    check_prompts = [[rng.randrange(3, 32000) for _ in range(n)] for n in (20, 300, 700)]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    before = [c.token_ids for c in llm.generate(check_prompts, greedy)] if "sleep" in parts else None
     for cycle in ((1, 2) if "sleep" in parts else ()):
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -478,6 +484,10 @@ def fp8_full() -> None:
         wake_s = time.perf_counter() - t
         r = run_batch(llm, 1, 16, 1)
         asleep.update(wake_s=wake_s, wake_to_first_token_s=wake_s + r.ttft_s, recaptured=llm.runner.recaptured_on_wake)
+        t = time.perf_counter()
+        after = [c.token_ids for c in llm.generate(check_prompts, greedy)]
+        asleep.update(mixed_batch_after_wake_s=time.perf_counter() - t, tokens_equal_before_sleep=after == before,
+                      varlen_graphs_after=sorted(llm.runner.varlen_graphs))
         RESULTS[f"sleep_cycle{cycle}"] = asleep
         log("sleep/wake", cycle, asleep)
     if "serve" in parts:

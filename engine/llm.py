@@ -57,7 +57,7 @@ class LLM:
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        self.scheduler.token_buckets = tuple(sorted(self.runner.varlen_graphs))
+        self.scheduler.token_buckets = tuple(self.runner.varlen_sizes)
         self.asleep = False
         self.sequences: dict[int, Sequence] = {}
         self._text: dict[int, TextState] = {}

@@ -48,7 +48,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._use_triton_attention()
         self.timings: dict[str, float] = {}  # start-up phases, seconds
-        self._varlen_sizes = [] if engine.enforce_eager else self._varlen_graph_sizes(engine.max_num_batched_tokens)
+        self.varlen_sizes = [] if engine.enforce_eager else self._varlen_graph_sizes(engine.max_num_batched_tokens)
         began = time.perf_counter()
         self.num_blocks = engine.num_kv_blocks or self._auto_num_blocks(engine)
         self.timings["kv_profile_s"] = time.perf_counter() - began
@@ -63,6 +63,7 @@ class ModelRunner:
         self._buckets: dict[int, int] = {}  # decode batch size -> captured (padded) size
         self._max_graph_bs = min(engine.max_num_seqs, GRAPH_BATCH_SIZES[-1])
         self._graph_ptrs: tuple[int, ...] = ()  # device addresses the graphs were captured against
+        self._pool = None  # the graphs' shared memory pool
         self._host: torch.Tensor | None = None  # weights parked by sleep() (pinned on CUDA)
         self.recaptured_on_wake = False
         if self.device.type == "cuda" and not engine.enforce_eager:
@@ -102,14 +103,18 @@ class ModelRunner:
             input_ids, positions, meta, sample_rows = self._prepare_decode(batch)
             return self.model.compute_logits(self.model(input_ids, positions, meta)[sample_rows])
         n = batch.num_tokens
-        size = next((x for x in self._varlen_sizes if x in self.varlen_graphs and x >= n), None)
+        size = next((x for x in self.varlen_sizes if x >= n), None)
         if size is None:
             input_ids, positions, meta, rows = self.prepare_varlen(batch)
             hidden = self.model(input_ids, positions, meta)
-        else:
+        elif size in self.varlen_graphs:
             rows = self.varlen.load(batch, size, self.block_size)
             self.varlen_graphs[size].replay()
             hidden = self.static[f"varlen{size}"]
+        else:  # not captured since the last wake: run padded (the capture's warm-up), then capture
+            rows = self.varlen.load(batch, size, self.block_size)
+            hidden = self.model(*self.varlen.views(size))
+            self._capture_varlen(size)
         return self.model.compute_logits(hidden[rows])
 
     def prepare_varlen(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
@@ -156,7 +161,7 @@ class ModelRunner:
         activations = max(0, peak - torch.cuda.memory_allocated(self.device))
         # the varlen graphs' pool keeps a largest step's activations for good; eager steps
         # past the graphs (or before their capture) need their own
-        reserve = activations * (2 if self._varlen_sizes else 1)
+        reserve = activations * (2 if self.varlen_sizes else 1)
         budget = total * engine.memory_fraction - used - reserve
         blocks = int(budget // self._block_bytes()) - 1
         if blocks < self.max_blocks_per_seq:
@@ -252,47 +257,53 @@ class ModelRunner:
         self._allocate_cache(self.num_blocks + 1)
         self.recaptured_on_wake = bool(self._graph_ptrs) and (not self.graphs or self._pointers() != self._graph_ptrs)
         if self.recaptured_on_wake:
+            # decode graphs now; each varlen graph on its first step (a wake is on the way
+            # to a first token, and most wakes meet few of the 14 sizes soon)
             self.graphs.clear()
             self.varlen_graphs.clear()
-            self._capture_graphs(self._max_graph_bs)
+            self._capture_graphs(self._max_graph_bs, varlen=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     # ---- CUDA graphs for decode ------------------------------------------
 
-    def _capture_graphs(self, max_bs: int) -> None:
-        """Varlen graphs, largest first, then decode graphs, all in one memory pool (they
-        never run at once, and each output is read before the next replay)."""
+    def _capture_graphs(self, max_bs: int, varlen: bool = True) -> None:
+        """Varlen graphs (unless ``varlen`` is False: then each is captured on its first
+        use), largest first, then decode graphs, all in one memory pool (they never run at
+        once, and each output is read before the next replay)."""
         self.inputs = DecodeInputs(max_bs, self.max_blocks_per_seq, self.num_blocks * self.block_size, self.device)
         self.static = self.inputs.views()
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_bs]
-        pool = None
+        self._pool = None
         s = self.static
         with torch.inference_mode():
             self.varlen.reset()
-            for n in reversed(self._varlen_sizes):
-                args = self.varlen.views(n)
-                self.model(*args)  # warm up outside the graph
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    s[f"varlen{n}"] = self.model(*args)
-                pool = graph.pool()
-                self.varlen_graphs[n] = graph
-                torch.cuda.synchronize(self.device)
+            for n in reversed(self.varlen_sizes if varlen else []):
+                self.model(*self.varlen.views(n))  # warm up outside the graph
+                self._capture_varlen(n)
             for bs in reversed(sizes):
                 meta = AttentionMetadata(slot_mapping=s["slots"][:bs], decode_block_tables=s["tables"][:bs],
                                          decode_context_lens=s["ctx"][:bs])
                 self.model(s["ids"][:bs], s["pos"][:bs], meta)  # warm up outside the graph
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=self._pool):
                     s[f"out{bs}"] = self.model(s["ids"][:bs], s["pos"][:bs], meta)
-                pool = graph.pool()
+                self._pool = graph.pool()
                 self.graphs[bs] = graph
                 torch.cuda.synchronize(self.device)
         self._buckets = {b: next(x for x in sizes if x >= b) for b in range(1, max_bs + 1)}
         self._graph_ptrs = self._pointers()
         log.info("captured CUDA graphs: decode at batch sizes %s, varlen at token counts %s",
-                 sizes, self._varlen_sizes)
+                 sizes, sorted(self.varlen_graphs) or "(each on first use)")
+
+    def _capture_varlen(self, n: int) -> None:
+        """Capture the varlen graph of ``n`` token rows (warmed up by the caller) against
+        the static inputs, in the shared pool. Capture records; it runs nothing."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+            self.static[f"varlen{n}"] = self.model(*self.varlen.views(n))
+        self._pool = graph.pool()
+        self.varlen_graphs[n] = graph
 
     def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
         B = len(batch.decode)
