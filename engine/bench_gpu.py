@@ -459,7 +459,8 @@ def fp8_full() -> None:
     if "decode" in parts:
         decode_sweep(llm, "fp8_32", [1, 8, 32, 64])
     if "ttft" in parts:
-        ttfts = [run_batch(llm, 1, 1024, 1).ttft_s for _ in range(3)]
+        # a different prompt each time: a repeat would hit the prefix cache and time a 16-token step
+        ttfts = [run_batch(llm, 1, 1024, 1, seed=100 + i).ttft_s for i in range(3)]
         RESULTS["ttft_1k_fp8_32_s"] = ttfts
         log("TTFT 1K fp8 32 layers (3 runs)", ttfts)
     if "profile" in parts:
