@@ -53,3 +53,52 @@ def sublayer_errors(ref: LLM, other: LLM, prompt: list[int]) -> dict[str, float]
         got_logits = other.model.compute_logits(other.model(ids, pos, meta)[-1:])
     errors["logits"] = rel_err(got_logits, want_logits)
     return errors
+
+
+def attention_error_on_cpu(tokens: int, hidden: int = 4096, heads: int = 32, kv_heads: int = 8,
+                           seed: int = 0) -> dict[str, float]:
+    """One Mixtral-width attention sub-layer (random weights, std 0.02 as the GPU bench
+    builds them) on the CPU: fp8 against bf16 with weights only quantized, and with each
+    linear's input also quantized per token to e4m3 as the GPU's W8A8 GEMMs do. Tells the
+    format's own error apart from a GPU kernel's (the GPU bench's ``layer_errors``)."""
+    import random
+
+    from engine.config import ModelConfig
+    from engine.kernels.act_quant import per_token_quant_reference
+    from engine.quant.fp8 import Fp8Linear
+
+    torch.manual_seed(seed)
+    raw = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": hidden,
+           "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": heads,
+           "num_key_value_heads": kv_heads, "num_local_experts": 8, "num_experts_per_tok": 2, "rope_theta": 1e6}
+    cfg = ModelConfig.from_dict(raw)
+    opts = dict(device="cpu", num_kv_blocks=-(-tokens // 16) + 1, max_model_len=tokens + 16,
+                max_num_batched_tokens=tokens, progress=False)
+    ref = LLM(model_config=cfg, dtype="bfloat16", **opts)
+    fp8 = LLM(model_config=cfg, dtype="fp8", **opts)
+    rng = random.Random(seed)
+    seen, _ = capture_sublayers(ref, [rng.randrange(3, 32000) for _ in range(tokens)])
+    fp8.runner.kv_cache.copy_(ref.runner.kv_cache)
+    args, want = seen["layers.0.self_attn"]
+    attn = fp8.model.get_submodule("layers.0.self_attn")
+    weights_only = Fp8Linear.forward
+
+    def w8a8(self: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
+        q, s = per_token_quant_reference(x.reshape(-1, self.in_features))
+        return weights_only(self, (q.float() * s[:, None]).to(x.dtype).reshape(x.shape))
+
+    with torch.inference_mode():
+        errors = {"weights_only": rel_err(attn(*args), want)}
+        Fp8Linear.forward = w8a8
+        try:
+            errors["w8a8"] = rel_err(attn(*args), want)
+        finally:
+            Fp8Linear.forward = weights_only
+    return errors
+
+
+if __name__ == "__main__":  # python -m engine.quant.compare [tokens ...]
+    import sys
+
+    for n in [int(a) for a in sys.argv[1:]] or [32, 1024]:
+        print(f"attention sub-layer, hidden 4096, {n}-token prefill:", attention_error_on_cpu(n), flush=True)
