@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig, ModelConfig
@@ -434,9 +435,10 @@ class VarlenInputs:
             table = q.block_table
             starts[j], lens[j] = n, b
             tables[j, :len(table)] = table
+            positions = np.arange(a, b)
             h64[0, n:n + k] = q.token_ids[a:b]
-            h64[1, n:n + k] = range(a, b)
-            h64[2, n:n + k] = [cache_slot(table, p, block_size) for p in range(a, b)]
+            h64[1, n:n + k] = positions
+            h64[2, n:n + k] = np.asarray(table)[positions // block_size] * block_size + positions % block_size
             n += k
             if b == q.num_tokens:
                 rows.append(n - 1)
