@@ -89,7 +89,7 @@ class ModelRunner:
             return []
         limits = [m.graph_max_tokens() for m in self.model.modules() if hasattr(m, "graph_max_tokens")]
         cap = min([max_tokens] + [x for x in limits if x is not None])
-        return [n for n in VARLEN_GRAPH_TOKENS if n <= cap]
+        return [n for n in VARLEN_GRAPH_TOKENS if n < cap] + [cap]  # a full step has its own graph
 
     # ---- the step -------------------------------------------------------
 
@@ -160,9 +160,12 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         activations = max(0, peak - torch.cuda.memory_allocated(self.device))
-        # the varlen graphs' pool keeps a largest step's activations for good; eager steps
-        # past the graphs (or before their capture) need their own
-        reserve = activations * (2 if self.varlen_sizes else 1)
+        # Eager steps need a full step's activations; the graphs' pool keeps its own for
+        # good. Captured largest first (start-up) the graphs share one step's worth, but
+        # after a wake they are captured in order of first use, and a capture cannot reuse
+        # smaller blocks freed by earlier ones: at worst every size keeps its own
+        # (activations grow about linearly with tokens), so reserve that.
+        reserve = activations * (1 + sum(self.varlen_sizes) / engine.max_num_batched_tokens)
         budget = total * engine.memory_fraction - used - reserve
         blocks = int(budget // self._block_bytes()) - 1
         if blocks < self.max_blocks_per_seq:
@@ -259,7 +262,7 @@ class ModelRunner:
         self.recaptured_on_wake = bool(self._graph_ptrs) and (not self.graphs or self._pointers() != self._graph_ptrs)
         if self.recaptured_on_wake:
             # decode graphs now; each varlen graph on its first step (a wake is on the way
-            # to a first token, and most wakes meet few of the 14 sizes soon)
+            # to a first token, and most wakes soon meet few of the sizes)
             self.graphs.clear()
             self.varlen_graphs.clear()
             self._capture_graphs(self._max_graph_bs, varlen=False)

@@ -115,7 +115,7 @@ def paged_varlen_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
-    block_m: int = 64,
+    block_m: int | None = None,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -124,7 +124,8 @@ def paged_varlen_attention(
     seq_lens (S,) int32, block_tables (S, max_blocks) int32 -> (N, Hq, D).
 
     Rows past query_start[S] (padding) are zero. Shapes alone set the launch, so the
-    call is CUDA-graph safe. block_m/block_n/num_warps/num_stages override the tiles."""
+    call is CUDA-graph safe. block_m/block_n/num_warps/num_stages override the tiles
+    (block_m: rows per program, BQ tokens x the group padded to a power of two)."""
     check_tensor(q, "q", 3, KV_DTYPES)
     n, hq, d = q.shape
     check_tensor(k_cache, "k_cache", 4, KV_DTYPES, device=q.device)
@@ -147,6 +148,7 @@ def paged_varlen_attention(
     check(block_tables.shape[0] == num_seqs, f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
     group = hq // hkv
     block_g = triton.next_power_of_2(group)
+    block_m = block_m or max(64, block_g)  # 64 rows unless one kv head's group needs more
     check(block_m % block_g == 0 and block_m >= 16, f"block_m {block_m} must be >= 16 and a multiple of {block_g}")
     block_q = block_m // block_g
     out = torch.zeros_like(q)

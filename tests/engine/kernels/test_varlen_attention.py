@@ -97,3 +97,11 @@ def test_kernel_inside_the_model_matches_reference(mixtral_d16):
     got = step_logits(llm, batch, 24)
     assert not torch.isnan(got).any()
     assert ((got - want).norm() / want.norm()).item() < 1e-4
+
+
+def test_groups_wider_than_the_default_tile():
+    """128 query heads on one kv head: the tile grows to hold the group (BQ = 1)."""
+    torch.manual_seed(3)
+    q, kc, vc, starts, lens, tables, n = _inputs(128, 1, 16, 16, [(3, 20), (1, 7)], 2, 0)
+    out = paged_varlen_attention(q, kc, vc, starts, lens, tables, 16**-0.5, block_n=16)
+    assert rel_err(out[:n], reference(q, kc, vc, starts, lens, tables, 16**-0.5)[:n]) < 1e-2
