@@ -43,7 +43,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:  # (B, Hq, D)
     """Torch reference: one query token per sequence attends to its whole cached context."""
     B, Hq, D = q.shape
-    _, block_size, Hkv, _ = k_cache.shape
+    Hkv = k_cache.shape[2]
     blocks = block_tables.long()
     k = k_cache[blocks].flatten(1, 2)  # (B, L, Hkv, D), L = max_blocks * block_size
     v = v_cache[blocks].flatten(1, 2)

@@ -72,8 +72,8 @@ def attention_error_on_cpu(tokens: int, hidden: int = 4096, heads: int = 32, kv_
            "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": heads,
            "num_key_value_heads": kv_heads, "num_local_experts": 8, "num_experts_per_tok": 2, "rope_theta": 1e6}
     cfg = ModelConfig.from_dict(raw)
-    opts = dict(device="cpu", num_kv_blocks=-(-tokens // 16) + 1, max_model_len=tokens + 16,
-                max_num_batched_tokens=tokens, progress=False)
+    opts = {"device": "cpu", "num_kv_blocks": -(-tokens // 16) + 1, "max_model_len": tokens + 16,
+            "max_num_batched_tokens": tokens, "progress": False}
     ref = LLM(model_config=cfg, dtype="bfloat16", **opts)
     fp8 = LLM(model_config=cfg, dtype="fp8", **opts)
     rng = random.Random(seed)

@@ -4,12 +4,10 @@ unpadded step's logits. (The triton kernel inside the model: tests/engine/kernel
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from engine.llm import LLM
 from engine.sampling import SamplingParams
-
 
 
 def mixed_batch(llm: LLM):

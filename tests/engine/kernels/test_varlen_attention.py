@@ -5,10 +5,9 @@ sequence rows with no tokens (what a CUDA graph captured at a padded size replay
 import pytest
 import torch
 
-from engine.llm import LLM
-
 from engine.kernels.varlen_attention import paged_varlen_attention
 from engine.layers.attention import paged_varlen_attention as reference
+from engine.llm import LLM
 
 from ..conftest import _save, mixtral_config
 from ..test_varlen_step import mixed_batch, step_logits
@@ -37,7 +36,7 @@ def _inputs(hq, hkv, d, page, seqs, pad_rows, empty_rows, dtype=torch.bfloat16):
     starts += [n] * empty_rows
     lens = [ctx for _, ctx in seqs] + [0] * empty_rows
     q = torch.randn(n + pad_rows, hq, d, device=DEVICE).to(dtype)
-    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)
     return q, k_cache, v_cache, as_i32(starts), as_i32(lens), tables, n
 
 
@@ -57,7 +56,7 @@ def test_decode_rows_match_the_decode_kernel_reference():
     from engine.kernels.paged_attention import paged_decode_attention_reference
 
     torch.manual_seed(7)
-    q, kc, vc, starts, lens, tables, n = _inputs(8, 2, 32, 16, [(1, 9), (1, 31), (1, 16)], 0, 0)
+    q, kc, vc, starts, lens, tables, _ = _inputs(8, 2, 32, 16, [(1, 9), (1, 31), (1, 16)], 0, 0)
     out = paged_varlen_attention(q, kc, vc, starts, lens, tables, 32**-0.5, block_n=16)
     want = paged_decode_attention_reference(q, kc, vc, tables, lens, 32**-0.5)
     assert rel_err(out, want) < 1e-2
