@@ -33,6 +33,14 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 VARLEN_GRAPH_TOKENS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
+def varlen_graph_sizes(model: torch.nn.Module, max_tokens: int) -> list[int]:
+    """VARLEN_GRAPH_TOKENS up to the smaller of ``max_tokens`` and every module's
+    ``graph_max_tokens()``, and that cap itself: a full step has its own graph."""
+    limits = [m.graph_max_tokens() for m in model.modules() if hasattr(m, "graph_max_tokens")]
+    cap = min([max_tokens] + [x for x in limits if x is not None])
+    return [n for n in VARLEN_GRAPH_TOKENS if n < cap] + [cap]
+
+
 def cache_slot(block_table: list[int], pos: int, block_size: int) -> int:
     """The KV-cache slot of a sequence's token at ``pos``."""
     return block_table[pos // block_size] * block_size + pos % block_size
@@ -65,6 +73,7 @@ class ModelRunner:
         self._max_graph_bs = min(engine.max_num_seqs, GRAPH_BATCH_SIZES[-1])
         self._graph_ptrs: tuple[int, ...] = ()  # device addresses the graphs were captured against
         self._pool = None  # the graphs' shared memory pool
+        self._capture_failed: set[int] = set()  # varlen sizes whose capture after a wake failed
         self._host: torch.Tensor | None = None  # weights parked by sleep() (pinned on CUDA)
         self.recaptured_on_wake = False
         if self.device.type == "cuda" and not engine.enforce_eager:
@@ -87,9 +96,7 @@ class ModelRunner:
         (the reference reads lengths on the host), else up to the model's limit."""
         if self.device.type != "cuda" or self.model.attention_layers()[0].varlen_fn is paged_varlen_reference:
             return []
-        limits = [m.graph_max_tokens() for m in self.model.modules() if hasattr(m, "graph_max_tokens")]
-        cap = min([max_tokens] + [x for x in limits if x is not None])
-        return [n for n in VARLEN_GRAPH_TOKENS if n < cap] + [cap]  # a full step has its own graph
+        return varlen_graph_sizes(self.model, max_tokens)
 
     # ---- the step -------------------------------------------------------
 
@@ -115,7 +122,13 @@ class ModelRunner:
         else:  # not captured since the last wake: run padded (the capture's warm-up), then capture
             rows = self.varlen.load(batch, size, self.block_size)
             hidden = self.model(*self.varlen.views(size))
-            self._capture_varlen(size)
+            if size not in self._capture_failed:
+                try:
+                    self._capture_varlen(size)
+                except RuntimeError as exc:  # e.g. invalidated by another engine's work on the device
+                    self._capture_failed.add(size)
+                    log.warning("varlen CUDA graph for %d tokens not captured (%s); eager until the next wake",
+                                size, exc)
         return self.model.compute_logits(hidden[rows])
 
     def prepare_varlen(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
@@ -265,6 +278,7 @@ class ModelRunner:
             # to a first token, and most wakes soon meet few of the sizes)
             self.graphs.clear()
             self.varlen_graphs.clear()
+            self._capture_failed.clear()
             self._capture_graphs(self._max_graph_bs, varlen=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -290,7 +304,7 @@ class ModelRunner:
                                          decode_context_lens=s["ctx"][:bs])
                 self.model(s["ids"][:bs], s["pos"][:bs], meta)  # warm up outside the graph
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                     s[f"out{bs}"] = self.model(s["ids"][:bs], s["pos"][:bs], meta)
                 self._pool = graph.pool()
                 self.graphs[bs] = graph
@@ -302,9 +316,10 @@ class ModelRunner:
 
     def _capture_varlen(self, n: int) -> None:
         """Capture the varlen graph of ``n`` token rows (warmed up by the caller) against
-        the static inputs, in the shared pool. Capture records; it runs nothing."""
+        the static inputs, in the shared pool. Capture records; it runs nothing. Thread-local
+        error mode: other threads (another engine in the process) may use the device."""
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self.static[f"varlen{n}"] = self.model(*self.varlen.views(n))
         self._pool = graph.pool()
         self.varlen_graphs[n] = graph

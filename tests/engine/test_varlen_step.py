@@ -44,3 +44,17 @@ def test_padded_varlen_step_matches_unpadded(tiny_mixtral):
     # padding wrote only the scratch block, past every real block
     scratch = llm.runner.num_blocks
     assert llm.runner.varlen.host64[2, n:].eq(scratch * llm.config.block_size).all()
+
+
+def test_graph_sizes_follow_the_experts_limit(tiny_mixtral):
+    """bf16 experts stop the graphs where their eager path changes kernel; fp8 experts
+    (every path graph-safe) go to the full step, which gets a size of its own."""
+    from engine.layers.moe import FUSED_MAX_TOKENS
+    from engine.model_runner import varlen_graph_sizes
+    from engine.quant.fp8 import quantize_fp8
+
+    llm = LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False)
+    assert varlen_graph_sizes(llm.model, 4096)[-1] == FUSED_MAX_TOKENS
+    assert varlen_graph_sizes(llm.model, 100) == [16, 32, 64, 100]
+    quantize_fp8(llm.model)
+    assert varlen_graph_sizes(llm.model, 3000)[-3:] == [1536, 2048, 3000]
