@@ -25,6 +25,40 @@ KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
+def check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
+    """Checks shared by the paged attention launchers: q (..., Hq, D) against caches
+    [NB, BS, Hkv, D]. Returns (BS, Hkv)."""
+    check_tensor(q, "q", 3, KV_DTYPES)
+    hq, d = q.shape[1], q.shape[2]
+    check_tensor(k_cache, "k_cache", 4, KV_DTYPES, device=q.device)
+    check_tensor(v_cache, "v_cache", 4, KV_DTYPES, device=q.device)
+    check(k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(),
+          f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must match in shape and strides")
+    check(k_cache.dtype == v_cache.dtype == q.dtype,
+          f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    _, page, hkv, dk = k_cache.shape
+    check(dk == d, f"cache head dim {dk} != q head dim {d}")
+    check(d >= 16 and d & (d - 1) == 0, f"head dim must be a power of two >= 16, got {d}")
+    check(hq % hkv == 0, f"query heads {hq} not a multiple of kv heads {hkv}")
+    check(page & (page - 1) == 0, f"block size must be a power of two, got {page}")
+    return page, hkv
+
+
+@triton.jit
+def load_kv_tile(k_ptr, v_ptr, table, pos, valid, hk, stride_cb, stride_ct, stride_ch, offs_d,
+                 PAGE: tl.constexpr, DOT_F32: tl.constexpr):
+    """K and V rows (BN, D) of kv head ``hk`` at positions ``pos`` through a block table
+    (zeros where not ``valid``); widened to fp32 when the dots must be."""
+    blk = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
+    row = blk * stride_cb + (pos % PAGE) * stride_ct + hk * stride_ch
+    k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
@@ -55,13 +89,8 @@ def _paged_decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        blk = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
-        row = blk * stride_cb + (pos % PAGE) * stride_ct + hk * stride_ch
-        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # (BN, D)
-        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(k_ptr, v_ptr, table, pos, valid, hk, stride_cb, stride_ct, stride_ch, offs_d,
+                            PAGE, DOT_F32)
         scores = tl.dot(q, tl.trans(k)) * qk_scale  # (BG, BN)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -128,18 +157,8 @@ def paged_decode_attention(
     """q (B, Hq, D), caches [NB, BS, Hkv, D], block_tables (B, max_blocks) int32,
     context_lens (B,) int32 -> (B, Hq, D). Zero-length sequences give zeros.
     num_splits/block_n/num_warps/num_stages override the tile choice (tuning)."""
-    check_tensor(q, "q", 3, KV_DTYPES)
+    page, hkv = check_paged_inputs(q, k_cache, v_cache)
     bsz, hq, d = q.shape
-    check_tensor(k_cache, "k_cache", 4, KV_DTYPES, device=q.device)
-    check_tensor(v_cache, "v_cache", 4, KV_DTYPES, device=q.device)
-    check(k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(),
-          f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must match in shape and strides")
-    check(k_cache.dtype == v_cache.dtype == q.dtype, f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    _, page, hkv, dk = k_cache.shape
-    check(dk == d, f"cache head dim {dk} != q head dim {d}")
-    check(d >= 16 and d & (d - 1) == 0, f"head dim must be a power of two >= 16, got {d}")
-    check(hq % hkv == 0, f"query heads {hq} not a multiple of kv heads {hkv}")
-    check(page & (page - 1) == 0, f"block size must be a power of two, got {page}")
     check_tensor(block_tables, "block_tables", 2, (torch.int32,), device=q.device)
     check(block_tables.shape[0] == bsz, f"block_tables has {block_tables.shape[0]} rows for batch {bsz}")
     check_tensor(context_lens, "context_lens", 1, (torch.int32,), device=q.device)

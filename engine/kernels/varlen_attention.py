@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels._common import check, check_tensor, dot_in_fp32
-from engine.kernels.paged_attention import KV_DTYPES
+from engine.kernels.paged_attention import check_paged_inputs, load_kv_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -85,13 +85,8 @@ def _paged_varlen_kernel(
     for n0 in range(0, kv_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         k_ok = pos < kv_end
-        blk = tl.load(table + pos // PAGE, mask=k_ok, other=0).to(tl.int64)
-        row = blk * stride_cb + (pos % PAGE) * stride_ct + hk * stride_ch
-        k = tl.load(k_ptr + row[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)  # (BN, D)
-        v = tl.load(v_ptr + row[:, None] + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(k_ptr, v_ptr, table, pos, k_ok, hk, stride_cb, stride_ct, stride_ch, offs_d,
+                            PAGE, DOT_F32)  # (BN, D) each
         scores = tl.dot(q, tl.trans(k)) * qk_scale  # (BM, BN)
         seen = k_ok[None, :] & (pos[None, :] <= q_pos[:, None])
         scores = tl.where(seen, scores, float("-inf"))
@@ -126,19 +121,8 @@ def paged_varlen_attention(
     Rows past query_start[S] (padding) are zero. Shapes alone set the launch, so the
     call is CUDA-graph safe. block_m/block_n/num_warps/num_stages override the tiles
     (block_m: rows per program, BQ tokens x the group padded to a power of two)."""
-    check_tensor(q, "q", 3, KV_DTYPES)
+    page, hkv = check_paged_inputs(q, k_cache, v_cache)
     n, hq, d = q.shape
-    check_tensor(k_cache, "k_cache", 4, KV_DTYPES, device=q.device)
-    check_tensor(v_cache, "v_cache", 4, KV_DTYPES, device=q.device)
-    check(k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(),
-          f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must match in shape and strides")
-    check(k_cache.dtype == v_cache.dtype == q.dtype,
-          f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    _, page, hkv, dk = k_cache.shape
-    check(dk == d, f"cache head dim {dk} != q head dim {d}")
-    check(d >= 16 and d & (d - 1) == 0, f"head dim must be a power of two >= 16, got {d}")
-    check(hq % hkv == 0, f"query heads {hq} not a multiple of kv heads {hkv}")
-    check(page & (page - 1) == 0, f"block size must be a power of two, got {page}")
     check_tensor(seq_lens, "seq_lens", 1, (torch.int32,), device=q.device)
     num_seqs = seq_lens.shape[0]
     check_tensor(query_start, "query_start", 1, (torch.int32,), device=q.device)
