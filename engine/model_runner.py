@@ -124,7 +124,7 @@ class ModelRunner:
             hidden = self.model(*self.varlen.views(size))
             if size not in self._capture_failed:
                 try:
-                    self._capture_varlen(size)
+                    self.varlen_graphs[size] = self._capture(f"varlen{size}", self.varlen.views(size))
                 except RuntimeError as exc:  # e.g. invalidated by another engine's work on the device
                     self._capture_failed.add(size)
                     log.warning("varlen CUDA graph for %d tokens not captured (%s); eager until the next wake",
@@ -298,31 +298,29 @@ class ModelRunner:
             self.varlen.reset()
             for n in reversed(self.varlen_sizes if varlen else []):
                 self.model(*self.varlen.views(n))  # warm up outside the graph
-                self._capture_varlen(n)
+                self.varlen_graphs[n] = self._capture(f"varlen{n}", self.varlen.views(n))
             for bs in reversed(sizes):
                 meta = AttentionMetadata(slot_mapping=s["slots"][:bs], decode_block_tables=s["tables"][:bs],
                                          decode_context_lens=s["ctx"][:bs])
-                self.model(s["ids"][:bs], s["pos"][:bs], meta)  # warm up outside the graph
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                    s[f"out{bs}"] = self.model(s["ids"][:bs], s["pos"][:bs], meta)
-                self._pool = graph.pool()
-                self.graphs[bs] = graph
-                torch.cuda.synchronize(self.device)
+                args = (s["ids"][:bs], s["pos"][:bs], meta)
+                self.model(*args)  # warm up outside the graph
+                self.graphs[bs] = self._capture(f"out{bs}", args)
+            torch.cuda.synchronize(self.device)
         self._buckets = {b: next(x for x in sizes if x >= b) for b in range(1, max_bs + 1)}
         self._graph_ptrs = self._pointers()
         log.info("captured CUDA graphs: decode at batch sizes %s, varlen at token counts %s",
                  sizes, sorted(self.varlen_graphs) or "(each on first use)")
 
-    def _capture_varlen(self, n: int) -> None:
-        """Capture the varlen graph of ``n`` token rows (warmed up by the caller) against
-        the static inputs, in the shared pool. Capture records; it runs nothing. Thread-local
-        error mode: other threads (another engine in the process) may use the device."""
+    def _capture(self, name: str, args: tuple) -> torch.cuda.CUDAGraph:
+        """Capture the model on ``args`` (static inputs; warmed up by the caller) in the
+        shared pool, its output kept as ``self.static[name]``. Capture records; it runs
+        nothing. Thread-local error mode: other threads (another engine in the process)
+        may use the device meanwhile."""
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self.static[f"varlen{n}"] = self.model(*self.varlen.views(n))
+            self.static[name] = self.model(*args)
         self._pool = graph.pool()
-        self.varlen_graphs[n] = graph
+        return graph
 
     def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
         B = len(batch.decode)
@@ -333,7 +331,32 @@ class ModelRunner:
         return self.static[f"out{bucket}"][:B]
 
 
-class DecodeInputs:
+class _HostTwins:
+    """Two static device buffers (int64 and int32) with page-locked host twins: a step
+    fills the twins once the previous copy out of them is done, then copies them over."""
+
+    def __init__(self, host64: torch.Tensor, host32: torch.Tensor, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.device = device
+        self.host64 = host64.pin_memory() if pin else host64
+        self.host32 = host32.pin_memory() if pin else host32
+        self.dev64, self.dev32 = self.host64.to(device), self.host32.to(device)
+        self.copied: torch.cuda.Event | None = None
+
+    def _await_copy(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+
+    def _push(self, len32: int) -> None:
+        """Copy the int64 twin and the first ``len32`` int32 entries over, asynchronously."""
+        self.dev64.copy_(self.host64, non_blocking=True)
+        self.dev32[:len32].copy_(self.host32[:len32], non_blocking=True)
+        if self.device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+
+class DecodeInputs(_HostTwins):
     """The decode graphs' static inputs, packed into two device buffers so that a replay
     needs two host-to-device copies: int64 [ids | positions | slots] and int32
     [context lengths | block tables], each filled in a page-locked host twin.
@@ -345,11 +368,7 @@ class DecodeInputs:
         host64[2] = scratch_slot
         host32 = torch.zeros(max_bs * (1 + max_blocks), dtype=torch.int32)
         host32[:max_bs] = 1
-        pin = device.type == "cuda"
-        self.host64 = host64.pin_memory() if pin else host64
-        self.host32 = host32.pin_memory() if pin else host32
-        self.dev64, self.dev32 = self.host64.to(device), self.host32.to(device)
-        self.copied: torch.cuda.Event | None = None
+        super().__init__(host64, host32, device)
 
     def views(self) -> dict[str, torch.Tensor]:
         """Contiguous views of the device buffers (what the graphs are captured against)."""
@@ -378,19 +397,12 @@ class DecodeInputs:
 
     def load(self, seqs: list, bucket: int, block_size: int) -> None:
         """Fill the host twins (once the previous copy out of them is done) and copy them over."""
-        if self.copied is not None:
-            self.copied.synchronize()
+        self._await_copy()
         self.fill(seqs, bucket, block_size)
-        self.dev64.copy_(self.host64, non_blocking=True)
-        # context lengths, then the tables of the bucket's rows only
-        self.dev32[: self.max_bs + bucket * self.max_blocks].copy_(
-            self.host32[: self.max_bs + bucket * self.max_blocks], non_blocking=True)
-        if self.dev64.is_cuda:
-            self.copied = torch.cuda.Event()
-            self.copied.record()
+        self._push(self.max_bs + bucket * self.max_blocks)  # context lengths, then the bucket's table rows
 
 
-class VarlenInputs:
+class VarlenInputs(_HostTwins):
     """Inputs of a step with prefill chunks, in two static device buffers that the varlen
     graphs are captured against (and eager steps read too): int64 [ids | positions |
     slots] per token and int32 [query_start (S+1) | seq_lens (S) | block tables (S, W)],
@@ -401,14 +413,8 @@ class VarlenInputs:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, scratch_slot: int,
                  device: torch.device) -> None:
         self.max_tokens, self.max_seqs, self.max_blocks, self.scratch = max_tokens, max_seqs, max_blocks, scratch_slot
-        self.device = device
-        pin = device.type == "cuda"
-        host64 = torch.zeros(3, max_tokens, dtype=torch.int64)
-        host32 = torch.zeros(2 * max_seqs + 1 + max_seqs * max_blocks, dtype=torch.int32)
-        self.host64 = host64.pin_memory() if pin else host64
-        self.host32 = host32.pin_memory() if pin else host32
-        self.dev64, self.dev32 = self.host64.to(device), self.host32.to(device)
-        self.copied: torch.cuda.Event | None = None
+        super().__init__(torch.zeros(3, max_tokens, dtype=torch.int64),
+                         torch.zeros(2 * max_seqs + 1 + max_seqs * max_blocks, dtype=torch.int32), device)
         self.reset()
 
     def reset(self) -> None:
@@ -469,16 +475,10 @@ class VarlenInputs:
     def load(self, batch: ScheduledBatch, num_rows: int, block_size: int) -> torch.Tensor:
         """Fill the host twins (once the previous copy out of them is done), copy them over,
         and return the sampling rows as a device tensor."""
-        if self.copied is not None:
-            self.copied.synchronize()
+        self._await_copy()
         rows = self.fill(batch, num_rows, block_size)
         seqs = len(batch.decode) + len(batch.prefill)
-        self.dev64.copy_(self.host64, non_blocking=True)  # 24 bytes a row: whole is cheaper than three pieces
-        used32 = 2 * self.max_seqs + 1 + seqs * self.max_blocks  # the batch's table rows only
-        self.dev32[:used32].copy_(self.host32[:used32], non_blocking=True)
+        # int64 whole (24 bytes a row: cheaper than three pieces); int32 up to the batch's table rows
+        self._push(2 * self.max_seqs + 1 + seqs * self.max_blocks)
         out = torch.tensor(rows, dtype=torch.int64)
-        if self.device.type == "cuda":
-            out = out.pin_memory().to(self.device, non_blocking=True)
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-        return out
+        return out.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else out
