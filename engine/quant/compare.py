@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from engine.kernels.act_quant import per_token_quant_reference
 from engine.llm import LLM
+from engine.quant.fp8 import Fp8Linear
 from engine.sampling import SamplingParams
 
 SUBLAYERS = (".self_attn", ".mlp")
@@ -64,8 +66,6 @@ def attention_error_on_cpu(tokens: int, hidden: int = 4096, heads: int = 32, kv_
     import random
 
     from engine.config import ModelConfig
-    from engine.kernels.act_quant import per_token_quant_reference
-    from engine.quant.fp8 import Fp8Linear
 
     torch.manual_seed(seed)
     raw = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": hidden,
@@ -82,19 +82,25 @@ def attention_error_on_cpu(tokens: int, hidden: int = 4096, heads: int = 32, kv_
     args, want = seen["layers.0.self_attn"]
     attn = fp8.model.get_submodule("layers.0.self_attn")
     weights_only = Fp8Linear.forward
-
-    def w8a8(self: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
-        q, s = per_token_quant_reference(x.reshape(-1, self.in_features))
-        return weights_only(self, (q.float() * s[:, None]).to(x.dtype).reshape(x.shape))
-
     with torch.inference_mode():
         errors = {"weights_only": rel_err(attn(*args), want)}
-        Fp8Linear.forward = w8a8
+        Fp8Linear.forward = w8a8_forward
         try:
             errors["w8a8"] = rel_err(attn(*args), want)
         finally:
             Fp8Linear.forward = weights_only
     return errors
+
+
+def w8a8_forward(self: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
+    """Fp8Linear as the GPU runs it, on the CPU (patch it in as ``Fp8Linear.forward``):
+    the input quantized per token to e4m3 by the kernel's reference quantizer, then the
+    weights-only forward."""
+    q, s = per_token_quant_reference(x.reshape(-1, self.in_features))
+    return _weights_only_forward(self, (q.float() * s[:, None]).to(x.dtype).reshape(x.shape))
+
+
+_weights_only_forward = Fp8Linear.forward
 
 
 if __name__ == "__main__":  # python -m engine.quant.compare [tokens ...]

@@ -21,10 +21,9 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
-from engine.kernels.act_quant import per_token_quant_reference
 from engine.kernels.fused_moe import fused_moe, moe_config, moe_prefill_config
 from engine.llm import LLM
-from engine.quant.compare import capture_sublayers
+from engine.quant.compare import capture_sublayers, w8a8_forward
 from engine.quant.fp8 import Fp8Linear
 
 from ._util import rel_err
@@ -52,17 +51,13 @@ def test_w8a8_attention_close_to_bf16(sublayers, monkeypatch):
     seen, fp8 = sublayers
     weights_only = Fp8Linear.forward
 
-    def w8a8(self, x):  # per-token e4m3 input, as per_token_quant_fp8 feeds the GPU GEMMs
-        q, s = per_token_quant_reference(x.reshape(-1, self.in_features))
-        return weights_only(self, (q.float() * s[:, None]).to(x.dtype).reshape(x.shape))
-
     errors = {}
     with torch.no_grad():
         for name, (args, want) in seen.items():
             if name.endswith(".self_attn"):
                 m = fp8.model.get_submodule(name)
                 errors[name] = {"weights": rel_err(m(*args), want)}
-                monkeypatch.setattr(Fp8Linear, "forward", w8a8)
+                monkeypatch.setattr(Fp8Linear, "forward", w8a8_forward)
                 errors[name]["w8a8"] = rel_err(m(*args), want)
                 monkeypatch.setattr(Fp8Linear, "forward", weights_only)
     assert len(errors) == 2, errors
