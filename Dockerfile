@@ -8,10 +8,7 @@ WORKDIR /src
 RUN python -m venv /opt/sluice \
  && /opt/sluice/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
-COPY gateway ./gateway
-COPY engine ./engine
-COPY plugins ./plugins
-COPY migrations ./migrations
+COPY sluice ./sluice
 RUN /opt/sluice/bin/pip install .
 
 FROM python:3.12-slim

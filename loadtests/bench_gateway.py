@@ -150,7 +150,7 @@ class Stack:
         self.key = ""
 
     def cli(self, *args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=self.workdir,
+        done = subprocess.run([sys.executable, "-m", "sluice.gateway.cli", *args], cwd=self.workdir,
                               env=self.env, capture_output=True, text=True, check=False)
         if done.returncode:
             raise RuntimeError(f"sluice {' '.join(args)} failed ({done.returncode}):\n"
@@ -189,7 +189,7 @@ class Stack:
         self.cli("migrate")
         self.cli("tenants", "create", "bench")
         self.key = json.loads(self.cli("keys", "create", "--tenant", "bench", "--json"))["key"]
-        serve = ["gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(self.gateway_port)]
+        serve = ["sluice.gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(self.gateway_port)]
         if self.http:
             serve += ["--http", self.http]
         self.gateway = self.spawn("gateway", *serve)

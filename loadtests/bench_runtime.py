@@ -22,10 +22,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gateway.backends import GenerationRequest, SamplingParams
-from gateway.runtime import Pool
-from gateway.settings import PoolConfig
-from plugins.local_engine import LocalEngineBackend
+from sluice.gateway.backends.contract import GenerationRequest, SamplingParams
+from sluice.gateway.backends.runtime import Pool
+from sluice.gateway.settings import PoolConfig
+from sluice.plugins.local_engine import LocalEngineBackend
 
 
 def _cuda_memory() -> float | None:

@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.entropy import EntropyConfig, features, score_prompt  # noqa: E402
-from gateway.ratelimit import Limits, MemoryStore, RateLimitConfig, RateLimiter  # noqa: E402
+from sluice.gateway.pipeline.entropy import EntropyConfig, features, score_prompt  # noqa: E402
+from sluice.gateway.pipeline.ratelimit import Limits, MemoryStore, RateLimitConfig, RateLimiter  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "prompts"
 FEATURES = ["ascii_entropy", "entropy", "compress_ratio", "encoded_frac", "leet_rate",

@@ -42,7 +42,7 @@ def _free_port() -> int:
 
 
 def _cli(env: dict[str, str], cwd: Path, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, cwd=cwd,
+    done = subprocess.run([sys.executable, "-m", "sluice.gateway.cli", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, check=True)
     return done.stdout
 
@@ -77,7 +77,7 @@ def main() -> int:
         port = _free_port()
         host = f"http://127.0.0.1:{port}"
         log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed below
-        server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port",
+        server = subprocess.Popen([sys.executable, "-m", "sluice.gateway.cli", "serve", "--port",
                                    str(port)], env=env, cwd=tmp, stdout=log,
                                   stderr=subprocess.STDOUT)
         try:

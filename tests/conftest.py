@@ -63,7 +63,7 @@ def make_postgres_database(prefix: str = "sluice_t") -> str:
     """A fresh, migrated database of this run's own; drop it with drop_postgres_database."""
     from sqlalchemy.engine import make_url
 
-    from gateway.db.session import migrate
+    from sluice.gateway.db.session import migrate
 
     if not _reachable(POSTGRES_URL, 5432):
         _service_missing("Postgres", POSTGRES_URL)
@@ -90,7 +90,7 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
-    from gateway.db.session import migrate
+    from sluice.gateway.db.session import migrate
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'sluice.db'}"
     migrate(url)
@@ -182,7 +182,7 @@ class GatewayServer:
     """The real app under a real uvicorn, on a free port, in a thread of its own."""
 
     def __init__(self, settings: Any, *, telemetry: Any = None) -> None:
-        from gateway.app import create_app
+        from sluice.gateway.app import create_app
 
         self.settings = settings
         self.app = create_app(settings, telemetry=telemetry)
@@ -239,7 +239,7 @@ class GatewayServer:
 
 
 def echo_settings(database_url: str, **overrides: Any) -> Any:
-    from gateway.settings import BackendConfig, Settings
+    from sluice.gateway.settings import BackendConfig, Settings
 
     backends = overrides.pop(
         "backends",
@@ -308,7 +308,7 @@ class ProcessServer:
         }
         self.log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "sluice.gateway.cli", "serve", "--port", str(self.port)],
             env=env, cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT,
         )
 
@@ -337,8 +337,8 @@ class ProcessServer:
         self.log.close()
 
     async def tenant_key(self, tenant: str, **options: Any) -> str:
-        from gateway.accounts import Accounts
-        from gateway.db.session import create_engine, sessionmaker
+        from sluice.gateway.accounts.tenants import Accounts
+        from sluice.gateway.db.session import create_engine, sessionmaker
 
         engine = create_engine(self.database_url)
         accounts = Accounts(sessionmaker(engine))

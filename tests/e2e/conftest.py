@@ -23,8 +23,8 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
 def mount_dashboard(server: GatewayServer) -> None:
     """Append the dashboard's routes unless create_app already mounts them."""
-    from gateway import dashboard
-    from gateway.dashboard.security import DashboardMount
+    from sluice.gateway import dashboard
+    from sluice.gateway.dashboard.security import DashboardMount
 
     if not any(isinstance(r, DashboardMount) for r in server.app.router.routes):
         server.app.router.routes.extend(dashboard.routes)
@@ -32,7 +32,7 @@ def mount_dashboard(server: GatewayServer) -> None:
 
 @pytest.fixture
 def dashboard_server(sqlite_url: str) -> Iterator[GatewayServer]:
-    from gateway.admins import create_admin
+    from sluice.gateway.accounts.admins import create_admin
 
     server = GatewayServer(echo_settings(sqlite_url, admin_jwt_ttl_s=600))
     mount_dashboard(server)

@@ -12,8 +12,8 @@ import httpx
 import jwt
 import pytest
 
-from gateway.auth import issue_admin_token
-from gateway.dashboard import session as sessions
+from sluice.gateway.accounts.auth import issue_admin_token
+from sluice.gateway.dashboard import session as sessions
 from tests.conftest import GatewayServer
 from tests.e2e.conftest import ADMIN_PASSWORD, ADMIN_USER
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from engine.llm import LLM
-from engine.sampling import SamplingParams
+from sluice.engine.llm import LLM
+from sluice.engine.sampling import SamplingParams
 
 
 CANCELLED = (3, 10, 13)  # each cancelled once it has produced 2 tokens

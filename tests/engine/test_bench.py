@@ -1,10 +1,10 @@
-"""engine.bench runs end to end on the tiny model and reports every batch size."""
+"""bench.throughput runs end to end on the tiny model and reports every batch size."""
 
 from __future__ import annotations
 
 import json
 
-from engine.bench import main
+from bench.throughput import main
 
 
 def test_bench_json_on_tiny_model(capsys):
@@ -25,9 +25,9 @@ def test_bench_preset_needs_random_weights(capsys):
 def test_serving_harness_on_tiny_model_and_cutoff_readout():
     """The GPU bench's Poisson serving loop runs end to end (tiny model, CPU), and the
     requests/s at a cut-off is read from the highest rate that met it and lost nothing."""
-    from engine.bench_gpu import compare_at_cutoffs, serve, sustained
-    from engine.config import PRESETS, ModelConfig
-    from engine.llm import LLM
+    from bench.gpu_report import compare_at_cutoffs, serve, sustained
+    from sluice.engine.config import PRESETS, ModelConfig
+    from sluice.engine.llm import LLM
 
     llm = LLM(model_config=ModelConfig.from_dict(PRESETS["tiny-mixtral"]), device="cpu", progress=False,
               max_num_seqs=8)
@@ -59,7 +59,7 @@ def test_coldstart_bench_on_tiny_model(tmp_path, monkeypatch):
     checks the loaded bytes against it (CPU, tiny model)."""
     import sys
 
-    from engine import bench_coldstart
+    from bench import coldstart as bench_coldstart
 
     monkeypatch.setattr(sys, "argv", ["bench_coldstart", str(tmp_path / "out"), "--preset", "tiny-mixtral",
                                       "--device", "cpu", "--checkpoint", str(tmp_path / "ckpt"),
@@ -79,9 +79,9 @@ def test_gpu_bench_layer_errors_section_on_cpu(tmp_path, monkeypatch):
     sub-layer and the logits for both prompt sizes."""
     import torch
 
-    from engine import bench_gpu
-    from engine.config import ModelConfig
-    from engine.llm import LLM
+    from bench import gpu_report as bench_gpu
+    from sluice.engine.config import ModelConfig
+    from sluice.engine.llm import LLM
 
     raw = {"architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 64,
            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.model_runner import DecodeInputs
-from engine.sampling import SamplingParams
-from engine.sequence import Sequence
+from sluice.engine.model_runner import DecodeInputs
+from sluice.engine.sampling import SamplingParams
+from sluice.engine.sequence import Sequence
 
 
 def _seq(tokens: list[int], table: list[int]) -> Sequence:

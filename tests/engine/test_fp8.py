@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import ModelConfig
-from engine.errors import CheckpointError, ConfigError
-from engine.llm import LLM
-from engine.quant.compare import sublayer_errors
-from engine.quant.fp8 import Fp8FusedExperts, Fp8Linear
-from engine.sampling import SamplingParams
+from sluice.engine.config import ModelConfig
+from sluice.engine.errors import CheckpointError, ConfigError
+from sluice.engine.llm import LLM
+from bench.quant_error import sublayer_errors
+from sluice.engine.quant.fp8 import Fp8FusedExperts, Fp8Linear
+from sluice.engine.sampling import SamplingParams
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 461, 10575, 754]
 

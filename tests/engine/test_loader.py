@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import ModelConfig
-from engine.errors import CheckpointError, ConfigError, EngineError
-from engine.llm import LLM
+from sluice.engine.config import ModelConfig
+from sluice.engine.errors import CheckpointError, ConfigError, EngineError
+from sluice.engine.llm import LLM
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:

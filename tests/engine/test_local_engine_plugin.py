@@ -1,4 +1,4 @@
-"""plugins.local_engine: the engine behind the gateway's Backend contract."""
+"""sluice.plugins.local_engine: the engine behind the gateway's Backend contract."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from gateway.backends import BackendError, ChatMessage, GenerationRequest, SamplingParams
-from plugins.local_engine import LocalEngineBackend
+from sluice.gateway.backends.contract import BackendError, ChatMessage, GenerationRequest, SamplingParams
+from sluice.plugins.local_engine import LocalEngineBackend
 
 REFERENCE_IDS = [1, 733, 16289, 28793, 22557, 733, 28748, 16289, 28793, 15359, 736, 2,
                  733, 16289, 28793, 1602, 460, 368, 28804, 733, 28748, 16289, 28793]

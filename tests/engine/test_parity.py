@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.llm import LLM
-from engine.sampling import SamplingParams
+from sluice.engine.llm import LLM
+from sluice.engine.sampling import SamplingParams
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 461, 10575, 754, 272, 17898, 3914, 28723, 7, 300, 451]
 DECODE_STEPS = 16

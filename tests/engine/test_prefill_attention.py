@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.layers.attention import paged_varlen_attention
+from sluice.engine.layers.attention import paged_varlen_attention
 
 
 @pytest.mark.parametrize("t,ctx", [(40, 40), (10, 40), (1, 17)])

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from engine.async_llm import AsyncLLM
-from engine.llm import LLM
-from engine.sampling import SamplingParams
+from sluice.engine.async_llm import AsyncLLM
+from sluice.engine.llm import LLM
+from sluice.engine.sampling import SamplingParams
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 461, 10575, 754, 272, 17898, 3914, 28723]
 

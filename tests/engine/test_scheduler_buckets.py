@@ -3,10 +3,10 @@ gives up the tail of its last prefill chunk to the next step instead of padding 
 
 from __future__ import annotations
 
-from engine.kv_cache import BlockManager
-from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from sluice.engine.kv_cache import BlockManager
+from sluice.engine.sampling import SamplingParams
+from sluice.engine.scheduler import Scheduler
+from sluice.engine.sequence import Sequence
 
 BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 1536, 2048)
 

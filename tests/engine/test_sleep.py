@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.errors import RequestError
-from engine.llm import LLM
-from engine.sampling import SamplingParams
+from sluice.engine.errors import RequestError
+from sluice.engine.llm import LLM
+from sluice.engine.sampling import SamplingParams
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 28705, 461]
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine import staging
-from engine.config import ModelConfig
-from engine.errors import CheckpointError
-from engine.loader import load_model
-from engine.staging import LayerStager, read_header
+from sluice.engine import staging
+from sluice.engine.config import ModelConfig
+from sluice.engine.errors import CheckpointError
+from sluice.engine.loader import load_model
+from sluice.engine.staging import LayerStager, read_header
 from tests.engine.conftest import _save, mixtral_config
 from tests.engine.test_fp8 import write_prequantized
 
@@ -87,7 +87,7 @@ def test_prequantized_load_reads_each_tensor_once(three_layers, tmp_path, monkey
     re-installed a layer's FP8 weights once per tensor name, 31 times a Mixtral layer."""
     from collections import Counter
 
-    from engine.loader import Checkpoint
+    from sluice.engine.loader import Checkpoint
 
     path = write_prequantized(three_layers, tmp_path / "fp8", "fp8")
     reads: Counter[str] = Counter()

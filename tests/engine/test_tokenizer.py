@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.tokenizer import HFTokenizer, IncrementalDetokenizer, SentencePieceTokenizer
+from sluice.engine.tokenizer import HFTokenizer, IncrementalDetokenizer, SentencePieceTokenizer
 
 REFERENCE_IDS = [1, 733, 16289, 28793, 22557, 733, 28748, 16289, 28793, 15359, 736, 2,
                  733, 16289, 28793, 1602, 460, 368, 28804, 733, 28748, 16289, 28793]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.llm import LLM
-from engine.sampling import SamplingParams
+from sluice.engine.llm import LLM
+from sluice.engine.sampling import SamplingParams
 
 
 def mixed_batch(llm: LLM):
@@ -49,9 +49,9 @@ def test_padded_varlen_step_matches_unpadded(tiny_mixtral):
 def test_graph_sizes_follow_the_experts_limit(tiny_mixtral):
     """bf16 experts stop the graphs where their eager path changes kernel; fp8 experts
     (every path graph-safe) go to the full step, which gets a size of its own."""
-    from engine.layers.moe import FUSED_MAX_TOKENS
-    from engine.model_runner import varlen_graph_sizes
-    from engine.quant.fp8 import quantize_fp8
+    from sluice.engine.layers.moe import FUSED_MAX_TOKENS
+    from sluice.engine.model_runner import varlen_graph_sizes
+    from sluice.engine.quant.fp8 import quantize_fp8
 
     llm = LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False)
     assert varlen_graph_sizes(llm.model, 4096)[-1] == FUSED_MAX_TOKENS

@@ -18,11 +18,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from gateway import cli_accounting
-from gateway.audit import AuditLog, chain_hash, prompt_digest, verify
-from gateway.db.session import create_engine, migrate
-from gateway.settings import Settings
-from gateway.spool import Spool
+from sluice.gateway import cli_accounting
+from sluice.gateway.ledger.audit import AuditLog, chain_hash, prompt_digest, verify
+from sluice.gateway.db.session import create_engine, migrate
+from sluice.gateway.settings import Settings
+from sluice.gateway.ledger.spool import Spool
 
 PG_SERVER = "postgresql+asyncpg://postgres@127.0.0.1:5432"
 

@@ -25,9 +25,9 @@ import pytest
 from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from gateway import cli_accounting
-from gateway.audit import AuditLog, verify
-from gateway.billing import (
+from sluice.gateway import cli_accounting
+from sluice.gateway.ledger.audit import AuditLog, verify
+from sluice.gateway.ledger.billing import (
     BillingError,
     count_usage,
     export_usage,
@@ -36,9 +36,9 @@ from gateway.billing import (
     push_stripe,
     stripe_client,
 )
-from gateway.db.models import Tenant, UsageEvent
-from gateway.db.session import create_engine, migrate
-from gateway.settings import Settings
+from sluice.gateway.db.models import Tenant, UsageEvent
+from sluice.gateway.db.session import create_engine, migrate
+from sluice.gateway.settings import Settings
 from tests.fakes.stripe_server import FakeStripe
 
 PG_SERVER = "postgresql+asyncpg://postgres@127.0.0.1:5432"
@@ -177,8 +177,8 @@ async def test_export_csv_and_jsonl_filter_by_time_and_tenant(db: AsyncEngine) -
 # Runs in a child process so that the peak RSS it reports belongs to the export alone.
 MEASURE_EXPORT = """
 import asyncio, datetime as dt, hashlib, json, os, resource, sys, time
-from gateway.billing import export_usage
-from gateway.db.session import create_engine
+from sluice.gateway.ledger.billing import export_usage
+from sluice.gateway.db.session import create_engine
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

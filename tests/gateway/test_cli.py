@@ -17,7 +17,7 @@ from tests.conftest import free_port
 
 
 def sluice(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "sluice.gateway.cli", *args], cwd=cwd,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=120)
 
@@ -26,7 +26,7 @@ def test_first_start_bootstraps_a_key_that_works(tmp_path: Path) -> None:
     """What `make run` does on a fresh clone: serve the embedded database, print a key."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "sluice.gateway.cli", "serve", "--port", str(port)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from gateway.entropy import Band, EntropyConfig, Ramp, score_prompt
+from sluice.gateway.pipeline.entropy import Band, EntropyConfig, Ramp, score_prompt
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "prompts"
 CONFIG = EntropyConfig()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gateway.guard import (
+from sluice.gateway.pipeline.guard import (
     Guard,
     GuardCategory,
     GuardParseError,

@@ -11,8 +11,8 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from gateway.db.accounting import AuditRecord
-from gateway.guard import Guard
+from sluice.gateway.db.accounting import AuditRecord
+from sluice.gateway.pipeline.guard import Guard
 from tests.conftest import GatewayServer, echo_settings
 
 

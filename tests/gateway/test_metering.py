@@ -12,8 +12,8 @@ import httpx
 import orjson
 from sqlalchemy import func, select, text
 
-from gateway.db.models import UsageDaily, UsageEvent
-from gateway.db.session import create_engine
+from sluice.gateway.db.models import UsageDaily, UsageEvent
+from sluice.gateway.db.session import create_engine
 from tests.conftest import ECHO_CONFIG, GatewayServer, ProcessServer
 
 CANCELLED: dict[str, int] = {}
@@ -130,7 +130,7 @@ def test_replayed_usage_batches_are_written_once(postgres_server: GatewayServer)
     """Writes are idempotent by request id: a retried batch never double-counts."""
     import datetime as dt
 
-    from gateway.metering import write_usage
+    from sluice.gateway.ledger.metering import write_usage
 
     now = dt.datetime.now(dt.UTC)
     rows = [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
-from gateway.db.session import create_engine, migrate
+from sluice.gateway.db.session import create_engine, migrate
 from tests.conftest import drop_postgres_database, make_postgres_database
 
 

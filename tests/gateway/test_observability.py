@@ -6,7 +6,7 @@ import httpx
 import openai
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway.telemetry import Telemetry
+from sluice.gateway.telemetry import Telemetry
 from tests.conftest import GatewayServer, echo_settings
 
 

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.ratelimit import (
+from sluice.gateway.pipeline.ratelimit import (
     LimiterError,
     LimiterUnavailable,
     Limits,
@@ -305,7 +305,7 @@ def test_memory_never_exceeds_capacity_plus_refill(steps: list[tuple[float, int]
 async def test_unreachable_redis_gives_only_documented_errors(mode: str, caplog) -> None:
     config = RateLimitConfig(on_store_error=mode, store_retry_s=0.0, store_timeout_s=0.05)
     lim = RateLimiter.from_settings("redis://127.0.0.1:1/0", config)
-    caplog.set_level(logging.WARNING, logger="gateway.ratelimit")
+    caplog.set_level(logging.WARNING, logger="sluice.gateway.pipeline.ratelimit")
     start = time.perf_counter()
     for _ in range(5):
         if mode == "open":
@@ -325,7 +325,7 @@ async def test_unreachable_redis_gives_only_documented_errors(mode: str, caplog)
 
 _HAMMER = """
 import asyncio, json, sys, time
-from gateway.ratelimit import Limits, RateLimitConfig, RateLimited, RateLimiter
+from sluice.gateway.pipeline.ratelimit import Limits, RateLimitConfig, RateLimited, RateLimiter
 
 async def main(url, prefix, start_at, n):
     lim = RateLimiter.from_settings(url, RateLimitConfig(key_prefix=prefix, store_timeout_s=2))

@@ -10,7 +10,7 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from gateway.ratelimit import Limits, RateLimitConfig, RateLimited, RateLimiter
+from sluice.gateway.pipeline.ratelimit import Limits, RateLimitConfig, RateLimited, RateLimiter
 
 NATURAL = "Could you explain how tides work and why there are two of them each day?"
 

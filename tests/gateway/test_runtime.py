@@ -8,11 +8,11 @@ import httpx
 import openai
 import pytest
 
-from gateway.backends import GenerationRequest, ChatMessage, SamplingParams
-from gateway.errors import ServiceUnavailable
-from gateway.runtime import Pool, WorkerState
-from gateway.settings import BackendConfig, PoolConfig
-from plugins.echo import EchoBackend
+from sluice.gateway.backends.contract import GenerationRequest, ChatMessage, SamplingParams
+from sluice.gateway.errors import ServiceUnavailable
+from sluice.gateway.backends.runtime import Pool, WorkerState
+from sluice.gateway.settings import BackendConfig, PoolConfig
+from sluice.plugins.echo import EchoBackend
 from tests.conftest import GatewayServer, echo_settings
 
 
@@ -141,7 +141,7 @@ def test_worker_killed_mid_stream_is_replaced_and_only_its_requests_fail(
         assert all(w["state"] != "stopping" for w in pool.status()["workers"])
         # The failed request was metered with what it streamed.
         server.run(server.gateway.meter.flush())
-        token = __import__("gateway.auth", fromlist=["x"]).issue_admin_token(
+        token = __import__("sluice.gateway.accounts.auth", fromlist=["x"]).issue_admin_token(
             server.settings.admin_jwt_secret, "t", 60)
         usage = httpx.get(server.base_url + "/admin/api/usage", params={"group_by": "model"},
                           headers={"Authorization": f"Bearer {token}"}).json()["data"]

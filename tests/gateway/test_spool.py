@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.spool import Spool
+from sluice.gateway.ledger.spool import Spool
 
 
 def batches(n: int, size: int = 3) -> list[list[dict[str, Any]]]:

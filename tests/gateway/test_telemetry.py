@@ -13,8 +13,8 @@ from opentelemetry.trace import StatusCode
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import telemetry as tm
-from gateway.telemetry import Telemetry, gen_ai_attributes
+from sluice.gateway import telemetry as tm
+from sluice.gateway.telemetry import Telemetry, gen_ai_attributes
 
 STAGES = ["auth", "ratelimit", "guard", "queue", "prefill", "decode", "metering"]
 

@@ -9,8 +9,8 @@ import openai
 import pytest
 from sqlalchemy import update
 
-from gateway.auth import issue_admin_token
-from gateway.db.models import ApiKey, utcnow
+from sluice.gateway.accounts.auth import issue_admin_token
+from sluice.gateway.db.models import ApiKey, utcnow
 from tests.conftest import GatewayServer
 
 
@@ -68,7 +68,7 @@ def test_revocation_by_another_process_is_honoured_within_5s(
     api.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
 
     async def revoke_behind_its_back() -> None:
-        from gateway.db.session import create_engine
+        from sluice.gateway.db.session import create_engine
 
         engine = create_engine(sqlite_server.settings.database_url)
         async with engine.begin() as conn:

@@ -10,14 +10,14 @@ from typing import cast
 import pytest
 from pydantic import ValidationError
 
-from gateway.backends import (
+from sluice.gateway.backends.contract import (
     BackendError,
     ChatMessage,
     GenerationEvent,
     GenerationRequest,
     SamplingParams,
 )
-from plugins.echo import EchoBackend
+from sluice.plugins.echo import EchoBackend
 
 REFERENCE_IDS = [1, 733, 16289, 28793, 22557, 733, 28748, 16289, 28793, 15359, 736, 2,
                  733, 16289, 28793, 1602, 460, 368, 28804, 733, 28748, 16289, 28793]

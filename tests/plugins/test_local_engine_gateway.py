@@ -8,7 +8,7 @@ import time
 import openai
 import pytest
 
-from gateway.settings import BackendConfig, PoolConfig
+from sluice.gateway.settings import BackendConfig, PoolConfig
 from tests.conftest import GatewayServer, echo_settings
 
 

@@ -11,7 +11,7 @@ from typing import cast
 import orjson
 import pytest
 
-from gateway.backends import (
+from sluice.gateway.backends.contract import (
     BackendError,
     ChatMessage,
     GenerationEvent,
@@ -19,7 +19,7 @@ from gateway.backends import (
     SamplingParams,
 )
 from loadtests.mock_upstream import WORDS, MockApp, start_server
-from plugins.openai_upstream import OpenAIUpstreamBackend
+from sluice.plugins.openai_upstream import OpenAIUpstreamBackend
 
 TOKENS = 6
 ANSWER = " ".join(WORDS[:TOKENS])

@@ -9,8 +9,8 @@ import json
 
 import httpx
 
-from gateway.auth import issue_admin_token
-from gateway.settings import BackendConfig, PoolConfig
+from sluice.gateway.accounts.auth import issue_admin_token
+from sluice.gateway.settings import BackendConfig, PoolConfig
 from tests.conftest import GatewayServer, echo_settings
 from tests.reliability.support import report, wait_for_rows
 

@@ -94,7 +94,7 @@ def test_health_checks_and_named_volumes(compose: dict[str, Any]) -> None:
 def test_gateway_settings_load(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                tmp_path: Path) -> None:
     """The gateway's environment and config file pass the gateway's own validation."""
-    from gateway.settings import Settings
+    from sluice.gateway.settings import Settings
 
     monkeypatch.chdir(tmp_path)  # a generated JWT secret lands here, not in the repo
     env = {k: _interpolate(v) for k, v in _env(compose, "gateway").items()}
@@ -116,7 +116,7 @@ def test_prometheus_scrapes_the_gateway(compose: dict[str, Any]) -> None:
 
 
 def test_dashboard_queries_metrics_the_gateway_exports() -> None:
-    from gateway.telemetry import Telemetry
+    from sluice.gateway.telemetry import Telemetry
 
     telemetry = Telemetry()
     telemetry.observe_request(model="echo", endpoint="chat", status=200, latency_s=0.1,

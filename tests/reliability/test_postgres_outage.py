@@ -162,8 +162,8 @@ def test_dashboard_during_outage_is_503_not_500(tmp_path: Path,
     same session works again."""
     import re
 
-    from gateway.admins import create_admin
-    from gateway.db.session import create_engine, sessionmaker
+    from sluice.gateway.accounts.admins import create_admin
+    from sluice.gateway.db.session import create_engine, sessionmaker
 
     with proxied_gateway(tmp_path, monkeypatch, key_cache_ttl_s=1) as (server, proxy, url, _):
         async def admin() -> None:

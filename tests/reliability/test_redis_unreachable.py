@@ -67,8 +67,8 @@ def test_limiter_follows_its_mode(mode: str, database_url: str, tmp_path: Path,
 
 
 async def _limited_key(server: ProcessServer, tenant: str) -> str:
-    from gateway.accounts import Accounts
-    from gateway.db.session import create_engine, sessionmaker
+    from sluice.gateway.accounts.tenants import Accounts
+    from sluice.gateway.db.session import create_engine, sessionmaker
 
     engine = create_engine(server.database_url)
     try:

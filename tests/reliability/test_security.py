@@ -24,9 +24,9 @@ import httpx
 import jwt
 import pytest
 
-import gateway.auth
-from gateway.auth import ADMIN_AUDIENCE, ADMIN_ISSUER, KeyStore, issue_admin_token
-from gateway.errors import AuthenticationFailed
+import sluice.gateway.accounts.auth
+from sluice.gateway.accounts.auth import ADMIN_AUDIENCE, ADMIN_ISSUER, KeyStore, issue_admin_token
+from sluice.gateway.errors import AuthenticationFailed
 from tests.conftest import GatewayServer, ProcessServer
 
 
@@ -162,8 +162,8 @@ def test_key_comparison_is_constant_time_for_unknown_prefixes(
 ) -> None:
     """The code path, not a stopwatch: every presented key of the right shape is hashed and
     compared with hmac.compare_digest, whether or not its prefix exists."""
-    from gateway.accounts import Accounts
-    from gateway.db.session import create_engine, sessionmaker
+    from sluice.gateway.accounts.tenants import Accounts
+    from sluice.gateway.db.session import create_engine, sessionmaker
 
     compared: list[tuple[str, str]] = []
 
@@ -171,7 +171,7 @@ def test_key_comparison_is_constant_time_for_unknown_prefixes(
         compared.append((a, b))
         return hmac.compare_digest(a, b)
 
-    monkeypatch.setattr(gateway.auth, "hmac", SimpleNamespace(compare_digest=compare_digest))
+    monkeypatch.setattr(sluice.gateway.accounts.auth, "hmac", SimpleNamespace(compare_digest=compare_digest))
 
     async def main() -> None:
         engine = create_engine(sqlite_url)
@@ -188,7 +188,7 @@ def test_key_comparison_is_constant_time_for_unknown_prefixes(
                     await keys.authenticate(f"Bearer {presented}")
                 assert len(compared) == before + 1
                 digest, expected = compared[-1]
-                assert digest == gateway.auth.hash_key(presented) and len(expected) == 64
+                assert digest == sluice.gateway.accounts.auth.hash_key(presented) and len(expected) == 64
             assert (await keys.authenticate(f"Bearer {real}")).tenant_name == "ct"
         finally:
             await engine.dispose()
@@ -199,7 +199,7 @@ def test_key_comparison_is_constant_time_for_unknown_prefixes(
 @pytest.fixture(scope="module")
 def process_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
     """`sluice serve` as deployed (h11), on SQLite: limits are the HTTP server's job."""
-    from gateway.db.session import migrate
+    from sluice.gateway.db.session import migrate
 
     tmp = tmp_path_factory.mktemp("bounds")
     url = f"sqlite+aiosqlite:///{tmp / 'sluice.db'}"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engine.kernels.act_quant import per_token_quant_fp8, per_token_quant_reference
+from sluice.engine.kernels.act_quant import per_token_quant_fp8, per_token_quant_reference
 
 from ._util import DEVICE
 

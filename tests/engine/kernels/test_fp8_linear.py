@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engine.kernels.fp8_linear import SmallMConfig, fp8_linear_reference, fp8_linear_small_m
+from sluice.engine.kernels.fp8_linear import SmallMConfig, fp8_linear_reference, fp8_linear_small_m
 
 from ._util import DEVICE, quantize, rel_err
 

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from engine.quant.fp8 import Fp8FusedExperts, Fp8Linear, quantize_fp8
+from sluice.engine.quant.fp8 import Fp8FusedExperts, Fp8Linear, quantize_fp8
 
 from ._util import DEVICE, rel_err
 

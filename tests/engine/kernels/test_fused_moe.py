@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engine.kernels.fused_moe import (
+from sluice.engine.kernels.fused_moe import (
     MoeConfig,
     fused_moe,
     fused_moe_reference,

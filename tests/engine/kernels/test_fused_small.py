@@ -1,15 +1,15 @@
 import pytest
 import torch
 
-from engine.kernels.fused_small import (
+from sluice.engine.kernels.fused_small import (
     fused_add_rmsnorm,
     fused_add_rmsnorm_reference,
     rope_store_kv,
     router_topk,
     router_topk_reference,
 )
-from engine.layers.attention import store_kv
-from engine.layers.rotary import RotaryEmbedding
+from sluice.engine.layers.attention import store_kv
+from sluice.engine.layers.rotary import RotaryEmbedding
 
 from ._util import DEVICE
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from engine.kernels.fused_moe import fused_moe_reference
-from engine.kernels.moe_prefill import fp8_moe_prefill, silu_mul_quant_fp8, silu_mul_quant_reference
-from engine.quant.fp8 import Fp8FusedExperts
+from sluice.engine.kernels.fused_moe import fused_moe_reference
+from sluice.engine.kernels.moe_prefill import fp8_moe_prefill, silu_mul_quant_fp8, silu_mul_quant_reference
+from sluice.engine.quant.fp8 import Fp8FusedExperts
 
 from ._util import DEVICE, quantize, rel_err
 
@@ -52,7 +52,7 @@ def test_fp8_experts_dispatch(monkeypatch):
 
 
 def test_unknown_prefill_kernel_is_a_config_error(monkeypatch):
-    from engine.errors import ConfigError
+    from sluice.engine.errors import ConfigError
 
     monkeypatch.setattr(Fp8FusedExperts, "prefill_kernel", "cutlass")
     w13, s13 = quantize(torch.randn(2, 8, 16, device=DEVICE))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engine.kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
+from sluice.engine.kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
 
 from ._util import DEVICE, rel_err
 

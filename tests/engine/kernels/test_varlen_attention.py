@@ -5,9 +5,9 @@ sequence rows with no tokens (what a CUDA graph captured at a padded size replay
 import pytest
 import torch
 
-from engine.kernels.varlen_attention import paged_varlen_attention
-from engine.layers.attention import paged_varlen_attention as reference
-from engine.llm import LLM
+from sluice.engine.kernels.varlen_attention import paged_varlen_attention
+from sluice.engine.layers.attention import paged_varlen_attention as reference
+from sluice.engine.llm import LLM
 
 from ..conftest import _save, mixtral_config
 from ..test_varlen_step import mixed_batch, step_logits
@@ -53,7 +53,7 @@ def test_varlen_matches_reference(hq, hkv, d, page, seqs, pad_rows, empty_rows, 
 
 def test_decode_rows_match_the_decode_kernel_reference():
     """A varlen step of decodes only is the decode kernel's problem: same answer."""
-    from engine.kernels.paged_attention import paged_decode_attention_reference
+    from sluice.engine.kernels.paged_attention import paged_decode_attention_reference
 
     torch.manual_seed(7)
     q, kc, vc, starts, lens, tables, _ = _inputs(8, 2, 32, 16, [(1, 9), (1, 31), (1, 16)], 0, 0)

@@ -20,11 +20,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.kernels.fused_moe import fused_moe, moe_config, moe_prefill_config
-from engine.llm import LLM
-from engine.quant.compare import capture_sublayers, w8a8_forward
-from engine.quant.fp8 import Fp8Linear
+from sluice.engine.config import ModelConfig
+from sluice.engine.kernels.fused_moe import fused_moe, moe_config, moe_prefill_config
+from sluice.engine.llm import LLM
+from bench.quant_error import capture_sublayers, w8a8_forward
+from sluice.engine.quant.fp8 import Fp8Linear
 
 from ._util import rel_err
 

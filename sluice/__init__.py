@@ -1,0 +1,1 @@
+"""sluice: a multi-tenant, OpenAI-compatible LLM gateway with a serverless runtime."""

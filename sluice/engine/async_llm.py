@@ -1,0 +1,139 @@
+"""AsyncLLM: the step loop in a background thread, one asyncio stream per request.
+
+    engine = AsyncLLM(LLM(path))
+    async for out in engine.generate(prompt_ids, SamplingParams(max_tokens=64)):
+        print(out.text, end="")
+
+Requests and aborts reach the engine thread as commands, applied between steps.
+Closing a stream early aborts its sequence: at once when the engine is between
+steps, otherwise right after the current step; either way its blocks are freed
+before the next step is scheduled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sluice.engine.llm import LLM
+from sluice.engine.output import RequestOutput
+from sluice.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncLLM:
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self._lock = threading.Lock()  # held while the LLM's state is touched
+        self._commands: deque[tuple[str, Any]] = deque()  # ("add", Sequence) | ("abort", seq_id)
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing the iterator early cancels it."""
+        if self._stopped:
+            raise RuntimeError("AsyncLLM is closed")
+        seq = self.llm.make_sequence(prompt, params, request_id)  # raises RequestError here
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[seq.seq_id] = (asyncio.get_running_loop(), queue)
+        self._send("add", seq)
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(seq.seq_id, None)
+            if not finished:
+                self.abort(seq.seq_id)
+
+    def abort(self, seq_id: int) -> None:
+        self._send("abort", seq_id)
+        if self._lock.acquire(blocking=False):  # engine between steps: free the blocks now
+            try:
+                self._apply_commands()
+            finally:
+                self._lock.release()
+
+    def sleep(self) -> None:
+        """LLM.sleep() between steps (blocking; call from a worker thread in async code)."""
+        with self._lock:
+            self._apply_commands()
+            self.llm.sleep()
+
+    def wake(self) -> None:
+        with self._lock:
+            self.llm.wake()
+        self._wake.set()  # requests queued while asleep run now
+
+    def close(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # ---- engine thread --------------------------------------------------
+
+    def _send(self, kind: str, arg: Any) -> None:
+        self._commands.append((kind, arg))
+        self._wake.set()
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            kind, arg = self._commands.popleft()
+            if kind == "add":
+                self.llm.enqueue(arg)
+            else:
+                self.llm.abort(arg)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.wait()
+            self._wake.clear()
+            while not self._stopped:
+                try:
+                    with self._lock:
+                        self._apply_commands()
+                        if self.llm.asleep or not self.llm.has_unfinished():
+                            break
+                        outputs = self.llm.step()
+                except Exception as exc:  # a failed step fails every request in flight
+                    log.exception("engine step failed")
+                    self._fail_all(exc)
+                    break
+                for out in outputs:
+                    self._deliver(out.seq_id, out)
+
+    def _deliver(self, seq_id: int, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(seq_id)
+        if stream is None:
+            return
+        loop, queue = stream
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is gone
+            self._send("abort", seq_id)
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._lock:
+            for seq_id in list(self.llm.sequences):
+                self.llm.abort(seq_id)
+        for seq_id in list(self._streams):
+            self._deliver(seq_id, exc)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.llm.block_manager.num_free_blocks
+

@@ -1,0 +1,83 @@
+"""Mixtral's sparse MoE block.
+
+Expert weights are stacked per layer: w13 (E, 2I, D) with w1 (gate) rows first,
+then w3 (up); w2 (E, D, I). All expert math goes through ``experts()`` so a
+fused kernel can replace it with a module swap or by assigning the method.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sluice.engine.layers import fusion
+from sluice.engine.layers.linear import Linear
+
+# 16-bit experts: the triton fused MoE up to here, per-expert cuBLAS past it. H200
+# 2026-11-29 (check_gpu moe_prefill): fused 961/881/1351 us against cuBLAS 2305/1750/1389
+# at T=128/256/384; cuBLAS ahead from T=512 (1355 against 1617).
+FUSED_MAX_TOKENS = 384
+
+
+class MoE(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.intermediate_size = num_experts, top_k, intermediate_size
+        self.gate = Linear(hidden_size, num_experts)  # the router, stays high precision
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+
+    def graph_max_tokens(self) -> int | None:
+        """The most tokens a CUDA graph may capture this block at (None: no limit). Under
+        capture the experts take the fused kernel; past FUSED_MAX_TOKENS eager 16-bit
+        experts take per-expert cuBLAS instead, so larger graphs would change the kernel."""
+        fp8 = getattr(self, "fp8_experts", None)
+        return fp8.graph_max_tokens() if fp8 is not None else FUSED_MAX_TOKENS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> (N, D)."""
+        topk_weights, topk_ids = self.route(x)
+        return self.experts(x, topk_weights, topk_ids)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax in fp32 over all experts, keep top-k, renormalise: (N, K) fp32, (N, K) int64
+        (int32 from the fused triton kernel on CUDA)."""
+        if fusion.use_fused(x):
+            from sluice.engine.kernels.fused_small import router_topk
+
+            return router_topk(self.gate(x), self.top_k)
+        probs = F.softmax(self.gate(x).float(), dim=-1)  # (N, E)
+        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
+        return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids
+
+    def experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """sum_k w_k * w2(silu(w1 x) * w3 x) over each token's chosen experts: (N, D).
+
+        CUDA, decode-sized batches (and always under graph capture): the triton fused MoE,
+        which reads only the routed experts and never syncs with the host. Larger
+        batches (prefill) and the CPU: one cuBLAS/CPU matmul pair per expert."""
+        if x.is_cuda and (x.shape[0] <= FUSED_MAX_TOKENS or torch.cuda.is_current_stream_capturing()):
+            from sluice.engine.kernels.fused_moe import fused_moe  # triton: imported only on CUDA
+
+            return fused_moe(x.contiguous(), self.w13, None, self.w2, None,
+                             topk_weights.float().contiguous(), topk_ids.contiguous())
+        out = torch.zeros_like(x)
+        flat_ids = topk_ids.flatten()  # (N*K,)
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of = order // self.top_k  # (N*K,) token index of each sorted slot
+        weight_of = topk_weights.flatten()[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tokens = token_of[start:start + n]
+            h = self._expert(x[tokens], e) * weight_of[start:start + n, None]  # (n, D) fp32
+            out.index_add_(0, tokens, h.to(x.dtype))
+            start += n
+        return out
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)  # (n, I) each
+        return F.linear(F.silu(gate) * up, self.w2[e])  # (n, D)

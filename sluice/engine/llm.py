@@ -1,0 +1,199 @@
+"""The engine's synchronous front: add requests, then step until done.
+
+    llm = LLM("/path/to/checkpoint")
+    [c] = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+from sluice.engine.config import EngineConfig, ModelConfig
+from sluice.engine.errors import ConfigError, RequestError
+from sluice.engine.kv_cache import BlockManager
+from sluice.engine.loader import load_model
+from sluice.engine.model_runner import ModelRunner
+from sluice.engine.models.mixtral import CausalLM
+from sluice.engine.output import Completion, RequestOutput, TextState
+from sluice.engine.sampling import SamplingParams, sample
+from sluice.engine.scheduler import ScheduledBatch, Scheduler
+from sluice.engine.sequence import Sequence
+from sluice.engine.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, *, tokenizer: Tokenizer | None = None,
+                 model_config: ModelConfig | None = None, progress: bool = True, **options: Any) -> None:
+        """Load ``model`` (a HF checkpoint directory), or build random weights from
+        ``model_config`` when no path is given (benchmarks). ``options`` are EngineConfig fields."""
+        self.config = EngineConfig(model=str(model) if model else None, **options)
+        if model is not None:
+            model_config = ModelConfig.from_file(model)
+        if model_config is None:
+            raise ConfigError("LLM needs a checkpoint path or a model_config")
+        cfg = model_config.with_experts_per_tok(self.config.num_experts_per_tok)
+        device = self.config.resolve_device()
+        dtype = self.config.resolve_dtype(cfg, device)
+        self.fp8 = self.config.wants_fp8(cfg, device)
+        self.max_model_len = min(self.config.max_model_len or 8192, cfg.max_position_embeddings)
+        began = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        net = load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
+                         max_positions=self.max_model_len, progress=progress, stats=self.timings)
+        self.timings["load_s"] = time.perf_counter() - began
+        self.model: CausalLM = net
+        self.tokenizer = tokenizer or load_tokenizer(model, cfg.bos_token_id, cfg.eos_token_ids)
+        self.eos_ids = set(cfg.eos_token_ids) | set(self.tokenizer.eos_ids)
+        began = time.perf_counter()
+        self.runner = ModelRunner(net, self.config, self.max_model_len)
+        self.timings["runner_s"] = time.perf_counter() - began  # KV sizing + graph capture
+        self.timings.update(self.runner.timings)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.scheduler.token_buckets = tuple(self.runner.varlen_sizes)
+        self.asleep = False
+        self.sequences: dict[int, Sequence] = {}
+        self._text: dict[int, TextState] = {}
+        log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens", cfg.architecture, device,
+                 dtype, ", fp8 weights" if self.fp8 else "", self.runner.num_blocks, self.config.block_size)
+
+    # ---- sleep ----------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Park the weights in (pinned) host memory and give the GPU memory back: the
+        KV cache is dropped (and the prefix cache with it). Only between requests."""
+        if self.asleep:
+            return
+        if self.has_unfinished():
+            raise RequestError("cannot sleep with requests in flight")
+        self.runner.sleep()
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler.blocks = self.block_manager
+        self.asleep = True
+
+    def wake(self) -> None:
+        """Weights back on the device, a fresh KV cache, CUDA graphs valid again."""
+        if self.asleep:
+            self.runner.wake()
+            self.asleep = False
+
+    # ---- requests -------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        """Queue a request (text is encoded with BOS; pass ids for chat-templated prompts)."""
+        seq = self.make_sequence(prompt, params, request_id)
+        self.enqueue(seq)
+        return seq
+
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
+                      request_id: str | None = None) -> Sequence:
+        """Tokenize and validate (raises RequestError) without touching engine state."""
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate(ids, params)
+        seq = Sequence(ids, params)
+        seq.request_id = request_id or f"req-{seq.seq_id}"
+        return seq
+
+    def enqueue(self, seq: Sequence) -> None:
+        self.sequences[seq.seq_id] = seq
+        self._text[seq.seq_id] = TextState(self.tokenizer, seq)
+        self.scheduler.add(seq)
+
+    def abort(self, seq_id: int) -> None:
+        """Cancel a request now; its KV blocks are freed at once."""
+        seq = self.sequences.pop(seq_id, None)
+        if seq is not None:
+            self._text.pop(seq_id, None)
+            self.scheduler.finish(seq, "cancelled")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        if self.asleep:
+            raise RequestError("the engine is asleep: wake() it first")
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.run(batch)
+        samplers = self._sampling_sequences(batch)
+        tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
+        return self._postprocess(batch, dict(zip(samplers, tokens)))
+
+    def _sampling_sequences(self, batch: ScheduledBatch) -> list[Sequence]:
+        done = [s for s, n in zip(batch.prefill, batch.chunk_lens) if s.num_computed_tokens + n == s.num_tokens]
+        return batch.decode + done
+
+    def _postprocess(self, batch: ScheduledBatch, sampled: dict[Sequence, Any]) -> list[RequestOutput]:
+        for seq, n in zip(batch.sequences, [1] * len(batch.decode) + batch.chunk_lens):
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+        outputs = []
+        for seq, tok in sampled.items():
+            seq.append(tok)
+            reason = self._finish_reason(seq)
+            text = self._text[seq.seq_id]
+            if tok.token_id not in self._stop_ids(seq):  # a stop token adds no text
+                if text.add_token(seq):
+                    reason = "stop"
+            by_token = reason == "stop" and tok.token_id in self._stop_ids(seq)
+            outputs.append(RequestOutput(
+                seq.request_id, seq.seq_id, text.delta(final=reason is not None), [tok.token_id], [tok],
+                seq.num_prompt_tokens, seq.num_completion_tokens, reason is not None, reason,
+                tok.token_id if by_token else None))
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self.sequences[seq.seq_id], self._text[seq.seq_id]
+        return outputs
+
+    def _stop_ids(self, seq: Sequence) -> set[int]:
+        return set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_ids)
+
+    def _finish_reason(self, seq: Sequence) -> str | None:
+        if seq.token_ids[-1] in self._stop_ids(seq):
+            return "stop"
+        limit = seq.params.max_tokens
+        if (limit is not None and seq.num_completion_tokens >= limit) or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise RequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise RequestError(f"prompt holds a token id outside the vocabulary [0, {vocab})")
+        total = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+            raise RequestError(f"request needs {total} tokens of KV cache; the cache holds "
+                               f"{self.block_manager.num_blocks * self.block_manager.block_size}")
+
+    # ---- convenience ----------------------------------------------------
+
+    def generate(self, prompts: Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams] | None = None
+                 ) -> list[Completion]:
+        """Run prompts to completion (continuously batched); results in prompt order."""
+        plist = params if isinstance(params, Seq) else [params or SamplingParams()] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        texts = {s.seq_id: "" for s in seqs}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.seq_id in texts:
+                    texts[out.seq_id] += out.text
+        return [Completion(s.request_id, s.prompt_token_ids, s.completion_token_ids, texts[s.seq_id],
+                           s.finish_reason, list(s.sampled)) for s in seqs]
+

@@ -1,0 +1,100 @@
+"""Request-level sampling knobs and the sampler.
+
+Randomness comes from one torch.Generator per sequence (seeded from the request's
+seed), drawing exactly one uniform number per generated token. The draw is
+inverted through the token CDF, so a seeded request yields the same tokens
+whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sluice.engine.errors import RequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_tokens: int | None = 16  # None: until max_model_len
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise RequestError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.top_logprobs < 0:
+            raise RequestError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[SampledToken]:
+    """logits (S, V) fp32, one row per sequence -> one token each."""
+    S, V = logits.shape
+    if S == 0:
+        return []
+    want_lp = any(p.logprobs or p.top_logprobs for p in params)
+    if not want_lp and all(p.greedy for p in params):
+        for g in generators:  # the draw every row takes, so a request's stream stays its own
+            torch.rand(1, generator=g)
+        return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
+    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
+    probs = torch.softmax(logits / temps[:, None], dim=-1)  # (S, V)
+    if any(p.top_k > 0 or p.top_p < 1 for p in params):
+        probs = _top_k_top_p(probs, params)
+    # one uniform draw per row from that row's own generator, always taken (greedy too)
+    # so a request's random stream never depends on its neighbours
+    u = torch.tensor([torch.rand(1, generator=g).item() for g in generators], device=logits.device)
+    cdf = probs.cumsum(dim=-1)  # (S, V)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp_(max=V - 1)  # (S,)
+    greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool, device=logits.device)
+    tokens = torch.where(greedy, logits.argmax(dim=-1), drawn)
+    logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+    out = []
+    for i, (tok, p) in enumerate(zip(tokens.tolist(), params)):
+        if logprobs is None or not (p.logprobs or p.top_logprobs):
+            out.append(SampledToken(tok))
+            continue
+        top: tuple[tuple[int, float], ...] = ()
+        if p.top_logprobs:
+            vals, ids = logprobs[i].topk(p.top_logprobs)
+            top = tuple(zip(ids.tolist(), vals.tolist()))
+        out.append(SampledToken(tok, logprobs[i, tok].item(), top))
+    return out
+
+
+def _top_k_top_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Zero out what top-k and top-p exclude (rows keep their own settings)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (S, V)
+    V = probs.shape[-1]
+    ks = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=probs.device)
+    ps = torch.tensor([p.top_p for p in params], device=probs.device)
+    rank = torch.arange(V, device=probs.device)[None, :]
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
+    drop = (rank >= ks[:, None]) | (before >= ps[:, None])
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_probs)

@@ -1,0 +1,239 @@
+"""API-key authentication (tenants' callers) and admin JWTs (operators).
+
+API keys look like ``sk-<12-char prefix><40-char secret>``. The prefix is public and
+indexes the row; only the SHA-256 of the whole key is stored. A key has ~238 bits of
+entropy, so a fast hash is the right tool (a password hash would only slow every
+request). Lookups are cached for ``key_cache_ttl_s`` so a revocation is honoured by
+every process within that many seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import secrets
+import string
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from sluice.gateway.db.models import ApiKey, Tenant, utcnow
+from sluice.gateway.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+
+log = logging.getLogger("sluice.auth")
+
+KEY_PREFIX = "sk-"
+PREFIX_LEN = 12
+SECRET_LEN = 40
+_ALPHABET = string.ascii_letters + string.digits
+
+# How long a cached key stays usable while the database cannot be reached.
+STALE_IF_ERROR_S = 600.0
+
+ADMIN_AUDIENCE = "sluice-admin"
+ADMIN_ISSUER = "sluice"
+ADMIN_ALGORITHM = "HS256"
+
+
+def generate_key() -> tuple[str, str]:
+    """A new key and its public prefix."""
+    prefix = "".join(secrets.choice(_ALPHABET) for _ in range(PREFIX_LEN))
+    secret = "".join(secrets.choice(_ALPHABET) for _ in range(SECRET_LEN))
+    return f"{KEY_PREFIX}{prefix}{secret}", prefix
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: resolved from an API key, passed down the request path."""
+
+    tenant_id: str
+    tenant_name: str
+    key_id: str
+    models: frozenset[str] | None
+    key_rpm: int | None
+    key_tpm: int | None
+    tenant_rpm: int | None
+    tenant_tpm: int | None
+    guard_policy: dict[str, Any] | None
+    store_prompts: bool
+    never_used: bool = False  # no use recorded when the key was looked up
+
+    def check_model(self, model: str) -> None:
+        if self.models is not None and model not in self.models:
+            raise PermissionDenied(
+                f"this API key is not allowed to use model '{model}'", param="model"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    secret_hash: str
+    principal: Principal
+    expires_at: dt.datetime | None
+    revoked: bool
+    disabled: bool
+
+
+class KeyStore:
+    """Resolves ``Authorization: Bearer sk-...`` to a :class:`Principal`."""
+
+    def __init__(self, sessions: async_sessionmaker, *, cache_ttl_s: float = 5.0) -> None:
+        self._sessions = sessions
+        self._ttl = cache_ttl_s
+        self._cache: dict[str, tuple[float, _Entry | None]] = {}
+        self._inflight: dict[str, asyncio.Future[_Entry | None]] = {}
+        self._used: set[str] = set()
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'."
+            )
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key.startswith(KEY_PREFIX):
+            raise AuthenticationFailed("Incorrect API key provided.")
+        if len(key) != len(KEY_PREFIX) + PREFIX_LEN + SECRET_LEN:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        entry = await self._lookup(key[len(KEY_PREFIX) : len(KEY_PREFIX) + PREFIX_LEN])
+        # Compare even when the prefix is unknown, so timing does not tell prefixes apart.
+        expected = entry.secret_hash if entry else "0" * 64
+        if not hmac.compare_digest(hash_key(key), expected) or entry is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        if entry.revoked:
+            raise AuthenticationFailed("This API key has been revoked.", code="key_revoked")
+        if entry.expires_at is not None and entry.expires_at <= utcnow():
+            raise AuthenticationFailed("This API key has expired.", code="key_expired")
+        if entry.disabled:
+            raise PermissionDenied("This tenant is disabled.", code="tenant_disabled")
+        self._used.add(entry.principal.key_id)
+        return entry.principal
+
+    def invalidate(self, prefix: str | None = None) -> None:
+        if prefix is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(prefix, None)
+
+    async def flush_last_used(self) -> None:
+        """Write ``last_used_at`` for keys used since the last flush (one UPDATE)."""
+        if not self._used:
+            return
+        used, self._used = self._used, set()
+        async with self._sessions() as session, session.begin():
+            await session.execute(
+                update(ApiKey).where(ApiKey.id.in_(used)).values(last_used_at=utcnow())
+            )
+
+    async def _lookup(self, prefix: str) -> _Entry | None:
+        now = time.monotonic()
+        hit = self._cache.get(prefix)
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1]
+        if (pending := self._inflight.get(prefix)) is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[_Entry | None] = asyncio.get_running_loop().create_future()
+        self._inflight[prefix] = future
+        try:
+            try:
+                entry = await self._load(prefix)
+            except (SQLAlchemyError, OSError) as exc:
+                # The database is unreachable: serve what we knew (stale-if-error, bounded),
+                # or tell the client to come back, never a 500.
+                if hit is not None and now - hit[0] < STALE_IF_ERROR_S:
+                    log.warning("key lookup failed (%s); serving the cached entry", exc)
+                    entry = hit[1]
+                else:
+                    raise ServiceUnavailable(
+                        "cannot verify the API key right now; try again shortly",
+                        retry_after_s=2) from None
+            else:
+                self._cache[prefix] = (time.monotonic(), entry)
+            future.set_result(entry)
+            return entry
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters (if any) re-raise it themselves
+            raise
+        finally:
+            del self._inflight[prefix]
+
+    async def _load(self, prefix: str) -> _Entry | None:
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(ApiKey, Tenant)
+                    .join(Tenant, Tenant.id == ApiKey.tenant_id)
+                    .where(ApiKey.prefix == prefix)
+                )
+            ).first()
+        if row is None:
+            return None
+        key, tenant = row
+        principal = Principal(
+            tenant_id=tenant.id,
+            tenant_name=tenant.name,
+            key_id=key.id,
+            models=frozenset(key.models) if key.models is not None else None,
+            key_rpm=key.rpm,
+            key_tpm=key.tpm,
+            tenant_rpm=tenant.rpm,
+            tenant_tpm=tenant.tpm,
+            guard_policy=tenant.guard_policy,
+            store_prompts=tenant.store_prompts,
+            never_used=key.last_used_at is None,
+        )
+        expires = key.expires_at
+        if expires is not None and expires.tzinfo is None:  # SQLite drops the zone
+            expires = expires.replace(tzinfo=dt.UTC)
+        return _Entry(
+            secret_hash=key.secret_hash,
+            principal=principal,
+            expires_at=expires,
+            revoked=key.revoked_at is not None,
+            disabled=tenant.disabled,
+        )
+
+
+def issue_admin_token(secret: str, subject: str, ttl_s: int) -> str:
+    now = int(time.time())
+    claims = {
+        "sub": subject,
+        "aud": ADMIN_AUDIENCE,
+        "iss": ADMIN_ISSUER,
+        "iat": now,
+        "exp": now + ttl_s,
+    }
+    return jwt.encode(claims, secret, algorithm=ADMIN_ALGORITHM)
+
+
+def verify_admin_token(token: str, secret: str) -> dict[str, Any]:
+    """Claims of a valid admin token; AuthenticationFailed otherwise.
+
+    The algorithm is pinned (no ``none``, no key confusion), and exp/aud/iss are required.
+    """
+    try:
+        return jwt.decode(
+            token,
+            secret,
+            algorithms=[ADMIN_ALGORITHM],
+            audience=ADMIN_AUDIENCE,
+            issuer=ADMIN_ISSUER,
+            options={"require": ["exp", "iat", "sub", "aud", "iss"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise AuthenticationFailed("admin token has expired", code="token_expired") from None
+    except jwt.InvalidTokenError:
+        raise AuthenticationFailed("invalid admin token", code="invalid_token") from None

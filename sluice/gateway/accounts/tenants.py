@@ -1,0 +1,174 @@
+"""Tenants and their API keys: create, list, revoke (used by the CLI and the admin API)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from sluice.gateway.ledger.audit import AuditLog
+from sluice.gateway.accounts.auth import generate_key, hash_key
+from sluice.gateway.db.models import ApiKey, Tenant, utcnow
+from sluice.gateway.errors import InvalidRequest, NotFound
+
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w``."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise InvalidRequest(f"invalid duration '{text}' (use e.g. 30d, 12h, 90m)")
+    return dt.timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    key: ApiKey
+    secret: str  # shown once, never stored
+
+
+def tenant_dict(t: Tenant) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "name": t.name,
+        "disabled": t.disabled,
+        "rpm": t.rpm,
+        "tpm": t.tpm,
+        "stripe_customer_id": t.stripe_customer_id,
+        "guard_policy": t.guard_policy,
+        "store_prompts": t.store_prompts,
+        "created_at": t.created_at.isoformat(),
+    }
+
+
+def key_dict(k: ApiKey) -> dict[str, Any]:
+    def iso(value: dt.datetime | None) -> str | None:
+        return value.isoformat() if value else None
+
+    return {
+        "id": k.id,
+        "tenant_id": k.tenant_id,
+        "prefix": f"sk-{k.prefix}",
+        "name": k.name,
+        "models": k.models,
+        "rpm": k.rpm,
+        "tpm": k.tpm,
+        "created_at": iso(k.created_at),
+        "expires_at": iso(k.expires_at),
+        "revoked_at": iso(k.revoked_at),
+        "last_used_at": iso(k.last_used_at),
+    }
+
+
+class Accounts:
+    """Every change is an audit event when an audit log is attached (``actor`` says who)."""
+
+    def __init__(self, sessions: async_sessionmaker, *, audit: AuditLog | None = None) -> None:
+        self.sessions = sessions
+        self.audit = audit
+
+    async def _audit(self, actor: str, action: str, target: str, **details: Any) -> None:
+        if self.audit is not None:
+            await self.audit.record(actor, action, target, decision="allow",
+                                    details={k: v for k, v in details.items() if v is not None})
+
+    async def create_tenant(
+        self, name: str, *, rpm: int | None = None, tpm: int | None = None, actor: str = "system"
+    ) -> Tenant:
+        if not _NAME.match(name):
+            raise InvalidRequest(
+                "tenant name must be 1-128 characters of letters, digits, '_', '.', '-'",
+                param="name",
+            )
+        tenant = Tenant(name=name, rpm=rpm, tpm=tpm, created_at=utcnow())
+        try:
+            async with self.sessions() as session, session.begin():
+                session.add(tenant)
+        except IntegrityError:
+            raise InvalidRequest(f"tenant '{name}' already exists", param="name") from None
+        await self._audit(actor, "tenant.create", tenant.id, name=name, rpm=rpm, tpm=tpm)
+        return tenant
+
+    async def tenant(self, ref: str) -> Tenant:
+        """A tenant by id or by name."""
+        async with self.sessions() as session:
+            row = await session.scalar(select(Tenant).where((Tenant.id == ref) | (Tenant.name == ref)))
+        if row is None:
+            raise NotFound(f"no tenant '{ref}'", code="tenant_not_found")
+        return row
+
+    async def list_tenants(self) -> list[Tenant]:
+        async with self.sessions() as session:
+            return list(await session.scalars(select(Tenant).order_by(Tenant.created_at)))
+
+    async def update_tenant(self, ref: str, *, actor: str = "system", **changes: Any) -> Tenant:
+        tenant = await self.tenant(ref)
+        async with self.sessions() as session, session.begin():
+            tenant = await session.get_one(Tenant, tenant.id)
+            for name, value in changes.items():
+                setattr(tenant, name, value)
+        await self._audit(actor, "tenant.update", tenant.id, changes=changes)
+        return tenant
+
+    async def create_key(
+        self,
+        tenant_ref: str,
+        *,
+        name: str = "",
+        models: list[str] | None = None,
+        expires_in: dt.timedelta | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        actor: str = "system",
+    ) -> CreatedKey:
+        tenant = await self.tenant(tenant_ref)
+        secret, prefix = generate_key()
+        now = utcnow()
+        key = ApiKey(
+            tenant_id=tenant.id,
+            prefix=prefix,
+            secret_hash=hash_key(secret),
+            name=name,
+            models=models,
+            rpm=rpm,
+            tpm=tpm,
+            created_at=now,
+            expires_at=now + expires_in if expires_in else None,
+        )
+        async with self.sessions() as session, session.begin():
+            session.add(key)
+        await self._audit(actor, "key.create", key.id, tenant=tenant.id, prefix=prefix,
+                          models=models, expires_at=key.expires_at)
+        return CreatedKey(key=key, secret=secret)
+
+    async def list_keys(self, tenant_ref: str | None = None) -> list[ApiKey]:
+        query = select(ApiKey).order_by(ApiKey.created_at)
+        if tenant_ref is not None:
+            query = query.where(ApiKey.tenant_id == (await self.tenant(tenant_ref)).id)
+        async with self.sessions() as session:
+            return list(await session.scalars(query))
+
+    async def key(self, key_id: str, *, tenant_id: str | None = None) -> ApiKey:
+        async with self.sessions() as session:
+            key = await session.get(ApiKey, key_id)
+        if key is None or (tenant_id is not None and key.tenant_id != tenant_id):
+            raise NotFound(f"no API key '{key_id}'", code="key_not_found")
+        return key
+
+    async def revoke_key(self, key_id: str, *, actor: str = "system") -> ApiKey:
+        async with self.sessions() as session, session.begin():
+            key = await session.get(ApiKey, key_id)
+            if key is None:
+                raise NotFound(f"no API key '{key_id}'", code="key_not_found")
+            if key.revoked_at is None:
+                key.revoked_at = utcnow()
+        await self._audit(actor, "key.revoke", key.id, tenant=key.tenant_id)
+        return key

@@ -1,0 +1,78 @@
+"""Plugin discovery (entry-point group ``sluice.plugins``) and the model -> backend registry."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from pydantic import ValidationError
+
+from sluice.gateway.backends.contract import Backend, ModelCard
+from sluice.gateway.settings import BackendConfig, SettingsError
+
+log = logging.getLogger("sluice.plugins")
+
+GROUP = "sluice.plugins"
+
+
+def discover(allowed: tuple[str, ...] | None = None) -> dict[str, type[Backend]]:
+    """Installed plugins by name. ``allowed`` (SLUICE_PLUGINS) restricts what loads."""
+    found: dict[str, type[Backend]] = {}
+    for ep in entry_points(group=GROUP):
+        if allowed is not None and ep.name not in allowed:
+            continue
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken third-party plugin must not stop the gateway
+            log.error("plugin %s (%s) failed to load: %s", ep.name, ep.value, exc)
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
+            log.error("plugin %s (%s) is not a Backend subclass", ep.name, ep.value)
+            continue
+        found[ep.name] = cls
+    return found
+
+
+def build_backend(name: str, config: BackendConfig, plugins: dict[str, type[Backend]]) -> Backend:
+    cls = plugins.get(config.plugin)
+    if cls is None:
+        known = ", ".join(sorted(plugins)) or "none"
+        raise SettingsError(
+            f"backend '{name}': unknown plugin '{config.plugin}' (installed: {known})"
+        )
+    try:
+        options = cls.Options.model_validate(config.options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise SettingsError(f"backend '{name}' option {where}: {err['msg']}") from None
+    return cls(options)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    backend_name: str
+    card: ModelCard
+
+
+class ModelRegistry:
+    """Model name -> the backend that serves it."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, Route] = {}
+
+    def add(self, backend_name: str, backend: Backend) -> None:
+        for card in backend.models():
+            if card.id in self._routes:
+                other = self._routes[card.id].backend_name
+                raise SettingsError(
+                    f"model '{card.id}' is served by both backend '{other}' and '{backend_name}'"
+                )
+            self._routes[card.id] = Route(backend_name, card)
+
+    def get(self, model: str) -> Route | None:
+        return self._routes.get(model)
+
+    def cards(self) -> list[ModelCard]:
+        return [route.card for route in self._routes.values()]

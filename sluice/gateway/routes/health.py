@@ -1,0 +1,65 @@
+"""Liveness, readiness and the OpenAPI document."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sluice.gateway.http.openapi import openapi_document
+from sluice.gateway.pipeline.service import Gateway
+from sluice.gateway.util import json_response
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when the database answers and no backend is stuck failing to start."""
+    gateway: Gateway = request.app.state.gateway
+    checks: dict[str, str] = {}
+    try:
+        async with gateway.accounts.sessions() as session:
+            await session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    for name, pool in gateway.runtime.pools.items():
+        checks[f"backend:{name}"] = "ok" if pool.ready else f"error: {pool.last_error}"
+    ready = all(v == "ok" for v in checks.values())
+    return json_response({"status": "ok" if ready else "unavailable", "checks": checks},
+                         status=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition: request, token, latency and pool metrics."""
+    gateway: Gateway = request.app.state.gateway
+    telemetry = gateway.telemetry
+    for status in gateway.runtime.status():
+        telemetry.set_queue_depth(status["backend"], status["queue_depth"])
+        counts: dict[str, int] = dict.fromkeys(
+            ("starting", "ready", "busy", "sleeping", "waking", "stopping"), 0)
+        for worker in status["workers"]:
+            counts[worker["state"]] = counts.get(worker["state"], 0) + 1
+        for state, count in counts.items():
+            telemetry.set_pool_workers(status["backend"], state, count)
+        telemetry.set_pool_starts(
+            status["backend"], cold_starts=status["cold_starts"],
+            last_cold_start_s=status["last_cold_start_s"], wakes=status["wakes"],
+            last_wake_s=status["last_wake_s"])
+    body, content_type = telemetry.metrics_response()
+    return Response(body, media_type=content_type)
+
+
+async def openapi(request: Request) -> Response:
+    return json_response(openapi_document())
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]

@@ -1,0 +1,175 @@
+"""One typed Settings object, read from ``SLUICE_*`` environment variables.
+
+A bad value fails fast with one clear line (:class:`SettingsError`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sluice.gateway.pipeline.ratelimit import RateLimitConfig
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./sluice.db"
+
+
+class SettingsError(Exception):
+    """Configuration is invalid; the message is one line meant for the operator."""
+
+
+class PoolConfig(BaseModel):
+    """How the runtime scales one backend (see sluice/gateway/backends/runtime.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_workers: int = Field(0, ge=0)
+    max_workers: int = Field(1, ge=1)
+    max_concurrency: int = Field(64, ge=1)
+    idle_timeout_s: float = Field(300.0, gt=0)
+    # What an idle worker does after idle_timeout_s: stop (release everything) or sleep
+    # (backends that support it park their weights and free the accelerator; waking is fast).
+    idle_action: Literal["stop", "sleep"] = "stop"
+    # A sleeping worker is stopped after this much more idleness (None: it sleeps on).
+    stop_after_sleep_s: float | None = Field(None, gt=0)
+    queue_size: int = Field(256, ge=0)
+    queue_timeout_s: float = Field(30.0, gt=0)
+    start_timeout_s: float = Field(600.0, gt=0)
+
+
+class BackendConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    plugin: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+
+
+class FileConfig(BaseModel):
+    """The TOML file named by ``SLUICE_CONFIG``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backends: dict[str, BackendConfig] = Field(default_factory=dict)
+    ratelimit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+
+
+def default_backends() -> dict[str, BackendConfig]:
+    """With no config file: the echo backend and the in-process engine."""
+    local_options: dict[str, Any] = {}
+    if model := os.environ.get("SLUICE_MODEL"):
+        local_options["model"] = model
+    if dtype := os.environ.get("SLUICE_DTYPE"):
+        local_options["dtype"] = dtype
+    return {
+        "echo": BackendConfig(plugin="echo"),
+        "local": BackendConfig(plugin="local", options=local_options),
+    }
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str | None = None
+    redis_cluster: bool = False  # redis_url names one node of a Redis Cluster
+    config_path: Path | None = None
+    admin_jwt_secret: str = ""
+    admin_jwt_ttl_s: int = Field(3600, gt=0)
+    key_cache_ttl_s: float = Field(5.0, ge=0)
+    max_body_bytes: int = Field(1 << 20, gt=0)
+    max_n: int = Field(8, ge=1)
+    meter_batch_size: int = Field(500, ge=1)
+    meter_flush_interval_s: float = Field(0.2, gt=0)
+    plugins: tuple[str, ...] | None = None  # None: every installed plugin may load
+    backends: dict[str, BackendConfig] = Field(default_factory=default_backends)
+    ratelimit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    # Tokens reserved against tokens/min limits when a request sets no max_tokens.
+    default_reserve_tokens: int = Field(1024, ge=1)
+    # The guard model: a model name served by a configured backend, or a checkpoint
+    # directory run on the in-process engine. None: guardrails off.
+    guard_model: str | None = None
+    spool_dir: Path = Path(".sluice/spool")
+    # With the database unreachable: keep serving and spool usage to disk, or refuse (503).
+    db_outage: Literal["serve", "refuse"] = "serve"
+    otlp_endpoint: str | None = None
+    service_name: str = "sluice"
+    instance_id: str | None = None  # the audit chain's name; default host-pid
+    # The dashboard cookie's Secure flag; None: set it when the request came over HTTPS.
+    dashboard_cookie_secure: bool | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        simple = {
+            "SLUICE_DATABASE_URL": "database_url",
+            "SLUICE_REDIS_URL": "redis_url",
+            "SLUICE_REDIS_CLUSTER": "redis_cluster",
+            "SLUICE_ADMIN_JWT_SECRET": "admin_jwt_secret",
+            "SLUICE_ADMIN_JWT_TTL_S": "admin_jwt_ttl_s",
+            "SLUICE_KEY_CACHE_TTL_S": "key_cache_ttl_s",
+            "SLUICE_MAX_BODY_BYTES": "max_body_bytes",
+            "SLUICE_LOG_LEVEL": "log_level",
+            "SLUICE_GUARD_MODEL": "guard_model",
+            "SLUICE_SPOOL_DIR": "spool_dir",
+            "SLUICE_DB_OUTAGE": "db_outage",
+            "SLUICE_OTLP_ENDPOINT": "otlp_endpoint",
+            "SLUICE_INSTANCE_ID": "instance_id",
+            "SLUICE_DASHBOARD_COOKIE_SECURE": "dashboard_cookie_secure",
+        }
+        for var, name in simple.items():
+            if env.get(var):
+                values[name] = env[var]
+        if env.get("SLUICE_PLUGINS"):
+            values["plugins"] = tuple(p.strip() for p in env["SLUICE_PLUGINS"].split(",") if p)
+        if path := env.get("SLUICE_CONFIG"):
+            values["config_path"] = Path(path)
+            file_config = load_file_config(Path(path))
+            values["backends"] = file_config.backends
+            values["ratelimit"] = file_config.ratelimit
+        values.update(overrides)
+        if not values.get("admin_jwt_secret"):
+            values["admin_jwt_secret"] = _persistent_secret()
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise SettingsError(f"invalid setting {where}: {err['msg']}") from None
+
+
+def load_file_config(path: Path) -> FileConfig:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"SLUICE_CONFIG: no such file: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"SLUICE_CONFIG: {path} is not valid TOML: {exc}") from None
+    try:
+        return FileConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise SettingsError(f"SLUICE_CONFIG {path}: {where}: {err['msg']}") from None
+
+
+def _persistent_secret() -> str:
+    """A JWT secret kept beside the embedded database, so tokens survive restarts.
+
+    Real deployments set SLUICE_ADMIN_JWT_SECRET; this is for `make run`.
+    """
+    path = Path(".sluice") / "jwt_secret"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(48)
+        path.write_text(secret)
+        path.chmod(0o600)
+        return secret

@@ -1,0 +1,211 @@
+"""The in-process inference engine (engine/) as a gateway backend.
+
+Without a model path it serves a tiny random Mixtral generated on first start
+(real Mixtral tokenizer, noise weights: its text is meaningless, and the log says
+so). Token accounting: prompt tokens are exactly the ids the engine runs (chat
+template applied); completion tokens are the tokens generated, except the EOS or
+stop token that ends a request, which is not counted (the convention of every
+sluice backend).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from sluice.gateway.backends.contract import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    GenerationEvent,
+    GenerationRequest,
+    ModelCard,
+    TokenLogprob,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+TINY_NAME = "tiny-mixtral"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sluice"
+
+
+class LocalEngineBackend(Backend):
+    name = "local"
+    supports_sleep: ClassVar[bool] = True
+
+    class Options(BackendOptions):
+        model: str | None = None  # HF checkpoint directory; None: the tiny random Mixtral
+        served_model_name: str | None = None  # default: the directory's name, or "tiny-mixtral"
+        dtype: Literal["auto", "float32", "bfloat16", "bf16", "fp8"] = "auto"  # auto: fp8 on Hopper
+        device: str | None = None  # None: cuda when available
+        max_num_seqs: int = Field(64, ge=1)
+        max_model_len: int | None = Field(None, ge=16)
+        max_num_batched_tokens: int = Field(2048, ge=16)
+        num_kv_blocks: int | None = Field(None, ge=1)
+        memory_fraction: float = Field(0.9, gt=0, le=1)
+        num_experts_per_tok: int | None = Field(None, ge=1)
+        cache_dir: str | None = None  # where the tiny model is generated (~/.cache/sluice)
+        # What an idle worker should do: "stop" frees everything (next request: cold start);
+        # "sleep" parks the weights in pinned host memory and frees the GPU (next: wake()).
+        idle_action: Literal["stop", "sleep"] = "stop"
+
+    def __init__(self, options: BackendOptions) -> None:
+        if not isinstance(options, LocalEngineBackend.Options):
+            raise TypeError(f"LocalEngineBackend needs LocalEngineBackend.Options, got {type(options).__name__}")
+        super().__init__(options)
+        self.opts = options
+        self._engine = None  # engine.async_llm.AsyncLLM once started
+        self._tokenizer = None
+
+    # ---- lifecycle ------------------------------------------------------
+
+    @property
+    def model_dir(self) -> Path:
+        if self.opts.model:
+            return Path(self.opts.model).expanduser()
+        return Path(self.opts.cache_dir or default_cache_dir()).expanduser() / TINY_NAME
+
+    def models(self) -> list[ModelCard]:
+        name = self.opts.served_model_name or (self.model_dir.name if self.opts.model else TINY_NAME)
+        return [ModelCard(id=name, context_length=self.opts.max_model_len)]
+
+    async def start(self) -> None:
+        if self._engine is None:
+            self._engine = await asyncio.to_thread(self._load)
+
+    async def stop(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
+            del engine
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    async def sleep(self) -> None:
+        """Weights to pinned host memory, KV cache and GPU memory released (requests in
+        flight: BackendError 409). A no-op when not started or already asleep."""
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine_call, "sleep")
+
+    async def wake(self) -> None:
+        """Weights back on the GPU, fresh KV cache; ready to generate."""
+        if self._engine is None:
+            raise BackendError("local engine is not started", status=503, retryable=True)
+        await asyncio.to_thread(self._engine_call, "wake")
+
+    def _engine_call(self, method: str) -> None:
+        from sluice.engine.errors import EngineError
+
+        try:
+            getattr(self._engine, method)()
+        except EngineError as exc:
+            raise BackendError(f"local engine: {exc}", status=409, retryable=True) from None
+
+    def _load(self):
+        from sluice.engine.async_llm import AsyncLLM
+        from sluice.engine.errors import EngineError
+        from sluice.engine.llm import LLM
+
+        if not self.opts.model:
+            self._ensure_tiny_model()
+        o = self.opts
+        try:
+            llm = LLM(self.model_dir, dtype=o.dtype, device=o.device, max_num_seqs=o.max_num_seqs,
+                      max_model_len=o.max_model_len, max_num_batched_tokens=o.max_num_batched_tokens,
+                      num_kv_blocks=o.num_kv_blocks, memory_fraction=o.memory_fraction,
+                      num_experts_per_tok=o.num_experts_per_tok)
+        except EngineError as exc:
+            raise BackendError(f"local engine: {exc}", status=500) from None
+        self._tokenizer = llm.tokenizer
+        return AsyncLLM(llm)
+
+    def _ensure_tiny_model(self) -> None:
+        from sluice.engine.config import PRESETS
+        from sluice.engine.loader import write_random_checkpoint
+
+        target = self.model_dir
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
+            write_random_checkpoint(tmp, PRESETS[TINY_NAME], seed=0)
+            try:
+                tmp.rename(target)
+            except OSError:  # another worker won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("serving %s: a tiny RANDOM Mixtral from %s; its text is noise (set a model path "
+                    "for real output)", TINY_NAME, target)
+
+    # ---- requests -------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from sluice.engine.config import ModelConfig
+            from sluice.engine.tokenizer import load_tokenizer
+
+            cfg_file = self.model_dir / "config.json"
+            cfg = ModelConfig.from_file(cfg_file) if cfg_file.exists() else None
+            self._tokenizer = load_tokenizer(self.opts.model and self.model_dir,
+                                             cfg.bos_token_id if cfg else None, cfg.eos_token_ids if cfg else ())
+        return self._tokenizer
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            return self.tokenizer.apply_chat_template(request.messages)
+        return self.tokenizer.encode(request.prompt or "")
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        return len(self.prompt_ids(request))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        from sluice.engine.errors import EngineError
+        from sluice.engine.sampling import SamplingParams
+
+        if self._engine is None:
+            raise BackendError("local engine is not started", status=503, retryable=True)
+        s = request.sampling
+        ids = self.prompt_ids(request)
+        try:
+            params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                    max_tokens=s.max_tokens, seed=s.seed, stop=tuple(s.stop),
+                                    logprobs=s.logprobs or s.top_logprobs > 0, top_logprobs=s.top_logprobs)
+        except EngineError as exc:
+            raise BackendError(str(exc), status=400) from None
+        stream = self._engine.generate(ids, params, request_id=request.request_id)
+        completion = 0
+        try:
+            async for out in stream:
+                counted = len(out.token_ids) - (out.stop_token_id is not None)
+                completion += counted
+                logprobs = self._logprobs(out, s.logprobs)
+                if not out.finished:
+                    yield GenerationEvent(text=out.text, tokens=counted, logprobs=logprobs)
+                    continue
+                yield GenerationEvent(text=out.text, tokens=counted, logprobs=logprobs,
+                                      finish_reason="stop" if out.finish_reason == "stop" else "length",
+                                      usage=Usage(prompt_tokens=len(ids), completion_tokens=completion))
+        except EngineError as exc:  # e.g. the prompt does not fit the context
+            raise BackendError(str(exc), status=400) from None
+        finally:
+            await stream.aclose()  # closing early cancels the sequence and frees its blocks
+
+    def _logprobs(self, out, wanted: bool) -> tuple[TokenLogprob, ...]:
+        if not wanted:
+            return ()
+        text = self.tokenizer.token_text
+        return tuple(TokenLogprob(text(t.token_id), t.logprob, tuple((text(i), lp) for i, lp in t.top_logprobs))
+                     for t in out.logprobs if t.logprob is not None and t.token_id != out.stop_token_id)
