@@ -89,6 +89,9 @@ class UsageEvent(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     ttft_ms: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Exact cost in pico-units (sluice/gateway/economics): tokens x the price then in force.
+    cost_pico: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    backend: Mapped[str | None] = mapped_column(String(64))  # which backend served it
 
 
 class UsageDaily(Base):
@@ -103,6 +106,7 @@ class UsageDaily(Base):
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_pico: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Admin(Base):

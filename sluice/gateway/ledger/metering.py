@@ -40,6 +40,8 @@ class UsageRecord:
     latency_ms: float
     ttft_ms: float | None
     created_at: dt.datetime
+    cost_pico: int = 0  # exact, in pico-units (sluice/gateway/economics)
+    backend: str | None = None
 
 
 _FIELDS = tuple(f.name for f in fields(UsageRecord))
@@ -64,7 +66,7 @@ async def write_usage(engine: AsyncEngine, records: list[dict[str, Any]]) -> int
             inserted.update(result.scalars().all())
         if not inserted:
             return 0
-        rollup: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0])
+        rollup: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
         for r in records:
             if r["request_id"] in inserted:
                 created = r["created_at"]
@@ -73,6 +75,7 @@ async def write_usage(engine: AsyncEngine, records: list[dict[str, Any]]) -> int
                 agg[0] += 1
                 agg[1] += r["prompt_tokens"]
                 agg[2] += r["completion_tokens"]
+                agg[3] += r.get("cost_pico", 0)
         rows = [
             {
                 "day": day,
@@ -82,6 +85,7 @@ async def write_usage(engine: AsyncEngine, records: list[dict[str, Any]]) -> int
                 "requests": agg[0],
                 "prompt_tokens": agg[1],
                 "completion_tokens": agg[2],
+                "cost_pico": agg[3],
             }
             for (day, tenant, key, model), agg in rollup.items()
         ]
@@ -93,6 +97,7 @@ async def write_usage(engine: AsyncEngine, records: list[dict[str, Any]]) -> int
                 "prompt_tokens": UsageDaily.prompt_tokens + upsert.excluded.prompt_tokens,
                 "completion_tokens": UsageDaily.completion_tokens
                 + upsert.excluded.completion_tokens,
+                "cost_pico": UsageDaily.cost_pico + upsert.excluded.cost_pico,
             },
         )
         # Sorted so that concurrent writers take row locks in one order (no deadlocks).
