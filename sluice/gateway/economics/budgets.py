@@ -1,0 +1,362 @@
+"""Budgets in money per tenant and per key, per UTC day or month, shared across replicas.
+
+A request reserves its most expensive outcome at admission (prompt at the input price plus
+``max_tokens`` at the output price) against every budget that covers it, and settles to its
+real cost when it finishes. A hard budget refuses a reservation that would take spent plus
+reserved past the limit, so concurrent requests cannot overspend: the only excess possible is
+a request whose real cost exceeds its reservation (none, when ``max_tokens`` bounds it). Soft
+budgets never refuse; both send alerts as spend crosses their thresholds (50/80/100% by
+default), once per period across all replicas, to a webhook with retries and into the audit
+log.
+
+Spend is kept in Redis (the limiter's server) when configured, else in process memory, in
+whole micro-units rounded up per request; the exact cost is on the usage rows. A period's
+counter starts from the usage already in the database, so a Redis restart forgets nothing
+that was written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+import redis.asyncio as aioredis
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sluice.gateway.economics import PICO_PER_MICRO
+from sluice.gateway.economics.tables import Budget
+from sluice.gateway.db.models import UsageDaily
+
+log = logging.getLogger("sluice.budgets")
+
+AlertSink = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def micros_up(pico: int) -> int:
+    return -(-pico // PICO_PER_MICRO)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRule:
+    id: str
+    tenant_id: str
+    key_id: str | None
+    period: str
+    limit_micros: int
+    hard: bool
+    thresholds: tuple[int, ...]
+    webhook_url: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> BudgetRule:
+        return cls(id=row.id, tenant_id=row.tenant_id, key_id=row.key_id, period=row.period,
+                   limit_micros=int(row.limit_micros), hard=row.mode == "hard",
+                   thresholds=tuple(sorted(int(t) for t in (row.thresholds or []))),
+                   webhook_url=row.webhook_url)
+
+
+def period_window(period: str, now: dt.datetime) -> tuple[str, dt.date, dt.date, float]:
+    """(label, first day, last day, seconds until the period ends) of the UTC period."""
+    today = now.astimezone(dt.UTC).date()
+    if period == "day":
+        first = last = today
+    else:
+        first = today.replace(day=1)
+        last = today.replace(day=calendar.monthrange(today.year, today.month)[1])
+    end = dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), dt.UTC)
+    label = first.isoformat() if period == "day" else first.strftime("%Y-%m")
+    return label, first, last, max((end - now).total_seconds(), 1.0)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What admission took from each budget; handed back to :meth:`Budgets.settle`."""
+
+    keys: list[str]
+    rules: list[BudgetRule]
+    amount_micros: int
+    warnings: list[str] = field(default_factory=list)
+
+
+class BudgetExceeded(Exception):
+    def __init__(self, rule: BudgetRule, spent: int) -> None:
+        who = "key" if rule.key_id else "tenant"
+        super().__init__(f"The {rule.period}ly budget of this {who} is spent "
+                         f"({spent} of {rule.limit_micros} micro-units).")
+        self.rule = rule
+        self.retry_after_s = period_window(rule.period, dt.datetime.now(dt.UTC))[3]
+
+
+class SpendStore(Protocol):
+    async def seed(self, key: str, spent: int, ttl_s: float) -> None: ...
+    async def reserve(self, keys: list[str], limits: list[int | None], amount: int,
+                      ttl_s: float) -> tuple[int, list[int]]: ...
+    async def settle(self, keys: list[str], reserved: int, actual: int) -> list[tuple[int, int]]: ...
+    async def claim_alert(self, key: str, ttl_s: float) -> bool: ...
+    async def spent(self, key: str) -> int | None: ...
+    async def close(self) -> None: ...
+
+
+class MemorySpendStore:
+    """One process: every method runs without awaiting, so each is atomic on the loop."""
+
+    def __init__(self) -> None:
+        self._spent: dict[str, list[int]] = {}  # key -> [spent, reserved]
+        self._expiry: dict[str, float] = {}
+        self._alerts: dict[str, float] = {}
+
+    def _live(self, key: str) -> list[int] | None:
+        if self._expiry.get(key, 0) < time.monotonic():
+            self._spent.pop(key, None)
+            return None
+        return self._spent.get(key)
+
+    async def seed(self, key: str, spent: int, ttl_s: float) -> None:
+        if self._live(key) is None:
+            self._spent[key] = [spent, 0]
+            self._expiry[key] = time.monotonic() + ttl_s
+
+    async def reserve(self, keys: list[str], limits: list[int | None], amount: int,
+                      ttl_s: float) -> tuple[int, list[int]]:
+        rows = [self._live(k) or [0, 0] for k in keys]
+        for i, (row, limit) in enumerate(zip(rows, limits, strict=True)):
+            if limit is not None and row[0] + row[1] + amount > limit:
+                return i + 1, [r[0] for r in rows]
+        for key, row in zip(keys, rows, strict=True):
+            row[1] += amount
+            self._spent[key] = row
+            self._expiry.setdefault(key, time.monotonic() + ttl_s)
+        return 0, [r[0] for r in rows]
+
+    async def settle(self, keys: list[str], reserved: int, actual: int) -> list[tuple[int, int]]:
+        out = []
+        for key in keys:
+            row = self._live(key) or [0, reserved]
+            before = row[0]
+            row[0] += actual
+            row[1] = max(row[1] - reserved, 0)
+            self._spent[key] = row
+            out.append((before, row[0]))
+        return out
+
+    async def claim_alert(self, key: str, ttl_s: float) -> bool:
+        if self._alerts.get(key, 0) >= time.monotonic():
+            return False
+        self._alerts[key] = time.monotonic() + ttl_s
+        return True
+
+    async def spent(self, key: str) -> int | None:
+        row = self._live(key)
+        return None if row is None else row[0]
+
+    async def close(self) -> None:
+        return None
+
+
+# KEYS: budget hashes. ARGV: amount, ttl_ms, then one limit per key (-1: soft, no limit).
+# Returns {index of the refusing budget (0: none), spent of each key...}.
+_RESERVE = """
+local amount = tonumber(ARGV[1])
+local spent = {}
+for i, key in ipairs(KEYS) do
+  local s = tonumber(redis.call('HGET', key, 's') or '0')
+  local r = tonumber(redis.call('HGET', key, 'r') or '0')
+  spent[i] = s
+  local limit = tonumber(ARGV[2 + i])
+  if limit >= 0 and s + r + amount > limit then
+    return {i, unpack(spent)}
+  end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('HINCRBY', key, 'r', amount)
+  if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ARGV[2]) end
+end
+return {0, unpack(spent)}
+"""
+
+# KEYS: budget hashes. ARGV: reserved, actual. Returns spent before and after, per key.
+_SETTLE = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local before = tonumber(redis.call('HGET', key, 's') or '0')
+  local r = redis.call('HINCRBY', key, 'r', -tonumber(ARGV[1]))
+  if r < 0 then redis.call('HSET', key, 'r', 0) end
+  local after = redis.call('HINCRBY', key, 's', tonumber(ARGV[2]))
+  out[2 * i - 1] = before
+  out[2 * i] = after
+end
+return out
+"""
+
+
+class RedisSpendStore:
+    """Across replicas: each reservation and settlement is one Lua script, atomic in Redis.
+    Every key of a request carries the tenant's hash tag, so a Redis Cluster keeps them in
+    one slot."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+        self._reserve = client.register_script(_RESERVE)
+        self._settle = client.register_script(_SETTLE)
+
+    async def seed(self, key: str, spent: int, ttl_s: float) -> None:
+        if await self._redis.hsetnx(key, "s", spent):
+            await self._redis.pexpire(key, int(ttl_s * 1000))
+
+    async def reserve(self, keys: list[str], limits: list[int | None], amount: int,
+                      ttl_s: float) -> tuple[int, list[int]]:
+        argv = [amount, int(ttl_s * 1000), *(-1 if lim is None else lim for lim in limits)]
+        result = await self._reserve(keys=keys, args=argv)
+        return int(result[0]), [int(v) for v in result[1:]]
+
+    async def settle(self, keys: list[str], reserved: int, actual: int) -> list[tuple[int, int]]:
+        flat = await self._settle(keys=keys, args=[reserved, actual])
+        return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def claim_alert(self, key: str, ttl_s: float) -> bool:
+        return bool(await self._redis.set(key, "1", nx=True, px=int(ttl_s * 1000)))
+
+    async def spent(self, key: str) -> int | None:
+        value = await self._redis.hget(key, "s")
+        return None if value is None else int(value)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class Budgets:
+    """Budget rules (read from the database, cached briefly) and their enforcement."""
+
+    def __init__(self, engine: AsyncEngine, store: SpendStore, *, cache_ttl_s: float = 5.0,
+                 key_prefix: str = "sluice:budget:", alert_sink: AlertSink | None = None,
+                 webhook_retries: int = 3, webhook_timeout_s: float = 5.0) -> None:
+        self._engine = engine
+        self.store = store
+        self._ttl = cache_ttl_s
+        self._prefix = key_prefix
+        self._rules: dict[str, tuple[float, list[BudgetRule]]] = {}
+        self._seeded: set[str] = set()
+        self._alert_sink = alert_sink
+        self._retries = webhook_retries
+        self._timeout = webhook_timeout_s
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_settings(cls, engine: AsyncEngine, redis_url: str | None, **kw: Any) -> Budgets:
+        store: SpendStore = (RedisSpendStore(aioredis.Redis.from_url(redis_url))
+                             if redis_url else MemorySpendStore())
+        return cls(engine, store, **kw)
+
+    async def rules_for(self, tenant_id: str, key_id: str) -> list[BudgetRule]:
+        cached = self._rules.get(tenant_id)
+        if cached is None or cached[0] < time.monotonic():
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(select(Budget).where(Budget.tenant_id == tenant_id))).all()
+            cached = (time.monotonic() + self._ttl, [BudgetRule.from_row(r) for r in rows])
+            self._rules[tenant_id] = cached
+        return [r for r in cached[1] if r.key_id is None or r.key_id == key_id]
+
+    def invalidate(self, tenant_id: str | None = None) -> None:
+        if tenant_id is None:
+            self._rules.clear()
+        else:
+            self._rules.pop(tenant_id, None)
+
+    def _key(self, rule: BudgetRule, label: str) -> str:
+        return f"{self._prefix}{{{rule.tenant_id}}}:{rule.id}:{label}"
+
+    async def _spent_in_db(self, rule: BudgetRule, first: dt.date, last: dt.date) -> int:
+        query = select(func.coalesce(func.sum(UsageDaily.cost_pico), 0)).where(
+            UsageDaily.tenant_id == rule.tenant_id, UsageDaily.day >= first, UsageDaily.day <= last)
+        if rule.key_id is not None:
+            query = query.where(UsageDaily.key_id == rule.key_id)
+        async with self._engine.connect() as conn:
+            return micros_up(int((await conn.execute(query)).scalar_one()))
+
+    async def reserve(self, tenant_id: str, key_id: str, cost_pico: int) -> Reservation | None:
+        """Reserve ``cost_pico`` against every budget of the tenant and key; None without
+        budgets. Raises :class:`BudgetExceeded` when a hard budget cannot take it."""
+        rules = await self.rules_for(tenant_id, key_id)
+        if not rules:
+            return None
+        now = dt.datetime.now(dt.UTC)
+        keys, ttl = [], 0.0
+        for rule in rules:
+            label, first, last, left_s = period_window(rule.period, now)
+            key = self._key(rule, label)
+            if key not in self._seeded:
+                await self.store.seed(key, await self._spent_in_db(rule, first, last), left_s + 86400)
+                self._seeded.add(key)
+            keys.append(key)
+            ttl = max(ttl, left_s + 86400)
+        amount = micros_up(cost_pico)
+        refused, spent = await self.store.reserve(
+            keys, [r.limit_micros if r.hard else None for r in rules], amount, ttl)
+        if refused:
+            raise BudgetExceeded(rules[refused - 1], spent[refused - 1])
+        warnings = [f"{r.period}ly {'key' if r.key_id else 'tenant'} budget exceeded"
+                    for r, s in zip(rules, spent, strict=True)
+                    if not r.hard and s + amount > r.limit_micros]
+        return Reservation(keys=keys, rules=rules, amount_micros=amount, warnings=warnings)
+
+    async def settle(self, reservation: Reservation | None, cost_pico: int) -> None:
+        """Replace the reservation by the real cost and send any threshold alerts."""
+        if reservation is None:
+            return
+        moves = await self.store.settle(reservation.keys, reservation.amount_micros,
+                                        micros_up(cost_pico))
+        for rule, key, (before, after) in zip(reservation.rules, reservation.keys, moves,
+                                              strict=True):
+            for threshold in rule.thresholds:
+                mark = rule.limit_micros * threshold / 100
+                if before < mark <= after:
+                    self._alert(rule, key, threshold, after)
+
+    def _alert(self, rule: BudgetRule, key: str, threshold: int, spent: int) -> None:
+        task = asyncio.create_task(self._deliver(rule, key, threshold, spent))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, rule: BudgetRule, key: str, threshold: int, spent: int) -> None:
+        if not await self.store.claim_alert(f"{key}:alert:{threshold}", 40 * 86400):
+            return  # another replica (or an earlier crossing) sent it
+        event = {"type": "budget.threshold", "budget_id": rule.id, "tenant_id": rule.tenant_id,
+                 "key_id": rule.key_id, "period": rule.period, "threshold_percent": threshold,
+                 "spent_micros": spent, "limit_micros": rule.limit_micros,
+                 "mode": "hard" if rule.hard else "soft", "delivered": None}
+        if rule.webhook_url:
+            event["delivered"] = await self._post(rule.webhook_url, event)
+        log.warning("budget %s of tenant %s at %d%% (%d of %d micro-units)", rule.id,
+                    rule.tenant_id, threshold, spent, rule.limit_micros)
+        if self._alert_sink is not None:
+            await self._alert_sink(event)
+
+    async def _post(self, url: str, event: dict[str, Any]) -> bool:
+        delay = 0.5
+        async with httpx.AsyncClient(timeout=self._timeout) as client:
+            for attempt in range(self._retries):
+                try:
+                    response = await client.post(url, json=event)
+                    if response.status_code < 300:
+                        return True
+                    if response.status_code < 500 and response.status_code != 429:
+                        return False  # the receiver refuses it; retrying will not help
+                except httpx.HTTPError as exc:
+                    log.info("budget webhook attempt %d failed: %s", attempt + 1, exc)
+                if attempt + 1 < self._retries:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+        return False
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.close()
