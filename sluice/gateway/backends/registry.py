@@ -57,22 +57,30 @@ class Route:
 
 
 class ModelRegistry:
-    """Model name -> the backend that serves it."""
+    """Model name -> the backends that serve it. A model may have several backends only
+    when a routing group names it (``grouped``); otherwise a second one is a config error."""
 
-    def __init__(self) -> None:
-        self._routes: dict[str, Route] = {}
+    def __init__(self, grouped: frozenset[str] = frozenset()) -> None:
+        self._routes: dict[str, list[Route]] = {}
+        self._grouped = grouped
 
     def add(self, backend_name: str, backend: Backend) -> None:
         for card in backend.models():
-            if card.id in self._routes:
-                other = self._routes[card.id].backend_name
+            routes = self._routes.setdefault(card.id, [])
+            if routes and card.id not in self._grouped:
                 raise SettingsError(
-                    f"model '{card.id}' is served by both backend '{other}' and '{backend_name}'"
+                    f"model '{card.id}' is served by both backend '{routes[0].backend_name}' "
+                    f"and '{backend_name}' (name both in a [groups.\"{card.id}\"] section to "
+                    "balance between them)"
                 )
-            self._routes[card.id] = Route(backend_name, card)
+            routes.append(Route(backend_name, card))
 
     def get(self, model: str) -> Route | None:
-        return self._routes.get(model)
+        routes = self._routes.get(model)
+        return routes[0] if routes else None
+
+    def routes(self, model: str) -> list[Route]:
+        return list(self._routes.get(model, ()))
 
     def cards(self) -> list[ModelCard]:
-        return [route.card for route in self._routes.values()]
+        return [routes[0].card for routes in self._routes.values()]
