@@ -13,6 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sluice.gateway.backends.routing import GroupConfig
+from sluice.gateway.economics.config import PriceConfig
+from sluice.gateway.pipeline.cache import CacheConfig
 from sluice.gateway.pipeline.ratelimit import RateLimitConfig
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./sluice.db"
@@ -56,6 +59,12 @@ class FileConfig(BaseModel):
 
     backends: dict[str, BackendConfig] = Field(default_factory=dict)
     ratelimit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    # Money and routing (docs/operations.md): prices per model, model groups served by
+    # several backends, aliases, and the response cache.
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
+    aliases: dict[str, str] = Field(default_factory=dict)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
 
 def default_backends() -> dict[str, BackendConfig]:
@@ -88,6 +97,10 @@ class Settings(BaseModel):
     plugins: tuple[str, ...] | None = None  # None: every installed plugin may load
     backends: dict[str, BackendConfig] = Field(default_factory=default_backends)
     ratelimit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
+    aliases: dict[str, str] = Field(default_factory=dict)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     # Tokens reserved against tokens/min limits when a request sets no max_tokens.
     default_reserve_tokens: int = Field(1024, ge=1)
     # The guard model: a model name served by a configured backend, or a checkpoint
@@ -133,6 +146,8 @@ class Settings(BaseModel):
             file_config = load_file_config(Path(path))
             values["backends"] = file_config.backends
             values["ratelimit"] = file_config.ratelimit
+            for name in ("prices", "groups", "aliases", "cache"):
+                values[name] = getattr(file_config, name)
         values.update(overrides)
         if not values.get("admin_jwt_secret"):
             values["admin_jwt_secret"] = _persistent_secret()

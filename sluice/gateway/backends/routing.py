@@ -15,12 +15,14 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from sluice.gateway.backends.contract import BackendError
-from sluice.gateway.backends.registry import ModelRegistry, Route
+
+if TYPE_CHECKING:  # the registry imports settings, which imports these config types
+    from sluice.gateway.backends.registry import ModelRegistry, Route
 
 
 class GroupMember(BaseModel):

@@ -12,27 +12,13 @@ import bisect
 import datetime as dt
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sluice.gateway.economics.config import PriceConfig
 from sluice.gateway.economics.tables import ModelPrice
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-# An admin-entered price above USD 1,000,000 per million tokens is a typo, not a price.
-MAX_PRICE_MICROS = 10**12
-
-
-class PriceConfig(BaseModel):
-    """One model's price in micro-units per million tokens, as written in the config file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input: int = Field(ge=0, le=MAX_PRICE_MICROS)
-    output: int = Field(ge=0, le=MAX_PRICE_MICROS)
-    # Prompt tokens served from a cache (prefix cache upstream, or sluice's response cache).
-    cached_input: int | None = Field(None, ge=0, le=MAX_PRICE_MICROS)
-    effective_from: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
