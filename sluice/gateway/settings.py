@@ -112,6 +112,12 @@ class Settings(BaseModel):
     otlp_endpoint: str | None = None
     service_name: str = "sluice"
     instance_id: str | None = None  # the audit chain's name; default host-pid
+    # The audit chain's HMAC key (never stored in the database); unset: a 0600 file,
+    # audit_key_file or <spool_dir>/../audit_key, created on first use.
+    audit_key: str = Field("", repr=False)
+    audit_key_file: Path | None = None
+    # Signed audit chain heads, outside the database; unset: <spool_dir>/../audit.checkpoints
+    audit_checkpoints: Path | None = None
     # The dashboard cookie's Secure flag; None: set it when the request came over HTTPS.
     dashboard_cookie_secure: bool | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -134,6 +140,9 @@ class Settings(BaseModel):
             "SLUICE_DB_OUTAGE": "db_outage",
             "SLUICE_OTLP_ENDPOINT": "otlp_endpoint",
             "SLUICE_INSTANCE_ID": "instance_id",
+            "SLUICE_AUDIT_KEY": "audit_key",
+            "SLUICE_AUDIT_KEY_FILE": "audit_key_file",
+            "SLUICE_AUDIT_CHECKPOINTS": "audit_checkpoints",
             "SLUICE_DASHBOARD_COOKIE_SECURE": "dashboard_cookie_secure",
         }
         for var, name in simple.items():
