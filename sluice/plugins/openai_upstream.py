@@ -1,12 +1,19 @@
 """A backend that proxies to any OpenAI-compatible server (vLLM, Fireworks, OpenAI, ...).
 
-Every request goes upstream with ``stream: true`` and
-``stream_options.include_usage: true``; the SSE chunks become
-:class:`GenerationEvent` deltas and the upstream's own ``usage`` is the final
-Usage, so metering bills what the upstream reports. :meth:`count_tokens` is
-only an estimate (Mixtral's tokenizer, or bytes / 4 with ``tokenizer = "none"``)
-used before the request is sent, for rate limiting; it is also the fallback,
-with a warning, for an upstream that reports no usage.
+Transparent both ways. Upstream goes the client's own request body, unchanged (its
+bytes, when nothing has to change): only ``model`` becomes the upstream's name, a
+streamed request gets ``stream_options.include_usage: true`` (the gateway meters from
+it; the client sees the usage chunk only if it asked), and a fanned-out ``n`` goes as
+``n`` calls without ``n`` (seed + i when seeded). Nothing is injected (an omitted
+temperature stays omitted) and nothing is dropped. Back comes every field of the
+answer: text, ``tool_calls`` (streamed fragments with index/id/name), ``refusal``,
+``reasoning_content``, any other message or delta field as sent, logprobs,
+``system_fingerprint``, the upstream's ``finish_reason`` and its usage with details,
+which is what metering bills. A stream that ends without a ``finish_reason`` is an
+error (502), not a clean stop. :meth:`count_tokens` is only an estimate (Mixtral's
+tokenizer, or bytes / 4 with ``tokenizer = "none"``) used before the request is sent,
+for rate limiting; it is also the fallback, with a warning, for an upstream that
+reports no usage. ``/v1/embeddings`` goes through :meth:`embed` the same way.
 
 The HTTP client is aiohttp: one ``ClientSession`` per backend instance, opened in
 :meth:`start` and closed in :meth:`stop`, over a keep-alive ``TCPConnector`` of
@@ -20,17 +27,19 @@ Failures become :class:`BackendError`::
     connect error / connect or pool timeout  -> 503, retryable
     read timeout (no bytes for timeout_s)    -> 504, retryable
     broken connection, bad stream            -> 502, retryable
-    upstream 429                             -> 429, retryable
+    upstream 429                             -> 429, retryable (Retry-After, x-ratelimit-*)
+    upstream 503                             -> 503, retryable (Retry-After, x-ratelimit-*)
     upstream 401 / 403 (our credentials)     -> 502
-    other upstream 4xx                       -> 400, with the upstream's message
+    other upstream 4xx                       -> 400, with the upstream's message and param
     upstream 5xx                             -> 502, retryable
+    stream ended without finish_reason       -> 502
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Literal, get_args
 
 import aiohttp
 import orjson
@@ -41,24 +50,24 @@ from sluice.gateway.backends.contract import (
     Backend,
     BackendError,
     BackendOptions,
-    FinishReason,
+    Capability,
+    EmbeddingRequest,
+    EmbeddingResult,
     GenerationEvent,
     GenerationRequest,
     ModelCard,
     TokenLogprob,
+    ToolCallDelta,
     Usage,
 )
 from sluice.plugins._tokenizer import MixtralTokenizer
 
 log = logging.getLogger("sluice.plugins.openai_upstream")
 
-_FINISH: dict[str, FinishReason] = {
-    "stop": "stop",
-    "length": "length",
-    "content_filter": "content_filter",
-    "tool_calls": "stop",
-    "function_call": "stop",
-}
+#: Delta / message fields read into the event's own fields; every other one is passed on.
+_KNOWN = frozenset({"role", "content", "tool_calls", "refusal", "reasoning_content"})
+#: Upstream response headers a client needs to back off.
+_PASSED_HEADERS = ("retry-after", "retry-after-ms")
 
 
 class OpenAIUpstreamBackend(Backend):
@@ -73,6 +82,9 @@ class OpenAIUpstreamBackend(Backend):
         max_connections: int = Field(default=256, ge=1)
         #: How count_tokens estimates prompts (the upstream's usage is what gets metered).
         tokenizer: Literal["mistral", "none"] = "mistral"
+        #: What the upstream's models serve (shown in /v1/models; the gateway refuses the
+        #: rest with a 400). Default: everything, the upstream answers for itself.
+        capabilities: tuple[Capability, ...] = get_args(Capability)
 
     def __init__(self, options: BackendOptions) -> None:
         if not isinstance(options, OpenAIUpstreamBackend.Options):
@@ -84,8 +96,10 @@ class OpenAIUpstreamBackend(Backend):
         url = URL(options.base_url)
         path = url.path.rstrip("/")
         # parsed once, not per request; a query string (e.g. api-version) is kept
-        self._urls = {True: url.with_path(path + "/chat/completions", keep_query=True),
-                      False: url.with_path(path + "/completions", keep_query=True)}
+        self._urls = {
+            kind: url.with_path(f"{path}/{kind}", keep_query=True)
+            for kind in ("chat/completions", "completions", "embeddings")
+        }
         # what error messages may show: no user:password, no query string
         port = url.explicit_port
         self._where = f"{url.scheme}://{url.host}" + (f":{port}" if port else "")
@@ -94,11 +108,13 @@ class OpenAIUpstreamBackend(Backend):
         self._warned_no_usage = False
 
     def models(self) -> list[ModelCard]:
-        return [ModelCard(id=served, owned_by="upstream") for served in self.opts.models]
+        capabilities = frozenset(self.opts.capabilities)
+        return [ModelCard(id=served, owned_by="upstream", capabilities=capabilities)
+                for served in self.opts.models]
 
     async def start(self) -> None:
         opts = self.opts
-        headers = {"accept": "text/event-stream", "content-type": "application/json"}
+        headers = {"content-type": "application/json"}
         if opts.api_key:
             headers["authorization"] = f"Bearer {opts.api_key}"
         self._session = aiohttp.ClientSession(
@@ -129,23 +145,32 @@ class OpenAIUpstreamBackend(Backend):
     def _count_completion(self, text: str, chunks: int) -> int:
         return len(self.tokenizer.encode(text)) if self.tokenizer is not None else chunks
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        if self._session is None:
-            raise BackendError("openai_upstream backend is not started", status=503, retryable=True)
-        upstream_model = self.opts.models.get(request.model)
+    def _upstream_model(self, model: str) -> str:
+        upstream_model = self.opts.models.get(model)
         if upstream_model is None:
-            raise BackendError(f"model '{request.model}' is not served here", status=404)
+            raise BackendError(f"model '{model}' is not served here", status=404)
+        return upstream_model
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        session = self._started()
+        upstream_model = self._upstream_model(request.model)
         chat = request.messages is not None
-        body = orjson.dumps(_request_body(request, upstream_model))
+        body, stream = _forwarded_body(request, upstream_model)
         text_parts: list[str] = []
         streamed = 0  # completion tokens already reported in deltas
-        finish: FinishReason | None = None
+        finish: str | None = None
         usage: Usage | None = None
+        fingerprint: str | None = None
+        url = self._urls["chat/completions" if chat else "completions"]
+        headers = {"accept": "text/event-stream" if stream else "application/json",
+                   **request.trace_headers}
         try:
-            async with self._session.post(self._urls[chat], data=body) as response:
+            async with session.post(url, data=body, headers=headers) as response:
                 if response.status != 200:
-                    raise self._status_error(response.status, response.headers.get("retry-after"),
-                                             await response.read())
+                    raise self._status_error(response, await response.read())
+                if not stream:
+                    yield self._whole_answer(request, orjson.loads(await response.read()), chat)
+                    return
                 async for data in _sse_data(response.content):
                     if data == b"[DONE]":
                         continue  # read on to the body's end, so the connection is reused
@@ -155,14 +180,12 @@ class OpenAIUpstreamBackend(Backend):
                             f"upstream error mid-stream: {_error_message(chunk)}", status=502
                         )
                     if chunk.get("usage"):
-                        usage = Usage(
-                            prompt_tokens=int(chunk["usage"].get("prompt_tokens") or 0),
-                            completion_tokens=int(chunk["usage"].get("completion_tokens") or 0),
-                        )
+                        usage = _usage(chunk["usage"])
+                    fingerprint = chunk.get("system_fingerprint") or fingerprint
                     for choice in chunk.get("choices") or ():
                         event = _delta(choice, chat)
                         if choice.get("finish_reason"):
-                            finish = _FINISH.get(choice["finish_reason"], "stop")
+                            finish = choice["finish_reason"]
                         if event is not None:
                             text_parts.append(event.text)
                             streamed += event.tokens
@@ -180,50 +203,155 @@ class OpenAIUpstreamBackend(Backend):
             raise BackendError(f"upstream {self._where} broke the stream: {_reason(exc)}",
                                status=502, retryable=True) from None
 
+        if finish is None:
+            # The answer was cut short: never pass that off as a clean stop.
+            raise BackendError(f"upstream {self._where} ended the stream before the answer "
+                               "was finished (no finish_reason)", status=502)
         if usage is None:
-            if not self._warned_no_usage:
-                self._warned_no_usage = True
-                log.warning(
-                    "upstream %s sent no usage; counting tokens locally (%s), which may "
-                    "differ from the upstream's own count", self._where, self.opts.tokenizer,
-                )
-            usage = Usage(
-                prompt_tokens=self.count_tokens(request),
-                completion_tokens=self._count_completion("".join(text_parts), streamed),
-            )
+            usage = self._local_usage(request, "".join(text_parts), streamed)
         yield GenerationEvent(
             tokens=max(0, usage.completion_tokens - streamed),
-            finish_reason=finish or "stop",
+            finish_reason=finish,  # type: ignore[arg-type]  # the upstream's, as sent
             usage=usage,
+            system_fingerprint=fingerprint,
         )
 
-    def _status_error(self, status: int, retry_after: str | None, content: bytes
-                      ) -> BackendError:
-        message = _error_message(_json_or_none(content))
-        if status == 429:
-            hint = f" (retry after {retry_after}s)" if retry_after else ""
-            return BackendError(f"upstream rate limit: {message}{hint}", status=429, retryable=True)
+    def _whole_answer(self, request: GenerationRequest, answer: dict[str, Any], chat: bool
+                      ) -> GenerationEvent:
+        """A non-streamed upstream answer as one event (n=1: one choice)."""
+        choices = answer.get("choices") or [{}]
+        event = _delta(choices[0], chat, whole=True) or GenerationEvent()
+        finish = choices[0].get("finish_reason")
+        if not finish:
+            raise BackendError(f"upstream {self._where} answered without a finish_reason",
+                               status=502)
+        usage = (_usage(answer["usage"]) if answer.get("usage")
+                 else self._local_usage(request, event.text, event.tokens))
+        return GenerationEvent(
+            text=event.text, tokens=usage.completion_tokens, finish_reason=finish,
+            usage=usage, logprobs=event.logprobs, tool_calls=event.tool_calls,
+            refusal=event.refusal, reasoning=event.reasoning,
+            system_fingerprint=answer.get("system_fingerprint"), extra=event.extra,
+        )
+
+    def _local_usage(self, request: GenerationRequest, text: str, streamed: int) -> Usage:
+        if not self._warned_no_usage:
+            self._warned_no_usage = True
+            log.warning(
+                "upstream %s sent no usage; counting tokens locally (%s), which may "
+                "differ from the upstream's own count", self._where, self.opts.tokenizer,
+            )
+        return Usage(prompt_tokens=self.count_tokens(request),
+                     completion_tokens=self._count_completion(text, streamed))
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        session = self._started()
+        upstream_model = self._upstream_model(request.model)
+        if request.body is not None:
+            body = _with_model(request.body, request.raw, upstream_model)
+        else:
+            fields = {"model": upstream_model, "input": request.input,
+                      "dimensions": request.dimensions,
+                      "encoding_format": request.encoding_format, "user": request.user}
+            body = orjson.dumps({k: v for k, v in fields.items() if v is not None})
+        try:
+            async with session.post(self._urls["embeddings"], data=body,
+                                    headers={"accept": "application/json",
+                                             **request.trace_headers}) as response:
+                content = await response.read()
+                if response.status != 200:
+                    raise self._status_error(response, content)
+        except aiohttp.ClientConnectorError as exc:
+            raise BackendError(f"upstream {self._where} unreachable: {_reason(exc.os_error)}",
+                               status=503, retryable=True) from None
+        except TimeoutError:
+            raise BackendError(f"upstream {self._where} timed out",
+                               status=504, retryable=True) from None
+        except aiohttp.ClientError as exc:
+            raise BackendError(f"upstream {self._where} failed: {_reason(exc)}",
+                               status=502, retryable=True) from None
+        try:
+            answer = orjson.loads(content)
+            usage = answer.get("usage") or {}
+            return EmbeddingResult(data=list(answer["data"]),
+                                   usage=Usage(int(usage.get("prompt_tokens") or 0), 0))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise BackendError(f"upstream {self._where} sent a malformed embeddings answer",
+                               status=502) from None
+
+    def _started(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise BackendError("openai_upstream backend is not started", status=503,
+                               retryable=True)
+        return self._session
+
+    def _status_error(self, response: aiohttp.ClientResponse, content: bytes) -> BackendError:
+        status = response.status
+        payload = _json_or_none(content)
+        message = _error_message(payload)
+        headers = {name: value for name, value in response.headers.items()
+                   if name.lower() in _PASSED_HEADERS or name.lower().startswith("x-ratelimit-")}
+        if status in (429, 503):
+            what = "rate limit" if status == 429 else "unavailable"
+            return BackendError(f"upstream {what}: {message}", status=status, retryable=True,
+                                headers=headers)
         if status in (401, 403):
             return BackendError(f"upstream rejected the gateway's credentials ({status})",
                                 status=502)
         if 400 <= status < 500:
-            return BackendError(message, status=400)
+            error = payload.get("error") if isinstance(payload, dict) else None
+            param = error.get("param") if isinstance(error, dict) else None
+            code = error.get("code") if isinstance(error, dict) else None
+            return BackendError(message, status=400, param=param if isinstance(param, str)
+                                else None, code=code if isinstance(code, str) else None)
         return BackendError(f"upstream {self._where} failed ({status}): {message}",
-                            status=502, retryable=True)
+                            status=502, retryable=True, headers=headers)
+
+
+def _forwarded_body(request: GenerationRequest, upstream_model: str) -> tuple[bytes, bool]:
+    """What goes upstream, and whether it is a stream: the client's body as sent, with
+    only what the gateway must change (see the module's docstring)."""
+    body = request.body
+    if body is None:  # a request the gateway made itself (e.g. the guard model's)
+        return orjson.dumps(_request_body(request, upstream_model)), True
+    stream = bool(body.get("stream"))
+    changes: dict[str, Any] = {}
+    drop: tuple[str, ...] = ()
+    if body.get("model") != upstream_model:
+        changes["model"] = upstream_model
+    if request.n_choices > 1:
+        drop = ("n",)
+        if body.get("seed") is not None:
+            changes["seed"] = body["seed"] + request.choice_index
+    if stream and not (body.get("stream_options") or {}).get("include_usage"):
+        changes["stream_options"] = {**(body.get("stream_options") or {}),
+                                     "include_usage": True}
+    if not changes and not drop and request.raw is not None:
+        return request.raw, stream
+    out = {k: v for k, v in body.items() if k not in drop}
+    out.update(changes)
+    return orjson.dumps(out), stream
+
+
+def _with_model(body: Mapping[str, Any], raw: bytes | None, upstream_model: str) -> bytes:
+    if body.get("model") == upstream_model and raw is not None:
+        return raw
+    return orjson.dumps({**body, "model": upstream_model})
 
 
 def _request_body(request: GenerationRequest, upstream_model: str) -> dict[str, Any]:
+    """A body from the typed request, for requests without a client body: the sampling
+    values as given (the gateway's own requests set what they mean)."""
     s = request.sampling
     body: dict[str, Any] = {
         "model": upstream_model,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "n": 1,
         "temperature": s.temperature,
         "top_p": s.top_p,
     }
     if request.messages is not None:
-        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        body["messages"] = [_message_dict(m) for m in request.messages]
         if s.logprobs:
             body["logprobs"] = True
             body["top_logprobs"] = s.top_logprobs
@@ -237,9 +365,29 @@ def _request_body(request: GenerationRequest, upstream_model: str) -> dict[str, 
         body["stop"] = list(s.stop)
     if s.seed is not None:
         body["seed"] = s.seed
+    if s.presence_penalty:
+        body["presence_penalty"] = s.presence_penalty
+    if s.frequency_penalty:
+        body["frequency_penalty"] = s.frequency_penalty
     if s.top_k != -1:
         body["top_k"] = s.top_k  # not OpenAI's; vLLM and most open servers accept it
+    if request.user is not None:
+        body["user"] = request.user
     return body
+
+
+def _message_dict(m: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role,
+                           "content": list(m.parts) if m.parts is not None else m.content}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+    return out
 
 
 async def _sse_data(body: aiohttp.StreamReader) -> AsyncIterator[bytes]:
@@ -255,16 +403,43 @@ async def _sse_data(body: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         yield buffer[5:].strip()
 
 
-def _delta(choice: dict[str, Any], chat: bool) -> GenerationEvent | None:
-    if chat:
-        text = (choice.get("delta") or {}).get("content") or ""
-        logprobs = _chat_logprobs(choice.get("logprobs"))
-    else:
+def _usage(data: dict[str, Any]) -> Usage:
+    return Usage(
+        prompt_tokens=int(data.get("prompt_tokens") or 0),
+        completion_tokens=int(data.get("completion_tokens") or 0),
+        prompt_tokens_details=data.get("prompt_tokens_details"),
+        completion_tokens_details=data.get("completion_tokens_details"),
+    )
+
+
+def _delta(choice: dict[str, Any], chat: bool, whole: bool = False) -> GenerationEvent | None:
+    """One choice of a chunk (a ``delta``) or of a whole answer (a ``message``)."""
+    if not chat:
         text = choice.get("text") or ""
         logprobs = _completion_logprobs(choice.get("logprobs"))
-    if not text and not logprobs:
+        if not text and not logprobs:
+            return None
+        return GenerationEvent(text=text, tokens=len(logprobs) or 1, logprobs=logprobs)
+    delta = (choice.get("message") if whole else choice.get("delta")) or {}
+    text = delta.get("content") or ""
+    logprobs = _chat_logprobs(choice.get("logprobs"))
+    calls = tuple(_tool_call(i, c) for i, c in enumerate(delta.get("tool_calls") or ()))
+    refusal = delta.get("refusal") or ""
+    reasoning = delta.get("reasoning_content") or ""
+    extra = {k: v for k, v in delta.items() if k not in _KNOWN and v is not None}
+    if not (text or logprobs or calls or refusal or reasoning or extra):
         return None
-    return GenerationEvent(text=text, tokens=len(logprobs) or 1, logprobs=logprobs)
+    return GenerationEvent(text=text, tokens=len(logprobs) or 1, logprobs=logprobs,
+                           tool_calls=calls, refusal=refusal, reasoning=reasoning,
+                           extra=extra or None)
+
+
+def _tool_call(position: int, call: dict[str, Any]) -> ToolCallDelta:
+    function = call.get("function") or call.get("custom") or {}
+    arguments = function.get("arguments", function.get("input")) or ""
+    return ToolCallDelta(index=int(call.get("index", position)), id=call.get("id"),
+                         name=function.get("name"), arguments=arguments,
+                         type=call.get("type"))
 
 
 def _chat_logprobs(data: dict[str, Any] | None) -> tuple[TokenLogprob, ...]:

@@ -99,7 +99,7 @@ async def test_request_sent_upstream(mock: tuple[MockApp, int]) -> None:
         b"bearer", b"Bearer")
     sent = orjson.loads(body)
     assert sent["model"] == "mock-model" and sent["stream"] is True
-    assert sent["stream_options"] == {"include_usage": True} and sent["n"] == 1
+    assert sent["stream_options"] == {"include_usage": True} and "n" not in sent
     assert sent["messages"] == [{"role": "user", "content": "tell me about foxes"}]
     expected = {"temperature": 0.2, "top_p": 0.9, "max_tokens": 5, "stop": ["\n"], "seed": 7,
                 "logprobs": True, "top_logprobs": 3}

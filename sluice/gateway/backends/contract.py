@@ -114,6 +114,9 @@ class ChatMessage:
     refusal: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    def text(self) -> str:
+        return self.content
+
     def non_text_parts(self) -> list[int]:
         """Indexes of the content parts that are not text."""
         return [i for i, p in enumerate(self.parts or ()) if p.get("type") != "text"]
@@ -195,6 +198,8 @@ class GenerationRequest:
     #: Which of a fanned-out ``n`` this is (a proxy sends each as its own n=1 call).
     choice_index: int = 0
     n_choices: int = 1
+    #: W3C trace context (``traceparent``, ``tracestate``) for a backend that calls out.
+    trace_headers: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -269,6 +274,7 @@ class EmbeddingRequest:
     user: str | None = None
     body: Mapping[str, Any] | None = None
     raw: bytes | None = None
+    trace_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,16 +291,23 @@ class BackendError(Exception):
 
     ``status`` is the HTTP status the gateway answers with; ``retryable`` says whether
     another try may work; ``fatal`` says the worker itself is broken and the runtime
-    must replace it (its other requests fail too).
+    must replace it (its other requests fail too). ``headers`` go to the client with the
+    error (an upstream's ``Retry-After`` and ``x-ratelimit-*``); ``param`` and ``code``
+    name what was wrong, as OpenAI's error object does.
     """
 
     def __init__(
-        self, message: str, *, status: int = 502, retryable: bool = False, fatal: bool = False
+        self, message: str, *, status: int = 502, retryable: bool = False, fatal: bool = False,
+        headers: Mapping[str, str] | None = None, param: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
         self.fatal = fatal
+        self.headers = dict(headers or {})
+        self.param = param
+        self.code = code
 
 
 class Backend(abc.ABC):

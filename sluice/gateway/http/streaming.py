@@ -19,6 +19,12 @@ def sse(data: dict[str, Any]) -> bytes:
 async def read_json(request: Request, limit: int) -> Any:
     """The request body as JSON, refusing bodies over ``limit`` bytes (413) before reading
     them whole, and anything that is not a JSON object (400)."""
+    data, _ = await read_body(request, limit)
+    return data
+
+
+async def read_body(request: Request, limit: int) -> tuple[Any, bytes]:
+    """:func:`read_json`, and the body's bytes (what a proxying backend forwards)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -42,4 +48,4 @@ async def read_json(request: Request, limit: int) -> Any:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
-    return data
+    return data, body

@@ -13,9 +13,10 @@ from starlette.routing import Route
 
 from sluice.gateway.accounts.auth import Principal
 from sluice.gateway.errors import InvalidRequest, NotFound, SluiceError
+from sluice.gateway.http.capabilities import check_serves
 from sluice.gateway.http.schemas import ChatCompletionRequest, CompletionRequest
+from sluice.gateway.http.streaming import read_body
 from sluice.gateway.pipeline.service import Gateway
-from sluice.gateway.http.streaming import read_json
 from sluice.gateway.util import json_response
 
 M = TypeVar("M", bound=BaseModel)
@@ -67,11 +68,13 @@ async def serve(request: Request, endpoint: str,
         with trace.use_span(span, end_on_exit=False) if tracing else contextlib.nullcontext():
             with gateway.telemetry.span("auth") if tracing else contextlib.nullcontext():
                 principal = await authenticate(gateway, request)
-            body = parse(schema, await read_json(request, gateway.settings.max_body_bytes))
+            data, raw = await read_body(request, gateway.settings.max_body_bytes)
+            body = schema.model_validate(data, raw)
             if isinstance(body, ChatCompletionRequest):
                 call = gateway.chat_call(request_id, principal, body, span)
             else:
                 call = gateway.completion_call(request_id, principal, body, span)
+            check_serves(gateway.registry.routes(body.model)[0].card, body)
     except BaseException:
         span.end()
         raise
