@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from sluice.gateway import dashboard
 from sluice.gateway.accounts.tenants import Accounts
-from sluice.gateway.ledger.audit import AuditLog, default_instance_id
+from sluice.gateway.ledger.audit import AuditLog, audit_key, checkpoint_file, default_instance_id
 from sluice.gateway.accounts.auth import KeyStore
 from sluice.gateway.backends.contract import Backend
 from sluice.gateway.db.session import create_engine, sessionmaker
@@ -29,6 +29,7 @@ from sluice.gateway.pipeline.ratelimit import RateLimiter
 from sluice.gateway.pipeline.service import Gateway
 from sluice.gateway.settings import BackendConfig, Settings
 from sluice.gateway.ledger.spool import Spool
+from sluice.gateway.ledger.wal import UsageWAL
 from sluice.gateway.pipeline.stages import Admission, Authenticator, Guardrails, pool_completer
 from sluice.gateway.telemetry import Telemetry
 
@@ -50,7 +51,9 @@ def build_gateway(settings: Settings, *, telemetry: Telemetry | None = None) -> 
         )
     settings.spool_dir.mkdir(parents=True, exist_ok=True)
     instance = settings.instance_id or default_instance_id()
-    audit = AuditLog(engine, instance, spool=Spool(settings.spool_dir / f"audit-{instance}.spool"))
+    key = audit_key(settings)
+    audit = AuditLog(engine, instance, key=key, checkpoints=checkpoint_file(settings, key),
+                     spool=Spool(settings.spool_dir / f"audit-{instance}.spool"))
     telemetry = telemetry or Telemetry.from_settings(settings)
     limiter = RateLimiter.from_settings(settings.redis_url, settings.ratelimit,
                                           redis_cluster=settings.redis_cluster)
@@ -68,6 +71,7 @@ def build_gateway(settings: Settings, *, telemetry: Telemetry | None = None) -> 
         meter=Meter(
             engine,
             spool=Spool(settings.spool_dir / "usage.spool"),
+            wal=UsageWAL(settings.spool_dir / "wal"),
             batch_size=settings.meter_batch_size,
             flush_interval_s=settings.meter_flush_interval_s,
         ),

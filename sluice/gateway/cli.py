@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from rich.table import Table
 
 from sluice.gateway.accounts.tenants import Accounts, key_dict, parse_duration, tenant_dict
-from sluice.gateway.ledger.audit import AuditLog, default_instance_id
+from sluice.gateway.ledger.audit import cli_audit
 from sluice.gateway.accounts.auth import issue_admin_token
 from sluice.gateway.cli_accounting import register as register_accounting
 from sluice.gateway.db.session import create_engine, migrate, sessionmaker
@@ -29,11 +29,11 @@ err = Console(stderr=True)
 
 
 def _run_accounts(settings: Settings, work: Callable[[Accounts], Awaitable[Any]]) -> Any:
-    """Run ``work`` with an Accounts whose changes go to this process's audit chain."""
+    """Run ``work`` with an Accounts whose changes go to the CLI's persistent audit chain."""
 
     async def main() -> Any:
         engine = create_engine(settings.database_url)
-        audit = AuditLog(engine, f"cli-{default_instance_id()}"[:64])
+        audit = cli_audit(engine, settings)
         try:
             return await work(Accounts(sessionmaker(engine), audit=audit))
         finally:

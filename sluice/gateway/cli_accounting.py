@@ -1,4 +1,5 @@
-"""``sluice audit verify``, ``sluice usage export``, ``sluice billing push-stripe``.
+"""``sluice audit verify``, ``sluice db grant-app``, ``sluice usage export``,
+``sluice billing push-stripe``.
 
 :func:`register` adds them to the main parser's subcommands; each handler takes
 ``(args, settings)`` and returns the exit code. Failures print one line on stderr.
@@ -11,6 +12,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -20,12 +22,16 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sluice.gateway.ledger.audit import AuditLog, verify
-from sluice.gateway.ledger.billing import BillingError, count_usage, export_usage, push_stripe, stripe_client
+from sluice.gateway.ledger.audit import audit_key, checkpoint_file, cli_audit
+from sluice.gateway.ledger.billing import BillingError, push_stripe, stripe_client
+from sluice.gateway.ledger.chain import AuditKeyError
+from sluice.gateway.ledger.exports import count_usage, export_usage
+from sluice.gateway.ledger.checkpoints import CheckpointFile
+from sluice.gateway.ledger.verify import ChainSummary, VerifyReport, verify
 from sluice.gateway.db.models import Tenant
 from sluice.gateway.db.session import create_engine
 from sluice.gateway.settings import Settings
@@ -55,9 +61,19 @@ def parse_time(text: str) -> dt.datetime:
 def register(subparsers: Any) -> None:
     audit = subparsers.add_parser("audit", help="audit log").add_subparsers(
         dest="action", required=True)  # fmt: skip
-    p = audit.add_parser("verify", help="check every hash chain; exit 1 naming the first break")
+    p = audit.add_parser("verify", help="check every chain, the registry and the signed "
+                         "checkpoints; exit 1 naming each finding")  # fmt: skip
     p.add_argument("--json", action="store_true")
+    p.add_argument("--checkpoints", type=Path, action="append",
+                   help="checkpoint file(s) to check against (default: this host's)")
     p.set_defaults(handler=cmd_audit_verify)
+
+    db = subparsers.add_parser("db", help="database roles").add_subparsers(
+        dest="action", required=True)  # fmt: skip
+    p = db.add_parser("grant-app", help="(as the schema owner) give the gateway's role what "
+                      "it needs and nothing that can switch the audit trigger off")  # fmt: skip
+    p.add_argument("role")
+    p.set_defaults(handler=cmd_db_grant_app)
 
     usage = subparsers.add_parser("usage", help="usage data").add_subparsers(
         dest="action", required=True)  # fmt: skip
@@ -101,7 +117,7 @@ def _guarded(handler: Handler) -> Handler:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             return handler(args, settings)
-        except (CliError, BillingError) as exc:
+        except (CliError, BillingError, AuditKeyError) as exc:
             err.print(f"[red]error:[/] {exc}", highlight=False)
         except SQLAlchemyError as exc:
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
@@ -116,24 +132,42 @@ def _guarded(handler: Handler) -> Handler:
     return run
 
 
-def _cli_audit(engine: AsyncEngine) -> AuditLog:
-    return AuditLog(engine, f"cli-{socket.gethostname()}-{os.getpid()}"[-64:])
-
-
 @_guarded
 def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    report = _run(settings, verify)
+    key = audit_key(settings)
+    files = args.checkpoints or [checkpoint_file(settings, key).path]
+    missing = [str(f) for f in files if not f.exists()]
+
+    async def work(engine: AsyncEngine) -> VerifyReport:
+        # One report per checkpoint file (one per replica's volume), merged per chain.
+        chains: dict[str, ChainSummary] = {}
+        problems: list[str] = []
+        for path in files:
+            report = await verify(engine, key, checkpoints=CheckpointFile(path, key))
+            for chain in report.chains:
+                known = chains.setdefault(chain.instance_id, chain)
+                known.broken = known.broken or chain.broken
+            problems += report.problems
+        return VerifyReport(chains=[chains[n] for n in sorted(chains)], problems=problems)
+
+    report = _run(settings, work)
     if args.json:
         print(json.dumps({
             "ok": report.ok,
             "records": report.records,
+            "checkpoint_files_missing": missing,
+            "problems": report.problems,
             "chains": [{"instance_id": c.instance_id, "records": c.records,
                         "last_seq": c.last_seq, "last_hash": c.last_hash,
-                        "broken": None if c.broken is None else str(c.broken)}
+                        "broken": None if c.broken is None else str(c.broken),
+                        "reason": None if c.broken is None else c.broken.reason}
                        for c in report.chains],
         }))  # fmt: skip
+    for path in missing:
+        err.print(f"[yellow]no checkpoint file[/] {path}: tail cuts before the registry "
+                  "cannot be checked against it", highlight=False)  # fmt: skip
     for link in report.breaks:
-        err.print(f"[red]audit chain broken:[/] {link}", highlight=False)
+        err.print(f"[red]audit log tampered:[/] {link}", highlight=False)
     if report.ok and not args.json:
         err.print(f"[green]audit log intact:[/] {report.records} records in "
                   f"{len(report.chains)} chains")  # fmt: skip
@@ -179,7 +213,7 @@ def cmd_usage_export(args: argparse.Namespace, settings: Settings) -> int:
             raise
         if partial:
             os.replace(partial, args.output)
-        audit = _cli_audit(engine)
+        audit = cli_audit(engine, settings)
         await audit.record("cli", "usage.export", tenant or "*", decision="ok", details={
             "from": args.start.isoformat(), "to": args.end.isoformat(), "format": args.fmt,
             "rows": rows, "output": str(args.output) if args.output else "stdout"})  # fmt: skip
@@ -200,7 +234,7 @@ def cmd_billing_push_stripe(args: argparse.Namespace, settings: Settings) -> int
     until = args.until or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
 
     async def work(engine: AsyncEngine) -> Any:
-        audit = _cli_audit(engine)
+        audit = cli_audit(engine, settings)
         try:
             return await push_stripe(
                 engine, client, window=args.window, until=until,
@@ -221,4 +255,48 @@ def cmd_billing_push_stripe(args: argparse.Namespace, settings: Settings) -> int
                   f"{report.already_present} already at Stripe; "
                   f"pushed until {summary['pushed_until'] or '(nothing to push)'}",
                   highlight=False)  # fmt: skip
+    return 0
+
+
+# The gateway's role may read and write its tables, never own them: only an owner (or a
+# superuser) can DISABLE TRIGGER, and only a superuser can SET session_replication_role,
+# the two ways around audit_log's append-only trigger.
+GRANTS = (
+    "GRANT USAGE ON SCHEMA public TO {role}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
+    "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}",
+    "REVOKE UPDATE, DELETE, TRUNCATE ON audit_log FROM {role}",
+    "REVOKE DELETE, TRUNCATE ON audit_chains FROM {role}",
+    "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON alembic_version FROM {role}",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA public "
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role}",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO {role}",
+)
+
+
+async def grant_app_role(engine: AsyncEngine, role: str) -> None:
+    """Grant ``role`` (which must exist, and be neither a superuser nor the tables' owner)
+    what the gateway needs. Run after every ``sluice migrate``, as the owner."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", role):
+        raise CliError(f"role name must be a plain lower-case identifier: {role!r}")
+    if engine.dialect.name != "postgresql":
+        raise CliError("database roles exist only on Postgres")
+    async with engine.begin() as conn:
+        found = (await conn.execute(text(
+            "SELECT rolsuper, pg_has_role(:r, (SELECT tableowner FROM pg_tables "
+            "WHERE tablename = 'audit_log'), 'USAGE') FROM pg_roles WHERE rolname = :r"),
+            {"r": role})).first()  # fmt: skip
+        if found is None:
+            raise CliError(f"no such role: {role} (CREATE ROLE {role} LOGIN PASSWORD '...')")
+        if found[0] or found[1]:
+            raise CliError(f"{role} is a superuser or owns the tables: it could switch the "
+                           "audit trigger off; use a plain role")  # fmt: skip
+        for stmt in GRANTS:
+            await conn.execute(text(stmt.format(role=role)))
+
+
+@_guarded
+def cmd_db_grant_app(args: argparse.Namespace, settings: Settings) -> int:
+    _run(settings, lambda engine: grant_app_role(engine, args.role))
+    err.print(f"granted {args.role} the gateway's privileges", highlight=False)
     return 0

@@ -26,16 +26,15 @@ from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sluice.gateway import cli_accounting
-from sluice.gateway.ledger.audit import AuditLog, verify
-from sluice.gateway.ledger.billing import (
+from sluice.gateway.ledger.audit import AuditLog
+from sluice.gateway.ledger.billing import meter_identifier, push_stripe, stripe_client
+from sluice.gateway.ledger.exports import (
     BillingError,
     count_usage,
     export_usage,
     iter_usage_export,
-    meter_identifier,
-    push_stripe,
-    stripe_client,
 )
+from sluice.gateway.ledger.verify import verify
 from sluice.gateway.db.models import Tenant, UsageEvent
 from sluice.gateway.db.session import create_engine, migrate
 from sluice.gateway.settings import Settings
@@ -177,7 +176,7 @@ async def test_export_csv_and_jsonl_filter_by_time_and_tenant(db: AsyncEngine) -
 # Runs in a child process so that the peak RSS it reports belongs to the export alone.
 MEASURE_EXPORT = """
 import asyncio, datetime as dt, hashlib, json, os, resource, sys, time
-from sluice.gateway.ledger.billing import export_usage
+from sluice.gateway.ledger.exports import export_usage
 from sluice.gateway.db.session import create_engine
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -317,7 +316,7 @@ async def test_changing_the_window_size_is_refused(db, fake) -> None:
 
 async def test_each_push_is_an_audit_event(db, fake) -> None:
     await seed(db, USAGE)
-    audit = AuditLog(db, "billing-test")
+    audit = AuditLog(db, "billing-test", key=AUDIT_KEY)
     await push(db, fake, audit=audit)
     await audit.close()
     async with db.connect() as conn:
@@ -326,7 +325,7 @@ async def test_each_push_is_an_audit_event(db, fake) -> None:
         ))).all()  # fmt: skip
     assert len(rows) == 7 and {r.decision for r in rows} == {"sent"}
     assert {r.details["identifier"] for r in rows} == set(fake.events)
-    assert (await verify(db)).ok
+    assert (await verify(db, AUDIT_KEY)).ok
 
 
 def test_fake_rejects_requests_that_break_the_schema(fake: FakeStripe) -> None:
@@ -348,39 +347,48 @@ def test_fake_rejects_requests_that_break_the_schema(fake: FakeStripe) -> None:
 # -- CLI ------------------------------------------------------------------------------------
 
 
+AUDIT_KEY = b"k" * 32
+
+
+def cli_settings(db_url: str, tmp: pytest.TempPathFactory) -> Settings:
+    state = tmp.mktemp("state")  # the CLI's audit checkpoints go there, not in the checkout
+    return Settings(database_url=db_url, audit_key=AUDIT_KEY.decode(), spool_dir=state / "spool")
+
+
 def cli(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sluice")
     cli_accounting.register(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(argv)
 
 
-async def test_cli_usage_export_writes_a_file(db, db_url, tmp_path: Path, capsys) -> None:
+async def test_cli_usage_export_writes_a_file(db, db_url, tmp_path: Path, tmp_path_factory,
+                                              capsys) -> None:
     await seed(db, USAGE)
     out = tmp_path / "usage.jsonl"
     args = cli(["usage", "export", "--from", "2026-03-01T10:00:00Z", "--to", "2026-03-02",
                 "--tenant", "globex", "--format", "jsonl", "--output", str(out)])  # fmt: skip
-    code = await _in_thread(args.handler, args, Settings(database_url=db_url))
+    code = await _in_thread(args.handler, args, cli_settings(db_url, tmp_path_factory))
     assert code == 0 and "exported 2 rows" in capsys.readouterr().err
     assert [json.loads(x)["request_id"] for x in out.read_text().splitlines()] == ["req-2", "req-5"]
     assert list(tmp_path.iterdir()) == [out]  # the .partial file was renamed into place
 
     bad = cli(["usage", "export", "--from", "2026-03-01", "--tenant", "nobody"])
-    assert await _in_thread(bad.handler, bad, Settings(database_url=db_url)) == 2
+    assert await _in_thread(bad.handler, bad, cli_settings(db_url, tmp_path_factory)) == 2
     assert capsys.readouterr().err.strip() == "error: no such tenant: nobody"
 
 
-async def test_cli_push_stripe(db, db_url, fake, monkeypatch, capsys) -> None:
+async def test_cli_push_stripe(db, db_url, fake, monkeypatch, tmp_path_factory, capsys) -> None:
     await seed(db, USAGE)
     monkeypatch.setenv("STRIPE_API_KEY", "sk_test_cli")
     monkeypatch.setenv("SLUICE_STRIPE_API_BASE", fake.url)
     args = cli(["billing", "push-stripe", "--until", "2026-03-01T14:30:00Z", "--input-meter",
                 "in_tok", "--output-meter", "out_tok", "--json"])  # fmt: skip
-    assert await _in_thread(args.handler, args, Settings(database_url=db_url)) == 0
+    assert await _in_thread(args.handler, args, cli_settings(db_url, tmp_path_factory)) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["sent"] == 7 and billed(fake) == expected_billed()
 
     monkeypatch.delenv("STRIPE_API_KEY")
-    assert await _in_thread(args.handler, args, Settings(database_url=db_url)) == 2
+    assert await _in_thread(args.handler, args, cli_settings(db_url, tmp_path_factory)) == 2
     assert "STRIPE_API_KEY is not set" in capsys.readouterr().err
 
 

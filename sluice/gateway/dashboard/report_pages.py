@@ -7,8 +7,7 @@ import datetime as dt
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from sluice.gateway.ledger.audit import verify
-from sluice.gateway.ledger.billing import iter_usage_export
+from sluice.gateway.ledger.exports import iter_usage_export
 from sluice.gateway.dashboard import charts, reports
 from sluice.gateway.dashboard.charts import Series
 from sluice.gateway.dashboard.session import Session
@@ -149,7 +148,7 @@ async def audit(request: Request, session: Session) -> Response:
     await gw.audit.flush()  # show this session's own changes, not only what the writer wrote
     records = await reports.audit_records(gw.meter.engine, action=action_filter, actor=actor,
                                           before=_before(request))
-    report = await verify(gw.meter.engine)
+    report = await gw.audit.verify()  # incremental: only records new since the last view
     return render(request, "audit.html", {
         "records": records, "action": action_filter, "actor": actor, "report": report,
         "page_size": reports.PAGE_SIZE,

@@ -1,82 +1,54 @@
-"""Tamper-evident audit log: one SHA-256 hash chain per gateway instance.
+"""Tamper-evident audit log: one keyed hash chain per gateway instance, one for the CLI.
 
-Each record's ``hash`` is ``sha256(prev_hash + canonical_json(record))``, where the
-canonical form has sorted keys, no whitespace and a fixed UTC timestamp format
-(``2026-01-31T12:00:00.000000Z``). Editing, deleting or reordering rows therefore breaks
-the chain at a row that :func:`verify` names. On Postgres a trigger (migration 0002) also
-refuses UPDATE, DELETE and TRUNCATE outright.
+:class:`AuditLog` is off the request path: ``record`` links and buffers, a
+:class:`~sluice.gateway.ledger.writer.BatchWriter` writes batches; when the database is
+unreachable batches go to the spool and are replayed, in order and idempotently (by
+instance and sequence), once it is back. Each batch also moves the chain's head in the
+registry (``audit_chains``) in the same transaction, and heads are checkpointed to a
+signed file outside the database. On Postgres a trigger (migration 0002) refuses UPDATE,
+DELETE and TRUNCATE; the gateway's role can neither drop it nor switch it off
+(docs/operations.md). How chains are checked: ledger/verify.py.
 
-:class:`AuditLog` is off the request path: ``record`` hashes and buffers, a background task
-writes batches; when the database is unreachable batches go to a :class:`~gateway.spool.Spool`
-and are replayed, in order and idempotently (by instance and sequence), once it is back.
+A *shared* chain (the CLI's) has many short-lived writers: each record is written at once,
+under a lock on the chain's registry row, so every CLI command extends the same chain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
 import json
-import logging
 import os
 import socket
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import time
+from typing import Any
 
 from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sluice.gateway.db.accounting import AuditRecord
-from sluice.gateway.ledger.spool import Spool
-
-log = logging.getLogger(__name__)
-
-GENESIS_HASH = "0" * 64
-HASHED_FIELDS = (
-    "instance_id", "seq", "created_at", "actor", "action", "target",
-    "request_id", "decision", "details", "prev_hash",
+from sluice.gateway.ledger.chain import (
+    CLI_CHAIN, GENESIS_HASH, AuditChain, canonical_timestamp, chain_hash, head_mac, load_key,
+    parse_timestamp, prompt_digest,
 )  # fmt: skip
+from sluice.gateway.ledger.checkpoints import CheckpointFile
+from sluice.gateway.ledger.spool import Spool
+from sluice.gateway.ledger.verify import Verifier, VerifyReport
+from sluice.gateway.ledger.writer import BatchWriter
+from sluice.gateway.settings import Settings
+
+__all__ = ["AuditChainConflict", "AuditLog", "audit_key", "checkpoint_file", "cli_audit",
+           "default_instance_id", "prompt_digest"]  # fmt: skip
+
 _MAX_LEN = {"instance_id": 64, "actor": 128, "action": 64, "target": 256, "request_id": 64,
             "decision": 32}  # fmt: skip
-# What a failed write looks like when the database is down or unreachable.
-DB_UNAVAILABLE = (SQLAlchemyError, OSError, asyncio.TimeoutError)
 
 
 class AuditChainConflict(Exception):
     """Another writer used this instance id: a stored record has our sequence number but a
     different hash. Instance ids must be unique among live gateways."""
-
-
-def canonical_timestamp(ts: dt.datetime) -> str:
-    if ts.tzinfo is None:  # SQLite hands back naive datetimes; we only ever store UTC
-        ts = ts.replace(tzinfo=dt.UTC)
-    return ts.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def canonical_json(record: dict[str, Any]) -> str:
-    body = {name: record[name] for name in HASHED_FIELDS}
-    if isinstance(body["created_at"], dt.datetime):
-        body["created_at"] = canonical_timestamp(body["created_at"])
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)  # fmt: skip
-
-
-def chain_hash(record: dict[str, Any]) -> str:
-    """The hash a record must carry, given its fields and its ``prev_hash``."""
-    return hashlib.sha256((record["prev_hash"] + canonical_json(record)).encode()).hexdigest()
-
-
-def prompt_digest(text: str, store: bool) -> dict[str, Any]:
-    """What the audit log keeps of a prompt: its SHA-256 and length, and the text itself
-    only when the tenant opted in (``tenants.store_prompts``)."""
-    digest: dict[str, Any] = {
-        "prompt_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "prompt_chars": len(text),
-    }
-    if store:
-        digest["prompt"] = text
-    return digest
 
 
 def default_instance_id() -> str:
@@ -85,15 +57,36 @@ def default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"[-64:]
 
 
+def audit_key(settings: Settings) -> bytes:
+    path = settings.audit_key_file or settings.spool_dir.parent / "audit_key"
+    return load_key(settings.audit_key, path)
+
+
+def checkpoint_file(settings: Settings, key: bytes) -> CheckpointFile:
+    return CheckpointFile(settings.audit_checkpoints or
+                          settings.spool_dir.parent / "audit.checkpoints", key)  # fmt: skip
+
+
+def cli_audit(engine: AsyncEngine, settings: Settings) -> AuditLog:
+    """The CLI's audit log: every command appends to the one persistent ``cli`` chain."""
+    key = audit_key(settings)
+    return AuditLog(engine, CLI_CHAIN, key=key, shared=True,
+                    checkpoints=checkpoint_file(settings, key))
+
+
 class AuditLog:
-    """Buffered, batched, hash-chained audit writer for one gateway instance."""
+    """Buffered, batched, keyed hash-chain writer for one chain."""
 
     def __init__(
         self,
         engine: AsyncEngine,
         instance_id: str,
         *,
+        key: bytes,
         spool: Spool | None = None,
+        checkpoints: CheckpointFile | None = None,
+        checkpoint_interval_s: float = 1.0,
+        shared: bool = False,
         batch_size: int = 200,
         flush_interval_s: float = 0.2,
         max_buffer: int = 10_000,
@@ -102,44 +95,43 @@ class AuditLog:
             raise ValueError("audit instance_id must be 1..64 characters")
         self.engine = engine
         self.instance_id = instance_id
-        self.spool = spool
-        self.batch_size = batch_size
-        self.flush_interval_s = flush_interval_s
+        self.key = key
+        self.checkpoints = checkpoints
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.shared = shared
         self.max_buffer = max_buffer
-        self._buffer: list[dict[str, Any]] = []
+        self.writer = BatchWriter(f"audit {instance_id}", self._insert, spool=spool,
+                                  batch_size=batch_size, flush_interval_s=flush_interval_s)
         self._seq = 0
         self._last_hash = GENESIS_HASH
         self._started = False
         self._closed = False
         self._start_lock = asyncio.Lock()
-        self._write_lock = asyncio.Lock()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._checkpointed_at = 0.0
+        self._verifier: Verifier | None = None
 
     @property
     def last_seq(self) -> int:
         return self._seq
 
+    async def verify(self) -> VerifyReport:
+        """Every chain checked, incrementally: only records added since the last call
+        are walked (the dashboard's audit page; ``sluice audit verify`` checks all)."""
+        if self._verifier is None:
+            self._verifier = Verifier(self.engine, self.key, self.checkpoints)
+        return await self._verifier.check()
+
     async def start(self) -> None:
-        """Replay anything spooled, resume this instance's chain from the database and start
-        the background writer. ``record`` calls it on first use."""
+        """Replay anything spooled, resume this chain from the database and start the
+        background writer. ``record`` calls it on first use."""
         async with self._start_lock:
             if self._started:
                 return
-            if self.spool is not None and self.spool.pending():
-                await self.spool.replay(self._insert)
-            async with self.engine.connect() as conn:
-                last = (
-                    await conn.execute(
-                        select(AuditRecord.seq, AuditRecord.hash)
-                        .where(AuditRecord.instance_id == self.instance_id)
-                        .order_by(AuditRecord.seq.desc())
-                        .limit(1)
-                    )
-                ).first()
-            if last is not None:
-                self._seq, self._last_hash = int(last.seq), last.hash
-            self._task = asyncio.create_task(self._run(), name=f"audit-writer-{self.instance_id}")
+            if not self.shared:
+                await self.writer.replay()
+                async with self.engine.connect() as conn:
+                    self._seq, self._last_hash = await _stored_head(conn, self.instance_id)
+                self.writer.start()
             self._started = True
 
     async def record(
@@ -152,227 +144,137 @@ class AuditLog:
         decision: str | None = None,
         details: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Chain and buffer one event; returns the record (with ``seq`` and ``hash``).
-        Durable after the next :meth:`flush` (at most ``flush_interval_s`` later)."""
+        """Link and buffer one event; returns the record (with ``seq`` and ``hash``).
+        Durable after the next :meth:`flush` (at most ``flush_interval_s`` later); on a
+        shared chain, durable when this returns."""
         if self._closed:
             raise RuntimeError("AuditLog is closed")
         if not self._started:
             await self.start()
-        if len(self._buffer) >= self.max_buffer:
-            await self.flush()  # backpressure instead of unbounded memory
         fields = {"actor": actor, "action": action, "target": target,
                   "request_id": request_id, "decision": decision}  # fmt: skip
         for name, value in fields.items():
             if value is not None and len(value) > _MAX_LEN[name]:
                 raise ValueError(f"audit {name} longer than {_MAX_LEN[name]} characters")
         # Round-trip through JSON now, so what we hash is exactly what the database returns.
-        clean_details = None if details is None else json.loads(json.dumps(details, default=str))
+        clean = None if details is None else json.loads(json.dumps(details, default=str))
+        body = {**fields, "details": clean}
+        if self.shared:
+            return await self._append_locked(body)
+        if self.writer.buffered >= self.max_buffer:
+            await self.flush()  # backpressure instead of unbounded memory
         # No await from here on: sequence numbers follow call order.
-        self._seq += 1
-        record = {
-            "instance_id": self.instance_id,
-            "seq": self._seq,
-            "created_at": canonical_timestamp(dt.datetime.now(dt.UTC)),
-            **fields,
-            "details": clean_details,
-            "prev_hash": self._last_hash,
-        }
-        record["hash"] = self._last_hash = chain_hash(record)
-        self._buffer.append(record)
-        if len(self._buffer) >= self.batch_size:
-            self._wake.set()
+        self._seq, record = self._seq + 1, self._link(self._seq + 1, self._last_hash, body)
+        self._last_hash = record["hash"]
+        self.writer.add(record)
         return record
 
     async def flush(self) -> None:
-        """Make every record so far durable: in the database, or in the spool if the database
-        is unreachable. Without a spool a database error propagates (records stay buffered)."""
-        async with self._write_lock:
-            while self._buffer:
-                batch = self._buffer[: self.batch_size]
-                await self._write(batch)
-                del self._buffer[: len(batch)]
+        """Make every record so far durable (database, or the spool while it is down)."""
+        await self.writer.flush()
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        await self.flush()
+        await self.writer.close()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.flush_interval_s)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self.flush()
-            except DB_UNAVAILABLE as exc:  # no spool: keep the records, try again later
-                log.warning("audit: database write failed, %d records buffered: %s",
-                            len(self._buffer), exc)  # fmt: skip
-            except AuditChainConflict:
-                log.exception("audit: chain conflict; records kept in buffer")
+    def _link(self, seq: int, prev_hash: str, body: dict[str, Any]) -> dict[str, Any]:
+        record = {"instance_id": self.instance_id, "seq": seq,
+                  "created_at": canonical_timestamp(dt.datetime.now(dt.UTC)),
+                  **body, "prev_hash": prev_hash}  # fmt: skip
+        record["hash"] = chain_hash(record, self.key)
+        return record
 
-    async def _write(self, batch: list[dict[str, Any]]) -> None:
-        if self.spool is None:
-            await self._insert(batch)
-            return
-        if self.spool.pending():
-            # Older batches are waiting: keep chain order by queueing behind them.
-            await asyncio.to_thread(self.spool.append, batch)
-            await self._replay_spool()
-            return
-        try:
-            await self._insert(batch)
-        except DB_UNAVAILABLE as exc:
-            log.warning("audit: database write failed, spooling %d records: %s", len(batch), exc)
-            await asyncio.to_thread(self.spool.append, batch)
-
-    async def _replay_spool(self) -> None:
-        assert self.spool is not None
-        try:
-            await self.spool.replay(self._insert)
-        except DB_UNAVAILABLE as exc:
-            log.warning("audit: database still unavailable, %d batches spooled: %s",
-                        self.spool.pending(), exc)  # fmt: skip
+    async def _append_locked(self, body: dict[str, Any]) -> dict[str, Any]:
+        for _ in range(20):  # SQLite has no row locks: a concurrent writer means retry
+            try:
+                async with self.engine.begin() as conn:
+                    seq, last = await _stored_head(conn, self.instance_id, lock=True)
+                    record = self._link(seq + 1, last, body)
+                    await self._store(conn, [record])
+            except IntegrityError:
+                await asyncio.sleep(0.05)
+                continue
+            self._seq, self._last_hash = record["seq"], record["hash"]
+            await self._checkpoint(force=True)
+            return record
+        raise AuditChainConflict(f"audit chain {self.instance_id!r}: too many concurrent writers")
 
     async def _insert(self, batch: list[dict[str, Any]]) -> None:
-        """Insert a batch; rows already stored with the same hash (a replay) are skipped."""
-        rows = [_to_row(r) for r in batch]
+        """Insert a batch and move the head; rows already stored with the same hash (a
+        replay) are skipped."""
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(insert(AuditRecord), rows)
+                await self._store(conn, batch)
         except IntegrityError:
-            await self._insert_missing(rows)
+            async with self.engine.begin() as conn:
+                await self._store(conn, await _missing(conn, batch))
+        await self._checkpoint()
 
-    async def _insert_missing(self, rows: list[dict[str, Any]]) -> None:
-        by_instance: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            by_instance.setdefault(row["instance_id"], []).append(row)
-        async with self.engine.begin() as conn:
-            missing = []
-            for instance_id, group in by_instance.items():
-                result = await conn.execute(
-                    select(AuditRecord.seq, AuditRecord.hash).where(
-                        AuditRecord.instance_id == instance_id,
-                        AuditRecord.seq.in_([r["seq"] for r in group]),
-                    )
-                )
-                stored = {seq: hash_ for seq, hash_ in result}
-                for row in group:
-                    if row["seq"] not in stored:
-                        missing.append(row)
-                    elif stored[row["seq"]] != row["hash"]:
-                        raise AuditChainConflict(
-                            f"audit instance {instance_id!r} seq {row['seq']} already stored "
-                            "with a different hash: is another gateway using this instance id?"
-                        )
-            if missing:
-                await conn.execute(insert(AuditRecord), missing)
+    async def _store(self, conn: AsyncConnection, batch: list[dict[str, Any]]) -> None:
+        if not batch:
+            return
+        await conn.execute(insert(AuditRecord), [_to_row(r) for r in batch])
+        last = max(batch, key=lambda r: r["seq"])
+        await _move_head(conn, self.key, self.instance_id, last["seq"], last["hash"])
+
+    async def _checkpoint(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.checkpoints is None or (not force and now - self._checkpointed_at <
+                                        self.checkpoint_interval_s):  # fmt: skip
+            return
+        self._checkpointed_at = now
+        async with self.engine.connect() as conn:
+            seq, last = await _stored_head(conn, self.instance_id)
+        await asyncio.to_thread(self.checkpoints.append, {self.instance_id: (seq, last)})
+
+
+async def _stored_head(conn: AsyncConnection, instance_id: str, *,
+                       lock: bool = False) -> tuple[int, str]:  # fmt: skip
+    stmt = select(AuditChain.last_seq, AuditChain.last_hash).where(
+        AuditChain.instance_id == instance_id)
+    head = (await conn.execute(stmt.with_for_update() if lock else stmt)).first()
+    if head is not None:
+        return int(head.last_seq), head.last_hash
+    # A chain from before the registry (or a registry row lost): the records say.
+    last = (await conn.execute(
+        select(AuditRecord.seq, AuditRecord.hash).where(AuditRecord.instance_id == instance_id)
+        .order_by(AuditRecord.seq.desc()).limit(1))).first()  # fmt: skip
+    return (int(last.seq), last.hash) if last is not None else (0, GENESIS_HASH)
+
+
+async def _move_head(conn: AsyncConnection, key: bytes, instance_id: str, seq: int,
+                     last_hash: str) -> None:  # fmt: skip
+    """Upsert the registry row, never backwards (a replayed old batch leaves it alone)."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    values = {"instance_id": instance_id, "last_seq": seq, "last_hash": last_hash,
+              "mac": head_mac(key, instance_id, seq, last_hash),
+              "updated_at": dt.datetime.now(dt.UTC)}  # fmt: skip
+    stmt = dialect.insert(AuditChain).values(values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["instance_id"],
+        set_={name: getattr(stmt.excluded, name) for name in values if name != "instance_id"},
+        where=AuditChain.last_seq < stmt.excluded.last_seq,
+    )
+    await conn.execute(stmt)
+
+
+async def _missing(conn: AsyncConnection, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    instance_id = batch[0]["instance_id"]
+    result = await conn.execute(
+        select(AuditRecord.seq, AuditRecord.hash).where(
+            AuditRecord.instance_id == instance_id,
+            AuditRecord.seq.in_([r["seq"] for r in batch]),
+        )
+    )
+    stored = {seq: hash_ for seq, hash_ in result}
+    for record in batch:
+        if record["seq"] in stored and stored[record["seq"]] != record["hash"]:
+            raise AuditChainConflict(
+                f"audit instance {instance_id!r} seq {record['seq']} already stored with a "
+                "different hash: is another gateway using this instance id?"
+            )
+    return [r for r in batch if r["seq"] not in stored]
 
 
 def _to_row(record: dict[str, Any]) -> dict[str, Any]:
-    row = dict(record)
-    row["created_at"] = dt.datetime.strptime(row["created_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-        tzinfo=dt.UTC
-    )
-    return row
-
-
-# -- verification --------------------------------------------------------------------------
-
-BreakReason = Literal["hash mismatch", "gap", "reorder", "prev_hash mismatch"]
-
-
-@dataclass(frozen=True)
-class BrokenLink:
-    instance_id: str
-    seq: int
-    row_id: int
-    reason: BreakReason
-    detail: str
-
-    def __str__(self) -> str:
-        return (f"instance {self.instance_id!r} seq {self.seq} (row id {self.row_id}): "
-                f"{self.reason}: {self.detail}")  # fmt: skip
-
-
-@dataclass
-class ChainSummary:
-    instance_id: str
-    records: int = 0
-    last_seq: int = 0
-    last_hash: str = GENESIS_HASH
-    broken: BrokenLink | None = None
-
-
-@dataclass
-class VerifyReport:
-    """``chains`` in instance order, each with its first broken link (if any). The last
-    seq/hash per chain are worth keeping elsewhere: cutting off a chain's tail is the one
-    change a hash chain alone cannot show."""
-
-    chains: list[ChainSummary] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(c.broken is None for c in self.chains)
-
-    @property
-    def records(self) -> int:
-        return sum(c.records for c in self.chains)
-
-    @property
-    def breaks(self) -> list[BrokenLink]:
-        return [c.broken for c in self.chains if c.broken is not None]
-
-    @property
-    def first_break(self) -> BrokenLink | None:
-        return next(iter(self.breaks), None)
-
-
-async def verify(engine: AsyncEngine, *, yield_per: int = 2000) -> VerifyReport:
-    """Walk every chain in sequence order (streamed, constant memory)."""
-    report = VerifyReport()
-    chain: ChainSummary | None = None
-    prev_id = 0
-    stmt = (
-        select(AuditRecord.__table__)
-        .order_by(AuditRecord.instance_id, AuditRecord.seq)
-        .execution_options(yield_per=yield_per)
-    )
-    async with engine.connect() as conn:
-        result = await conn.stream(stmt)
-        async for row in result.mappings():
-            if chain is None or row["instance_id"] != chain.instance_id:
-                chain = ChainSummary(row["instance_id"])
-                report.chains.append(chain)
-            chain.records += 1
-            if chain.broken is None:
-                chain.broken = _check_link(chain, prev_id, row)
-            chain.last_seq, chain.last_hash, prev_id = row["seq"], row["hash"], row["id"]
-    return report
-
-
-def _check_link(chain: ChainSummary, prev_id: int, row: Any) -> BrokenLink | None:
-    def broken(reason: BreakReason, detail: str) -> BrokenLink:
-        return BrokenLink(chain.instance_id, row["seq"], row["id"], reason, detail)
-
-    expected = chain.last_seq + 1
-    if row["seq"] < expected:
-        return broken("reorder", f"seq {row['seq']} appears twice")
-    if row["seq"] > expected:
-        missing = f"{expected}" if row["seq"] == expected + 1 else f"{expected}..{row['seq'] - 1}"
-        return broken("gap", f"seq {missing} missing")
-    if chain.records > 1 and row["id"] < prev_id:
-        return broken("reorder", f"stored before seq {chain.last_seq} (row id {prev_id})")
-    if row["prev_hash"] != chain.last_hash:
-        return broken("prev_hash mismatch", "prev_hash is not the previous record's hash")
-    if chain_hash(dict(row)) != row["hash"]:
-        return broken("hash mismatch", "record content does not match its hash")
-    return None
+    return {**record, "created_at": parse_timestamp(record["created_at"])}

@@ -1,7 +1,5 @@
-"""Usage exports (CSV / JSON lines, streamed in constant memory) and the Stripe push.
-
-The Stripe push sends one Billing Meter event per tenant, closed window and meter (input
-and output tokens). Exactly-once comes from three layers:
+"""The Stripe push: one Billing Meter event per tenant, closed window and meter (input and
+output tokens). Exactly-once comes from three layers:
 
 1. ``billing_exports``: each event is written (value frozen) before it is sent and marked
    ``sent_at`` after; a re-run resends only unmarked rows, with the same ``identifier``.
@@ -9,163 +7,36 @@ and output tokens). Exactly-once comes from three layers:
    first attempt did arrive (the answer was lost); that rejection counts as delivered.
 3. ``billing_watermarks`` moves past a window only when all its events are delivered, so a
    crash never skips a window and a re-run never re-plans one.
+
+Usage exports (CSV, JSON lines) are in ledger/exports.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import csv
 import datetime as dt
 import hashlib
-import io
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
-import orjson
 import stripe
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from sluice.gateway.ledger.audit import AuditLog
 from sluice.gateway.db.accounting import BillingWatermark, StripeMeterEvent
 from sluice.gateway.db.models import Tenant, UsageEvent
+from sluice.gateway.ledger.audit import AuditLog
+from sluice.gateway.ledger.exports import BillingError, iso, utc
 
-ExportFormat = Literal["csv", "jsonl"]
+__all__ = ["BillingError", "PushReport", "floor_window", "meter_identifier", "push_stripe",
+           "stripe_client"]  # fmt: skip
+
 Window = Literal["hour", "day"]
 WINDOWS: dict[str, dt.timedelta] = {"hour": dt.timedelta(hours=1), "day": dt.timedelta(days=1)}
-EXPORT_COLUMNS = (
-    "id", "request_id", "created_at", "tenant_id", "key_id", "model", "endpoint",
-    "prompt_tokens", "completion_tokens", "total_tokens", "status", "finish_reason",
-    "latency_ms", "ttft_ms",
-)  # fmt: skip
 # Stripe answers a resend of an event it already has with this error code.
 DUPLICATE_EVENT_CODES = frozenset({"resource_already_exists"})
-
-
-class BillingError(Exception):
-    """A push or export cannot go ahead; the message is one line for the operator."""
-
-
-# -- exports ---------------------------------------------------------------------------------
-
-
-def _utc(ts: dt.datetime) -> dt.datetime:
-    return ts.replace(tzinfo=dt.UTC) if ts.tzinfo is None else ts.astimezone(dt.UTC)
-
-
-def _iso(ts: dt.datetime) -> str:
-    """``2026-03-01T10:05:00.000000Z`` (the audit log's format)."""
-    return _utc(ts).isoformat(timespec="microseconds")[:-6] + "Z"
-
-
-def _usage_filter(start: dt.datetime, end: dt.datetime, tenant: str | None) -> list[Any]:
-    where = [UsageEvent.created_at >= _utc(start), UsageEvent.created_at < _utc(end)]
-    if tenant is not None:
-        where.append(UsageEvent.tenant_id == tenant)
-    return where
-
-
-async def count_usage(
-    engine: AsyncEngine, *, start: dt.datetime, end: dt.datetime, tenant: str | None = None
-) -> int:
-    """Rows an export with the same arguments will write (for a progress bar's total)."""
-    async with engine.connect() as conn:
-        stmt = select(func.count()).select_from(UsageEvent)
-        stmt = stmt.where(*_usage_filter(start, end, tenant))
-        return int((await conn.execute(stmt)).scalar_one())
-
-
-def _row_values(row: Any) -> tuple[Any, ...]:
-    return (
-        row.id, row.request_id, _iso(row.created_at), row.tenant_id, row.key_id, row.model,
-        row.endpoint, row.prompt_tokens, row.completion_tokens,
-        row.prompt_tokens + row.completion_tokens, row.status, row.finish_reason,
-        row.latency_ms, row.ttft_ms,
-    )  # fmt: skip
-
-
-def _encode_csv(rows: list[Any]) -> bytes:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(_row_values(r) for r in rows)
-    return buf.getvalue().encode()
-
-
-def _encode_jsonl(rows: list[Any]) -> bytes:
-    return b"".join(
-        orjson.dumps(dict(zip(EXPORT_COLUMNS, _row_values(r), strict=True)),
-                     option=orjson.OPT_APPEND_NEWLINE)  # fmt: skip
-        for r in rows
-    )
-
-
-async def iter_usage_export(
-    engine: AsyncEngine,
-    *,
-    start: dt.datetime,
-    end: dt.datetime,
-    tenant: str | None = None,
-    fmt: ExportFormat = "csv",
-    chunk_rows: int = 5000,
-    progress: Callable[[int], None] | None = None,
-) -> AsyncIterator[bytes]:
-    """Usage events with ``start <= created_at < end`` (and ``tenant_id == tenant``), in id
-    order, as encoded chunks of up to ``chunk_rows`` rows: made for an HTTP streaming
-    response. Rows come through a server-side cursor, so memory does not grow with the
-    export. ``progress`` gets the running row count after each chunk."""
-    if fmt not in ("csv", "jsonl"):
-        raise BillingError(f"unknown export format {fmt!r} (csv or jsonl)")
-    encode = _encode_csv if fmt == "csv" else _encode_jsonl
-    if fmt == "csv":
-        yield (",".join(EXPORT_COLUMNS) + "\n").encode()
-    stmt = (
-        select(UsageEvent.__table__)
-        .where(*_usage_filter(start, end, tenant))
-        .order_by(UsageEvent.id)
-        .execution_options(yield_per=chunk_rows)
-    )
-    done = 0
-    async with engine.connect() as conn:
-        result = await conn.stream(stmt)
-        async for rows in result.partitions():
-            yield encode(rows)
-            done += len(rows)
-            if progress is not None:
-                progress(done)
-
-
-async def export_usage(
-    engine: AsyncEngine,
-    *,
-    start: dt.datetime,
-    end: dt.datetime,
-    tenant: str | None = None,
-    fmt: ExportFormat = "csv",
-    out: IO[bytes] | Callable[[bytes], Awaitable[None]],
-    progress: Callable[[int], None] | None = None,
-    chunk_rows: int = 5000,
-) -> int:
-    """Write an export to a binary stream (``out.write``) or an async chunk consumer;
-    returns the number of rows written."""
-    rows = 0
-
-    def count(done: int) -> None:
-        nonlocal rows
-        rows = done
-        if progress is not None:
-            progress(done)
-
-    write = getattr(out, "write", None)
-    chunks = iter_usage_export(engine, start=start, end=end, tenant=tenant, fmt=fmt,
-                               chunk_rows=chunk_rows, progress=count)  # fmt: skip
-    async for chunk in chunks:
-        if write is not None:
-            write(chunk)
-        else:
-            await out(chunk)  # type: ignore[operator]
-    return rows
 
 
 # -- Stripe ----------------------------------------------------------------------------------
@@ -181,13 +52,13 @@ def stripe_client(
 
 
 def floor_window(ts: dt.datetime, window: Window) -> dt.datetime:
-    ts = _utc(ts).replace(minute=0, second=0, microsecond=0)
+    ts = utc(ts).replace(minute=0, second=0, microsecond=0)
     return ts.replace(hour=0) if window == "day" else ts
 
 
 def meter_identifier(tenant_id: str, window: Window, start: dt.datetime, event_name: str) -> str:
     """Same tenant, window and meter -> same identifier, in every run."""
-    key = f"{tenant_id}|{window}|{_iso(start)}|{event_name}"
+    key = f"{tenant_id}|{window}|{iso(start)}|{event_name}"
     return "sluice-" + hashlib.sha256(key.encode()).hexdigest()[:48]
 
 
@@ -259,7 +130,7 @@ async def _resume_point(engine: AsyncEngine, name: str, window: Window) -> dt.da
         if mark.window != window:
             raise BillingError(f"{name} was pushed with window={mark.window}; pushing it with "
                                f"window={window} would bill usage twice")  # fmt: skip
-        return _utc(mark.pushed_until)
+        return utc(mark.pushed_until)
     first = await _first_usage(engine, None)
     return None if first is None else floor_window(first, window)
 
@@ -347,7 +218,7 @@ async def _send(
         "event_name": event.event_name,
         "payload": {"stripe_customer_id": event.stripe_customer_id, "value": str(event.value)},
         "identifier": event.identifier,
-        "timestamp": int(_utc(event.window_start).timestamp()),
+        "timestamp": int(utc(event.window_start).timestamp()),
     }
     for attempt in range(max_attempts):
         # A fresh idempotency key per attempt of ours: Stripe replays a saved 500 for a
@@ -372,5 +243,5 @@ async def _send(
 
 def _event_details(event: Any) -> dict[str, Any]:
     return {"identifier": event.identifier, "event_name": event.event_name,
-            "window": event.window, "window_start": _iso(event.window_start),
+            "window": event.window, "window_start": iso(event.window_start),
             "value": event.value, "stripe_customer_id": event.stripe_customer_id}  # fmt: skip

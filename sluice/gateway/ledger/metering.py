@@ -1,29 +1,28 @@
 """Usage events: exactly one per request id, written in batches off the request path.
 
-A request's event is handed to :class:`Meter` when the request ends, however it ends
-(finished, failed, client gone). The writer inserts batches with ``ON CONFLICT DO
-NOTHING`` on the request id, so a replayed batch is harmless, and updates the
-``usage_daily`` rollup in the same transaction for exactly the rows it inserted.
+A request is opened in the usage WAL (ledger/wal.py) when it is admitted and its event is
+handed to :class:`Meter` when it ends, however it ends (finished, failed, client gone).
+:func:`write_usage` inserts batches with ``ON CONFLICT DO NOTHING`` on the request id, so
+a replayed batch is harmless, and updates the ``usage_daily`` rollup in the same
+transaction for exactly the rows it inserted.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
-import logging
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sluice.gateway.db.models import UsageDaily, UsageEvent
+from sluice.gateway.errors import ServiceUnavailable
 from sluice.gateway.ledger.spool import Spool
+from sluice.gateway.ledger.wal import UsageWAL
+from sluice.gateway.ledger.writer import BatchWriter
 
-log = logging.getLogger("sluice.metering")
 
 
 @dataclass(slots=True)
@@ -107,11 +106,10 @@ async def write_usage(engine: AsyncEngine, records: list[dict[str, Any]]) -> int
 
 
 class Meter:
-    """Collects usage records and writes them in batches from a background task.
-
-    When the database cannot take a batch, the batch goes to the local spool (fsync'd)
-    and is replayed, in order, once the database is back: nothing is lost, and since
-    inserts are idempotent by request id, nothing is counted twice.
+    """Usage records: opened in the write-ahead log at admission, written at the end in
+    batches by a :class:`~sluice.gateway.ledger.writer.BatchWriter` (spooled while the
+    database is down). Nothing admitted is lost to a crash, and since inserts are
+    idempotent by request id, nothing is counted twice.
     """
 
     def __init__(
@@ -119,79 +117,76 @@ class Meter:
         engine: AsyncEngine,
         *,
         spool: Spool | None = None,
+        wal: UsageWAL | None = None,
         batch_size: int = 500,
         flush_interval_s: float = 0.2,
     ) -> None:
         self.engine = engine
-        self.spool = spool
-        self.healthy = True
-        self._batch_size = batch_size
-        self._interval = flush_interval_s
-        self._pending: list[dict[str, Any]] = []
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
+        self.wal = wal
         self.written = 0
+        self.writer = BatchWriter("metering", self._write, spool=spool, batch_size=batch_size,
+                                  flush_interval_s=flush_interval_s,
+                                  on_durable=self._wal_checkpoint)  # fmt: skip
+
+    @property
+    def healthy(self) -> bool:
+        """The database takes usage writes (``db_outage = "refuse"`` reads this)."""
+        return self.writer.db_ok
+
+    @property
+    def accepting(self) -> bool:
+        """Usage can be made durable: the WAL, and the database or the spool, work."""
+        return self.writer.durable and (self.wal is None or self.wal.ok)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="sluice-meter")
+        if self.wal is not None:
+            for record in self.wal.recover():  # requests a killed process had admitted
+                self.writer.add(record)
+        self.writer.start()
+
+    async def admit(self, record: UsageRecord) -> None:
+        """Open the request's record in the WAL (fsync'd) before it runs; 503 when usage
+        cannot be recorded (disk full, spool or WAL broken)."""
+        if not self.accepting:
+            raise ServiceUnavailable("usage cannot be recorded right now; try again shortly")
+        if self.wal is not None:
+            try:
+                await self.wal.open(_as_dict(record))
+            except OSError:
+                raise ServiceUnavailable("usage cannot be recorded right now; try again "
+                                         "shortly") from None  # fmt: skip
+
+    def progress(self, request_id: str, completion_tokens: int) -> None:
+        """Completion tokens handed to the client so far (what a kill -9 bills)."""
+        if self.wal is not None:
+            self.wal.progress(request_id, completion_tokens)
 
     def record(self, record: UsageRecord) -> None:
-        # A shallow copy: dataclasses.asdict deep-copies every field and costs 5x as much.
-        self._pending.append({name: getattr(record, name) for name in _FIELDS})
-        if len(self._pending) >= self._batch_size:
-            self._wakeup.set()
+        """The request's final record (closes its WAL entry)."""
+        row = _as_dict(record)
+        if self.wal is not None:
+            self.wal.close(row)
+        self.writer.add(row)
 
     async def flush(self) -> None:
-        async with self._lock:
-            if self.spool is not None and self.spool.pending():
-                try:
-                    await self.spool.replay(self._write)  # older records first
-                except Exception:
-                    # Still down: newer records join the spool too (durable, in order).
-                    if self._pending:
-                        batch, self._pending = self._pending, []
-                        self.spool.append(batch)
-                    self.healthy = False
-                    raise
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    await self._write(batch)
-                except Exception:
-                    if self.spool is None:
-                        self._pending[:0] = batch  # keep it; the next flush retries
-                        raise
-                    self.spool.append(batch)
-                    self.healthy = False
-                    raise
-            self.healthy = True
+        await self.writer.flush()
+
+    async def close(self) -> None:
+        await self.writer.close()
+        if self.wal is not None:
+            self.wal.close_file()
+
+    def _wal_checkpoint(self) -> None:
+        if self.wal is not None and self.wal.due():
+            self.wal.rotate()
 
     async def _write(self, batch: list[dict[str, Any]]) -> None:
-        for record in batch:  # replayed from the spool: timestamps come back as text
+        for record in batch:  # replayed from the spool or the WAL: timestamps come as text
             if isinstance(record["created_at"], str):
                 record["created_at"] = dt.datetime.fromisoformat(record["created_at"])
         self.written += await write_usage(self.engine, batch)
 
-    async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self._interval)
-            except TimeoutError:
-                pass
-            self._wakeup.clear()
-            try:
-                await self.flush()
-            except Exception as exc:
-                where = "spooled to disk" if self.spool is not None else "kept in memory"
-                log.error("usage write failed (%s: %s); records %s for replay",
-                          type(exc).__name__, exc, where)
-                await asyncio.sleep(1.0)
-
+def _as_dict(record: UsageRecord) -> dict[str, Any]:
+    # A shallow copy: dataclasses.asdict deep-copies every field and costs 5x as much.
+    return {name: getattr(record, name) for name in _FIELDS}

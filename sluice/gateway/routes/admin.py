@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from sluice.gateway.accounts.tenants import key_dict, parse_duration, tenant_dict
 from sluice.gateway.accounts.auth import verify_admin_token
-from sluice.gateway.ledger.billing import iter_usage_export
+from sluice.gateway.ledger.exports import iter_usage_export
 from sluice.gateway.db.models import UsageDaily
 from sluice.gateway.errors import AuthenticationFailed, InvalidRequest
 from sluice.gateway.routes.openai import parse
