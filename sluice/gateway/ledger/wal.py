@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -82,6 +83,8 @@ class UsageWAL:
             self._append(entry)
 
     def _append(self, entry: dict[str, Any]) -> None:
+        if not self.ok:  # after a failed or short write the segment's tail is suspect
+            raise OSError(errno.EIO, f"usage WAL {self._path} is failed until rotated")
         line = _encode(entry)
         try:
             written = os.write(self._fd, line)
