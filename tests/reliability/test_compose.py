@@ -63,12 +63,18 @@ def test_every_service_the_gateway_names_exists(compose: dict[str, Any]) -> None
     for var, host in hosts.items():
         assert host in services, f"{var} names host {host!r}, which is no service"
         assert host in services["gateway"]["depends_on"], f"gateway does not wait for {host}"
-    assert _env(compose, "migrate") == env  # migrations run against the same database
+    migrate_env = _env(compose, "migrate")
+    owner = make_url(_interpolate(migrate_env.pop("SLUICE_DATABASE_URL")))
+    app = make_url(_interpolate(env["SLUICE_DATABASE_URL"]))
+    # Migrations run against the same database, as its owner; the gateway as a plain role.
+    assert (owner.host, owner.database) == (app.host, app.database)
+    assert owner.username != app.username
+    assert migrate_env == {k: v for k, v in env.items() if k != "SLUICE_DATABASE_URL"}
 
 
 def test_migrations_complete_before_the_gateway_starts(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert "migrate" in services["migrate"]["command"]
+    assert "sluice migrate && sluice db grant-app sluice_app" in services["migrate"]["command"]
     assert services["gateway"]["depends_on"]["migrate"]["condition"] == (
         "service_completed_successfully")
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
