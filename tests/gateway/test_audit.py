@@ -254,3 +254,26 @@ async def test_cli_verify_exit_codes(pg: AsyncEngine, pg_url: str, tmp_path: Pat
     down = "postgresql+asyncpg://postgres@127.0.0.1:1/nowhere"
     assert await asyncio.to_thread(verify_cli, down, tmp_path) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+async def test_start_while_the_database_is_down_continues_the_chain(pg: AsyncEngine,
+                                                                    tmp_path: Path) -> None:
+    """A restart during an outage: the chain's head comes from the local head file, the
+    new records wait in the spool, and the chain is whole once the database is back."""
+    instance = f"gw-{secrets.token_hex(4)}"
+    first = AuditLog(pg, instance, key=KEY, spool=Spool(tmp_path / "audit.spool"))
+    await first.record("a", "key.use", "m", request_id="before")
+    await first.close()
+
+    down = create_engine("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
+    during = AuditLog(down, instance, key=KEY, spool=Spool(tmp_path / "audit.spool"))
+    rec = await during.record("a", "key.use", "m", request_id="during")
+    await during.close()  # spooled
+    await down.dispose()
+    assert rec["seq"] == 2
+
+    after = AuditLog(pg, instance, key=KEY, spool=Spool(tmp_path / "audit.spool"))
+    assert (await after.record("a", "key.use", "m", request_id="after"))["seq"] == 3
+    await after.close()
+    chain = next(c for c in (await verify(pg, KEY)).chains if c.instance_id == instance)
+    assert chain.broken is None and chain.records == 3

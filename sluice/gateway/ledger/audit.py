@@ -18,37 +18,37 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sluice.gateway.db.accounting import AuditRecord
 from sluice.gateway.ledger.chain import (
-    CLI_CHAIN, GENESIS_HASH, AuditChain, canonical_timestamp, chain_hash, head_mac, load_key,
-    parse_timestamp, prompt_digest,
+    CLI_CHAIN, GENESIS_HASH, canonical_timestamp, chain_hash, load_key,
+    prompt_digest,
+)  # fmt: skip
+from sluice.gateway.ledger.audit_store import (
+    AuditChainConflict, missing, move_head, stored_head, to_row,
 )  # fmt: skip
 from sluice.gateway.ledger.checkpoints import CheckpointFile
 from sluice.gateway.ledger.spool import Spool
 from sluice.gateway.ledger.verify import Verifier, VerifyReport
-from sluice.gateway.ledger.writer import BatchWriter
+from sluice.gateway.ledger.writer import DB_UNAVAILABLE, BatchWriter
 from sluice.gateway.settings import Settings
 
 __all__ = ["AuditChainConflict", "AuditLog", "audit_key", "checkpoint_file", "cli_audit",
            "default_instance_id", "prompt_digest"]  # fmt: skip
 
+log = logging.getLogger(__name__)
 _MAX_LEN = {"instance_id": 64, "actor": 128, "action": 64, "target": 256, "request_id": 64,
             "decision": 32}  # fmt: skip
-
-
-class AuditChainConflict(Exception):
-    """Another writer used this instance id: a stored record has our sequence number but a
-    different hash. Instance ids must be unique among live gateways."""
 
 
 def default_instance_id() -> str:
@@ -101,7 +101,12 @@ class AuditLog:
         self.shared = shared
         self.max_buffer = max_buffer
         self.writer = BatchWriter(f"audit {instance_id}", self._insert, spool=spool,
-                                  batch_size=batch_size, flush_interval_s=flush_interval_s)
+                                  batch_size=batch_size, flush_interval_s=flush_interval_s,
+                                  on_durable=self._save_head)  # fmt: skip
+        # The chain's head as last made durable, so a start while the database is down
+        # continues the chain instead of forking it.
+        self._head_path = None if spool is None else spool.path.with_name(spool.path.name + ".head")
+        self._saved_seq = -1
         self._seq = 0
         self._last_hash = GENESIS_HASH
         self._started = False
@@ -128,9 +133,17 @@ class AuditLog:
             if self._started:
                 return
             if not self.shared:
-                await self.writer.replay()
-                async with self.engine.connect() as conn:
-                    self._seq, self._last_hash = await _stored_head(conn, self.instance_id)
+                try:
+                    await self.writer.replay()
+                    async with self.engine.connect() as conn:
+                        self._seq, self._last_hash = await stored_head(conn, self.instance_id)
+                except DB_UNAVAILABLE as exc:
+                    if self._head_path is None:
+                        raise
+                    self._seq, self._last_hash = _read_head(self._head_path)
+                    log.warning("audit: database unreachable at start (%s); chain %s continues "
+                                "from its local head, seq %d", exc, self.instance_id, self._seq)
+                self._saved_seq = self._seq
                 self.writer.start()
             self._started = True
 
@@ -184,11 +197,26 @@ class AuditLog:
         record["hash"] = chain_hash(record, self.key)
         return record
 
+    def _save_head(self) -> None:
+        if self._head_path is None or self._saved_seq == self._seq:
+            return
+        tmp = self._head_path.with_name(self._head_path.name + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"seq": self._seq, "hash": self._last_hash}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._head_path)
+        except OSError as exc:
+            log.error("audit: cannot save the chain head to %s: %s", self._head_path, exc)
+            return
+        self._saved_seq = self._seq
+
     async def _append_locked(self, body: dict[str, Any]) -> dict[str, Any]:
         for _ in range(20):  # SQLite has no row locks: a concurrent writer means retry
             try:
                 async with self.engine.begin() as conn:
-                    seq, last = await _stored_head(conn, self.instance_id, lock=True)
+                    seq, last = await stored_head(conn, self.instance_id, lock=True)
                     record = self._link(seq + 1, last, body)
                     await self._store(conn, [record])
             except IntegrityError:
@@ -207,15 +235,15 @@ class AuditLog:
                 await self._store(conn, batch)
         except IntegrityError:
             async with self.engine.begin() as conn:
-                await self._store(conn, await _missing(conn, batch))
+                await self._store(conn, await missing(conn, batch))
         await self._checkpoint()
 
     async def _store(self, conn: AsyncConnection, batch: list[dict[str, Any]]) -> None:
         if not batch:
             return
-        await conn.execute(insert(AuditRecord), [_to_row(r) for r in batch])
+        await conn.execute(insert(AuditRecord), [to_row(r) for r in batch])
         last = max(batch, key=lambda r: r["seq"])
-        await _move_head(conn, self.key, self.instance_id, last["seq"], last["hash"])
+        await move_head(conn, self.key, self.instance_id, last["seq"], last["hash"])
 
     async def _checkpoint(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -224,57 +252,16 @@ class AuditLog:
             return
         self._checkpointed_at = now
         async with self.engine.connect() as conn:
-            seq, last = await _stored_head(conn, self.instance_id)
+            seq, last = await stored_head(conn, self.instance_id)
         await asyncio.to_thread(self.checkpoints.append, {self.instance_id: (seq, last)})
 
 
-async def _stored_head(conn: AsyncConnection, instance_id: str, *,
-                       lock: bool = False) -> tuple[int, str]:  # fmt: skip
-    stmt = select(AuditChain.last_seq, AuditChain.last_hash).where(
-        AuditChain.instance_id == instance_id)
-    head = (await conn.execute(stmt.with_for_update() if lock else stmt)).first()
-    if head is not None:
-        return int(head.last_seq), head.last_hash
-    # A chain from before the registry (or a registry row lost): the records say.
-    last = (await conn.execute(
-        select(AuditRecord.seq, AuditRecord.hash).where(AuditRecord.instance_id == instance_id)
-        .order_by(AuditRecord.seq.desc()).limit(1))).first()  # fmt: skip
-    return (int(last.seq), last.hash) if last is not None else (0, GENESIS_HASH)
-
-
-async def _move_head(conn: AsyncConnection, key: bytes, instance_id: str, seq: int,
-                     last_hash: str) -> None:  # fmt: skip
-    """Upsert the registry row, never backwards (a replayed old batch leaves it alone)."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    values = {"instance_id": instance_id, "last_seq": seq, "last_hash": last_hash,
-              "mac": head_mac(key, instance_id, seq, last_hash),
-              "updated_at": dt.datetime.now(dt.UTC)}  # fmt: skip
-    stmt = dialect.insert(AuditChain).values(values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["instance_id"],
-        set_={name: getattr(stmt.excluded, name) for name in values if name != "instance_id"},
-        where=AuditChain.last_seq < stmt.excluded.last_seq,
-    )
-    await conn.execute(stmt)
-
-
-async def _missing(conn: AsyncConnection, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    instance_id = batch[0]["instance_id"]
-    result = await conn.execute(
-        select(AuditRecord.seq, AuditRecord.hash).where(
-            AuditRecord.instance_id == instance_id,
-            AuditRecord.seq.in_([r["seq"] for r in batch]),
-        )
-    )
-    stored = {seq: hash_ for seq, hash_ in result}
-    for record in batch:
-        if record["seq"] in stored and stored[record["seq"]] != record["hash"]:
-            raise AuditChainConflict(
-                f"audit instance {instance_id!r} seq {record['seq']} already stored with a "
-                "different hash: is another gateway using this instance id?"
-            )
-    return [r for r in batch if r["seq"] not in stored]
-
-
-def _to_row(record: dict[str, Any]) -> dict[str, Any]:
-    return {**record, "created_at": parse_timestamp(record["created_at"])}
+def _read_head(path: Path) -> tuple[int, str]:
+    try:
+        head = json.loads(path.read_text())
+        return int(head["seq"]), str(head["hash"])
+    except FileNotFoundError:
+        return 0, GENESIS_HASH
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AuditChainConflict(f"audit head file {path} is unreadable ({exc}); start with "
+                                 "the database reachable") from None  # fmt: skip
