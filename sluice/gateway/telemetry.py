@@ -3,6 +3,15 @@
 One :class:`Telemetry` per app, kept in lifespan state: it owns its TracerProvider (never
 installed globally) and its own CollectorRegistry, so two apps in one process, as in tests,
 never share a series.
+
+Names are the ``opentelemetry-semantic-conventions`` package's own: span attributes
+``gen_ai.operation.name`` (``chat``, ``text_completion``, ``embeddings``),
+``gen_ai.provider.name``, ``gen_ai.request.model``, ``gen_ai.usage.*``; metrics
+``gen_ai.client.token.usage``, ``gen_ai.server.request.duration``,
+``gen_ai.server.time_to_first_token`` and ``gen_ai.server.time_per_output_token`` with the
+buckets the conventions advise, exported to Prometheus under their dotted names with
+dots as underscores (and ``_seconds`` for durations). W3C ``traceparent`` from the client
+is the parent of the request span and goes on upstream (:func:`trace_headers`).
 """
 
 from __future__ import annotations
@@ -13,18 +22,39 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
+from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest
 
-# GenAI semantic-convention attribute names (opentelemetry-semantic-conventions, gen_ai.*).
-GEN_AI_SYSTEM = "gen_ai.system"
-GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
-GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
-GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
-GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
-GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+# GenAI semantic-convention names, from opentelemetry-semantic-conventions.
+GEN_AI_SYSTEM = gen_ai.GEN_AI_SYSTEM  # deprecated for gen_ai.provider.name; not emitted
+GEN_AI_PROVIDER_NAME = gen_ai.GEN_AI_PROVIDER_NAME
+GEN_AI_OPERATION_NAME = gen_ai.GEN_AI_OPERATION_NAME
+GEN_AI_REQUEST_MODEL = gen_ai.GEN_AI_REQUEST_MODEL
+GEN_AI_RESPONSE_FINISH_REASONS = gen_ai.GEN_AI_RESPONSE_FINISH_REASONS
+GEN_AI_USAGE_INPUT_TOKENS = gen_ai.GEN_AI_USAGE_INPUT_TOKENS
+GEN_AI_USAGE_OUTPUT_TOKENS = gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS
+GEN_AI_TOKEN_TYPE = gen_ai.GEN_AI_TOKEN_TYPE
+
+#: The gateway's endpoints as GenAI operation names.
+OPERATIONS = {
+    "chat": gen_ai.GenAiOperationNameValues.CHAT.value,
+    "completions": gen_ai.GenAiOperationNameValues.TEXT_COMPLETION.value,
+    "embeddings": gen_ai.GenAiOperationNameValues.EMBEDDINGS.value,
+}
+
+# Bucket boundaries the GenAI metric conventions advise.
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                 16777216, 67108864)
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92)
+FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                       2.5, 5.0, 7.5, 10.0)
+PER_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 # LLM requests run from milliseconds (errors, cache hits) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -37,20 +67,43 @@ def gen_ai_attributes(
     model: str | None = None,
     operation: str | None = None,
     system: str | None = None,
+    provider: str | None = None,
     input_tokens: int | None = None,
     output_tokens: int | None = None,
     finish_reasons: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Span attributes under their GenAI semantic-convention names; ``None`` is left out."""
+    """Span attributes under their GenAI semantic-convention names; ``None`` is left out.
+    ``operation`` may be an endpoint (``completions`` -> ``text_completion``); ``system``
+    is the older name of ``provider``."""
     attrs = {
         GEN_AI_REQUEST_MODEL: model,
-        GEN_AI_OPERATION_NAME: operation,
-        GEN_AI_SYSTEM: system,
+        GEN_AI_OPERATION_NAME: OPERATIONS.get(operation, operation) if operation else None,
+        GEN_AI_PROVIDER_NAME: provider or system,
         GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
         GEN_AI_USAGE_OUTPUT_TOKENS: output_tokens,
         GEN_AI_RESPONSE_FINISH_REASONS: None if finish_reasons is None else list(finish_reasons),
     }
     return {k: v for k, v in attrs.items() if v is not None}
+
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def incoming_context(headers: Any) -> Any:
+    """The client's W3C trace context (``traceparent``/``tracestate``), or None."""
+    if "traceparent" not in headers:
+        return None
+    return _PROPAGATOR.extract(headers)
+
+
+def trace_headers(headers: Any, span: Any = None) -> dict[str, str]:
+    """W3C headers for an outgoing call: the request span's context when tracing, else the
+    client's own ``traceparent``/``tracestate`` passed on unchanged."""
+    if span is not None and span.get_span_context().is_valid:
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        return carrier
+    return {name: headers[name] for name in ("traceparent", "tracestate") if name in headers}
 
 
 def _traces_url(endpoint: str) -> str:
@@ -122,6 +175,21 @@ class Telemetry:
             "guard_latency_seconds", "Guardrail check time", ["stage"],
             buckets=GUARD_BUCKETS, namespace=ns, registry=reg,
         )  # fmt: skip
+        # GenAI metrics under the conventions' names (dots -> underscores for Prometheus).
+        labels = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]
+        self.gen_ai_tokens = Histogram(
+            _prom(gen_ai_metrics.GEN_AI_CLIENT_TOKEN_USAGE), "Tokens used per operation",
+            [*labels, "gen_ai_token_type"], buckets=TOKEN_BUCKETS, registry=reg)
+        self.gen_ai_duration = Histogram(
+            _prom(gen_ai_metrics.GEN_AI_SERVER_REQUEST_DURATION), "Request duration",
+            [*labels, "error_type"], unit="seconds", buckets=DURATION_BUCKETS, registry=reg)
+        self.gen_ai_ttft = Histogram(
+            _prom(gen_ai_metrics.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN), "Time to first token",
+            labels, unit="seconds", buckets=FIRST_TOKEN_BUCKETS, registry=reg)
+        self.gen_ai_per_token = Histogram(
+            _prom(gen_ai_metrics.GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN),
+            "Time per output token after the first", labels, unit="seconds",
+            buckets=PER_TOKEN_BUCKETS, registry=reg)
 
     # -- traces ----------------------------------------------------------------------------
 
@@ -152,28 +220,46 @@ class Telemetry:
         ttft_s: float | None = None,
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
+        provider: str = "sluice",
     ) -> None:
         # Label children cached per (model, endpoint, status): .labels() costs a lock and
         # a dict walk per metric per request.
-        key = (model, endpoint, status)
+        key = (model, endpoint, status, provider)
         children = self._children.get(key)
         if children is None:
+            operation = OPERATIONS.get(endpoint, endpoint)
+            gen_ai_labels = (operation, provider, model)
             children = self._children[key] = (
                 self.requests.labels(model=model, status=str(status), endpoint=endpoint),
                 self.request_latency.labels(model=model, endpoint=endpoint),
                 self.ttft.labels(model=model),
                 self.tokens.labels(model=model, kind="prompt"),
                 self.tokens.labels(model=model, kind="completion"),
+                self.gen_ai_tokens.labels(*gen_ai_labels, "input"),
+                self.gen_ai_tokens.labels(*gen_ai_labels, "output"),
+                self.gen_ai_duration.labels(*gen_ai_labels,
+                                            "" if status < 400 else str(status)),
+                self.gen_ai_ttft.labels(*gen_ai_labels),
+                self.gen_ai_per_token.labels(*gen_ai_labels),
             )
-        requests, latency, ttft, prompt, completion = children
+        (requests, latency, ttft, prompt, completion, gen_in, gen_out, duration, first_token,
+         per_token) = children
         requests.inc()
         latency.observe(latency_s)
+        duration.observe(latency_s)
         if ttft_s is not None:
             ttft.observe(ttft_s)
+            first_token.observe(ttft_s)
+            if completion_tokens > 1:
+                per_token.observe((latency_s - ttft_s) / (completion_tokens - 1))
         if prompt_tokens:
             prompt.inc(prompt_tokens)
         if completion_tokens:
             completion.inc(completion_tokens)
+        if status < 400:
+            gen_in.observe(prompt_tokens)
+            if endpoint != "embeddings":
+                gen_out.observe(completion_tokens)
 
     def set_queue_depth(self, backend: str, depth: int) -> None:
         self.queue_depth.labels(backend=backend).set(depth)
@@ -198,3 +284,8 @@ class Telemetry:
     def metrics_response(self) -> tuple[bytes, str]:
         """Body and content type for ``GET /metrics``."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _prom(name: str) -> str:
+    """A semantic-convention metric name as Prometheus spells it."""
+    return name.replace(".", "_")

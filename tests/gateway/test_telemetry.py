@@ -47,7 +47,7 @@ def test_request_span_with_one_child_per_stage() -> None:
     assert request.resource.attributes["service.name"] == "sluice-test"
     assert dict(request.attributes) == {
         "gen_ai.request.model": "tiny-mixtral", "gen_ai.operation.name": "chat",
-        "gen_ai.system": "sluice", "http.route": "/v1/chat", "gen_ai.usage.input_tokens": 12,
+        "gen_ai.provider.name": "sluice", "http.route": "/v1/chat", "gen_ai.usage.input_tokens": 12,
         "gen_ai.usage.output_tokens": 5, "gen_ai.response.finish_reasons": ("stop",),
     }  # fmt: skip
     assert sorted(spans) == sorted(STAGES)
@@ -143,3 +143,38 @@ def test_otlp_http_export(collector: tuple[str, list[tuple[str, str, bytes]]]) -
     path, content_type, body = received[0]
     assert path == "/v1/traces" and content_type == "application/x-protobuf"
     assert b"chat tiny-mixtral" in body and b"gen_ai.usage.output_tokens" in body
+
+
+def test_gen_ai_metrics_under_the_conventions_names() -> None:
+    from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
+
+    t = Telemetry()
+    t.observe_request(model="m", endpoint="completions", status=200, latency_s=0.5,
+                      ttft_s=0.1, prompt_tokens=10, completion_tokens=5, provider="openai")
+    families = {f.name: f for f in text_string_to_metric_families(
+        t.metrics_response()[0].decode())}
+    tokens = families[gen_ai_metrics.GEN_AI_CLIENT_TOKEN_USAGE.replace(".", "_")]
+    sums = {s.labels["gen_ai_token_type"]: s.value for s in tokens.samples
+            if s.name.endswith("_sum")}
+    assert sums == {"input": 10, "output": 5}
+    assert {s.labels["gen_ai_operation_name"] for s in tokens.samples} == {"text_completion"}
+    for name in (gen_ai_metrics.GEN_AI_SERVER_REQUEST_DURATION,
+                 gen_ai_metrics.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
+                 gen_ai_metrics.GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN):
+        assert name.replace(".", "_") + "_seconds" in families
+
+
+def test_traceparent_is_read_and_passed_on() -> None:
+    incoming = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    # tracing off: the client's own header goes on unchanged
+    assert tm.trace_headers(incoming) == incoming
+    # tracing on: the request span is the client's span's child, and its context goes on
+    exporter = InMemorySpanExporter()
+    t = Telemetry(span_exporter=exporter)
+    span = t.tracer.start_span("POST /v1/chat/completions",
+                               context=tm.incoming_context(incoming))
+    out = tm.trace_headers(incoming, span)
+    span.end()
+    assert out["traceparent"].split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert out["traceparent"].split("-")[2] == format(span.get_span_context().span_id, "016x")
+    assert exporter.get_finished_spans()[0].parent.span_id == 0x00f067aa0ba902b7

@@ -256,6 +256,8 @@ class _Request:
     def __init__(self, data: dict[str, Any], raw: bytes | None) -> None:
         self.data = data
         self.raw = raw
+        #: W3C trace context for backends that call out (set by the route).
+        self.trace_headers: dict[str, str] = {}
         self.model: str = data["model"]
         self.temperature: float | None = data.get("temperature")
         self.top_p: float | None = data.get("top_p")
@@ -357,7 +359,7 @@ class ChatCompletionRequest(_Request):
                 parallel_tool_calls=self.parallel_tool_calls,
                 response_format=self.response_format, user=self.user,
                 metadata=self.metadata, extra=self.extra, body=self.data, raw=self.raw,
-                choice_index=i, n_choices=self.n,
+                choice_index=i, n_choices=self.n, trace_headers=self.trace_headers,
             )
             for i in range(self.n)
         ]
@@ -401,7 +403,7 @@ class CompletionRequest(_Request):
                 request_id if self.n == 1 else f"{request_id}-{i}", self.model,
                 self.sampling(logprobs, self.logprobs or 0, i), prompt=self.prompt_text(),
                 user=self.user, extra=self.extra, body=self.data, raw=self.raw,
-                choice_index=i, n_choices=self.n,
+                choice_index=i, n_choices=self.n, trace_headers=self.trace_headers,
             )
             for i in range(self.n)
         ]
