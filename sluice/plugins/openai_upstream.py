@@ -183,7 +183,7 @@ class OpenAIUpstreamBackend(Backend):
                         usage = _usage(chunk["usage"])
                     fingerprint = chunk.get("system_fingerprint") or fingerprint
                     for choice in chunk.get("choices") or ():
-                        event = _delta(choice, chat)
+                        event = _delta(choice, chat, fingerprint=fingerprint)
                         if choice.get("finish_reason"):
                             finish = choice["finish_reason"]
                         if event is not None:
@@ -412,14 +412,16 @@ def _usage(data: dict[str, Any]) -> Usage:
     )
 
 
-def _delta(choice: dict[str, Any], chat: bool, whole: bool = False) -> GenerationEvent | None:
+def _delta(choice: dict[str, Any], chat: bool, whole: bool = False,
+           fingerprint: str | None = None) -> GenerationEvent | None:
     """One choice of a chunk (a ``delta``) or of a whole answer (a ``message``)."""
     if not chat:
         text = choice.get("text") or ""
         logprobs = _completion_logprobs(choice.get("logprobs"))
         if not text and not logprobs:
             return None
-        return GenerationEvent(text=text, tokens=len(logprobs) or 1, logprobs=logprobs)
+        return GenerationEvent(text=text, tokens=len(logprobs) or 1, logprobs=logprobs,
+                               system_fingerprint=fingerprint)
     delta = (choice.get("message") if whole else choice.get("delta")) or {}
     text = delta.get("content") or ""
     logprobs = _chat_logprobs(choice.get("logprobs"))
@@ -431,7 +433,7 @@ def _delta(choice: dict[str, Any], chat: bool, whole: bool = False) -> Generatio
         return None
     return GenerationEvent(text=text, tokens=len(logprobs) or 1, logprobs=logprobs,
                            tool_calls=calls, refusal=refusal, reasoning=reasoning,
-                           extra=extra or None)
+                           system_fingerprint=fingerprint, extra=extra or None)
 
 
 def _tool_call(position: int, call: dict[str, Any]) -> ToolCallDelta:

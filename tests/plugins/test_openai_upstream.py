@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import cast
 
 import orjson
@@ -14,12 +14,15 @@ import pytest
 from sluice.gateway.backends.contract import (
     BackendError,
     ChatMessage,
+    EmbeddingRequest,
     GenerationEvent,
     GenerationRequest,
     SamplingParams,
 )
 from loadtests.mock_upstream import WORDS, MockApp, start_server
+from sluice.gateway.http.schemas import ChatCompletionRequest
 from sluice.plugins.openai_upstream import OpenAIUpstreamBackend
+from tests.contract.upstream import LIMIT_HEADERS, TOOL_CALLS, RecordingUpstream
 
 TOKENS = 6
 ANSWER = " ".join(WORDS[:TOKENS])
@@ -251,3 +254,97 @@ async def test_tokenizer_none_estimates_from_bytes() -> None:
     backend = make_backend(1, tokenizer="none")
     assert backend.tokenizer is None
     assert backend.count_tokens(chat(text="x" * 400)) == 1 + (400 + 4 + 3) // 4
+
+
+# -- transparency, against the contract suite's recording upstream ------------------------
+
+@pytest.fixture(scope="module")
+def recorder() -> Iterator[RecordingUpstream]:
+    server = RecordingUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def proxy(recorder: RecordingUpstream) -> AsyncIterator[OpenAIUpstreamBackend]:
+    names = ("plain", "tools", "truncated", "limited", "embed")
+    backend = OpenAIUpstreamBackend(OpenAIUpstreamBackend.Options(
+        base_url=recorder.base_url, models={n: n for n in names} | {"alias": "plain"},
+        tokenizer="none"))
+    await backend.start()
+    yield backend
+    await backend.stop()
+
+
+def client_request(raw: bytes) -> GenerationRequest:
+    return ChatCompletionRequest.model_validate(orjson.loads(raw), raw).generation_requests(
+        "req_1")[0]
+
+
+async def test_the_clients_bytes_go_upstream_unchanged(
+    proxy: OpenAIUpstreamBackend, recorder: RecordingUpstream,
+) -> None:
+    raw = (b'{"model": "plain", "messages": [{"role": "user", "content": "hi"}], '
+           b'"presence_penalty": 0.5, "user": "u", "temperature": null}')
+    events = await run(proxy, client_request(raw))
+    assert recorder.last().body == raw  # not streamed: nothing had to change
+    assert "".join(e.text for e in events) == "Hello from upstream"
+    final = events[-1]
+    assert final.finish_reason == "stop" and final.system_fingerprint == "fp_contract"
+    assert final.usage is not None and final.usage.prompt_tokens_details == {
+        "cached_tokens": 4, "audio_tokens": 0}
+
+
+async def test_renamed_model_and_stream_usage_are_the_only_changes(
+    proxy: OpenAIUpstreamBackend, recorder: RecordingUpstream,
+) -> None:
+    raw = b'{"model":"alias","messages":[{"role":"user","content":"hi"}],"stream":true}'
+    await run(proxy, client_request(raw))
+    assert recorder.last().json == {"model": "plain", "stream": True,
+                                    "messages": [{"role": "user", "content": "hi"}],
+                                    "stream_options": {"include_usage": True}}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_tool_calls_come_back_as_deltas_with_the_upstreams_finish(
+    proxy: OpenAIUpstreamBackend, stream: bool,
+) -> None:
+    raw = orjson.dumps({"model": "tools", "stream": stream,
+                        "messages": [{"role": "user", "content": "weather?"}]})
+    events = await run(proxy, client_request(raw))
+    pieces = [p for e in events for p in e.tool_calls]
+    for index, call in enumerate(TOOL_CALLS):
+        mine = [p for p in pieces if p.index == index]
+        assert [p.id for p in mine if p.id] == [call["id"]]
+        assert [p.name for p in mine if p.name] == [call["name"]]
+        assert "".join(p.arguments for p in mine) == "".join(call["arguments"])
+    assert events[-1].finish_reason == "tool_calls"
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens == 9
+
+
+async def test_a_stream_without_finish_reason_is_an_error(proxy: OpenAIUpstreamBackend) -> None:
+    raw = b'{"model":"truncated","messages":[{"role":"user","content":"x"}],"stream":true}'
+    got: list[GenerationEvent] = []
+    with pytest.raises(BackendError) as caught:
+        async for event in proxy.generate(client_request(raw)):
+            got.append(event)
+    assert caught.value.status == 502 and "finish_reason" in str(caught.value)
+    assert "".join(e.text for e in got) == "Once upon a"
+
+
+async def test_429_headers_are_kept(proxy: OpenAIUpstreamBackend) -> None:
+    raw = b'{"model":"limited","messages":[{"role":"user","content":"x"}]}'
+    with pytest.raises(BackendError) as caught:
+        await run(proxy, client_request(raw))
+    assert caught.value.status == 429
+    assert {k.lower(): v for k, v in caught.value.headers.items()} == LIMIT_HEADERS
+
+
+async def test_embeddings_forwarded_with_usage(proxy: OpenAIUpstreamBackend,
+                                               recorder: RecordingUpstream) -> None:
+    raw = b'{"model":"embed","input":["a","b"],"encoding_format":"float"}'
+    result = await proxy.embed(EmbeddingRequest("r", "embed", ["a", "b"],
+                                                body=orjson.loads(raw), raw=raw))
+    assert recorder.last("/v1/embeddings").body == raw
+    assert [d["index"] for d in result.data] == [0, 1]
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (6, 0)
