@@ -10,6 +10,7 @@ every process within that many seconds.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -27,6 +28,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from sluice.gateway.db.models import ApiKey, Tenant, utcnow
 from sluice.gateway.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from sluice.gateway.ledger.key_cache import KeyCacheFile
 
 log = logging.getLogger("sluice.auth")
 
@@ -89,9 +91,11 @@ class _Entry:
 class KeyStore:
     """Resolves ``Authorization: Bearer sk-...`` to a :class:`Principal`."""
 
-    def __init__(self, sessions: async_sessionmaker, *, cache_ttl_s: float = 5.0) -> None:
+    def __init__(self, sessions: async_sessionmaker, *, cache_ttl_s: float = 5.0,
+                 persisted: KeyCacheFile | None = None) -> None:
         self._sessions = sessions
         self._ttl = cache_ttl_s
+        self._persisted = persisted  # on disk, for SLUICE_DB_OUTAGE=serve (ledger/key_cache.py)
         self._cache: dict[str, tuple[float, _Entry | None]] = {}
         self._inflight: dict[str, asyncio.Future[_Entry | None]] = {}
         self._used: set[str] = set()
@@ -155,12 +159,17 @@ class KeyStore:
                 if hit is not None and now - hit[0] < STALE_IF_ERROR_S:
                     log.warning("key lookup failed (%s); serving the cached entry", exc)
                     entry = hit[1]
+                elif self._persisted and (saved := self._persisted.load(prefix)) is not None:
+                    log.warning("key lookup failed (%s); serving the persisted entry", exc)
+                    entry = _entry_from_json(saved)
                 else:
                     raise ServiceUnavailable(
                         "cannot verify the API key right now; try again shortly",
                         retry_after_s=2) from None
             else:
                 self._cache[prefix] = (time.monotonic(), entry)
+                if self._persisted is not None:
+                    self._persisted.save(prefix, None if entry is None else _entry_json(entry))
             future.set_result(entry)
             return entry
         except BaseException as exc:
@@ -205,6 +214,24 @@ class KeyStore:
             revoked=key.revoked_at is not None,
             disabled=tenant.disabled,
         )
+
+
+def _entry_json(entry: _Entry) -> dict[str, Any]:
+    principal = dataclasses.asdict(entry.principal)
+    principal["models"] = None if entry.principal.models is None else sorted(entry.principal.models)
+    expires = None if entry.expires_at is None else entry.expires_at.isoformat()
+    return {"secret_hash": entry.secret_hash, "principal": principal, "expires_at": expires,
+            "revoked": entry.revoked, "disabled": entry.disabled}  # fmt: skip
+
+
+def _entry_from_json(data: dict[str, Any]) -> _Entry:
+    principal = dict(data["principal"])
+    if principal["models"] is not None:
+        principal["models"] = frozenset(principal["models"])
+    expires = data["expires_at"]
+    return _Entry(secret_hash=data["secret_hash"], principal=Principal(**principal),
+                  expires_at=None if expires is None else dt.datetime.fromisoformat(expires),
+                  revoked=data["revoked"], disabled=data["disabled"])  # fmt: skip
 
 
 def issue_admin_token(secret: str, subject: str, ttl_s: int) -> str:
