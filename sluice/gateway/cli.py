@@ -17,6 +17,7 @@ from rich.table import Table
 
 from sluice.gateway.accounts.tenants import Accounts, key_dict, parse_duration, tenant_dict
 from sluice.gateway.ledger.audit import cli_audit
+from sluice.gateway.ledger.writer import is_unreachable
 from sluice.gateway.accounts.auth import issue_admin_token
 from sluice.gateway.cli_accounting import register as register_accounting
 from sluice.gateway.db.session import create_engine, migrate, sessionmaker
@@ -75,10 +76,19 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         migrate(settings.database_url)  # the embedded database keeps itself current
     try:
         secret = _run_accounts(settings, _bootstrap)
-    except DBAPIError as exc:
-        err.print(f"[red]error:[/] database not ready ({type(exc.orig).__name__}); "
-                  "run `sluice migrate` first")
-        return 2
+    except (DBAPIError, OSError, TimeoutError) as exc:
+        reason = type(getattr(exc, "orig", None) or exc).__name__
+        if not is_unreachable(exc):
+            err.print(f"[red]error:[/] database not ready ({reason}); run `sluice migrate` first")
+            return 2
+        if settings.db_outage != "serve":
+            err.print(f"[red]error:[/] database unreachable ({reason}); SLUICE_DB_OUTAGE=serve "
+                      "starts anyway")
+            return 2
+        # Keys come from the persisted cache, usage goes to the WAL and the spool (ledger/).
+        err.print(f"[yellow]warning:[/] database unreachable ({reason}); serving known keys "
+                  "from the local cache, usage is spooled until it is back")
+        secret = None
     if secret:
         err.print(
             "\n[bold]First start:[/] created tenant [cyan]default[/] and this API key "

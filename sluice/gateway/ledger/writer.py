@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from sluice.gateway.ledger.spool import Spool
 
@@ -30,6 +30,18 @@ log = logging.getLogger(__name__)
 Sink = Callable[[list[dict[str, Any]]], Awaitable[None]]
 # What a failed write looks like when the database is down or unreachable.
 DB_UNAVAILABLE: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, asyncio.TimeoutError)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached (rather than, say, that its
+    schema is missing)."""
+    if isinstance(exc, (OSError, asyncio.TimeoutError)):
+        return True
+    if isinstance(exc, DBAPIError):
+        orig = exc.orig
+        return exc.connection_invalidated or isinstance(orig, (OSError, asyncio.TimeoutError)) or (
+            type(orig).__name__ in {"CannotConnectNowError", "ConnectionDoesNotExistError"})
+    return False
 
 
 class NotDurable(Exception):
