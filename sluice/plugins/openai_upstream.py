@@ -85,6 +85,8 @@ class OpenAIUpstreamBackend(Backend):
         #: What the upstream's models serve (shown in /v1/models; the gateway refuses the
         #: rest with a 400). Default: everything, the upstream answers for itself.
         capabilities: tuple[Capability, ...] = get_args(Capability)
+        #: ``gen_ai.provider.name`` in traces and metrics (e.g. openai, azure.ai.openai).
+        provider: str = "openai"
 
     def __init__(self, options: BackendOptions) -> None:
         if not isinstance(options, OpenAIUpstreamBackend.Options):
@@ -109,8 +111,8 @@ class OpenAIUpstreamBackend(Backend):
 
     def models(self) -> list[ModelCard]:
         capabilities = frozenset(self.opts.capabilities)
-        return [ModelCard(id=served, owned_by="upstream", capabilities=capabilities)
-                for served in self.opts.models]
+        return [ModelCard(id=served, owned_by="upstream", capabilities=capabilities,
+                          provider=self.opts.provider) for served in self.opts.models]
 
     async def start(self) -> None:
         opts = self.opts

@@ -79,6 +79,8 @@ class ModelCard:
     #: ``json_schema``: ``response_format`` json_object/json_schema is enforced; ``vision``:
     #: image content parts are understood.
     capabilities: frozenset[Capability] = TEXT_CAPABILITIES
+    #: ``gen_ai.provider.name`` of the model's server (OpenTelemetry's GenAI conventions).
+    provider: str = "sluice"
 
     def serves(self, capability: Capability) -> bool:
         return capability in self.capabilities
