@@ -9,6 +9,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,16 @@ POSTGRES_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("SLUICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_SERVICES = os.environ.get("SLUICE_TEST_REQUIRE_SERVICES") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's gateway files (spools, WAL, generated secrets) in a temporary directory
+    of its own, for servers in this process (echo_settings) and in subprocesses alike."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    monkeypatch.setenv("SLUICE_DATA_DIR", str(state / "sluice"))
+    return state / "sluice"
 
 
 def _reachable(url: str, default_port: int) -> bool:
@@ -216,7 +227,8 @@ class GatewayServer:
 
     @property
     def gateway(self) -> Any:
-        return self.app.state.gateway
+        """The running gateway's AppState (sluice/gateway/state.py)."""
+        return self.app.state.sluice
 
     def run(self, coro: Any) -> Any:
         """Run a coroutine on the server's loop (e.g. to create tenants and keys)."""
@@ -250,6 +262,9 @@ def echo_settings(database_url: str, **overrides: Any) -> Any:
             ),
         },
     )
+    # The test's own data directory (see _data_dir; module-scoped servers get a new one).
+    overrides.setdefault("data_dir", Path(os.environ.get("SLUICE_DATA_DIR")
+                                          or tempfile.mkdtemp(prefix="sluice-data-")))
     return Settings(
         database_url=database_url,
         admin_jwt_secret="test-secret-" + secrets.token_hex(16),

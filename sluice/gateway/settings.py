@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sluice.gateway.backends.routing import GroupConfig
 from sluice.gateway.economics.config import PriceConfig
@@ -80,6 +80,11 @@ def default_backends() -> dict[str, BackendConfig]:
     }
 
 
+def default_data_dir() -> Path:
+    """``$XDG_STATE_HOME/sluice`` with XDG's default for ``XDG_STATE_HOME``."""
+    return Path.home() / ".local" / "state" / "sluice"
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -106,7 +111,10 @@ class Settings(BaseModel):
     # The guard model: a model name served by a configured backend, or a checkpoint
     # directory run on the in-process engine. None: guardrails off.
     guard_model: str | None = None
-    spool_dir: Path = Path(".sluice/spool")
+    # The gateway's own files (generated JWT secret, spools, WAL, audit key), never
+    # relative to the working directory: SLUICE_DATA_DIR, else $XDG_STATE_HOME/sluice.
+    data_dir: Path = Field(default_factory=default_data_dir)
+    spool_dir: Path  # default: <data_dir>/spool
     # With the database unreachable: keep serving and spool usage to disk, or refuse (503).
     db_outage: Literal["serve", "refuse"] = "serve"
     otlp_endpoint: str | None = None
@@ -122,6 +130,14 @@ class Settings(BaseModel):
     dashboard_cookie_secure: bool | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _spool_in_data_dir(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("spool_dir") is None:
+            data_dir = Path(values.get("data_dir") or default_data_dir())
+            values = {**values, "data_dir": data_dir, "spool_dir": data_dir / "spool"}
+        return values
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
         env = dict(os.environ if env is None else env)
@@ -136,6 +152,7 @@ class Settings(BaseModel):
             "SLUICE_MAX_BODY_BYTES": "max_body_bytes",
             "SLUICE_LOG_LEVEL": "log_level",
             "SLUICE_GUARD_MODEL": "guard_model",
+            "SLUICE_DATA_DIR": "data_dir",
             "SLUICE_SPOOL_DIR": "spool_dir",
             "SLUICE_DB_OUTAGE": "db_outage",
             "SLUICE_OTLP_ENDPOINT": "otlp_endpoint",
@@ -148,6 +165,8 @@ class Settings(BaseModel):
         for var, name in simple.items():
             if env.get(var):
                 values[name] = env[var]
+        if "data_dir" not in values and env.get("XDG_STATE_HOME"):
+            values["data_dir"] = Path(env["XDG_STATE_HOME"]) / "sluice"
         if env.get("SLUICE_PLUGINS"):
             values["plugins"] = tuple(p.strip() for p in env["SLUICE_PLUGINS"].split(",") if p)
         if path := env.get("SLUICE_CONFIG"):
@@ -159,7 +178,8 @@ class Settings(BaseModel):
                 values[name] = getattr(file_config, name)
         values.update(overrides)
         if not values.get("admin_jwt_secret"):
-            values["admin_jwt_secret"] = _persistent_secret()
+            data_dir = Path(values.get("data_dir") or default_data_dir())
+            values["admin_jwt_secret"] = _persistent_secret(data_dir)
         try:
             return cls(**values)
         except ValidationError as exc:
@@ -183,12 +203,12 @@ def load_file_config(path: Path) -> FileConfig:
         raise SettingsError(f"SLUICE_CONFIG {path}: {where}: {err['msg']}") from None
 
 
-def _persistent_secret() -> str:
-    """A JWT secret kept beside the embedded database, so tokens survive restarts.
+def _persistent_secret(data_dir: Path) -> str:
+    """A JWT secret kept in the data directory, so tokens survive restarts.
 
     Real deployments set SLUICE_ADMIN_JWT_SECRET; this is for `make run`.
     """
-    path = Path(".sluice") / "jwt_secret"
+    path = data_dir / "jwt_secret"
     try:
         return path.read_text().strip()
     except FileNotFoundError:

@@ -24,7 +24,7 @@ async def scripted_guard(prompt: str) -> str:
 @pytest.fixture
 def guarded(sqlite_url: str):  # type: ignore[no-untyped-def]
     server = GatewayServer(echo_settings(sqlite_url)).start()
-    server.gateway.guardrails.guard = Guard(scripted_guard)
+    server.gateway.pipeline.guardrails.guard = Guard(scripted_guard)
     yield server
     server.stop()
 

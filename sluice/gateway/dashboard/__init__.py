@@ -3,7 +3,7 @@
 Mount with ``app.router.routes.extend(dashboard.routes)`` (or ``build_routes(cookie_secure=...)``
 to pin the session cookie's Secure flag). The mount never matches ``/admin/api/...``, so the
 JSON admin API is untouched whatever the order. Nothing needs starting in the lifespan: the
-pages use the gateway in ``app.state.gateway``.
+pages use the gateway's :class:`~sluice.gateway.state.AppState` (``app.state.sluice``).
 """
 
 from __future__ import annotations

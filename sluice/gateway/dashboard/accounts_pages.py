@@ -16,14 +16,15 @@ from starlette.responses import RedirectResponse, Response
 
 from sluice.gateway.accounts.tenants import parse_duration
 from sluice.gateway.dashboard.session import Session
-from sluice.gateway.dashboard.web import action, gateway, optional_int, page, render, text
+from sluice.gateway.dashboard.web import action, optional_int, page, render, text
 from sluice.gateway.errors import NotFound, SluiceError
+from sluice.gateway.state import app_state
 from sluice.gateway.pipeline.guard import GuardPolicy
 
 
 async def _tenants_page(request: Request, session: Session, *, error: str = "",
                         form: dict[str, str] | None = None, status: int = 200) -> Response:
-    tenants = await gateway(request).accounts.list_tenants()
+    tenants = await app_state(request).accounts.list_tenants()
     return render(request, "tenants.html", {"tenants": tenants, "error": error,
                                             "form": form or {}}, session=session, status=status)
 
@@ -36,7 +37,7 @@ async def tenants(request: Request, session: Session) -> Response:
 @action("tenants")
 async def create_tenant(request: Request, session: Session, form: FormData) -> Response:
     try:
-        tenant = await gateway(request).accounts.create_tenant(
+        tenant = await app_state(request).accounts.create_tenant(
             text(form, "name"), rpm=optional_int(form, "rpm"), tpm=optional_int(form, "tpm"),
             actor=session.actor)
     except (SluiceError, ValueError) as exc:
@@ -48,13 +49,13 @@ async def create_tenant(request: Request, session: Session, form: FormData) -> R
 async def _tenant_page(request: Request, session: Session, *, error: str = "",
                        status: int = 200, submitted: FormData | None = None) -> Response:
     """The tenant's settings and keys; after a refused change, the form as it was sent."""
-    gw = gateway(request)
+    state = app_state(request)
     try:
-        tenant = await gw.accounts.tenant(request.path_params["tenant"])
+        tenant = await state.accounts.tenant(request.path_params["tenant"])
     except NotFound as exc:
         return render(request, "error.html", {"title": "No such tenant", "message": exc.message},
                       session=session, status=404)
-    keys = await gw.accounts.list_keys(tenant.id)
+    keys = await state.accounts.list_keys(tenant.id)
     values = {
         "rpm": tenant.rpm or "", "tpm": tenant.tpm or "",
         "stripe_customer_id": tenant.stripe_customer_id or "",
@@ -70,7 +71,7 @@ async def _tenant_page(request: Request, session: Session, *, error: str = "",
     notice = "Tenant created." if q.get("created") else "Saved." if q.get("saved") else ""
     return render(request, "tenant.html", {
         "tenant": tenant, "keys": keys, "error": error, "notice": notice,
-        "values": values, "models": [c.id for c in gw.registry.cards()],
+        "values": values, "models": [c.id for c in state.registry.cards()],
     }, session=session, status=status)
 
 
@@ -99,7 +100,7 @@ def _policy(raw: str) -> dict[str, Any] | None:
 
 @action("tenants")
 async def update_tenant(request: Request, session: Session, form: FormData) -> Response:
-    gw = gateway(request)
+    state = app_state(request)
     ref = request.path_params["tenant"]
     try:
         changes = {
@@ -112,23 +113,23 @@ async def update_tenant(request: Request, session: Session, form: FormData) -> R
         }
         if (customer := changes["stripe_customer_id"]) and len(customer) > 64:
             raise ValueError("Stripe customer id is at most 64 characters")
-        updated = await gw.accounts.update_tenant(ref, actor=session.actor, **changes)
+        updated = await state.accounts.update_tenant(ref, actor=session.actor, **changes)
     except (SluiceError, ValueError) as exc:
         return await _tenant_page(request, session, error=_message(exc), status=400,
                                   submitted=form)
-    gw.keys.invalidate()  # limits, policy and the disabled flag are cached with the keys
+    state.keys.invalidate()  # limits, policy and the disabled flag are cached with the keys
     return RedirectResponse(f"/admin/tenants/{updated.id}?saved=1", status_code=303)
 
 
 async def _keys_page(request: Request, session: Session, *, error: str = "",
                      status: int = 200) -> Response:
-    gw = gateway(request)
-    all_tenants = await gw.accounts.list_tenants()
+    state = app_state(request)
+    all_tenants = await state.accounts.list_tenants()
     names = {t.id: t.name for t in all_tenants}
-    keys = await gw.accounts.list_keys()
+    keys = await state.accounts.list_keys()
     return render(request, "keys.html", {
         "keys": sorted(keys, key=lambda k: k.created_at, reverse=True), "names": names,
-        "tenants": all_tenants, "error": error, "models": [c.id for c in gw.registry.cards()],
+        "tenants": all_tenants, "error": error, "models": [c.id for c in state.registry.cards()],
         "selected": request.query_params.get("tenant", ""),
         "revoked": request.query_params.get("revoked", ""),
     }, session=session, status=status)
@@ -141,15 +142,15 @@ async def keys(request: Request, session: Session) -> Response:
 
 @action("keys")
 async def create_key(request: Request, session: Session, form: FormData) -> Response:
-    gw = gateway(request)
+    state = app_state(request)
     try:
         expires = text(form, "expires_in")
         models = [m.strip() for m in text(form, "models").split(",") if m.strip()]
-        created = await gw.accounts.create_key(
+        created = await state.accounts.create_key(
             text(form, "tenant"), name=text(form, "name")[:128], models=models or None,
             expires_in=parse_duration(expires) if expires else None,
             rpm=optional_int(form, "rpm"), tpm=optional_int(form, "tpm"), actor=session.actor)
-        owner = await gw.accounts.tenant(created.key.tenant_id)
+        owner = await state.accounts.tenant(created.key.tenant_id)
     except (SluiceError, ValueError) as exc:
         return await _keys_page(request, session, error=_message(exc), status=400)
     # The secret is rendered into this one response and never stored or redirected with.
@@ -159,12 +160,12 @@ async def create_key(request: Request, session: Session, form: FormData) -> Resp
 
 @action("keys")
 async def revoke_key(request: Request, session: Session, form: FormData) -> Response:
-    gw = gateway(request)
+    state = app_state(request)
     try:
-        key = await gw.accounts.revoke_key(request.path_params["key"], actor=session.actor)
+        key = await state.accounts.revoke_key(request.path_params["key"], actor=session.actor)
     except SluiceError as exc:
         return await _keys_page(request, session, error=_message(exc), status=404)
-    gw.keys.invalidate(key.prefix)
+    state.keys.invalidate(key.prefix)
     back = text(form, "back")
     target = back if back.startswith("/admin/tenants/") and "//" not in back else "/admin/keys"
     separator = "&" if "?" in target else "?"

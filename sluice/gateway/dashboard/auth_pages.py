@@ -13,11 +13,11 @@ from sluice.gateway.accounts.admins import check_password, revoke_session
 from sluice.gateway.dashboard import session as sessions
 from sluice.gateway.dashboard.security import COOKIE_SECURE_SCOPE_KEY
 from sluice.gateway.dashboard.session import Session, SessionInvalid
+from sluice.gateway.state import app_state
 from sluice.gateway.dashboard.web import (
     action,
     current_session,
     database_guard,
-    gateway,
     render,
     secret,
     text,
@@ -72,7 +72,7 @@ async def login(request: Request) -> Response:
 
 
 async def _check_login(request: Request, form: FormData) -> Response:
-    gw = gateway(request)
+    gw = app_state(request)
     username = text(form, "username")[:64]
     password = form.get("password")
     admin = None
@@ -97,7 +97,7 @@ async def _check_login(request: Request, form: FormData) -> Response:
 
 @action("")
 async def logout(request: Request, session: Session, form: FormData) -> Response:
-    gw = gateway(request)
+    gw = app_state(request)
     await revoke_session(gw.accounts.sessions, session.sid, session.expires_at)
     await gw.audit.record(session.actor, "admin.logout", "dashboard", decision="allow")
     response = RedirectResponse("/admin/login?logged_out=1", status_code=303)

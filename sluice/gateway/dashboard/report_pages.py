@@ -11,8 +11,9 @@ from sluice.gateway.ledger.exports import iter_usage_export
 from sluice.gateway.dashboard import charts, reports
 from sluice.gateway.dashboard.charts import Series
 from sluice.gateway.dashboard.session import Session
-from sluice.gateway.dashboard.web import gateway, page, render
+from sluice.gateway.dashboard.web import page, render
 from sluice.gateway.errors import NotFound
+from sluice.gateway.state import app_state
 
 
 def _ms(value: float | None) -> str:
@@ -21,10 +22,10 @@ def _ms(value: float | None) -> str:
 
 @page("overview")
 async def overview(request: Request, session: Session) -> Response:
-    gw = gateway(request)
+    state = app_state(request)
     chosen = request.query_params.get("range", "24h")
     range_name = chosen if chosen in reports.RANGES else "24h"
-    data = await reports.overview(gw.meter.engine, range_name, dt.datetime.now(dt.UTC))
+    data = await reports.overview(state.db, range_name, dt.datetime.now(dt.UTC))
     starts = [b.start for b in data.buckets]
 
     def per_bucket(q: float, field: str) -> list[float | None]:
@@ -76,7 +77,7 @@ async def _usage_query(request: Request) -> tuple[dt.date, dt.date, str | None, 
     tenant_id = None
     if ref := q.get("tenant"):
         try:
-            tenant_id = (await gateway(request).accounts.tenant(ref)).id
+            tenant_id = (await app_state(request).accounts.tenant(ref)).id
         except NotFound as exc:
             errors.append(exc.message)
     return start, end, tenant_id, errors
@@ -84,17 +85,17 @@ async def _usage_query(request: Request) -> tuple[dt.date, dt.date, str | None, 
 
 @page("usage")
 async def usage(request: Request, session: Session) -> Response:
-    gw = gateway(request)
+    state = app_state(request)
     start, end, tenant_id, errors = await _usage_query(request)
     group = request.query_params.get("group_by", "tenant")
     if group not in ("tenant", "key", "model"):
         errors.append("group by must be tenant, key or model.")
         group = "tenant"
-    rows = await reports.usage(gw.meter.engine, start=start, end=end, group_by=group,
+    rows = await reports.usage(state.db, start=start, end=end, group_by=group,
                                tenant_id=tenant_id)
     return render(request, "usage.html", {
         "rows": rows, "start": start, "end": end, "group": group, "tenant_id": tenant_id or "",
-        "tenants": await gw.accounts.list_tenants(), "errors": errors,
+        "tenants": await state.accounts.list_tenants(), "errors": errors,
         "totals": {"requests": sum(r.requests for r in rows),
                    "prompt": sum(r.prompt_tokens for r in rows),
                    "completion": sum(r.completion_tokens for r in rows)},
@@ -105,7 +106,7 @@ async def usage(request: Request, session: Session) -> Response:
 async def usage_csv(request: Request, session: Session) -> Response:
     """Usage events of whole UTC days ``from..to`` as CSV, streamed (the same export as
     ``/admin/api/usage/export``), and audited as ``usage.export``."""
-    gw = gateway(request)
+    state = app_state(request)
     start_day, end_day, tenant_id, errors = await _usage_query(request)
     if errors:
         return render(request, "error.html", {"title": "Cannot export",
@@ -113,10 +114,10 @@ async def usage_csv(request: Request, session: Session) -> Response:
                       session=session, status=400)
     start = dt.datetime.combine(start_day, dt.time(), tzinfo=dt.UTC)
     end = dt.datetime.combine(end_day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
-    await gw.audit.record(session.actor, "usage.export", tenant_id or "*", decision="allow",
+    await state.audit.record(session.actor, "usage.export", tenant_id or "*", decision="allow",
                           details={"from": start.isoformat(), "to": end.isoformat(),
                                    "format": "csv", "via": "dashboard"})
-    body = iter_usage_export(gw.meter.engine, start=start, end=end, tenant=tenant_id, fmt="csv")
+    body = iter_usage_export(state.db, start=start, end=end, tenant=tenant_id, fmt="csv")
     name = f"usage-{start_day}-{end_day}.csv"
     return StreamingResponse(body, media_type="text/csv",
                              headers={"content-disposition": f'attachment; filename="{name}"'})
@@ -129,26 +130,26 @@ def _before(request: Request) -> int | None:
 
 @page("guard")
 async def guard_events(request: Request, session: Session) -> Response:
-    gw = gateway(request)
+    state = app_state(request)
     q = request.query_params
     decision = q.get("decision", "")
-    records = await reports.audit_records(gw.meter.engine, action="guard.", decision=decision,
+    records = await reports.audit_records(state.db, action="guard.", decision=decision,
                                           before=_before(request))
     return render(request, "guard.html", {
         "records": records, "decision": decision, "page_size": reports.PAGE_SIZE,
-        "guard_on": gw.guardrails.guard is not None,
+        "guard_on": state.pipeline.guardrails.enabled,
     }, session=session)
 
 
 @page("audit")
 async def audit(request: Request, session: Session) -> Response:
-    gw = gateway(request)
+    state = app_state(request)
     q = request.query_params
     action_filter, actor = q.get("action", "").strip(), q.get("actor", "").strip()
-    await gw.audit.flush()  # show this session's own changes, not only what the writer wrote
-    records = await reports.audit_records(gw.meter.engine, action=action_filter, actor=actor,
+    await state.audit.flush()  # show this session's own changes, not only what the writer wrote
+    records = await reports.audit_records(state.db, action=action_filter, actor=actor,
                                           before=_before(request))
-    report = await gw.audit.verify()  # incremental: only records new since the last view
+    report = await state.audit.verify()  # incremental: only records new since the last view
     return render(request, "audit.html", {
         "records": records, "action": action_filter, "actor": actor, "report": report,
         "page_size": reports.PAGE_SIZE,
@@ -157,5 +158,5 @@ async def audit(request: Request, session: Session) -> Response:
 
 @page("runtime")
 async def runtime(request: Request, session: Session) -> Response:
-    pools = reports.runtime_rows(gateway(request).runtime.status())
+    pools = reports.runtime_rows(app_state(request).runtime.status())
     return render(request, "runtime.html", {"pools": pools}, session=session)

@@ -20,7 +20,7 @@ from starlette.templating import Jinja2Templates
 from sluice.gateway.accounts.admins import session_revoked
 from sluice.gateway.dashboard import session as sessions
 from sluice.gateway.dashboard.session import Session, SessionInvalid
-from sluice.gateway.pipeline.service import Gateway
+from sluice.gateway.state import app_state
 
 log = logging.getLogger(__name__)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -50,18 +50,14 @@ templates.env.filters["number"] = _number
 templates.env.filters["tojson_pretty"] = lambda v: "" if v is None else json.dumps(v, indent=2)
 
 
-def gateway(request: Request) -> Gateway:
-    return request.app.state.gateway  # type: ignore[no-any-return]
-
-
 def secret(request: Request) -> str:
-    return gateway(request).settings.admin_jwt_secret
+    return app_state(request).settings.admin_jwt_secret
 
 
 async def current_session(request: Request) -> Session:
     """The request's valid, not logged-out session; SessionInvalid otherwise."""
     found = sessions.from_request(request, secret(request))
-    if await session_revoked(gateway(request).accounts.sessions, found.sid):
+    if await session_revoked(app_state(request).sessions, found.sid):
         raise SessionInvalid("session ended by logout")
     return found
 

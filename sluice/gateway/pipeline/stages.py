@@ -1,10 +1,11 @@
-"""The stages of the request path around dispatch, one small class each.
+"""The checks around dispatch, one small class each.
 
-    Authenticator  API key -> Principal; auth failures audited (rate-limited)
-    Admission      entropy-weighted rate limits, reserved before and settled after
-    Guardrails     LlamaGuard on the prompt and on the answer (streams: rolling windows)
+    Authenticator   API key -> Principal; auth failures audited (rate-limited)
+    RateLimitStage  entropy-weighted rate limits, reserved before and settled after
+    Guardrails      LlamaGuard on the prompt and on the answer (streams: rolling windows)
 
-They are assembled in ``create_app`` and called by :class:`gateway.service.Gateway`.
+They are built in the lifespan (sluice/gateway/state.py) and run in order by
+:class:`~sluice.gateway.pipeline.service.Pipeline`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sluice.gateway.ledger.audit import AuditLog, prompt_digest
 from sluice.gateway.accounts.auth import KeyStore, Principal
@@ -27,13 +28,10 @@ from sluice.gateway.errors import (
     ServiceUnavailable,
 )
 from sluice.gateway.pipeline.guard import Guard, GuardPolicy, StreamGuard, StreamGuardConfig, Verdict
-from sluice.gateway.pipeline.ratelimit import Admission as LimiterAdmission
+from sluice.gateway.pipeline.call import Call
 from sluice.gateway.pipeline.ratelimit import LimiterError, Limits, RateLimited, RateLimiter
 from sluice.gateway.backends.runtime import Pool
 from sluice.gateway.telemetry import Telemetry
-
-if TYPE_CHECKING:
-    from sluice.gateway.pipeline.service import Call
 
 log = logging.getLogger("sluice.stages")
 
@@ -84,11 +82,15 @@ class Authenticator:
         )
 
 
-class Admission:
-    """Rate limits per key and per tenant, weighted by the prompt's entropy."""
+class RateLimitStage:
+    """Rate limits per key and per tenant, weighted by the prompt's entropy: reserved at
+    admission, settled with the tokens really spent when the call ends."""
 
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
+        # Settling runs in the background: it must not hold up, or be cancelled with, the
+        # response. ``close`` waits for what is still running.
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def admit(self, call: Call) -> None:
         p = call.principal
@@ -110,10 +112,15 @@ class Admission:
         call.headers.update(call.admission.headers)
 
     def settle(self, call: Call) -> None:
-        admission: LimiterAdmission | None = call.admission
-        if admission is not None:
+        if call.admission is not None:
             spent = call.prompt_tokens + call.completion_tokens
-            _spawn(self.limiter.settle(admission, spent))
+            task = asyncio.ensure_future(self.limiter.settle(call.admission, spent))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def close(self) -> None:
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
 
 Complete = Callable[[str], Awaitable[str]]
@@ -208,13 +215,3 @@ def violation(stage: str, verdict: Verdict) -> ContentPolicyViolation:
         f"The {what} was blocked by the content policy ({why}).",
         extra={"categories": list(verdict.categories)},
     )
-
-
-_background: set[asyncio.Task[Any]] = set()
-
-
-def _spawn(coro: Awaitable[Any]) -> None:
-    """Fire and forget (settling must not hold up, or be cancelled with, the response)."""
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)

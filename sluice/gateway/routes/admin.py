@@ -17,7 +17,7 @@ from sluice.gateway.ledger.exports import iter_usage_export
 from sluice.gateway.db.models import UsageDaily
 from sluice.gateway.errors import AuthenticationFailed, InvalidRequest
 from sluice.gateway.routes.openai import parse
-from sluice.gateway.pipeline.service import Gateway
+from sluice.gateway.state import AppState, app_state
 from sluice.gateway.http.streaming import read_json
 from sluice.gateway.util import json_response
 
@@ -50,9 +50,9 @@ class KeyCreate(BaseModel):
     tpm: Limit = None
 
 
-def admin(request: Request) -> Gateway:
-    """The gateway, once the caller has shown a valid admin token."""
-    gateway: Gateway = request.app.state.gateway
+def admin(request: Request) -> AppState:
+    """The gateway's state, once the caller has shown a valid admin token."""
+    gateway = app_state(request)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
@@ -157,7 +157,7 @@ async def usage(request: Request) -> Response:
     )
     if tenant := q.get("tenant"):
         query = query.where(UsageDaily.tenant_id == (await gateway.accounts.tenant(tenant)).id)
-    async with gateway.accounts.sessions() as session:
+    async with gateway.sessions() as session:
         rows = (await session.execute(query)).all()
     return json_response(
         {
@@ -202,7 +202,7 @@ async def usage_export(request: Request) -> Response:
     await gateway.audit.record(actor(request), "usage.export", tenant or "*", decision="allow",
                                details={"from": start.isoformat(), "to": end.isoformat(),
                                         "format": fmt})
-    body = iter_usage_export(gateway.meter.engine, start=start, end=end, tenant=tenant,
+    body = iter_usage_export(gateway.db, start=start, end=end, tenant=tenant,
                              fmt=fmt)  # type: ignore[arg-type]
     media = "text/csv" if fmt == "csv" else "application/x-ndjson"
     name = f"usage-{start.date()}-{end.date()}.{fmt}"

@@ -8,7 +8,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sluice.gateway.http.openapi import openapi_document
-from sluice.gateway.pipeline.service import Gateway
+from sluice.gateway.state import app_state
 from sluice.gateway.util import json_response
 
 
@@ -18,15 +18,15 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Ready when the database answers and no backend is stuck failing to start."""
-    gateway: Gateway = request.app.state.gateway
+    state = app_state(request)
     checks: dict[str, str] = {}
     try:
-        async with gateway.accounts.sessions() as session:
+        async with state.sessions() as session:
             await session.execute(text("SELECT 1"))
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
-    for name, pool in gateway.runtime.pools.items():
+    for name, pool in state.runtime.pools.items():
         checks[f"backend:{name}"] = "ok" if pool.ready else f"error: {pool.last_error}"
     ready = all(v == "ok" for v in checks.values())
     return json_response({"status": "ok" if ready else "unavailable", "checks": checks},
@@ -35,9 +35,9 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     """Prometheus exposition: request, token, latency and pool metrics."""
-    gateway: Gateway = request.app.state.gateway
-    telemetry = gateway.telemetry
-    for status in gateway.runtime.status():
+    state = app_state(request)
+    telemetry = state.telemetry
+    for status in state.runtime.status():
         telemetry.set_queue_depth(status["backend"], status["queue_depth"])
         counts: dict[str, int] = dict.fromkeys(
             ("starting", "ready", "busy", "sleeping", "waking", "stopping"), 0)

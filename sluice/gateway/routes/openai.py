@@ -12,11 +12,14 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from sluice.gateway.accounts.auth import Principal
+from sluice.gateway.backends.contract import ModelCard
 from sluice.gateway.errors import InvalidRequest, NotFound, SluiceError
 from sluice.gateway.http.capabilities import check_serves
 from sluice.gateway.http.schemas import ChatCompletionRequest, CompletionRequest
 from sluice.gateway.http.streaming import read_body
-from sluice.gateway.pipeline.service import Gateway
+from sluice.gateway.routes.embeddings import embeddings
+from sluice.gateway.state import AppState, app_state
+from sluice.gateway.telemetry import incoming_context, trace_headers
 from sluice.gateway.util import json_response
 
 M = TypeVar("M", bound=BaseModel)
@@ -39,8 +42,8 @@ def parse(model: type[M], data: Any) -> M:
         raise InvalidRequest(message, param=param, code=err["type"]) from None
 
 
-async def authenticate(gateway: Gateway, request: Request) -> Principal:
-    return await gateway.auth.authenticate(
+async def authenticate(state: AppState, request: Request) -> Principal:
+    return await state.pipeline.auth.authenticate(
         request.headers.get("authorization"),
         request.client.host if request.client else "-",
         request.state.request_id,
@@ -59,71 +62,75 @@ async def serve(request: Request, endpoint: str,
                 schema: type[ChatCompletionRequest] | type[CompletionRequest]) -> Response:
     """auth -> parse -> route -> rate limit -> input guard -> dispatch (-> output guard,
     metering, audit and telemetry as the call ends)."""
-    gateway: Gateway = request.app.state.gateway
+    state = app_state(request)
     request_id = request.state.request_id
-    tracing = gateway.telemetry.tracing
-    span = (gateway.telemetry.tracer.start_span(f"POST {request.url.path}") if tracing
-            else trace.INVALID_SPAN)
+    tracing = state.telemetry.tracing
+    span = (state.telemetry.tracer.start_span(f"POST {request.url.path}",
+                                              context=incoming_context(request.headers))
+            if tracing else trace.INVALID_SPAN)
     try:
         with trace.use_span(span, end_on_exit=False) if tracing else contextlib.nullcontext():
-            with gateway.telemetry.span("auth") if tracing else contextlib.nullcontext():
-                principal = await authenticate(gateway, request)
-            data, raw = await read_body(request, gateway.settings.max_body_bytes)
+            with state.telemetry.span("auth") if tracing else contextlib.nullcontext():
+                principal = await authenticate(state, request)
+            data, raw = await read_body(request, state.settings.max_body_bytes)
             body = schema.model_validate(data, raw)
+            body.trace_headers = trace_headers(request.headers, span if tracing else None)
             if isinstance(body, ChatCompletionRequest):
-                call = gateway.chat_call(request_id, principal, body, span)
+                call = state.pipeline.chat_call(request_id, principal, body, span)
             else:
-                call = gateway.completion_call(request_id, principal, body, span)
-            check_serves(gateway.registry.routes(body.model)[0].card, body)
+                call = state.pipeline.completion_call(request_id, principal, body, span)
+            check_serves(state.registry.routes(body.model)[0].card, body)
     except BaseException:
         span.end()
         raise
     try:
-        await gateway.admit(call)
+        await state.pipeline.admit(call)
     except SluiceError as exc:
         exc.headers = {**call.headers, **exc.headers}
         raise
     if call.stream:
         return StreamingResponse(
-            gateway.stream(call),
+            state.pipeline.stream(call),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **call.headers},
         )
-    return json_response(await gateway.complete(call), headers=call.headers)
+    return json_response(await state.pipeline.complete(call), headers=call.headers)
 
 
 async def list_models(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
-    principal = await authenticate(gateway, request)
+    state = app_state(request)
+    principal = await authenticate(state, request)
     cards = [
-        c for c in gateway.registry.cards() if principal.models is None or c.id in principal.models
+        c for c in state.registry.cards() if principal.models is None or c.id in principal.models
     ]
     return json_response(
         {
             "object": "list",
-            "data": [
-                {"id": c.id, "object": "model", "created": 0, "owned_by": c.owned_by}
-                for c in cards
-            ],
+            "data": [_model(c) for c in cards],
         }
     )
 
 
 async def get_model(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
-    principal = await authenticate(gateway, request)
+    state = app_state(request)
+    principal = await authenticate(state, request)
     model = request.path_params["model"]
-    route = gateway.registry.get(model)
+    route = state.registry.get(model)
     if route is None or (principal.models is not None and model not in principal.models):
         raise NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
-    return json_response(
-        {"id": model, "object": "model", "created": 0, "owned_by": route.card.owned_by}
-    )
+    return json_response(_model(route.card))
+
+
+def _model(card: ModelCard) -> dict[str, Any]:
+    """OpenAI's Model object, plus what the model serves (sorted, for stable output)."""
+    return {"id": card.id, "object": "model", "created": 0, "owned_by": card.owned_by,
+            "capabilities": sorted(card.capabilities)}
 
 
 routes = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", get_model, methods=["GET"]),
 ]

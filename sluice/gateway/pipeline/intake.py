@@ -1,0 +1,83 @@
+"""Intake: a parsed request body becomes a :class:`Call` (model routed, permission and
+limits on ``n`` checked, one GenerationRequest per choice)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sluice.gateway.accounts.auth import Principal
+from sluice.gateway.backends.contract import Backend
+from sluice.gateway.backends.registry import ModelRegistry
+from sluice.gateway.backends.runtime import Runtime
+from sluice.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
+from sluice.gateway.http.formats import ChatFormat, TextFormat
+from sluice.gateway.http.schemas import ChatCompletionRequest, CompletionRequest
+from sluice.gateway.ledger.metering import Meter
+from sluice.gateway.pipeline.call import Call, Choice
+from sluice.gateway.settings import Settings
+from sluice.gateway.telemetry import gen_ai_attributes
+
+class Intake:
+    def __init__(self, settings: Settings, registry: ModelRegistry, runtime: Runtime,
+                 probes: dict[str, Backend], meter: Meter) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.runtime = runtime
+        self.meter = meter
+        # One never-started instance per backend, for what needs no worker (token counts).
+        self.probes = probes
+
+    def chat(self, request_id: str, principal: Principal, body: ChatCompletionRequest,
+             span: Any) -> Call:
+        conversation = [(m.role, m.content) for m in body.messages]
+        last_user = next(content for role, content in reversed(conversation) if role == "user")
+        return self._open(request_id, principal, body, span, endpoint="chat", fmt=ChatFormat(),
+                          prompt_text=last_user, conversation=conversation,
+                          logprobs=body.logprobs)
+
+    def completion(self, request_id: str, principal: Principal, body: CompletionRequest,
+                   span: Any) -> Call:
+        prompt = body.prompt_text()
+        return self._open(request_id, principal, body, span, endpoint="completions",
+                          fmt=TextFormat(), prompt_text=prompt, conversation=[("user", prompt)],
+                          logprobs=body.logprobs is not None)
+
+    def _open(self, request_id: str, principal: Principal,
+              body: ChatCompletionRequest | CompletionRequest, span: Any, *, endpoint: str,
+              fmt: ChatFormat | TextFormat, prompt_text: str,
+              conversation: list[tuple[str, str]], logprobs: bool) -> Call:
+        route = self.registry.get(body.model)
+        if route is None:
+            raise NotFound(
+                f"The model '{body.model}' does not exist", param="model", code="model_not_found"
+            )
+        principal.check_model(body.model)
+        if body.n > self.settings.max_n:
+            raise InvalidRequest(f"n must be at most {self.settings.max_n}", param="n")
+        if self.settings.db_outage == "refuse" and not self.meter.healthy:
+            raise ServiceUnavailable("usage cannot be recorded right now; try again shortly")
+        requests = body.generation_requests(request_id)
+        reserve = (body.token_limit() or route.card.context_length
+                   or self.settings.default_reserve_tokens)
+        span.set_attributes(gen_ai_attributes(model=body.model, operation=endpoint,
+                                              system=route.backend_name))
+        return Call(
+            request_id=request_id,
+            endpoint=endpoint,
+            principal=principal,
+            model=body.model,
+            pool=self.runtime.pools[route.backend_name],
+            requests=requests,
+            count_prompt=functools.partial(self.probes[route.backend_name].count_tokens,
+                                           requests[0]),
+            prompt_text=prompt_text,
+            conversation=conversation,
+            reserve_tokens=reserve,
+            fmt=fmt,
+            span=span,
+            stream=body.stream,
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            want_logprobs=logprobs,
+            choices=[Choice(logprobs=[] if logprobs else None) for _ in requests],
+        )
