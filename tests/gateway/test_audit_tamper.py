@@ -286,3 +286,17 @@ def _bulk_chain(n: int) -> tuple[list[dict], dict]:
     head = {"instance_id": "gw-bulk", "last_seq": n, "last_hash": prev,
             "mac": head_mac(KEY, "gw-bulk", n, prev), "updated_at": dt.datetime.now(dt.UTC)}
     return rows, head
+
+
+async def test_verifier_reads_new_checkpoint_lines(db, tmp_path: Path) -> None:
+    _, engine = db
+    cps = CheckpointFile(tmp_path / "cp", KEY)
+    first = await write(engine, 5, checkpoints=cps)
+    verifier = Verifier(engine, KEY, cps)
+    assert (await verifier.check()).ok
+    await write(engine, 5, checkpoints=cps)  # seq 6..10, checkpointed after the first view
+    old = head_mac(KEY, "gw-1", 5, first[-1]["hash"])  # a registry row saved by the attacker
+    await superuser(engine, "DELETE FROM audit_log WHERE seq > 5",
+                    f"UPDATE audit_chains SET last_seq = 5, last_hash = '{first[-1]['hash']}', "
+                    f"mac = '{old}'")  # fmt: skip
+    assert finding(await verifier.check(), "gw-1").reason == "tail cut"

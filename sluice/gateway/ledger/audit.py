@@ -85,7 +85,7 @@ class AuditLog:
         key: bytes,
         spool: Spool | None = None,
         checkpoints: CheckpointFile | None = None,
-        checkpoint_interval_s: float = 1.0,
+        checkpoint_interval_s: float = 5.0,
         shared: bool = False,
         batch_size: int = 200,
         flush_interval_s: float = 0.2,

@@ -55,11 +55,21 @@ class CheckpointFile:
 
     def read(self) -> Checkpoints:
         found = Checkpoints()
+        self.read_into(found, 0)
+        return found
+
+    def read_into(self, found: Checkpoints, offset: int) -> int:
+        """Add the complete lines after byte ``offset`` to ``found``; returns the offset
+        after them (so a caller that keeps ``found`` reads each line once)."""
         try:
-            lines = self.path.read_text().splitlines()
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
         except FileNotFoundError:
-            return found
-        for number, line in enumerate(lines, 1):
+            return offset
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next read
+        lines = data[:end].decode(errors="replace").splitlines()
+        for line in lines:
             try:
                 outer = json.loads(line)
                 payload, sig = outer["payload"], outer["sig"]
@@ -68,10 +78,10 @@ class CheckpointFile:
             except (ValueError, KeyError, TypeError):
                 ok, heads = False, {}
             if not ok:
-                if number < len(lines) or line.endswith("}"):  # a torn last line is no forgery
-                    found.bad_lines.append(f"{self.path}:{number}: bad signature or format")
+                found.bad_lines.append(f"{self.path}: line at byte {offset}+: bad signature "
+                                       "or format")  # fmt: skip
                 continue
             for chain, (seq, last_hash) in heads.items():
                 if seq >= found.heads.get(chain, (0, ""))[0]:
                     found.heads[chain] = (int(seq), str(last_hash))
-        return found
+        return offset + end

@@ -103,9 +103,12 @@ class Verifier:
                  checkpoints: CheckpointFile | None = None) -> None:  # fmt: skip
         self.engine, self.key, self.checkpoints = engine, key, checkpoints
         self._chains: dict[str, ChainSummary] | None = None
+        self._saved, self._saved_offset = Checkpoints(), 0
 
     async def check(self) -> VerifyReport:
-        saved = self.checkpoints.read() if self.checkpoints is not None else Checkpoints()
+        saved = self._saved
+        if self.checkpoints is not None:  # only the lines appended since the last view
+            self._saved_offset = self.checkpoints.read_into(saved, self._saved_offset)
         registry = await _registry(self.engine)
         if self._chains is None:
             self._chains = {}
