@@ -6,6 +6,12 @@ strictly: `safe`, or `unsafe` + newline + comma-separated categories (`S1,S10`),
 whitespace tolerated only at the two ends. Anything else is an error that the
 tenant's policy resolves (`on_error`, fail closed by default).
 
+Every turn the model will see is moderated, neutralised and cut to the guard model's
+context budget (pipeline/guard_text.py says how, including the policy for conversations
+longer than the budget). A guard failure reaches tenants as a generic reason
+(`Verdict.error`); the exception itself (which may name an internal upstream and quote
+its body) goes only to the log and `Verdict.detail`.
+
 The guard model is reached through an injected `complete(prompt) -> str`
 coroutine, so this module knows nothing about backends. `StreamGuard` checks a
 streamed answer on rolling windows and cuts the stream at the first unsafe window.
@@ -14,6 +20,7 @@ streamed answer on rolling windows and cuts the stream at the first unsafe windo
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,6 +28,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sluice.gateway.pipeline.guard_text import GuardBudget, Selection, flatten, neutralise, select
+
+log = logging.getLogger("sluice.guard")
 
 Complete = Callable[[str], Awaitable[str]]
 Decision = Literal["allow", "flag", "block"]
@@ -45,7 +56,6 @@ _INSTRUCTIONS = (
     "must include a comma-separated list of violated categories.")
 _CODE = re.compile(r"S[1-9][0-9]*")
 _CATEGORIES_LINE = re.compile(r"S[1-9][0-9]*(,S[1-9][0-9]*)*")
-_SPECIAL_TOKEN = re.compile(r"<\|(?=[a-z_0-9]+\|>)")
 
 
 class GuardCategory(BaseModel):
@@ -80,6 +90,9 @@ class GuardPolicy(BaseModel):
     excluded_categories: frozenset[str] = frozenset()
     categories: tuple[GuardCategory, ...] | None = None  # None = Llama Guard 3 S1-S14
     on_error: Literal["block", "allow"] = "block"
+    # A conversation longer than the guard budget: moderate turn edges + the most recent
+    # content ("sample"), or refuse it ("block"). pipeline/guard_text.py has the details.
+    long_input: Literal["sample", "block"] = "sample"
 
     @model_validator(mode="after")
     def _valid(self) -> GuardPolicy:
@@ -107,7 +120,10 @@ class Verdict:
     categories: tuple[str, ...]  # violated categories that count under the policy
     raw: str  # the guard model's answer ("" when not called)
     latency_s: float
-    error: str | None = None
+    error: str | None = None  # a generic reason, fit for tenants ("guard model timed out")
+    detail: str | None = None  # the failure itself, for logs and operators only
+    windows: int = 1  # guard calls this verdict combines
+    skipped_bytes: int = 0  # content left unmoderated by the "sample" long-input policy
 
     @property
     def allowed(self) -> bool:
@@ -118,19 +134,14 @@ class GuardParseError(ValueError):
     pass
 
 
-def _clean(content: str) -> str:
-    """Stop message text from forging Llama 3 special tokens (<|eot_id|> and friends)."""
-    return _SPECIAL_TOKEN.sub("<\u200b|", content)
-
-
 def render_prompt(role: Literal["User", "Agent"], user: str, agent: str | None,
                   categories: Sequence[GuardCategory], *, chat_wrap: bool = True) -> str:
     """The moderation prompt; `agent` is the answer when role is "Agent"."""
     if (role == "Agent") != (agent is not None):
         raise ValueError("the Agent role moderates an answer; the User role has none")
-    turns = f"User: {_clean(user)}\n\n"
+    turns = f"User: {neutralise(user)}\n\n"
     if agent is not None:
-        turns += f"Agent: {_clean(agent)}\n\n"
+        turns += f"Agent: {neutralise(agent)}\n\n"
     text = (_TASK.format(role=role)
             + "<BEGIN UNSAFE CONTENT CATEGORIES>\n"
             + "".join(c.line() + "\n" for c in categories)
@@ -151,44 +162,81 @@ def parse_answer(raw: str) -> tuple[bool, tuple[str, ...]]:
     return True, tuple(dict.fromkeys(cats.split(",")))
 
 
-def _last_user(messages: Sequence[tuple[str, str]]) -> str | None:
-    for role, content in reversed(messages):
-        if role == "user":
-            return content
-    return None
+_PUBLIC_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
+    (asyncio.TimeoutError, "guard model timed out"),
+    (GuardParseError, "guard model answer unparseable"),
+)
 
 
 class Guard:
     """Llama Guard checks in both directions, resolved by a tenant's GuardPolicy."""
 
     def __init__(self, complete: Complete, *, timeout_s: float = 10.0,
-                 chat_wrap: bool = True) -> None:
+                 chat_wrap: bool = True, budget: GuardBudget = GuardBudget()) -> None:
         self._complete = complete
         self._timeout_s = timeout_s
         self._chat_wrap = chat_wrap  # False when `complete` applies the chat template itself
+        self.budget = budget
 
     async def check_input(self, messages: Sequence[tuple[str, str]],
                           policy: GuardPolicy) -> Verdict:
-        """Moderate the last user turn (role User)."""
-        user = _last_user(messages)
-        if policy.input_mode == "off" or user is None:
+        """Moderate every turn of the conversation (role User), in windows if it is long."""
+        segments = flatten(messages)
+        if policy.input_mode == "off" or not segments:
             return Verdict("allow", (), "", 0.0)
-        prompt = render_prompt("User", user, None, policy.active(), chat_wrap=self._chat_wrap)
-        return await self._run(prompt, policy, policy.input_mode)
+        template = self._template_bytes(policy)
+        selection = select(segments, self.budget, template,
+                           sample=policy.long_input == "sample")
+        if selection is None:
+            return Verdict(_decision_for(policy.input_mode), (), "", 0.0,
+                           error="conversation too long to moderate",
+                           detail=f"over the guard budget of {self.budget.capacity(template)} "
+                                  "bytes (guard policy long_input=block)")
+        prompts = [render_prompt("User", w, None, policy.active(), chat_wrap=self._chat_wrap)
+                   for w in selection.windows]
+        return await self._run_all(prompts, policy, policy.input_mode, selection)
 
     async def check_output(self, messages: Sequence[tuple[str, str]], answer: str,
                            policy: GuardPolicy) -> Verdict:
-        """Moderate `answer` (role Agent) with the last user turn as its context."""
+        """Moderate `answer` (role Agent), all of it, in windows if it is long; the most
+        recent conversation (up to a quarter of a window) is its context."""
         if policy.output_mode == "off":
             return Verdict("allow", (), "", 0.0)
-        user = _last_user(messages) or ""
-        prompt = render_prompt("Agent", user, answer, policy.active(),
-                               chat_wrap=self._chat_wrap)
-        return await self._run(prompt, policy, policy.output_mode)
+        template = self._template_bytes(policy)
+        room = self.budget.window_bytes(template) // 4
+        context = "\n\n".join(flatten(messages)).encode("utf-8", "surrogatepass")
+        user = context[-room:].decode("utf-8", "ignore")
+        windowed = self.budget.model_copy(update={
+            "max_windows": 1 + len(answer.encode("utf-8", "surrogatepass")) // room})
+        selection = select([neutralise(answer)], windowed, template + len(user.encode()),
+                           sample=False)
+        assert selection is not None  # max_windows covers the whole answer
+        prompts = [render_prompt("Agent", user, w, policy.active(), chat_wrap=self._chat_wrap)
+                   for w in selection.windows]
+        return await self._run_all(prompts, policy, policy.output_mode, selection)
+
+    def _template_bytes(self, policy: GuardPolicy) -> int:
+        """The Agent prompt without content (the longer of the two directions)."""
+        return len(render_prompt("Agent", "", "", policy.active(),
+                                 chat_wrap=self._chat_wrap).encode())
 
     def stream(self, messages: Sequence[tuple[str, str]], policy: GuardPolicy,
                config: StreamGuardConfig | None = None) -> StreamGuard:
         return StreamGuard(self, messages, policy, config or StreamGuardConfig())
+
+    async def _run_all(self, prompts: list[str], policy: GuardPolicy, mode: Mode,
+                       selection: Selection) -> Verdict:
+        verdicts = await asyncio.gather(*(self._run(p, policy, mode) for p in prompts))
+        decisions = {v.decision for v in verdicts}
+        decision: Decision = "block" if "block" in decisions else \
+            "flag" if "flag" in decisions else "allow"
+        cats = tuple(dict.fromkeys(c for v in verdicts for c in v.categories))
+        failed = [v for v in verdicts if v.error]
+        return Verdict(decision, cats, "\n".join(v.raw for v in verdicts),
+                       max(v.latency_s for v in verdicts),
+                       error=failed[0].error if failed else None,
+                       detail="; ".join(str(v.detail) for v in failed) or None,
+                       windows=len(verdicts), skipped_bytes=selection.skipped_bytes)
 
     async def _run(self, prompt: str, policy: GuardPolicy, mode: Mode) -> Verdict:
         start = time.perf_counter()
@@ -199,10 +247,15 @@ class Guard:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any guard failure is resolved by policy
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            public = next((text for kind, text in _PUBLIC_ERRORS if isinstance(exc, kind)),
+                          "guard model unavailable")
+            # The detail may name internal hosts and quote upstream bodies: logs only.
+            log.warning("guard check failed (%s; policy on_error=%s): %s", public,
+                        policy.on_error, detail)
             # Failing closed treats the content as unsafe under the direction's mode.
             decision: Decision = "allow" if policy.on_error == "allow" else _decision_for(mode)
-            return Verdict(decision, (), raw, time.perf_counter() - start, error)
+            return Verdict(decision, (), raw, time.perf_counter() - start, public, detail)
         counted = tuple(c for c in cats if c not in policy.excluded_categories)
         decision = _decision_for(mode) if unsafe and counted else "allow"
         return Verdict(decision, counted, raw, time.perf_counter() - start)
