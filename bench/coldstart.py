@@ -83,7 +83,7 @@ def verify(llm: LLM, path: Path) -> int:
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
     for n in sorted({0, cfg.num_layers // 2, cfg.num_layers - 1}):
         layer = llm.model.layers[n]
-        experts = layer.mlp.fp8_experts
+        experts = layer.mlp.experts
         I = cfg.intermediate_size
         pairs = {"self_attn.q_proj.weight": layer.self_attn.qkv_proj.weight[: cfg.num_heads * cfg.head_dim],
                  "self_attn.o_proj.weight": layer.self_attn.o_proj.weight}

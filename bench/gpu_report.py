@@ -87,7 +87,7 @@ def weight_bytes_per_step(llm: LLM, batch: int) -> float:
         n = t.numel() * t.element_size()
         if "embed_tokens" in name or name.startswith("rotary") or ".rotary." in name:
             continue
-        if "w13" in name or name.endswith("w2") or "fp8_experts" in name:
+        if ".experts." in name:
             experts += n
         else:
             total += n
@@ -238,10 +238,10 @@ def micro() -> None:
     e, d, i = 8, 4096, 14336
     with torch.device(dev):
         moe = MoE(d, i, e, 2).to(bf)
-    moe.w13.normal_(0, 0.02)
-    moe.w2.normal_(0, 0.02)
-    w13, s13 = quantize_per_channel(moe.w13)
-    w2, s2 = quantize_per_channel(moe.w2)
+    moe.experts.w13.normal_(0, 0.02)
+    moe.experts.w2.normal_(0, 0.02)
+    w13, s13 = quantize_per_channel(moe.experts.w13)
+    w2, s2 = quantize_per_channel(moe.experts.w2)
     rows = []
     for t in (64, 128, 256, 1024, 4096):
         x = torch.randn(t, d, device=dev, dtype=bf)

@@ -234,7 +234,7 @@ def moe_prefill() -> None:
     w13, s13 = quantize_per_channel(wb13)
     w2, s2 = quantize_per_channel(wb2)
     bf16 = MoE(D, I, E, TOPK).cuda()
-    bf16.w13.data, bf16.w2.data = wb13, wb2
+    bf16.experts.w13.data, bf16.experts.w2.data = wb13, wb2
     flops_per_slot = 2 * 3 * I * D
     for t in [64, 128, 256, 384, 512, 1024, 2048, 4096]:
         x = torch.randn(t, D, device="cuda", dtype=torch.bfloat16)

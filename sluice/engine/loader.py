@@ -82,7 +82,7 @@ def destination(model: CausalLM, name: str) -> torch.Tensor:
         return mlp.gate_up_proj.weight[mlp.gate_up_proj.shard_rows(int(rest.startswith("mlp.up")))]
     if m := re.fullmatch(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight", rest):
         e, w, I = int(m.group(1)), m.group(2), cfg.intermediate_size
-        return {"w1": mlp.w13[e, :I], "w3": mlp.w13[e, I:], "w2": mlp.w2[e]}[w]
+        return {"w1": mlp.experts.w13[e, :I], "w3": mlp.experts.w13[e, I:], "w2": mlp.experts.w2[e]}[w]
     path = rest.replace("block_sparse_moe.", "mlp.").removesuffix(".weight")
     return layer.get_submodule(path).weight
 

@@ -34,7 +34,7 @@ def test_fp8_on_load_keeps_router_norms_embeddings_and_head(tiny_mixtral):
     llm = LLM(tiny_mixtral, dtype="fp8", device="cpu", num_kv_blocks=16, progress=False)
     layer = llm.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, Fp8Linear) and isinstance(layer.self_attn.o_proj, Fp8Linear)
-    assert isinstance(layer.mlp.fp8_experts, Fp8FusedExperts) and not hasattr(layer.mlp, "w13")
+    assert isinstance(layer.mlp.experts, Fp8FusedExperts)  # the 16-bit Experts submodule swapped out
     assert layer.mlp.gate.weight.dtype == torch.bfloat16  # the router
     assert llm.model.lm_head.weight.dtype == llm.model.embed_tokens.weight.dtype == torch.bfloat16
     assert layer.input_layernorm.weight.dtype == torch.bfloat16
@@ -106,7 +106,7 @@ def test_prequantized_checkpoint_is_read_as_stored(tiny_mixtral, tmp_path, diale
     assert isinstance(qkv, Fp8Linear)
     assert torch.equal(qkv.weight[: q.shape[0]].view(torch.uint8), q.view(torch.uint8))
     assert float(qkv.input_scale) == pytest.approx(0.05)
-    experts = fp8.model.layers[1].mlp.fp8_experts
+    experts = fp8.model.layers[1].mlp.experts
     w2 = stored["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
     assert torch.equal(experts.w2[3].view(torch.uint8), w2.view(torch.uint8))
     # the same checkpoint dequantized into bf16 gives the same greedy tokens

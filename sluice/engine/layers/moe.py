@@ -1,8 +1,8 @@
 """Mixtral's sparse MoE block.
 
-Expert weights are stacked per layer: w13 (E, 2I, D) with w1 (gate) rows first,
-then w3 (up); w2 (E, D, I). All expert math goes through ``experts()`` so a
-fused kernel can replace it with a module swap or by assigning the method.
+Expert weights are stacked per layer in the ``experts`` submodule: w13 (E, 2I, D) with
+w1 (gate) rows first, then w3 (up); w2 (E, D, I). All expert math goes through it, so
+quantization replaces that one submodule (a module swap; this file stays untouched).
 """
 
 from __future__ import annotations
@@ -20,38 +20,24 @@ from sluice.engine.layers.linear import Linear
 FUSED_MAX_TOKENS = 384
 
 
-class MoE(nn.Module):
+class Experts(nn.Module):
+    """The E expert MLPs of one MoE block, stacked: w13 (E, 2I, D), w2 (E, D, I).
+    Called as (x (N, D), topk_weights (N, K) fp32, topk_ids (N, K)) -> (N, D). A quantizer
+    replaces the whole submodule (quant/fp8.py: Fp8FusedExperts), gpt-fast style."""
+
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int) -> None:
         super().__init__()
-        self.num_experts, self.top_k, self.intermediate_size = num_experts, top_k, intermediate_size
-        self.gate = Linear(hidden_size, num_experts)  # the router, stays high precision
+        self.num_experts, self.top_k = num_experts, top_k
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
 
     def graph_max_tokens(self) -> int | None:
-        """The most tokens a CUDA graph may capture this block at (None: no limit). Under
-        capture the experts take the fused kernel; past FUSED_MAX_TOKENS eager 16-bit
-        experts take per-expert cuBLAS instead, so larger graphs would change the kernel."""
-        fp8 = getattr(self, "fp8_experts", None)
-        return fp8.graph_max_tokens() if fp8 is not None else FUSED_MAX_TOKENS
+        """The most tokens a CUDA graph may capture these experts at (None: no limit). Under
+        capture they take the fused kernel; past FUSED_MAX_TOKENS eager 16-bit experts
+        take per-expert cuBLAS instead, so larger graphs would change the kernel."""
+        return FUSED_MAX_TOKENS
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, D) -> (N, D)."""
-        topk_weights, topk_ids = self.route(x)
-        return self.experts(x, topk_weights, topk_ids)
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax in fp32 over all experts, keep top-k, renormalise: (N, K) fp32, (N, K) int64
-        (int32 from the fused triton kernel on CUDA)."""
-        if fusion.use_fused(x):
-            from sluice.engine.kernels.fused_small import router_topk
-
-            return router_topk(self.gate(x), self.top_k)
-        probs = F.softmax(self.gate(x).float(), dim=-1)  # (N, E)
-        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
-        return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids
-
-    def experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """sum_k w_k * w2(silu(w1 x) * w3 x) over each token's chosen experts: (N, D).
 
         CUDA, decode-sized batches (and always under graph capture): the triton fused MoE,
@@ -81,3 +67,27 @@ class MoE(nn.Module):
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)  # (n, I) each
         return F.linear(F.silu(gate) * up, self.w2[e])  # (n, D)
+
+
+class MoE(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.intermediate_size = num_experts, top_k, intermediate_size
+        self.gate = Linear(hidden_size, num_experts)  # the router, stays high precision
+        self.experts: nn.Module = Experts(hidden_size, intermediate_size, num_experts, top_k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> (N, D)."""
+        topk_weights, topk_ids = self.route(x)
+        return self.experts(x, topk_weights, topk_ids)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax in fp32 over all experts, keep top-k, renormalise: (N, K) fp32, (N, K) int64
+        (int32 from the fused triton kernel on CUDA)."""
+        if fusion.use_fused(x):
+            from sluice.engine.kernels.fused_small import router_topk
+
+            return router_topk(self.gate(x), self.top_k)
+        probs = F.softmax(self.gate(x).float(), dim=-1)  # (N, E)
+        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
+        return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids

@@ -20,9 +20,14 @@ from sluice.engine.kernels._common import FP8_DTYPE, FP8_MAX
 from sluice.engine.kernels.act_quant import per_token_quant_fp8
 from sluice.engine.kernels.fp8_linear import fp8_linear_small_m
 from sluice.engine.kernels.fused_moe import fused_moe, fused_moe_reference, moe_prefill_config
+from sluice.engine.kernels.moe_grouped import fp8_moe_grouped, grouped_mm_available
 from sluice.engine.kernels.moe_prefill import PREFILL_MIN_TOKENS, fp8_moe_prefill, fp8_moe_prefill_supported
+from sluice.engine.layers.moe import Experts
 
 SMALL_M = 64
+# Token count from which "auto" takes the CUTLASS grouped GEMM (moe_grouped.py) over the
+# fused triton W8A8 kernel; measured per size by bench/moe_prefill.py (docs/kernels.md).
+GROUPED_MIN_TOKENS = int(os.environ.get("SLUICE_MOE_GROUPED_MIN_TOKENS", 2048))
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +116,7 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3"
 
 
-PREFILL_KERNELS = ("triton", "scaled_mm", "w8a16")
+PREFILL_KERNELS = ("auto", "triton", "grouped", "scaled_mm", "w8a16")
 
 
 class Fp8FusedExperts(nn.Module):
@@ -119,13 +124,17 @@ class Fp8FusedExperts(nn.Module):
     fp32 per-channel scales [E, 2I] / [E, D]. Call as (x (T, D), topk_weights (T, k)
     fp32, topk_ids (T, k)) -> (T, D). On CUDA: the triton fused MoE, W8A16 for decode
     sizes, W8A8 (fp8 x fp8 dots) for T >= ``prefill_min_tokens``. SLUICE_MOE_PREFILL
-    picks the prefill path: "triton" (default), "scaled_mm" (one torch._scaled_mm pair
-    per expert, moe_prefill.py; not under graph capture) or "w8a16" (16-bit activations
-    at every size: less error, 2.8x the prefill MoE time at T=1024 on the H200). On the
-    CPU: the fp32 reference loop."""
+    picks the prefill path: "auto" (default: the CUTLASS grouped GEMM from
+    ``grouped_min_tokens`` where torch has it on a Hopper GPU, the triton W8A8 kernel
+    below that), "triton" (triton W8A8 at every prefill size), "grouped" (grouped GEMM
+    at every prefill size), "scaled_mm" (one torch._scaled_mm pair per expert,
+    moe_prefill.py; not under graph capture) or "w8a16" (16-bit activations at every
+    size: less error, 2.8x the prefill MoE time at T=1024 on the H200). On the CPU: the
+    fp32 reference loop."""
 
     prefill_min_tokens = PREFILL_MIN_TOKENS
-    prefill_kernel = os.environ.get("SLUICE_MOE_PREFILL", "triton")
+    grouped_min_tokens = GROUPED_MIN_TOKENS
+    prefill_kernel = os.environ.get("SLUICE_MOE_PREFILL", "auto")
 
     def __init__(self, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                  w2_scale: torch.Tensor) -> None:
@@ -185,22 +194,30 @@ class Fp8FusedExperts(nn.Module):
         if not x.is_cuda:
             return fused_moe_reference(*args)
         path = self.path(x.shape[0], torch.cuda.is_current_stream_capturing(),
-                         fp8_moe_prefill_supported(x, self.w13, self.w2))
+                         fp8_moe_prefill_supported(x, self.w13, self.w2), grouped_mm_available(x.device))
         if path == "scaled_mm":
             return fp8_moe_prefill(*args)
+        if path == "grouped":
+            return fp8_moe_grouped(*args)
         return fused_moe(*args, config=moe_prefill_config(x.shape[0]) if path == "w8a8" else None)
 
     def graph_max_tokens(self) -> int | None:
         """Every path but "scaled_mm" (a host sync per expert) is graph-safe as chosen."""
         return self.prefill_min_tokens - 1 if self.prefill_kernel == "scaled_mm" else None
 
-    def path(self, num_tokens: int, capturing: bool = False, scaled_mm_ok: bool = True) -> str:
+    def path(self, num_tokens: int, capturing: bool = False, scaled_mm_ok: bool = True,
+             grouped_ok: bool = False) -> str:
         """Which CUDA kernel a batch of ``num_tokens`` takes: "w8a16" (fused, 16-bit
-        activations), "w8a8" (fused, e4m3 activations) or "scaled_mm" (per expert)."""
+        activations), "w8a8" (fused, e4m3 activations), "grouped" (CUTLASS grouped GEMM,
+        no host sync, so also under capture) or "scaled_mm" (per expert)."""
         if num_tokens < self.prefill_min_tokens or self.prefill_kernel == "w8a16":
             return "w8a16"
         if self.prefill_kernel == "scaled_mm" and not capturing and scaled_mm_ok:
             return "scaled_mm"
+        if grouped_ok and scaled_mm_ok and (
+                self.prefill_kernel == "grouped"
+                or (self.prefill_kernel == "auto" and num_tokens >= self.grouped_min_tokens)):
+            return "grouped"
         return "w8a8"
 
 
@@ -210,31 +227,23 @@ def _is_router(parent: nn.Module, child_name: str) -> bool:
 
 
 def _swap_experts(module: nn.Module) -> bool:
-    """MoE modules with stacked `w13`/`w2` get an fp8 `fp8_experts` submodule, and
-    their `experts(x, topk_weights, topk_ids)` now calls it (instance attribute
-    shadowing the method); the bf16 stacks are dropped."""
-    if isinstance(module, Fp8FusedExperts):
+    """A 16-bit ``Experts`` child of ``module`` becomes an Fp8FusedExperts (a module swap;
+    the 16-bit stacks go with the old submodule)."""
+    experts = getattr(module, "experts", None)
+    if not isinstance(experts, Experts):
         return False
-    w13, w2 = getattr(module, "w13", None), getattr(module, "w2", None)
-    if not (isinstance(w13, torch.Tensor) and isinstance(w2, torch.Tensor) and w13.dim() == 3):
-        return False
-    install_fp8_experts(module, Fp8FusedExperts.from_weights(w13, w2))
+    install_fp8_experts(module, Fp8FusedExperts.from_weights(experts.w13, experts.w2))
     return True
 
 
 def install_fp8_experts(module: nn.Module, fp8: Fp8FusedExperts) -> None:
-    """Make ``module.experts(x, topk_weights, topk_ids)`` run ``fp8`` (an instance
-    attribute shadowing the method) and drop the module's 16-bit w13/w2 stacks."""
-    for name in ("w13", "w2"):
-        if hasattr(module, name):
-            delattr(module, name)
-    module.fp8_experts = fp8
-    object.__setattr__(module, "experts", fp8.forward)
+    """Make ``fp8`` the ``experts`` submodule of MoE block ``module``."""
+    module.experts = fp8
 
 
 def quantize_fp8(model: nn.Module) -> nn.Module:
     """Swap every nn.Linear (except MoE routers `*.gate` and `lm_head`) for Fp8Linear and
-    every stacked-expert MoE for Fp8FusedExperts, in place. Returns the model."""
+    every stacked ``Experts`` for Fp8FusedExperts, in place. Returns the model."""
     for name, parent in list(model.named_modules()):
         _swap_experts(parent)
         for child_name, child in list(parent.named_children()):

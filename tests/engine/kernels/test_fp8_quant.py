@@ -1,6 +1,7 @@
 import torch
 from torch import nn
 
+from sluice.engine.layers.moe import Experts
 from sluice.engine.quant.fp8 import Fp8FusedExperts, Fp8Linear, quantize_fp8
 
 from ._util import DEVICE, rel_err
@@ -11,18 +12,9 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.k = k
         self.gate = nn.Linear(d, e, bias=False)
-        self.w13 = nn.Parameter(torch.randn(e, 2 * i, d) / d**0.5)
-        self.w2 = nn.Parameter(torch.randn(e, d, i) / i**0.5)
-
-    def experts(self, x, topk_weights, topk_ids):
-        out = torch.zeros_like(x)
-        i = self.w2.shape[2]
-        for e in range(self.w13.shape[0]):
-            tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)
-            gu = x[tok] @ self.w13[e].t()
-            h = nn.functional.silu(gu[:, :i]) * gu[:, i:]
-            out.index_add_(0, tok, (h @ self.w2[e].t()) * topk_weights[tok, slot, None])
-        return out
+        self.experts = Experts(d, i, e, k)
+        self.experts.w13.data = torch.randn(e, 2 * i, d) / d**0.5
+        self.experts.w2.data = torch.randn(e, d, i) / i**0.5
 
     def forward(self, x):
         w, ids = self.gate(x).float().softmax(-1).topk(self.k)
@@ -56,10 +48,10 @@ def test_quantize_fp8_keeps_outputs_close():
         quantize_fp8(model)
         out = model(ids).float()
     assert isinstance(model.q_proj, Fp8Linear) and isinstance(model.up, Fp8Linear)
-    assert isinstance(model.down, Fp8Linear) and isinstance(model.moe.fp8_experts, Fp8FusedExperts)
+    assert isinstance(model.down, Fp8Linear) and isinstance(model.moe.experts, Fp8FusedExperts)
     assert type(model.lm_head) is nn.Linear and type(model.moe.gate) is nn.Linear
     assert isinstance(model.embed, nn.Embedding)
-    assert not hasattr(model.moe, "w13")
+    assert not any(p.dtype == torch.float32 and p.dim() == 3 for p in model.moe.parameters())  # 16-bit stacks gone
     assert rel_err(out, ref) < 5e-2
 
 

@@ -57,5 +57,5 @@ def test_unknown_prefill_kernel_is_a_config_error(monkeypatch):
     monkeypatch.setattr(Fp8FusedExperts, "prefill_kernel", "cutlass")
     w13, s13 = quantize(torch.randn(2, 8, 16, device=DEVICE))
     w2, s2 = quantize(torch.randn(2, 16, 4, device=DEVICE))
-    with pytest.raises(ConfigError, match="SLUICE_MOE_PREFILL='cutlass'.*triton, scaled_mm, w8a16"):
+    with pytest.raises(ConfigError, match="SLUICE_MOE_PREFILL='cutlass'.*auto, triton, grouped, scaled_mm, w8a16"):
         Fp8FusedExperts(w13, s13, w2, s2)

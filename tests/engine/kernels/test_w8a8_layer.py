@@ -74,7 +74,7 @@ def test_w8a8_moe_error_against_bf16(sublayers):
                 continue
             x = args[0]
             mlp = fp8.model.get_submodule(name)
-            experts = mlp.fp8_experts
+            experts = mlp.experts
             tw, ti = mlp.route(x)
             moe_args = (x.contiguous(), experts.w13, experts.w13_scale, experts.w2, experts.w2_scale,
                         tw.float().contiguous(), ti.int().contiguous())
