@@ -35,7 +35,7 @@ from sluice.gateway.ledger.chain import (
     prompt_digest,
 )  # fmt: skip
 from sluice.gateway.ledger.audit_store import (
-    AuditChainConflict, missing, move_head, stored_head, to_row,
+    AuditChainConflict, missing, move_head, stored_head, to_row, warn_if_privileged,
 )  # fmt: skip
 from sluice.gateway.ledger.checkpoints import CheckpointFile
 from sluice.gateway.ledger.spool import Spool
@@ -137,6 +137,7 @@ class AuditLog:
                     await self.writer.replay()
                     async with self.engine.connect() as conn:
                         self._seq, self._last_hash = await stored_head(conn, self.instance_id)
+                        await warn_if_privileged(conn)
                 except DB_UNAVAILABLE as exc:
                     if self._head_path is None:
                         raise

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sluice.gateway.db.accounting import AuditRecord
 from sluice.gateway.ledger.chain import GENESIS_HASH, AuditChain, head_mac, parse_timestamp
+
+
+log = logging.getLogger(__name__)
 
 
 class AuditChainConflict(Exception):
@@ -68,3 +72,16 @@ async def missing(conn: AsyncConnection, batch: list[dict[str, Any]]) -> list[di
 
 def to_row(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "created_at": parse_timestamp(record["created_at"])}
+
+
+async def warn_if_privileged(conn: AsyncConnection) -> None:
+    """Say so at start-up when the gateway's role could switch the audit trigger off."""
+    if conn.dialect.name != "postgresql":
+        return
+    row = (await conn.execute(text(
+        "SELECT r.rolsuper, pg_has_role(current_user, t.tableowner, 'USAGE') FROM pg_roles r, "
+        "pg_tables t WHERE r.rolname = current_user AND t.tablename = 'audit_log'"))).first()
+    if row is not None and (row[0] or row[1]):
+        log.warning("audit: the gateway's database role is a superuser or owns audit_log, so "
+                    "it can switch the append-only trigger off; run the gateway as a plain "
+                    "role (sluice db grant-app, docs/operations.md)")
