@@ -121,10 +121,10 @@ class Settings(BaseModel):
     service_name: str = "sluice"
     instance_id: str | None = None  # the audit chain's name; default host-pid
     # The audit chain's HMAC key (never stored in the database); unset: a 0600 file,
-    # audit_key_file or <spool_dir>/../audit_key, created on first use.
+    # audit_key_file or <data_dir>/audit_key, created on first use.
     audit_key: str = Field("", repr=False)
     audit_key_file: Path | None = None
-    # Signed audit chain heads, outside the database; unset: <spool_dir>/../audit.checkpoints
+    # Signed audit chain heads, outside the database; unset: <data_dir>/audit.checkpoints
     audit_checkpoints: Path | None = None
     # The dashboard cookie's Secure flag; None: set it when the request came over HTTPS.
     dashboard_cookie_secure: bool | None = None

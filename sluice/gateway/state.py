@@ -25,6 +25,7 @@ from sluice.gateway.backends.registry import ModelRegistry, build_backend, disco
 from sluice.gateway.backends.runtime import Pool, Runtime
 from sluice.gateway.db.session import create_engine, sessionmaker
 from sluice.gateway.ledger.audit import AuditLog, audit_key, checkpoint_file, default_instance_id
+from sluice.gateway.ledger.key_cache import KeyCacheFile
 from sluice.gateway.ledger.metering import Meter
 from sluice.gateway.ledger.spool import Spool
 from sluice.gateway.ledger.wal import UsageWAL
@@ -75,7 +76,12 @@ async def open_state(settings: Settings, stack: contextlib.AsyncExitStack, *,
                                         redis_cluster=settings.redis_cluster)
     stack.push_async_callback(limiter.close)
 
-    keys = KeyStore(sessions, cache_ttl_s=settings.key_cache_ttl_s)
+    # Keys as last read, on disk: a start while the database is down still knows them.
+    persisted = None
+    if settings.db_outage == "serve":
+        persisted = KeyCacheFile(settings.data_dir / "keys.cache")
+        stack.callback(persisted.close)
+    keys = KeyStore(sessions, cache_ttl_s=settings.key_cache_ttl_s, persisted=persisted)
     stack.push_async_callback(_flush_last_used, keys)
 
     settings.spool_dir.mkdir(parents=True, exist_ok=True)

@@ -58,13 +58,13 @@ def default_instance_id() -> str:
 
 
 def audit_key(settings: Settings) -> bytes:
-    path = settings.audit_key_file or settings.spool_dir.parent / "audit_key"
+    path = settings.audit_key_file or settings.data_dir / "audit_key"
     return load_key(settings.audit_key, path)
 
 
 def checkpoint_file(settings: Settings, key: bytes) -> CheckpointFile:
-    return CheckpointFile(settings.audit_checkpoints or
-                          settings.spool_dir.parent / "audit.checkpoints", key)  # fmt: skip
+    return CheckpointFile(settings.audit_checkpoints or settings.data_dir / "audit.checkpoints",
+                          key)  # fmt: skip
 
 
 def cli_audit(engine: AsyncEngine, settings: Settings) -> AuditLog:

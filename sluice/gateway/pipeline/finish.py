@@ -20,6 +20,16 @@ class Recorder:
         self.ratelimit = ratelimit
         self.telemetry = telemetry
 
+    async def open(self, call: Call) -> None:
+        """The write-ahead usage record (ledger/wal.py), fsync'd before the call runs, so a
+        crash from here on still bills it; 503 when usage cannot be recorded."""
+        await self.meter.admit(self._record(call, completion_tokens=0, status=call.status,
+                                            finish_reason=None, latency_ms=0.0))
+
+    def progress(self, call: Call) -> None:
+        """Completion tokens handed to the client so far (what a kill -9 bills)."""
+        self.meter.progress(call.request_id, call.completion_tokens)
+
     def finish(self, call: Call) -> None:
         """Meter, settle the rate limit, record metrics and close the trace. Once."""
         if call.finished:
@@ -29,20 +39,9 @@ class Recorder:
             call.prompt_tokens = 0  # refused before any backend saw it: nothing to bill
         latency_s = time.perf_counter() - call.started
         reasons = sorted({c.finish_reason for c in call.choices if c.finish_reason})
-        self.meter.record(UsageRecord(
-            request_id=call.request_id,
-            tenant_id=call.principal.tenant_id,
-            key_id=call.principal.key_id,
-            model=call.model,
-            endpoint=call.endpoint,
-            prompt_tokens=call.prompt_tokens,
-            completion_tokens=call.completion_tokens,
-            status=call.status,
-            finish_reason=",".join(reasons) or None,
-            latency_ms=latency_s * 1000,
-            ttft_ms=call.ttft_s * 1000 if call.ttft_s is not None else None,
-            created_at=dt.datetime.now(dt.UTC),
-        ))
+        self.meter.record(self._record(
+            call, completion_tokens=call.completion_tokens, status=call.status,
+            finish_reason=",".join(reasons) or None, latency_ms=latency_s * 1000))
         self.ratelimit.settle(call)
         self.telemetry.observe_request(
             model=call.model, endpoint=call.endpoint, status=call.status, latency_s=latency_s,
@@ -51,6 +50,23 @@ class Recorder:
         )
         if self.telemetry.tracing:
             self._trace(call, reasons)
+
+    def _record(self, call: Call, *, completion_tokens: int, status: int,
+                finish_reason: str | None, latency_ms: float) -> UsageRecord:
+        return UsageRecord(
+            request_id=call.request_id,
+            tenant_id=call.principal.tenant_id,
+            key_id=call.principal.key_id,
+            model=call.model,
+            endpoint=call.endpoint,
+            prompt_tokens=call.prompt_tokens,
+            completion_tokens=completion_tokens,
+            status=status,
+            finish_reason=finish_reason,
+            latency_ms=latency_ms,
+            ttft_ms=call.ttft_s * 1000 if call.ttft_s is not None else None,
+            created_at=dt.datetime.now(dt.UTC),
+        )
 
     def _trace(self, call: Call, reasons: list[str]) -> None:
         """Spans for the backend's phases, from the timestamps the call collected."""

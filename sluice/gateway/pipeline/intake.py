@@ -55,7 +55,8 @@ class Intake:
         principal.check_model(body.model)
         if body.n > self.settings.max_n:
             raise InvalidRequest(f"n must be at most {self.settings.max_n}", param="n")
-        if self.settings.db_outage == "refuse" and not self.meter.healthy:
+        if not self.meter.accepting or (self.settings.db_outage == "refuse"
+                                        and not self.meter.healthy):  # fmt: skip
             raise ServiceUnavailable("usage cannot be recorded right now; try again shortly")
         requests = body.generation_requests(request_id)
         reserve = (body.token_limit() or route.card.context_length

@@ -62,6 +62,7 @@ class Pipeline:
                 await self.ratelimit.admit(call)
             with self._span(call, "guard.input"):
                 await self.guardrails.check_input(call)
+            await self.recorder.open(call)  # write-ahead usage record: no crash loses it
         except BaseException as exc:
             self._fail(call, exc)
             self.finish(call)
@@ -128,6 +129,7 @@ class Pipeline:
                 if text or first[index] or event.finish_reason:
                     yield chunk(index, text if text or first[index] else None,
                                 event.finish_reason, lps)
+                    self.recorder.progress(call)  # the transport took it: billed on a crash
             if call.include_usage:
                 yield sse({**head, "choices": [], "usage": call.usage()})
             yield DONE
