@@ -69,7 +69,8 @@ def mixtral(layers: int) -> ModelConfig:
 
 
 def build(layers: int, dtype: str, **kw) -> LLM:
-    opts = dict(max_num_seqs=64, max_model_len=2048, max_num_batched_tokens=4096, progress=False)
+    opts = dict(max_num_seqs=64, max_model_len=2048, max_num_batched_tokens=4096, warm_in_background=False,
+                progress=False)
     return LLM(model_config=mixtral(layers), dtype=dtype, tokenizer=tokenizer(), **{**opts, **kw})
 
 
@@ -120,7 +121,8 @@ def correctness() -> None:
     for dtype in ("bfloat16", "fp8"):
         toks = {}
         for eager in (False, True):
-            llm = LLM(model_config=cfg, dtype=dtype, enforce_eager=eager, num_kv_blocks=64, progress=False,
+            llm = LLM(model_config=cfg, dtype=dtype, enforce_eager=eager, num_kv_blocks=64, warm_in_background=False,
+                      progress=False,
                       tokenizer=tokenizer())
             toks[eager] = [c.token_ids for c in llm.generate(prompts, sp)]
             free(llm)
@@ -141,7 +143,8 @@ def correctness() -> None:
         from sluice.engine.layers import fusion
 
         fusion.ENABLED = False
-        llm = LLM(model_config=cfg, dtype=dtype, num_kv_blocks=64, progress=False, tokenizer=tokenizer())
+        llm = LLM(model_config=cfg, dtype=dtype, num_kv_blocks=64, warm_in_background=False, progress=False,
+                  tokenizer=tokenizer())
         plain = [c.token_ids for c in llm.generate(prompts, sp)]
         free(llm)
         fusion.ENABLED = True
@@ -478,14 +481,14 @@ def fp8_full() -> None:
         asleep = {"sleep_s": sleep_s, "torch_reserved_GiB": torch.cuda.memory_reserved() / 2**30,
                   "device_used_GiB": (total_b - free_b) / 2**30}
         t = time.perf_counter()
-        llm.wake()
+        source = llm.wake()
         wake_s = time.perf_counter() - t
         r = run_batch(llm, 1, 16, 1)
-        asleep.update(wake_s=wake_s, wake_to_first_token_s=wake_s + r.ttft_s, recaptured=llm.runner.recaptured_on_wake)
+        asleep.update(wake_s=wake_s, wake_to_first_token_s=wake_s + r.ttft_s, wake_source=source)
         t = time.perf_counter()
         after = [c.token_ids for c in llm.generate(check_prompts, greedy)]
         asleep.update(mixed_batch_after_wake_s=time.perf_counter() - t, tokens_equal_before_sleep=after == before,
-                      varlen_graphs_after=sorted(llm.runner.varlen_graphs))
+                      varlen_graphs_after=sorted(llm.runner.graphs.varlen))
         RESULTS[f"sleep_cycle{cycle}"] = asleep
         log("sleep/wake", cycle, asleep)
     if "serve" in parts:
@@ -504,7 +507,7 @@ def half_models() -> None:
         torch.cuda.empty_cache()
         llm = build(layers, dtype)
         RESULTS[f"build_{dtype}_{layers}"] = dict(llm.timings, kv_blocks=llm.runner.num_blocks,
-                                                  varlen_graphs=sorted(llm.runner.varlen_graphs))
+                                                  varlen_graphs=sorted(llm.runner.graphs.varlen))
         log(f"{dtype} {layers} layers built:", RESULTS[f"build_{dtype}_{layers}"])
         run_batch(llm, 1, 16, 4)
         decode_sweep(llm, f"{dtype}_{layers}", [1, 64])
@@ -564,7 +567,8 @@ def cold_start() -> None:
     for f in path.glob("*.safetensors"):  # page cache warm, as after a previous start
         f.read_bytes()
     t = time.perf_counter()
-    llm = LLM(path, dtype="fp8", max_num_seqs=64, max_model_len=2048, progress=False, tokenizer=tokenizer())
+    llm = LLM(path, dtype="fp8", max_num_seqs=64, max_model_len=2048, warm_in_background=False, progress=False,
+              tokenizer=tokenizer())
     llm.generate([[5] * 16], SamplingParams(temperature=0, max_tokens=1))
     total = time.perf_counter() - t
     RESULTS["cold_start_2_layers"] = dict(llm.timings, first_token_total_s=total)

@@ -57,7 +57,7 @@ def run_batch(llm: LLM, batch: int, prompt_len: int, decode_len: int, seed: int 
 def build_llm(args: argparse.Namespace) -> tuple[LLM, str]:
     common = dict(dtype=args.dtype, device=args.device, max_num_seqs=max(args.batch_sizes),
                   max_model_len=args.prompt_len + args.decode_len + 16, enforce_eager=args.eager,
-                  max_num_batched_tokens=args.max_batched_tokens, progress=False)
+                  max_num_batched_tokens=args.max_batched_tokens, warm_in_background=False, progress=False)
     if args.model:
         return LLM(args.model, **common), args.model
     if args.preset != "tiny-mixtral" and not args.random_weights:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny-mixtral")
     p.add_argument("--random-weights", action="store_true", help="build the preset with random weights")
     p.add_argument("--num-layers", type=int, help="fewer layers than the preset (fits smaller devices)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "bf16", "float16", "fp8"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "fp8"])
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=128)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     run_batch(llm, 1, min(args.prompt_len, 16), 4)  # warm-up
     results = [run_batch(llm, b, args.prompt_len, args.decode_len) for b in args.batch_sizes]
     info = {"model": label, "device": str(llm.runner.device), "dtype": str(llm.runner.dtype).removeprefix("torch."),
-            "cuda_graphs": bool(llm.runner.graphs), "threads": torch.get_num_threads()}
+            "cuda_graphs": llm.runner.graphs is not None, "threads": torch.get_num_threads()}
     if args.json:
         print(json.dumps({**info, "results": [asdict(r) for r in results]}, indent=2))
         return

@@ -7,7 +7,8 @@
 Requests and aborts reach the engine thread as commands, applied between steps.
 Closing a stream early aborts its sequence: at once when the engine is between
 steps, otherwise right after the current step; either way its blocks are freed
-before the next step is scheduled.
+before the next step is scheduled. While it has nothing to do (after its first token)
+the thread warms the engine up one piece at a time (``LLM.warm_step``).
 """
 
 from __future__ import annotations
@@ -69,15 +70,17 @@ class AsyncLLM:
                 self._lock.release()
 
     def sleep(self) -> None:
-        """LLM.sleep() between steps (blocking; call from a worker thread in async code)."""
+        """LLM.sleep() between steps (call from a worker thread in async code; waits at
+        most for the step or the one CUDA graph capture under way)."""
         with self._lock:
             self._apply_commands()
             self.llm.sleep()
 
-    def wake(self) -> None:
+    def wake(self) -> str:
         with self._lock:
-            self.llm.wake()
+            source = self.llm.wake()
         self._wake.set()  # requests queued while asleep run now
+        return source
 
     def close(self) -> None:
         self._stopped = True
@@ -115,6 +118,19 @@ class AsyncLLM:
                     break
                 for out in outputs:
                     self._deliver(out.seq_id, out)
+            self._warm_while_idle()
+
+    def _warm_while_idle(self) -> None:
+        """Background warm-up (CUDA graphs, the weights' host copy), one piece at a time
+        while no command is waiting: a request that arrives waits for one piece at most."""
+        while not self._stopped and not self._commands:
+            try:
+                with self._lock:
+                    if self._commands or not self.llm.warm_step():
+                        return
+            except Exception:  # warming is an optimisation: the engine serves without it
+                log.exception("background warm-up failed")
+                return
 
     def _deliver(self, seq_id: int, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(seq_id)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from sluice.engine.errors import ConfigError
 
+if TYPE_CHECKING:  # torch is imported where it is used: the gateway reads these options without it
+    import torch
+
 ARCHITECTURES = ("MixtralForCausalLM", "MistralForCausalLM", "LlamaForCausalLM")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")  # torch.<name>
 
 
 @dataclass(frozen=True)
@@ -154,26 +158,44 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
+# The one dtype vocabulary (engine options, the local plugin's options, SLUICE_DTYPE):
+# auto = fp8 on Hopper, bf16 on other GPUs, float32 on the CPU; fp8 = FP8 weights,
+# bf16 activations.
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16", "fp8")
+DTypeName = Literal["auto", "float32", "bfloat16", "float16", "fp8"]
+AttentionName = Literal["auto", "triton", "torch"]
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
 class EngineConfig:
-    """How the engine runs a model (request-level knobs live in SamplingParams)."""
+    """How the engine runs a model (request-level knobs live in SamplingParams).
+    Validated on construction; the local backend's options are these fields as they are."""
 
     model: str | None = None  # checkpoint directory
-    dtype: str = "auto"  # auto, float32, bfloat16 (or bf16), float16, fp8
+    dtype: DTypeName = "auto"
     device: str | None = None  # None: cuda when available, else cpu
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
-    max_model_len: int | None = None  # None: min(model max positions, 8192)
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # None: from memory_fraction (GPU) or a CPU default
-    memory_fraction: float = 0.9
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)  # token budget of one step (chunked prefill)
+    max_model_len: int | None = Field(None, ge=1)  # None: min(model max positions, 8192)
+    block_size: int = Field(16, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1)  # None: from memory_fraction (GPU) or a CPU default
+    memory_fraction: float = Field(0.9, gt=0, le=1)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs
-    num_experts_per_tok: int | None = None
+    # CUDA graphs and parking the weights in host memory happen while the engine is idle,
+    # after its first token, so that a start serves before everything is warm. False:
+    # all of it up front (benchmarks that must not measure a warming engine).
+    warm_in_background: bool = True
+    attention: AttentionName = "auto"  # auto: the triton kernels on CUDA, the torch reference elsewhere
+    # Where compiled triton kernels persist across restarts (TRITON_CACHE_DIR); None:
+    # $TRITON_CACHE_DIR when set, else ~/.cache/sluice/kernels.
+    compile_cache_dir: str | None = None
+    num_experts_per_tok: int | None = Field(None, ge=1)
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def resolve_device(self) -> torch.device:
+        import torch
+
         if self.device:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -184,17 +206,33 @@ class EngineConfig:
             return True
         if self.dtype != "auto" or device.type != "cuda":
             return False
+        import torch
+
         return model.quant_method is not None or torch.cuda.get_device_capability(device) >= (9, 0)
 
     def resolve_dtype(self, model: ModelConfig, device: torch.device) -> torch.dtype:
         """The dtype of activations and of the weights that stay high precision."""
-        name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(self.dtype, self.dtype)
+        name: str = self.dtype
         if name == "auto" and model.quant_method is not None:
             name = "float32" if device.type == "cpu" else "bfloat16"
         if name == "auto":
             name = "float32" if device.type == "cpu" else ("bfloat16" if model.dtype == "float32" else model.dtype)
         if name == "fp8":
             name = "bfloat16"  # fp8 weights are swapped in by engine.quant; activations stay bf16
-        if name not in DTYPES:
-            raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}, fp8; got {name!r}")
-        return DTYPES[name]
+        if name not in ACTIVATION_DTYPES:
+            raise ConfigError(f"the checkpoint's dtype {name!r} is not one of {', '.join(ACTIVATION_DTYPES)}")
+        import torch
+
+        return getattr(torch, name)
+
+    def triton_attention(self, device: torch.device, model: ModelConfig) -> bool:
+        """Whether attention runs the triton kernels (CUDA, power-of-two head and block
+        sizes) rather than the torch reference."""
+        d = model.head_dim
+        fits = device.type == "cuda" and d >= 16 and d & (d - 1) == 0 and self.block_size & (self.block_size - 1) == 0
+        if self.attention == "triton" and not fits:
+            raise ConfigError("attention='triton' needs CUDA and power-of-two head_dim (>= 16) and block_size")
+        return fits and self.attention != "torch"
+
+
+ENGINE_FIELDS = tuple(EngineConfig.__pydantic_fields__)

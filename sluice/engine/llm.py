@@ -12,7 +12,10 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from sluice.engine.config import EngineConfig, ModelConfig
+from sluice.engine.kernel_cache import use_kernel_cache
 from sluice.engine.errors import ConfigError, RequestError
 from sluice.engine.kv_cache import BlockManager
 from sluice.engine.loader import load_model
@@ -32,7 +35,11 @@ class LLM:
                  model_config: ModelConfig | None = None, progress: bool = True, **options: Any) -> None:
         """Load ``model`` (a HF checkpoint directory), or build random weights from
         ``model_config`` when no path is given (benchmarks). ``options`` are EngineConfig fields."""
-        self.config = EngineConfig(model=str(model) if model else None, **options)
+        try:
+            self.config = EngineConfig(model=str(model) if model else None, **options)
+        except ValidationError as exc:
+            raise ConfigError(f"engine options: {exc}") from None
+        self.kernel_cache = use_kernel_cache(self.config.compile_cache_dir)  # before anything compiles
         if model is not None:
             model_config = ModelConfig.from_file(model)
         if model_config is None:
@@ -51,9 +58,17 @@ class LLM:
         self.tokenizer = tokenizer or load_tokenizer(model, cfg.bos_token_id, cfg.eos_token_ids)
         self.eos_ids = set(cfg.eos_token_ids) | set(self.tokenizer.eos_ids)
         began = time.perf_counter()
-        self.runner = ModelRunner(net, self.config, self.max_model_len)
-        self.timings["runner_s"] = time.perf_counter() - began  # KV sizing + graph capture
+
+        def reload() -> CausalLM:  # the weights again, for a wake that has no host copy
+            return load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
+                              max_positions=self.max_model_len, progress=False)
+
+        self.runner = ModelRunner(net, self.config, self.max_model_len, reload)
+        self.timings["runner_s"] = time.perf_counter() - began  # KV sizing
+        if not self.config.warm_in_background:
+            self.runner.warm_up()
         self.timings.update(self.runner.timings)
+        self.steps = 0  # steps run since the start or the last wake
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
@@ -67,8 +82,9 @@ class LLM:
     # ---- sleep ----------------------------------------------------------
 
     def sleep(self) -> None:
-        """Park the weights in (pinned) host memory and give the GPU memory back: the
-        KV cache is dropped (and the prefix cache with it). Only between requests."""
+        """Give the GPU memory back (weights, KV cache and the prefix cache with it, CUDA
+        graphs); the weights' host copy or checkpoint is the next wake's source. Only
+        between requests; takes no longer than freeing memory (engine/offload.py)."""
         if self.asleep:
             return
         if self.has_unfinished():
@@ -79,11 +95,29 @@ class LLM:
         self.scheduler.blocks = self.block_manager
         self.asleep = True
 
-    def wake(self) -> None:
-        """Weights back on the device, a fresh KV cache, CUDA graphs valid again."""
-        if self.asleep:
-            self.runner.wake()
-            self.asleep = False
+    def wake(self) -> str:
+        """Weights back on the device and a fresh KV cache; CUDA graphs are captured
+        again while idle after the next first token. Returns where the weights came from
+        ("host" or "checkpoint"; "" when awake already)."""
+        if not self.asleep:
+            return ""
+        source = self.runner.wake()
+        self.asleep = False
+        self.steps = 0
+        return source
+
+    def warm_step(self) -> bool:
+        """One piece of background warm-up (a CUDA graph; the weights' host copy is
+        started in its own thread), only once the engine has produced a token since its
+        start or wake, and only between requests. False when there is nothing to do now."""
+        if self.asleep or self.steps == 0 or self.has_unfinished():
+            return False
+        return self.runner.warm_step()
+
+    def warm_up(self) -> None:
+        """Every CUDA graph now (what `sluice warmup` and benchmarks call)."""
+        self.runner.warm_up()
+        self.timings.update(self.runner.timings)
 
     # ---- requests -------------------------------------------------------
 
@@ -128,6 +162,7 @@ class LLM:
         if not batch:
             return []
         logits = self.runner.run(batch)
+        self.steps += 1
         samplers = self._sampling_sequences(batch)
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
         return self._postprocess(batch, dict(zip(samplers, tokens)))

@@ -17,10 +17,11 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
-from pydantic import Field
+from pydantic import create_model
 
+from sluice.engine.config import ENGINE_FIELDS, EngineConfig
 from sluice.gateway.backends.contract import (
     Backend,
     BackendError,
@@ -41,25 +42,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sluice"
 
 
+class _LocalOptions(BackendOptions):
+    served_model_name: str | None = None  # default: the directory's name, or "tiny-mixtral"
+    cache_dir: str | None = None  # where the tiny model is generated (~/.cache/sluice)
+
+
+# The backend's options: the two above and the engine's own config fields, as they are
+# (model: a HF checkpoint directory, None: the tiny random Mixtral; dtype; ...).
+LocalEngineOptions = create_model("LocalEngineOptions", __base__=_LocalOptions, __module__=__name__,
+                                  **{name: (f.annotation, f) for name, f in EngineConfig.__pydantic_fields__.items()})
+
+
 class LocalEngineBackend(Backend):
     name = "local"
     supports_sleep: ClassVar[bool] = True
-
-    class Options(BackendOptions):
-        model: str | None = None  # HF checkpoint directory; None: the tiny random Mixtral
-        served_model_name: str | None = None  # default: the directory's name, or "tiny-mixtral"
-        dtype: Literal["auto", "float32", "bfloat16", "bf16", "fp8"] = "auto"  # auto: fp8 on Hopper
-        device: str | None = None  # None: cuda when available
-        max_num_seqs: int = Field(64, ge=1)
-        max_model_len: int | None = Field(None, ge=16)
-        max_num_batched_tokens: int = Field(2048, ge=16)
-        num_kv_blocks: int | None = Field(None, ge=1)
-        memory_fraction: float = Field(0.9, gt=0, le=1)
-        num_experts_per_tok: int | None = Field(None, ge=1)
-        cache_dir: str | None = None  # where the tiny model is generated (~/.cache/sluice)
-        # What an idle worker should do: "stop" frees everything (next request: cold start);
-        # "sleep" parks the weights in pinned host memory and frees the GPU (next: wake()).
-        idle_action: Literal["stop", "sleep"] = "stop"
+    Options = LocalEngineOptions
 
     def __init__(self, options: BackendOptions) -> None:
         if not isinstance(options, LocalEngineBackend.Options):
@@ -68,6 +65,7 @@ class LocalEngineBackend(Backend):
         self.opts = options
         self._engine = None  # engine.async_llm.AsyncLLM once started
         self._tokenizer = None
+        self.wake_source = ""  # where the last wake took the weights from: "host" or "checkpoint"
 
     # ---- lifecycle ------------------------------------------------------
 
@@ -96,22 +94,32 @@ class LocalEngineBackend(Backend):
                 torch.cuda.empty_cache()
 
     async def sleep(self) -> None:
-        """Weights to pinned host memory, KV cache and GPU memory released (requests in
-        flight: BackendError 409). A no-op when not started or already asleep."""
+        """GPU memory released: weights, KV cache, CUDA graphs (requests in flight:
+        BackendError 409). Copies nothing (the weights' host copy is made in the
+        background). A no-op when not started or already asleep."""
         if self._engine is not None:
             await asyncio.to_thread(self._engine_call, "sleep")
 
     async def wake(self) -> None:
-        """Weights back on the GPU, fresh KV cache; ready to generate."""
+        """Weights back on the GPU (from their host copy, or the checkpoint when the copy
+        was not complete), fresh KV cache; ready to generate."""
         if self._engine is None:
             raise BackendError("local engine is not started", status=503, retryable=True)
-        await asyncio.to_thread(self._engine_call, "wake")
+        self.wake_source = await asyncio.to_thread(self._engine_call, "wake")
 
-    def _engine_call(self, method: str) -> None:
+    async def warmup(self) -> dict[str, float]:
+        """Start, then compile and capture everything a start would otherwise leave to the
+        background (fills the kernel cache: `sluice warmup`); returns the engine's timings."""
+        await self.start()
+        assert self._engine is not None
+        await asyncio.to_thread(self._engine.llm.warm_up)
+        return dict(self._engine.llm.timings)
+
+    def _engine_call(self, method: str):  # noqa: ANN202 (the engine method's result)
         from sluice.engine.errors import EngineError
 
         try:
-            getattr(self._engine, method)()
+            return getattr(self._engine, method)()
         except EngineError as exc:
             raise BackendError(f"local engine: {exc}", status=409, retryable=True) from None
 
@@ -122,12 +130,9 @@ class LocalEngineBackend(Backend):
 
         if not self.opts.model:
             self._ensure_tiny_model()
-        o = self.opts
+        engine = self.opts.model_dump(include=set(ENGINE_FIELDS) - {"model"})
         try:
-            llm = LLM(self.model_dir, dtype=o.dtype, device=o.device, max_num_seqs=o.max_num_seqs,
-                      max_model_len=o.max_model_len, max_num_batched_tokens=o.max_num_batched_tokens,
-                      num_kv_blocks=o.num_kv_blocks, memory_fraction=o.memory_fraction,
-                      num_experts_per_tok=o.num_experts_per_tok)
+            llm = LLM(self.model_dir, **engine)
         except EngineError as exc:
             raise BackendError(f"local engine: {exc}", status=500) from None
         self._tokenizer = llm.tokenizer

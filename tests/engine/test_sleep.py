@@ -46,3 +46,38 @@ def test_sleep_refuses_requests_in_flight(tiny_mixtral):
         llm.step()
     llm.sleep()
     assert llm.asleep and torch.equal(torch.tensor(llm.block_manager.num_free_blocks), torch.tensor(16))
+
+
+def test_wake_takes_the_host_copy_once_parked_and_the_checkpoint_before(tiny_mixtral):
+    llm = LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False)
+    before = greedy(llm)
+    llm.warm_step()  # starts the host copy in its thread (CPU: no graphs to capture)
+    llm.runner.parking._thread.join()
+    assert llm.runner.parking.complete
+    llm.sleep()
+    assert llm.wake() == "host" and greedy(llm) == before
+
+
+def test_a_sleep_during_the_host_copy_stops_it_and_the_wake_reads_the_checkpoint(tiny_mixtral, monkeypatch):
+    from sluice.engine import offload
+
+    monkeypatch.setattr(offload, "CHUNK", 1)  # one tensor a chunk: the copy is still running when sleep comes
+    llm = LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False)
+    before = greedy(llm)
+    llm.runner.parking.park_in_background()
+    llm.sleep()  # waits for one chunk at most, never for the whole copy
+    parked = len(llm.runner.parking._chunks)
+    assert not llm.runner.parking.complete and parked < len(list(llm.model.parameters()))
+    assert llm.wake() == "checkpoint" and greedy(llm) == before
+    llm.runner.parking.park()  # goes on from where it stopped
+    assert llm.runner.parking.complete
+    llm.sleep()
+    assert llm.wake() == "host" and greedy(llm) == before
+
+
+def test_warm_up_waits_for_a_first_token(tiny_mixtral):
+    llm = LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False)
+    assert llm.warm_step() is False and llm.runner.parking._thread is None  # nothing before a first token
+    greedy(llm)
+    llm.warm_step()
+    assert llm.runner.parking._thread is not None

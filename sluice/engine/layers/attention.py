@@ -5,7 +5,7 @@ A token's slot is block_id * block_size + offset. A step is either decode-only (
 token per sequence: ``paged_decode_attention``) or varlen: sequence s owns query rows
 query_start[s]:query_start[s+1], the last of its seq_lens[s] positions, decodes
 (one row) and prefill chunks alike (``paged_varlen_attention``). Each has a torch
-reference here; the model runner swaps in the triton kernels on CUDA.
+reference here; the model runner passes the triton kernels on CUDA in the metadata.
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ class AttentionMetadata:
     query_start: torch.Tensor | None = None  # (S+1,) int32: sequence s owns rows [qs[s], qs[s+1])
     seq_lens: torch.Tensor | None = None  # (S,) int32: cached + new tokens
     block_tables: torch.Tensor | None = None  # (S, max_blocks) int32
+    # The attention functions the runner chose for this engine (None: the layer's own,
+    # the torch references below).
+    kernels: AttentionKernels | None = None
+
+
+@dataclass(frozen=True)
+class AttentionKernels:
+    decode: DecodeAttentionFn
+    varlen: VarlenAttentionFn
 
 
 def paged_decode_attention(
@@ -130,7 +139,9 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention of q (N, Hq, D) over the cache, this step's K/V already stored."""
         if meta.query_start is None:
-            return self.decode_fn(q, self.k_cache, self.v_cache, meta.decode_block_tables,
-                                  meta.decode_context_lens, self.scale)
-        return self.varlen_fn(q, self.k_cache, self.v_cache, meta.query_start, meta.seq_lens,
-                              meta.block_tables, self.scale)
+            decode = meta.kernels.decode if meta.kernels else self.decode_fn
+            return decode(q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                          self.scale)
+        varlen = meta.kernels.varlen if meta.kernels else self.varlen_fn
+        return varlen(q, self.k_cache, self.v_cache, meta.query_start, meta.seq_lens, meta.block_tables,
+                      self.scale)
