@@ -26,8 +26,10 @@ from sluice.engine.layers.moe import Experts
 
 SMALL_M = 64
 # Token count from which "auto" takes the CUTLASS grouped GEMM (moe_grouped.py) over the
-# fused triton W8A8 kernel; measured per size by bench/moe_prefill.py (docs/kernels.md).
-GROUPED_MIN_TOKENS = int(os.environ.get("SLUICE_MOE_GROUPED_MIN_TOKENS", 2048))
+# fused triton W8A8 kernel. H200 2026-12-03 (bench/moe_prefill.py, docs/kernels.md), us per
+# layer grouped / triton: 1349/1193 at T=1024, 1411/1719 at 1536, 1997/2074 at 2048,
+# 3500/3936 at 4096, 6141/7327 at 8192.
+GROUPED_MIN_TOKENS = int(os.environ.get("SLUICE_MOE_GROUPED_MIN_TOKENS", 1536))
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

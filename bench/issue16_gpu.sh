@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Issue 16's device run, in one call (repo root on the GPU host; OUT = results folder):
+#   bash bench/issue16_gpu.sh $OUT [parts]     parts: any of moe,gateway,engine,decode (default: moe,gateway,engine)
+# 1. moe: grouped-GEMM vs triton prefill MoE, checks then timings (bench/moe_prefill.py);
+#    its measured crossover is used as SLUICE_MOE_GROUPED_MIN_TOKENS by the next parts.
+# 2. engine: the engine alone on a random FP8 checkpoint (written once per host to
+#    /tmp/mixtral-fp8): decode at batch 1 and 64, and 64 x 1K-prompt/50-token bursts per
+#    prefill path and max_num_batched_tokens (each burst twice: the first captures graphs).
+# 3. gateway: `sluice serve` + bench/e2e_client.py (--no-sleep), as ../shared/bench/README.md.
+set -u
+OUT=${1:?OUT dir}; PARTS=${2:-moe,gateway,engine}
+export PYTHONUNBUFFERED=1
+CKPT=/tmp/mixtral-fp8
+log() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/run_log.txt"; }
+# the engine imports pydantic (config) and the gateway its own deps: wheels from .whl (../shared/bench/README.md)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+mkdir -p /tmp/site/sluice-0.1.0.dist-info
+printf 'Metadata-Version: 2.1\nName: sluice\nVersion: 0.1.0\n' > /tmp/site/sluice-0.1.0.dist-info/METADATA
+printf '[console_scripts]\nsluice = sluice.gateway.cli:main\n\n[sluice.plugins]\necho = sluice.plugins.echo:EchoBackend\nopenai_upstream = sluice.plugins.openai_upstream:OpenAIUpstreamBackend\nlocal = sluice.plugins.local_engine:LocalEngineBackend\n' > /tmp/site/sluice-0.1.0.dist-info/entry_points.txt
+export PYTHONPATH=/tmp/site:$PWD
+log "$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv,noheader)"
+log "$(python3 -c 'import torch,triton;print("torch",torch.__version__,"triton",triton.__version__,"cuda",torch.version.cuda)')"
+GMIN=${SLUICE_MOE_GROUPED_MIN_TOKENS:-}
+if [[ $PARTS == *moe* ]]; then
+  python3 -m bench.moe_prefill "$OUT" 2>&1 | tail -n 40
+  [ -f "$OUT/grouped_min_tokens.txt" ] && GMIN=$(cat "$OUT/grouped_min_tokens.txt")
+  rm -f "$OUT/moe_prefill_log.txt"  # the same lines are in the output; 8 files at most come back
+fi
+[ -n "$GMIN" ] && export SLUICE_MOE_GROUPED_MIN_TOKENS=$GMIN
+log "SLUICE_MOE_GROUPED_MIN_TOKENS=${SLUICE_MOE_GROUPED_MIN_TOKENS:-default}"
+if [[ $PARTS == *engine* || $PARTS == *gateway* ]] && [ ! -f $CKPT/config.json ]; then
+  t0=$(date +%s); python3 bench/make_random_fp8_mixtral.py $CKPT --layers 32 > /dev/null; log "checkpoint written in $(( $(date +%s) - t0 )) s"
+fi
+engine() {  # label, env assignments..., -- throughput args
+  local label=$1; shift
+  env "$@" --json > /tmp/engine_one.json 2>>"$OUT/run_log.txt" || { log "engine $label FAILED"; tail -n 20 "$OUT/run_log.txt"; return; }
+  python3 -c "import json,sys;r=json.load(open('/tmp/engine_one.json'));r['label']='$label';print(json.dumps(r))" >> "$OUT/engine.jsonl"
+  log "engine $label: $(python3 -c "import json;r=json.load(open('/tmp/engine_one.json'))['results'];print([dict(b=x['batch_size'],p=x['prompt_len'],req_s=round(x['batch_size']/x['total_s'],2),ttft=round(x['ttft_s'],3),dec=round(x['decode_tok_s'],1)) for x in r])")"
+}
+if [[ $PARTS == *gateway* ]]; then
+  MBT=${GATEWAY_MBT:-4096}
+  mkdir -p /tmp/gw && cat > /tmp/gw/sluice.toml <<TOML
+[backends.mixtral]
+plugin = "local"
+[backends.mixtral.options]
+model = "$CKPT"
+served_model_name = "mixtral-fp8"
+dtype = "fp8"
+max_num_seqs = 64
+max_num_batched_tokens = $MBT
+[backends.mixtral.pool]
+min_workers = 0
+max_workers = 1
+idle_timeout_s = 600
+idle_action = "sleep"
+max_concurrency = 128
+queue_size = 256
+queue_timeout_s = 300
+TOML
+  export SLUICE_CONFIG=/tmp/gw/sluice.toml SLUICE_DATABASE_URL=sqlite+aiosqlite:////tmp/gw/sluice.db
+  cd /tmp/gw
+  S="python3 -m sluice.gateway.cli"
+  $S migrate >> "$OUT/run_log.txt" 2>&1
+  $S tenants create bench --rpm 1000000 --tpm 1000000000 >> "$OUT/run_log.txt" 2>&1
+  KEY=$($S keys create --tenant bench --json 2>>"$OUT/run_log.txt" | python3 -c 'import json,sys;print(json.load(sys.stdin)["key"])')
+  $S serve --port 8400 > "$OUT/serve_log.txt" 2>&1 &
+  SPID=$!
+  for _ in $(seq 60); do python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8400/healthz')" 2>/dev/null && break; sleep 1; done
+  cd - > /dev/null
+  log "gateway up? (max_num_batched_tokens=$MBT)"; tail -n 5 "$OUT/serve_log.txt"
+  timeout 240 python3 bench/e2e_client.py http://127.0.0.1:8400 "$KEY" mixtral-fp8 "$OUT/e2e.json" --no-sleep > /dev/null 2>>"$OUT/run_log.txt"
+  log "e2e: $(python3 -c "
+import json; r=json.load(open('$OUT/e2e.json'))
+print({k: r.get(k) for k in ('cold_first_token_s',)}, 'c1', {k: v for k, v in r.get('c1', {}).items() if 'gap' in k or 'tok_s' in k},
+      'c64', {k: v for k, v in r.get('c64', {}).items() if 'gap' in k or 'tok_s' in k}, 'burst req/s', r.get('burst_1k_50x64', {}).get('req_s'))")"
+  kill $SPID; wait $SPID 2>/dev/null
+  tail -n 15 "$OUT/serve_log.txt"
+  unset SLUICE_CONFIG SLUICE_DATABASE_URL
+fi
+if [[ $PARTS == *engine* ]]; then
+  T="python3 -m bench.throughput --model $CKPT --dtype fp8"
+  BURST="--batch-sizes 64,64 --prompt-len 1024 --decode-len 50"
+  for cfg in ${ENGINE_BURSTS:-triton:4096 auto:4096 auto:8192}; do
+    path=${cfg%%:*}; mbt=${cfg##*:}
+    engine "burst_${path}_${mbt}" SLUICE_MOE_PREFILL=$path $T $BURST --max-batched-tokens $mbt
+  done
+  [[ $PARTS == *decode* ]] && engine decode $T --batch-sizes 1,64 --prompt-len 32 --decode-len 256
+fi
+log done
