@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
@@ -41,7 +41,6 @@ from sluice.gateway.ledger.checkpoints import CheckpointFile
 from sluice.gateway.ledger.spool import Spool
 from sluice.gateway.ledger.verify import Verifier, VerifyReport
 from sluice.gateway.ledger.writer import DB_UNAVAILABLE, BatchWriter
-from sluice.gateway.settings import Settings
 
 __all__ = ["AuditChainConflict", "AuditLog", "audit_key", "checkpoint_file", "cli_audit",
            "default_instance_id", "prompt_digest"]  # fmt: skip
@@ -57,17 +56,31 @@ def default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"[-64:]
 
 
-def audit_key(settings: Settings) -> bytes:
+class AuditSettings(Protocol):
+    """What the audit log reads from :class:`~sluice.gateway.settings.Settings` (a protocol,
+    so the ledger does not import the settings module)."""
+
+    @property
+    def data_dir(self) -> Path: ...
+    @property
+    def audit_key(self) -> str: ...
+    @property
+    def audit_key_file(self) -> Path | None: ...
+    @property
+    def audit_checkpoints(self) -> Path | None: ...
+
+
+def audit_key(settings: AuditSettings) -> bytes:
     path = settings.audit_key_file or settings.data_dir / "audit_key"
     return load_key(settings.audit_key, path)
 
 
-def checkpoint_file(settings: Settings, key: bytes) -> CheckpointFile:
+def checkpoint_file(settings: AuditSettings, key: bytes) -> CheckpointFile:
     return CheckpointFile(settings.audit_checkpoints or settings.data_dir / "audit.checkpoints",
                           key)  # fmt: skip
 
 
-def cli_audit(engine: AsyncEngine, settings: Settings) -> AuditLog:
+def cli_audit(engine: AsyncEngine, settings: AuditSettings) -> AuditLog:
     """The CLI's audit log: every command appends to the one persistent ``cli`` chain."""
     key = audit_key(settings)
     return AuditLog(engine, CLI_CHAIN, key=key, shared=True,
