@@ -12,7 +12,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import re
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -22,7 +21,7 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from sqlalchemy import or_, select, text
+from sqlalchemy import or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,6 +29,7 @@ from sluice.gateway.ledger.audit import audit_key, checkpoint_file, cli_audit
 from sluice.gateway.ledger.billing import BillingError, push_stripe, stripe_client
 from sluice.gateway.ledger.chain import AuditKeyError
 from sluice.gateway.ledger.exports import count_usage, export_usage
+from sluice.gateway.ledger.roles import RoleError, grant_app_role
 from sluice.gateway.ledger.checkpoints import CheckpointFile
 from sluice.gateway.ledger.verify import ChainSummary, VerifyReport, verify
 from sluice.gateway.db.models import Tenant
@@ -117,7 +117,7 @@ def _guarded(handler: Handler) -> Handler:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             return handler(args, settings)
-        except (CliError, BillingError, AuditKeyError) as exc:
+        except (CliError, BillingError, AuditKeyError, RoleError) as exc:
             err.print(f"[red]error:[/] {exc}", highlight=False)
         except SQLAlchemyError as exc:
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
@@ -256,43 +256,6 @@ def cmd_billing_push_stripe(args: argparse.Namespace, settings: Settings) -> int
                   f"pushed until {summary['pushed_until'] or '(nothing to push)'}",
                   highlight=False)  # fmt: skip
     return 0
-
-
-# The gateway's role may read and write its tables, never own them: only an owner (or a
-# superuser) can DISABLE TRIGGER, and only a superuser can SET session_replication_role,
-# the two ways around audit_log's append-only trigger.
-GRANTS = (
-    "GRANT USAGE ON SCHEMA public TO {role}",
-    "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
-    "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}",
-    "REVOKE UPDATE, DELETE, TRUNCATE ON audit_log FROM {role}",
-    "REVOKE DELETE, TRUNCATE ON audit_chains FROM {role}",
-    "REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON alembic_version FROM {role}",
-    "ALTER DEFAULT PRIVILEGES IN SCHEMA public "
-    "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role}",
-    "ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO {role}",
-)
-
-
-async def grant_app_role(engine: AsyncEngine, role: str) -> None:
-    """Grant ``role`` (which must exist, and be neither a superuser nor the tables' owner)
-    what the gateway needs. Run after every ``sluice migrate``, as the owner."""
-    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", role):
-        raise CliError(f"role name must be a plain lower-case identifier: {role!r}")
-    if engine.dialect.name != "postgresql":
-        raise CliError("database roles exist only on Postgres")
-    async with engine.begin() as conn:
-        found = (await conn.execute(text(
-            "SELECT rolsuper, pg_has_role(:r, (SELECT tableowner FROM pg_tables "
-            "WHERE tablename = 'audit_log'), 'USAGE') FROM pg_roles WHERE rolname = :r"),
-            {"r": role})).first()  # fmt: skip
-        if found is None:
-            raise CliError(f"no such role: {role} (CREATE ROLE {role} LOGIN PASSWORD '...')")
-        if found[0] or found[1]:
-            raise CliError(f"{role} is a superuser or owns the tables: it could switch the "
-                           "audit trigger off; use a plain role")  # fmt: skip
-        for stmt in GRANTS:
-            await conn.execute(text(stmt.format(role=role)))
 
 
 @_guarded

@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sluice.gateway import cli_accounting
-from sluice.gateway.cli_accounting import CliError, grant_app_role
+from sluice.gateway.ledger.roles import RoleError, grant_app_role
 from sluice.gateway.db.session import create_engine, migrate
 from sluice.gateway.ledger.audit import AuditLog, cli_audit
 from sluice.gateway.db.accounting import AuditRecord
@@ -188,7 +188,7 @@ async def test_gateway_role_cannot_bypass_the_trigger(db) -> None:
         async with engine.begin() as conn:
             await conn.execute(text(f"DROP OWNED BY {role}"))
             await conn.execute(text(f"DROP ROLE {role}"))
-    with pytest.raises(CliError, match="superuser or owns"):
+    with pytest.raises(RoleError, match="superuser or owns"):
         await grant_app_role(engine, "postgres")
 
 

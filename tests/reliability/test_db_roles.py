@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from sluice.gateway.accounts.tenants import Accounts
-from sluice.gateway.cli_accounting import grant_app_role
+from sluice.gateway.ledger.roles import grant_app_role
 from sluice.gateway.db.session import create_engine, migrate, sessionmaker
 from sluice.gateway.ledger.audit import AuditLog
 from sluice.gateway.ledger.metering import Meter, UsageRecord
