@@ -1,8 +1,10 @@
 """Mixtral's SentencePiece tokenizer (v1, shipped in mistral-common) for the plugins.
 
-Two jobs: the Mixtral instruct prompt format for counting prompt tokens, and a
+Two jobs: prompt ids for counting, by the one chat encoding the engine uses too
+(mistral-common's request encoder, through :mod:`sluice.engine.tokenizer`), and a
 byte table that turns token ids back into text one token at a time without ever
-splitting a UTF-8 character.
+splitting a UTF-8 character. :func:`chat_messages` / :func:`chat_tools` turn the
+contract's request into the OpenAI-shaped dicts every chat encoding takes.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import codecs
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import mistral_common
 import sentencepiece
 
+from sluice.engine.tokenizer import SentencePieceTokenizer
 from sluice.gateway.backends.contract import ChatMessage, GenerationRequest
 
 TOKENIZER_PATH = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
@@ -27,7 +31,8 @@ class MixtralTokenizer:
     """One loaded SentencePiece model; create one per backend instance and keep it."""
 
     def __init__(self, path: Path = TOKENIZER_PATH) -> None:
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self._chat = SentencePieceTokenizer(path)
+        self._sp: sentencepiece.SentencePieceProcessor = self._chat.sp
         self._encode = self._sp.encode  # a bound method: skips an attribute lookup per call
 
     @cached_property
@@ -52,17 +57,11 @@ class MixtralTokenizer:
         return str(self._sp.decode(list(ids)))
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """The prompt exactly as Mixtral sees it: instruct format (chat) or BOS + text."""
+        """The prompt exactly as Mixtral sees it: mistral-common's chat encoding, or BOS + text.
+        Raises engine.tokenizer.ChatEncodingError for a chat the format cannot encode."""
         if request.messages is None:
             return [BOS_ID, *self.encode(request.prompt or "")]
-        ids = [BOS_ID]
-        for role, content in _turns(request.messages):
-            if role == "user":
-                ids += self._encode(f"[INST] {content} [/INST]")
-            else:
-                ids += self.encode(content)
-                ids.append(EOS_ID)
-        return ids
+        return self._chat.apply_chat_template(chat_messages(request.messages), chat_tools(request))
 
     def count_prompt(self, request: GenerationRequest) -> int:
         return len(self.prompt_ids(request))
@@ -95,28 +94,26 @@ class MixtralTokenizer:
             yield "\ufffd" * len(leftover), pending
 
 
-def _turns(messages: Sequence[ChatMessage]) -> list[tuple[str, str]]:
-    """Fold a chat into alternating user/assistant turns.
-
-    System (and developer) text goes before the first user message, separated
-    by a blank line; tool results count as user text; consecutive messages of
-    the same side are joined by a blank line.
-    """
-    system = [m.content for m in messages if m.role in ("system", "developer")]
-    turns: list[tuple[str, str]] = []
+def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI-shaped message dicts (text content, tool calls, tool results) for a chat encoding."""
+    out: list[dict[str, Any]] = []
     for m in messages:
-        if m.role in ("system", "developer"):
-            continue
-        role = "assistant" if m.role == "assistant" else "user"
-        if turns and turns[-1][0] == role:
-            turns[-1] = (role, f"{turns[-1][1]}\n\n{m.content}")
-        else:
-            turns.append((role, m.content))
-    if system:
-        prefix = "\n\n".join(system)
-        first_user = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
-        if first_user is None:
-            turns.insert(0, ("user", prefix))
-        else:
-            turns[first_user] = ("user", f"{prefix}\n\n{turns[first_user][1]}")
-    return turns
+        d: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.name is not None:
+            d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
+def chat_tools(request: GenerationRequest) -> list[dict[str, Any]] | None:
+    """The request's function tools as OpenAI sends them (None: no tools)."""
+    if not request.tools:
+        return None
+    return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                              "parameters": dict(t.parameters or {"type": "object", "properties": {}})}}
+            for t in request.tools if t.type == "function"]

@@ -169,9 +169,16 @@ class LocalEngineBackend(Backend):
         return self._tokenizer
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        if request.messages is not None:
-            return self.tokenizer.apply_chat_template(request.messages)
-        return self.tokenizer.encode(request.prompt or "")
+        """The ids the engine runs, and the gateway counts: one chat encoding for both."""
+        from sluice.engine.tokenizer import ChatEncodingError
+        from sluice.plugins._tokenizer import chat_messages, chat_tools
+
+        if request.messages is None:
+            return self.tokenizer.encode(request.prompt or "")
+        try:
+            return self.tokenizer.apply_chat_template(chat_messages(request.messages), chat_tools(request))
+        except ChatEncodingError as exc:
+            raise BackendError(str(exc), status=400, param=exc.param) from None
 
     def count_tokens(self, request: GenerationRequest) -> int:
         return len(self.prompt_ids(request))
@@ -202,7 +209,7 @@ class LocalEngineBackend(Backend):
                     continue
                 yield GenerationEvent(text=out.text, tokens=counted, logprobs=logprobs,
                                       finish_reason="stop" if out.finish_reason == "stop" else "length",
-                                      usage=Usage(prompt_tokens=len(ids), completion_tokens=completion))
+                                      usage=Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=completion))
         except EngineError as exc:  # e.g. the prompt does not fit the context
             raise BackendError(str(exc), status=400) from None
         finally:

@@ -1,6 +1,8 @@
-"""Tokenizers: Mixtral's chat format to the id, Llama 3 headers, UTF-8-safe streaming."""
+"""Tokenizers: Mixtral's chat format to the id, Llama 3 by its chat template, UTF-8-safe streaming."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -26,6 +28,11 @@ def test_mixtral_system_message_leads_first_user_turn(sp):
     assert ids == [1] + sp.sp.encode("[INST] Be brief.\n\nHello [/INST]")
 
 
+def test_mixtral_system_only_prompt_is_not_dropped(sp):
+    ids = sp.apply_chat_template([("system", "Be brief.")])
+    assert ids == [1] + sp.sp.encode("[INST] Be brief.\n\n [/INST]")
+
+
 def streamed(tok, prompt: list[int], completion: list[int]) -> list[str]:
     detok = IncrementalDetokenizer(tok, prompt)
     ids = list(prompt)
@@ -45,6 +52,15 @@ def test_sentencepiece_stream_never_splits_a_character(sp):
     assert "".join(deltas) == sp.decode(prompt + completion)[len(sp.decode(prompt)):]
 
 
+#: Meta-Llama-3-8B-Instruct's tokenizer_config.json chat_template.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
 @pytest.fixture(scope="module")
 def llama3_tokenizer(tmp_path_factory) -> HFTokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -58,7 +74,9 @@ def llama3_tokenizer(tmp_path_factory) -> HFTokenizer:
     tok.train_from_iterator(["hello world, how are you? naïve café"] * 20, trainer)
     path = tmp_path_factory.mktemp("llama3-tok") / "tokenizer.json"
     tok.save(str(path))
-    return HFTokenizer(path, eos_ids=(1,))
+    (path.parent / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": LLAMA3_TEMPLATE, "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    return HFTokenizer.from_checkpoint(path.parent, eos_ids=(1,))
 
 
 def test_llama3_chat_template(llama3_tokenizer):
