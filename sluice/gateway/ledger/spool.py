@@ -56,8 +56,7 @@ class Spool:
         a crash. Raises ``TypeError`` for records that are not JSON-serialisable."""
         if not records:
             return
-        body = json.dumps(records, separators=(",", ":"), default=_json_default).encode()
-        line = b"%08x %s\n" % (zlib.crc32(body), body)
+        line = encode_line(records)
         with self._lock:
             with open(self.path, "ab") as f:
                 start = f.tell()
@@ -182,16 +181,28 @@ class Spool:
         self._pending = 0
 
 
-def _parse(line: bytes) -> list[dict[str, Any]] | None:
+def encode_line(value: Any) -> bytes:
+    """One checksummed line: ``<crc32 hex> <json>\\n`` (the spool's and the WAL's format).
+    Raises ``TypeError`` for values that are not JSON-serialisable."""
+    body = json.dumps(value, separators=(",", ":"), default=_json_default).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def decode_line(line: bytes) -> Any | None:
+    """The value of a complete line with a matching checksum; None for a torn or corrupt one."""
     if not line.endswith(b"\n") or len(line) < 10 or line[8:9] != b" ":
         return None
     body = line[9:-1]
     try:
         if int(line[:8], 16) != zlib.crc32(body):
             return None
-        records = json.loads(body)
+        return json.loads(body)
     except ValueError:
         return None
+
+
+def _parse(line: bytes) -> list[dict[str, Any]] | None:
+    records = decode_line(line)
     return records if isinstance(records, list) else None
 
 
@@ -206,4 +217,4 @@ def _fsync_path(path: Path) -> None:
 def _json_default(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
-    raise TypeError(f"spool: {type(value).__name__} is not JSON-serialisable")
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")

@@ -27,13 +27,13 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import uuid
-import zlib
 from pathlib import Path
 from typing import Any
+
+from sluice.gateway.ledger.spool import decode_line, encode_line
 
 log = logging.getLogger(__name__)
 
@@ -210,20 +210,11 @@ def _read_segment(path: Path) -> list[dict[str, Any]]:
 
 
 def _encode(entry: dict[str, Any]) -> bytes:
-    body = json.dumps(entry, separators=(",", ":"), default=_json_default).encode()
-    return b"%08x %s\n" % (zlib.crc32(body), body)
+    return encode_line(entry)
 
 
 def _decode(line: bytes) -> dict[str, Any] | None:
-    if not line.endswith(b"\n") or line[8:9] != b" ":
-        return None
-    body = line[9:-1]
-    try:
-        if int(line[:8], 16) != zlib.crc32(body):
-            return None
-        entry = json.loads(body)
-    except ValueError:
-        return None
+    entry = decode_line(line)
     return entry if isinstance(entry, dict) else None
 
 
@@ -232,9 +223,3 @@ def _drop(path: Path, fd: int) -> None:
         path.unlink()
     with contextlib.suppress(OSError):
         os.close(fd)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    raise TypeError(f"usage WAL: {type(value).__name__} is not JSON-serialisable")
