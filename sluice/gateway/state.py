@@ -14,16 +14,21 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import Request
 
 from sluice.gateway.accounts.auth import KeyStore
 from sluice.gateway.accounts.tenants import Accounts
+from sluice.gateway.accounts.throttle import LoginThrottle
 from sluice.gateway.backends.contract import Backend
 from sluice.gateway.backends.registry import ModelRegistry, build_backend, discover
+from sluice.gateway.backends.routing import Router, RoutingConfig, check_routing
 from sluice.gateway.backends.runtime import Pool, Runtime
 from sluice.gateway.db.session import create_engine, sessionmaker
+from sluice.gateway.economics.budgets import Budgets
+from sluice.gateway.economics.prices import open_price_table, refresh_prices
 from sluice.gateway.ledger.audit import AuditLog, audit_key, checkpoint_file, default_instance_id
 from sluice.gateway.ledger.key_cache import KeyCacheFile
 from sluice.gateway.ledger.metering import Meter
@@ -33,14 +38,18 @@ from sluice.gateway.pipeline.finish import Recorder
 from sluice.gateway.pipeline.guard import Guard
 from sluice.gateway.pipeline.intake import Intake
 from sluice.gateway.pipeline.ratelimit import RateLimiter
+from sluice.gateway.pipeline.cache import ResponseCache
 from sluice.gateway.pipeline.service import Pipeline
+from sluice.gateway.pipeline.spend import Spend
 from sluice.gateway.pipeline.stages import Authenticator, Guardrails, RateLimitStage, pool_completer
 from sluice.gateway.settings import BackendConfig, Settings
 from sluice.gateway.telemetry import Telemetry
+from sluice.gateway.workers import CpuPool
 
 log = logging.getLogger("sluice.state")
 
 LAST_USED_INTERVAL_S = 10.0
+PRICE_REFRESH_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +66,10 @@ class AppState:
     limiter: RateLimiter
     telemetry: Telemetry
     pipeline: Pipeline
+    workers: CpuPool  # tokenization and password hashing, off the event loop (edge)
+    logins: LoginThrottle  # failed dashboard logins per account and address (edge)
+    router: Router  # model groups, aliases and backend health
+    spend: Spend  # prices, budgets and the response cache
 
 
 def app_state(request: Request) -> AppState:
@@ -67,6 +80,9 @@ async def open_state(settings: Settings, stack: contextlib.AsyncExitStack, *,
                      telemetry: Telemetry | None = None) -> AppState:
     db = create_engine(settings.database_url)
     stack.push_async_callback(db.dispose)
+    workers = CpuPool()  # also the loop's default executor: backends' to_thread is bounded
+    workers.install(asyncio.get_running_loop())
+    stack.callback(workers.close)
     sessions = sessionmaker(db)
 
     telemetry = telemetry or Telemetry.from_settings(settings)
@@ -105,6 +121,10 @@ async def open_state(settings: Settings, stack: contextlib.AsyncExitStack, *,
     plugins = discover(settings.plugins)
     registry, runtime, probes = _backends(settings, plugins)
     guard = _guard(settings, registry, runtime, plugins)
+    router = Router(registry, RoutingConfig(groups=settings.groups, aliases=settings.aliases),
+                    pools=runtime.pools, busy=lambda name: _busy(runtime.pools[name]))
+    check_routing(router.config, registry)
+    spend = await _spend(settings, db, audit, telemetry, stack)
     await runtime.start()
     stack.push_async_callback(runtime.close)  # drains in-flight requests first
 
@@ -113,18 +133,43 @@ async def open_state(settings: Settings, stack: contextlib.AsyncExitStack, *,
 
     pipeline = Pipeline(
         auth=Authenticator(keys, audit),
-        intake=Intake(settings, registry, runtime, probes, meter),
+        intake=Intake(registry, runtime, probes, meter, router, max_n=settings.max_n,
+                      refuse_without_db=settings.db_outage == "refuse",
+                      default_reserve_tokens=settings.default_reserve_tokens),
         ratelimit=ratelimit,
         guardrails=Guardrails(guard, audit, limiter, telemetry),
-        recorder=Recorder(meter, ratelimit, telemetry),
+        spend=spend,
+        recorder=Recorder(meter, ratelimit, spend, telemetry),
         telemetry=telemetry,
     )
     log.info("serving models: %s", ", ".join(c.id for c in registry.cards()) or "none")
     return AppState(
         settings=settings, db=db, sessions=sessions, registry=registry, runtime=runtime,
         keys=keys, accounts=Accounts(sessions, audit=audit), audit=audit, meter=meter,
-        limiter=limiter, telemetry=telemetry, pipeline=pipeline,
+        limiter=limiter, telemetry=telemetry, pipeline=pipeline, router=router, spend=spend,
+        workers=workers, logins=LoginThrottle(),
     )
+
+
+async def _spend(settings: Settings, db: AsyncEngine, audit: AuditLog, telemetry: Telemetry,
+                 stack: contextlib.AsyncExitStack) -> Spend:
+    """Prices (kept in step with other replicas), budgets and the response cache. Closed
+    after the runtime has drained, so the last calls' budgets settle."""
+    prices = await open_price_table(db, settings.prices)
+    refresh = asyncio.create_task(refresh_prices(db, prices, PRICE_REFRESH_S))
+    stack.push_async_callback(_cancel, refresh)
+
+    async def alert(event: dict[str, Any]) -> None:
+        await audit.record("system:budgets", "budget.alert", event["budget_id"],
+                           decision="warn", details=event)
+
+    budgets = Budgets.from_settings(db, settings.redis_url, cluster=settings.redis_cluster,
+                                    cache_ttl_s=settings.key_cache_ttl_s, alert_sink=alert)
+    cache = ResponseCache.from_settings(settings.cache, settings.redis_url,
+                                        cluster=settings.redis_cluster)
+    spend = Spend(prices, budgets, cache, telemetry)
+    stack.push_async_callback(spend.close)
+    return spend
 
 
 def check_backends(settings: Settings) -> None:
@@ -139,7 +184,7 @@ def _backends(settings: Settings, plugins: dict[str, type[Backend]],
               ) -> tuple[ModelRegistry, Runtime, dict[str, Backend]]:
     """The model registry, one runtime pool per configured backend, and one never-started
     instance of each (a probe) for what needs no worker (token counts)."""
-    registry = ModelRegistry()
+    registry = ModelRegistry(frozenset(settings.groups))
     runtime = Runtime()
     probes: dict[str, Backend] = {}
     for name, config in settings.backends.items():
@@ -170,6 +215,12 @@ def _guard(settings: Settings, registry: ModelRegistry, runtime: Runtime,
         runtime.add(pool)
     log.info("guardrails: on, LlamaGuard model %s", model)
     return Guard(pool_completer(pool, model))
+
+
+def _busy(pool: Pool) -> int:
+    """Requests a pool holds now, running or queued (least-busy balancing)."""
+    status = pool.status()
+    return int(status["queue_depth"]) + sum(int(w["inflight"]) for w in status["workers"])
 
 
 async def _periodic_last_used(keys: KeyStore) -> None:

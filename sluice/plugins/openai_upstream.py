@@ -112,7 +112,8 @@ class OpenAIUpstreamBackend(Backend):
     def models(self) -> list[ModelCard]:
         capabilities = frozenset(self.opts.capabilities)
         return [ModelCard(id=served, owned_by="upstream", capabilities=capabilities,
-                          provider=self.opts.provider) for served in self.opts.models]
+                          provider=self.opts.provider, prompt_per_choice=True)
+                for served in self.opts.models]
 
     async def start(self) -> None:
         opts = self.opts
@@ -206,9 +207,11 @@ class OpenAIUpstreamBackend(Backend):
                                status=502, retryable=True) from None
 
         if finish is None:
-            # The answer was cut short: never pass that off as a clean stop.
+            # The answer was cut short: never pass that off as a clean stop. With nothing
+            # passed on yet, another backend may still answer it whole (retryable).
             raise BackendError(f"upstream {self._where} ended the stream before the answer "
-                               "was finished (no finish_reason)", status=502)
+                               "was finished (no finish_reason)", status=502,
+                               retryable=not text_parts)
         if usage is None:
             usage = self._local_usage(request, "".join(text_parts), streamed)
         yield GenerationEvent(

@@ -66,8 +66,7 @@ def test_retry_policy_respects_retryable_and_retry_after() -> None:
     assert plan.delay_before_next(BackendError("bad request", status=400)) is None
     plan = router.plan("m")
     assert plan.delay_before_next(BackendError("down", retryable=True)) == pytest.approx(0.1)
-    limited = BackendError("slow down", status=429, retryable=True)
-    limited.retry_after_s = 1.5  # type: ignore[attr-defined]
+    limited = BackendError("slow down", status=429, retryable=True, headers={"Retry-After": "1.5"})
     assert plan.delay_before_next(limited) == pytest.approx(1.5)
     assert plan.delay_before_next(BackendError("down", retryable=True)) is None  # all 3 tried
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -74,6 +74,7 @@ class Plan:
 
     attempts: list[Attempt]
     group: GroupConfig | None
+    router: Router
     tried: int = 0
     log: list[str] = field(default_factory=list)
 
@@ -86,7 +87,7 @@ class Plan:
             return None
         if self.tried > self.group.retries + len(self.group.fallbacks):
             return None
-        retry_after = getattr(exc, "retry_after_s", None)
+        retry_after = _retry_after(exc)
         if retry_after is not None:
             if retry_after > self.group.max_retry_after_s:
                 return 0.0  # do not wait that long here: try the next backend now
@@ -94,13 +95,26 @@ class Plan:
         return self.group.backoff_s * (2 ** (self.tried - 1))
 
 
+def _retry_after(exc: BackendError) -> float | None:
+    """An upstream's ``Retry-After`` in seconds (the HTTP-date form is not waited for)."""
+    for name, value in exc.headers.items():
+        if name.lower() == "retry-after":
+            try:
+                return max(float(value), 0.0)
+            except ValueError:
+                return None
+    return None
+
+
 class Router:
     def __init__(self, registry: ModelRegistry, config: RoutingConfig, *,
+                 pools: Mapping[str, Any] | None = None,
                  busy: Callable[[str], int] | None = None,
                  rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.config = config
+        self.pools = pools or {}  # backend name -> its runtime pool (what dispatch leases)
         self._busy = busy or (lambda backend: 0)
         self._rng = rng or random.Random()
         self._clock = clock
@@ -120,7 +134,7 @@ class Router:
         for other in group.fallbacks if group else ():
             attempts += [Attempt(r, other) for r in self._order(
                 self.registry.routes(other), self.config.groups.get(other))]
-        return Plan(attempts=attempts, group=group)
+        return Plan(attempts=attempts, group=group, router=self)
 
     def _order(self, routes: list[Route], group: GroupConfig | None) -> list[Route]:
         if len(routes) <= 1 or group is None:
@@ -161,3 +175,25 @@ class Router:
         now = self._clock()
         return {name: s.ejected_until - now for name, s in self._health.items()
                 if s.ejected_until > now}
+
+
+def check_routing(config: RoutingConfig, registry: ModelRegistry) -> None:
+    """Fail at start-up, in one line, on a group or alias that names nothing served."""
+    from sluice.gateway.errors import SettingsError
+
+    for model, group in config.groups.items():
+        served = {r.backend_name for r in registry.routes(model)}
+        if not served:
+            raise SettingsError(f"groups.{model}: no configured backend serves '{model}'")
+        for member in group.backends:
+            if member.backend not in served:
+                raise SettingsError(f"groups.{model}: backend '{member.backend}' does not "
+                                    f"serve '{model}' (served by: {', '.join(sorted(served))})")
+        for other in group.fallbacks:
+            if not registry.routes(other):
+                raise SettingsError(f"groups.{model}.fallbacks: no backend serves '{other}'")
+    for alias, target in config.aliases.items():
+        if not registry.routes(target):
+            raise SettingsError(f"aliases.{alias}: no backend serves '{target}'")
+        if registry.routes(alias):
+            raise SettingsError(f"aliases.{alias}: a backend already serves a model of that name")

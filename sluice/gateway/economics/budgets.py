@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import httpx
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -202,7 +203,7 @@ class RedisSpendStore:
     Every key of a request carries the tenant's hash tag, so a Redis Cluster keeps them in
     one slot."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster) -> None:
         self._redis = client
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
@@ -250,10 +251,12 @@ class Budgets:
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def from_settings(cls, engine: AsyncEngine, redis_url: str | None, **kw: Any) -> Budgets:
-        store: SpendStore = (RedisSpendStore(aioredis.Redis.from_url(redis_url))
-                             if redis_url else MemorySpendStore())
-        return cls(engine, store, **kw)
+    def from_settings(cls, engine: AsyncEngine, redis_url: str | None, *, cluster: bool = False,
+                      **kw: Any) -> Budgets:
+        if not redis_url:
+            return cls(engine, MemorySpendStore(), **kw)
+        client = RedisCluster.from_url(redis_url) if cluster else aioredis.Redis.from_url(redis_url)
+        return cls(engine, RedisSpendStore(client), **kw)
 
     async def rules_for(self, tenant_id: str, key_id: str) -> list[BudgetRule]:
         cached = self._rules.get(tenant_id)

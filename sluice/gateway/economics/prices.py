@@ -8,15 +8,20 @@ which inserts versions; the table below is the one source both read.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import datetime as dt
+import logging
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sluice.gateway.economics.config import PriceConfig
 from sluice.gateway.economics.tables import ModelPrice
+
+log = logging.getLogger("sluice.prices")
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -139,3 +144,24 @@ async def add_price(engine: AsyncEngine, model: str, config: PriceConfig, *,
             model=model, effective_from=effective, input_micros=price.input,
             output_micros=price.output, cached_input_micros=price.cached_input, source=source))
     return price
+
+
+async def open_price_table(engine: AsyncEngine, config: dict[str, PriceConfig]) -> PriceTable:
+    """The price table at start-up: config prices stored as versions, then every version
+    read back. With the database unreachable, the config's prices alone (logged)."""
+    try:
+        await sync_config_prices(engine, config)
+        return PriceTable(await load_prices(engine))
+    except (SQLAlchemyError, OSError) as exc:
+        log.warning("prices: database unreachable (%s); using the config file's prices", exc)
+        return PriceTable(config_prices(config))
+
+
+async def refresh_prices(engine: AsyncEngine, table: PriceTable, interval_s: float) -> None:
+    """Keep ``table`` in step with versions added on other replicas (admin API)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            table.replace(await load_prices(engine))
+        except (SQLAlchemyError, OSError) as exc:
+            log.info("prices: refresh failed (%s); keeping the last table", exc)

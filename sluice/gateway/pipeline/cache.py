@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from redis.exceptions import RedisError
 
@@ -105,7 +106,7 @@ class RedisCacheStore:
     """Shared by replicas; bounded by the entry TTL and Redis's own memory policy. A Redis
     error is a miss (the cache never fails a request)."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster) -> None:
         self._redis = client
 
     async def get(self, key: str) -> bytes | None:
@@ -132,10 +133,12 @@ class ResponseCache:
         self.misses = 0
 
     @classmethod
-    def from_settings(cls, config: CacheConfig, redis_url: str | None) -> ResponseCache:
-        store: CacheStore = (RedisCacheStore(aioredis.Redis.from_url(redis_url)) if redis_url
-                             else MemoryCacheStore(config.max_entries, config.max_bytes))
-        return cls(config, store)
+    def from_settings(cls, config: CacheConfig, redis_url: str | None, *,
+                      cluster: bool = False) -> ResponseCache:
+        if not redis_url or not config.enabled:
+            return cls(config, MemoryCacheStore(config.max_entries, config.max_bytes))
+        client = RedisCluster.from_url(redis_url) if cluster else aioredis.Redis.from_url(redis_url)
+        return cls(config, RedisCacheStore(client))
 
     def key_for(self, *, tenant_id: str, tenant_name: str, endpoint: str, model: str,
                 body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:

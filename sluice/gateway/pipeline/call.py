@@ -9,13 +9,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sluice.gateway.accounts.auth import Principal
-from sluice.gateway.backends.contract import GenerationRequest, TokenLogprob, Usage
+from sluice.gateway.backends.contract import GenerationEvent, GenerationRequest, TokenLogprob, Usage
 from sluice.gateway.backends.runtime import Pool
-from sluice.gateway.http.formats import ChatFormat, TextFormat, usage_dict
+from sluice.gateway.http.formats import ChatFormat, MessageParts, TextFormat, merge_details, usage_dict
 from sluice.gateway.pipeline.ratelimit import Admission
+
+if TYPE_CHECKING:
+    from sluice.gateway.backends.routing import Plan
+    from sluice.gateway.economics.budgets import Reservation
 
 CLIENT_CLOSED = 499  # nginx's status for a client that went away; recorded, never sent
 
@@ -32,6 +36,9 @@ class Choice:
     dispatched_at: float | None = None
     first_token_at: float | None = None
     done_at: float | None = None
+    # what the events carried besides text (tool calls, refusal, reasoning, fingerprint)
+    parts: MessageParts = field(default_factory=MessageParts)
+    usage: Usage | None = None  # the backend's own, with its details
 
 
 @dataclass
@@ -52,6 +59,8 @@ class Call:
     stream: bool = False
     include_usage: bool = False
     want_logprobs: bool = False
+    provider: str = "sluice"  # gen_ai.provider.name of the model's server
+    prompt_per_choice: bool = False  # n fanned out to a proxy: each choice bills its prompt
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
     # -- what happened (written by the stages) -----------------------------------------
@@ -62,6 +71,16 @@ class Call:
     status: int = 200
     dispatched: bool = False
     finished: bool = False
+    # -- money and routing (pipeline/spend.py, backends/routing.py) ----------------------
+    body: dict[str, Any] | None = None  # the request body as sent (the cache key's source)
+    cache_control: str = ""  # the client's Cache-Control header
+    plan: Plan | None = None  # a model group's routes to try; None: ``pool`` only
+    budget: Reservation | None = None  # held against budgets, settled at finish
+    cache_key: str | None = None  # set when the answer may come from / go to the cache
+    replay: list[list[GenerationEvent]] | None = None  # a cache hit: each choice's events
+    recorded: list[list[GenerationEvent]] | None = None  # a miss to cache: events as they came
+    served_by: str | None = None  # the backend that answered (after retries, fallbacks)
+    cost_pico: int = 0  # exact, priced at finish
     _prompt_tokens: int | None = None
 
     @property
@@ -82,5 +101,8 @@ class Call:
     def response_id(self) -> str:
         return self.fmt.id_prefix + self.request_id.removeprefix("req_")
 
-    def usage(self) -> dict[str, int]:
-        return usage_dict(Usage(self.prompt_tokens, self.completion_tokens))
+    def usage(self) -> dict[str, Any]:
+        prompt_details, completion_details = merge_details(
+            c.usage for c in self.choices if c.usage is not None)
+        return usage_dict(Usage(self.prompt_tokens, self.completion_tokens, prompt_details,
+                                completion_details))

@@ -10,13 +10,16 @@ from opentelemetry import trace
 
 from sluice.gateway.ledger.metering import Meter, UsageRecord
 from sluice.gateway.pipeline.call import Call
+from sluice.gateway.pipeline.spend import Spend
 from sluice.gateway.pipeline.stages import RateLimitStage
 from sluice.gateway.telemetry import Telemetry, gen_ai_attributes
 
 
 class Recorder:
-    def __init__(self, meter: Meter, ratelimit: RateLimitStage, telemetry: Telemetry) -> None:
+    def __init__(self, meter: Meter, ratelimit: RateLimitStage, spend: Spend,
+                 telemetry: Telemetry) -> None:
         self.meter = meter
+        self.spend = spend
         self.ratelimit = ratelimit
         self.telemetry = telemetry
 
@@ -39,14 +42,18 @@ class Recorder:
             call.prompt_tokens = 0  # refused before any backend saw it: nothing to bill
         latency_s = time.perf_counter() - call.started
         reasons = sorted({c.finish_reason for c in call.choices if c.finish_reason})
-        self.meter.record(self._record(
+        record = self._record(
             call, completion_tokens=call.completion_tokens, status=call.status,
-            finish_reason=",".join(reasons) or None, latency_ms=latency_s * 1000))
+            finish_reason=",".join(reasons) or None, latency_ms=latency_s * 1000)
+        record.cost_pico = call.cost_pico = self.spend.price(call, record.created_at)
+        record.backend = call.served_by or (call.pool.name if call.dispatched else None)
+        self.meter.record(record)
         self.ratelimit.settle(call)
+        self.spend.finish(call)
         self.telemetry.observe_request(
             model=call.model, endpoint=call.endpoint, status=call.status, latency_s=latency_s,
             ttft_s=call.ttft_s, prompt_tokens=call.prompt_tokens,
-            completion_tokens=call.completion_tokens,
+            completion_tokens=call.completion_tokens, provider=call.provider,
         )
         if self.telemetry.tracing:
             self._trace(call, reasons)

@@ -3,26 +3,31 @@ limits on ``n`` checked, one GenerationRequest per choice)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 from sluice.gateway.accounts.auth import Principal
 from sluice.gateway.backends.contract import Backend
 from sluice.gateway.backends.registry import ModelRegistry
+from sluice.gateway.backends.routing import Router
 from sluice.gateway.backends.runtime import Runtime
 from sluice.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from sluice.gateway.http.formats import ChatFormat, TextFormat
 from sluice.gateway.http.schemas import ChatCompletionRequest, CompletionRequest
 from sluice.gateway.ledger.metering import Meter
 from sluice.gateway.pipeline.call import Call, Choice
-from sluice.gateway.settings import Settings
 from sluice.gateway.telemetry import gen_ai_attributes
 
 class Intake:
-    def __init__(self, settings: Settings, registry: ModelRegistry, runtime: Runtime,
-                 probes: dict[str, Backend], meter: Meter) -> None:
-        self.settings = settings
+    def __init__(self, registry: ModelRegistry, runtime: Runtime, probes: dict[str, Backend],
+                 meter: Meter, router: Router, *, max_n: int, refuse_without_db: bool,
+                 default_reserve_tokens: int) -> None:
+        self.max_n = max_n  # choices per request
+        self.refuse_without_db = refuse_without_db  # SLUICE_DB_OUTAGE=refuse
+        self.default_reserve_tokens = default_reserve_tokens
         self.registry = registry
+        self.router = router
         self.runtime = runtime
         self.meter = meter
         # One never-started instance per backend, for what needs no worker (token counts).
@@ -47,28 +52,32 @@ class Intake:
               body: ChatCompletionRequest | CompletionRequest, span: Any, *, endpoint: str,
               fmt: ChatFormat | TextFormat, prompt_text: str,
               conversation: list[tuple[str, str]], logprobs: bool) -> Call:
-        route = self.registry.get(body.model)
+        model = self.router.resolve(body.model)  # an alias names its target
+        route = self.registry.get(model)
         if route is None:
             raise NotFound(
                 f"The model '{body.model}' does not exist", param="model", code="model_not_found"
             )
-        principal.check_model(body.model)
-        if body.n > self.settings.max_n:
-            raise InvalidRequest(f"n must be at most {self.settings.max_n}", param="n")
-        if not self.meter.accepting or (self.settings.db_outage == "refuse"
-                                        and not self.meter.healthy):  # fmt: skip
+        principal.check_model(model)
+        if body.n > self.max_n:
+            raise InvalidRequest(f"n must be at most {self.max_n}", param="n")
+        if not self.meter.accepting or (self.refuse_without_db and not self.meter.healthy):
             raise ServiceUnavailable("usage cannot be recorded right now; try again shortly")
         requests = body.generation_requests(request_id)
+        if model != body.model:
+            requests = [dataclasses.replace(r, model=model) for r in requests]
         reserve = (body.token_limit() or route.card.context_length
-                   or self.settings.default_reserve_tokens)
-        span.set_attributes(gen_ai_attributes(model=body.model, operation=endpoint,
-                                              system=route.backend_name))
+                   or self.default_reserve_tokens)
+        span.set_attributes(gen_ai_attributes(model=model, operation=endpoint,
+                                              provider=route.card.provider))
         return Call(
             request_id=request_id,
             endpoint=endpoint,
             principal=principal,
-            model=body.model,
+            model=model,
             pool=self.runtime.pools[route.backend_name],
+            plan=self.router.plan(model) if model in self.router.config.groups else None,
+            body=body.data,
             requests=requests,
             count_prompt=functools.partial(self.probes[route.backend_name].count_tokens,
                                            requests[0]),
@@ -80,5 +89,7 @@ class Intake:
             stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
             want_logprobs=logprobs,
+            provider=route.card.provider,
+            prompt_per_choice=route.card.prompt_per_choice,
             choices=[Choice(logprobs=[] if logprobs else None) for _ in requests],
         )

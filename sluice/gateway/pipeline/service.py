@@ -4,9 +4,11 @@
     intake      intake.Intake           body -> Call (model routed, n checked)
     rate limit  stages.RateLimitStage   reserve against key and tenant limits
     input guard stages.Guardrails       LlamaGuard on the prompt
+    spend       spend.Spend             budgets reserved, response cache looked up
     dispatch    dispatch.dispatch       choices run on the backend's pool, events merged
     output guard stages.Guardrails      LlamaGuard on the answer (streams: rolling windows)
-    finish      finish.Recorder         one usage record, rate limit settled, metrics, trace
+    finish      finish.Recorder         one usage record (priced), rate limit and budgets
+                                        settled, cache filled, metrics, trace
 
 A :class:`~sluice.gateway.pipeline.call.Call` is what every stage takes. However a call
 ends (finished, refused, failed, or the client gone mid-stream) ``finish`` runs once.
@@ -23,7 +25,8 @@ from typing import Any
 from opentelemetry import trace
 
 from sluice.gateway.accounts.auth import Principal
-from sluice.gateway.backends.contract import TokenLogprob
+from sluice.gateway.backends.contract import GenerationEvent, TokenLogprob
+from sluice.gateway.http.formats import has_content
 from sluice.gateway.http.schemas import ChatCompletionRequest, CompletionRequest
 from sluice.gateway.http.streaming import DONE, sse
 from sluice.gateway.pipeline.call import CLIENT_CLOSED, Call
@@ -31,17 +34,20 @@ from sluice.gateway.pipeline.dispatch import as_sluice_error, dispatch
 from sluice.gateway.pipeline.finish import Recorder
 from sluice.gateway.pipeline.guard import StreamBlocked
 from sluice.gateway.pipeline.intake import Intake
+from sluice.gateway.pipeline.spend import Spend
 from sluice.gateway.pipeline.stages import Authenticator, Guardrails, RateLimitStage, violation
 from sluice.gateway.telemetry import Telemetry
 
 
 class Pipeline:
     def __init__(self, *, auth: Authenticator, intake: Intake, ratelimit: RateLimitStage,
-                 guardrails: Guardrails, recorder: Recorder, telemetry: Telemetry) -> None:
+                 guardrails: Guardrails, spend: Spend, recorder: Recorder,
+                 telemetry: Telemetry) -> None:
         self.auth = auth
         self.intake = intake
         self.ratelimit = ratelimit
         self.guardrails = guardrails
+        self.spend = spend
         self.recorder = recorder
         self.telemetry = telemetry
 
@@ -60,8 +66,11 @@ class Pipeline:
         try:
             with self._span(call, "ratelimit"):
                 await self.ratelimit.admit(call)
-            with self._span(call, "guard.input"):
-                await self.guardrails.check_input(call)
+            if self.guardrails.enabled:  # no guard span when guardrails are off
+                with self._span(call, "guard.input"):
+                    await self.guardrails.check_input(call)
+            with self._span(call, "spend"):
+                await self.spend.admit(call)  # budgets reserved; the response cache asked
             await self.recorder.open(call)  # write-ahead usage record: no crash loses it
         except BaseException as exc:
             self._fail(call, exc)
@@ -76,9 +85,10 @@ class Pipeline:
         try:
             async for _ in dispatch(call):
                 pass
-            with self._span(call, "guard.output"):
-                for choice in call.choices:
-                    await self.guardrails.check_output(call, "".join(choice.text))
+            if self.guardrails.enabled:  # no guard span when guardrails are off
+                with self._span(call, "guard.output"):
+                    for choice in call.choices:
+                        await self.guardrails.check_output(call, "".join(choice.text))
         except (asyncio.CancelledError, GeneratorExit):
             call.status = CLIENT_CLOSED
             raise
@@ -93,11 +103,12 @@ class Pipeline:
             "created": call.created,
             "model": call.model,
             "choices": [
-                call.fmt.choice(i, "".join(c.text), c.finish_reason, c.logprobs)
+                call.fmt.choice(i, "".join(c.text), c.finish_reason, c.logprobs, c.parts)
                 for i, c in enumerate(call.choices)
             ],
             "usage": call.usage(),
-            "system_fingerprint": None,
+            "system_fingerprint": next((c.parts.system_fingerprint for c in call.choices
+                                        if c.parts.system_fingerprint), None),
         }
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
@@ -110,8 +121,11 @@ class Pipeline:
         guards = [self.guardrails.stream(call) for _ in call.requests]
 
         def chunk(index: int, text: str | None, finish: str | None,
-                  lps: list[TokenLogprob] | None) -> bytes:
-            body = {**head, "choices": [call.fmt.delta(index, text, finish, lps, first[index])]}
+                  lps: list[TokenLogprob] | None, event: GenerationEvent) -> bytes:
+            if event.system_fingerprint:
+                head["system_fingerprint"] = event.system_fingerprint
+            body = {**head, "choices": [call.fmt.delta(index, text, finish, lps, first[index],
+                                                       event)]}
             if call.include_usage:
                 body["usage"] = None
             first[index] = False
@@ -126,9 +140,9 @@ class Pipeline:
                     if event.finish_reason:
                         text += await guard.finish()
                 lps = list(event.logprobs) if call.want_logprobs else None
-                if text or first[index] or event.finish_reason:
+                if text or first[index] or event.finish_reason or has_content(event):
                     yield chunk(index, text if text or first[index] else None,
-                                event.finish_reason, lps)
+                                event.finish_reason, lps, event)
                     self.recorder.progress(call)  # the transport took it: billed on a crash
             if call.include_usage:
                 yield sse({**head, "choices": [], "usage": call.usage()})

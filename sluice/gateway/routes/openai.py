@@ -79,7 +79,8 @@ async def serve(request: Request, endpoint: str,
                 call = state.pipeline.chat_call(request_id, principal, body, span)
             else:
                 call = state.pipeline.completion_call(request_id, principal, body, span)
-            check_serves(state.registry.routes(body.model)[0].card, body)
+            call.cache_control = request.headers.get("cache-control", "")
+            check_serves(state.registry.routes(call.model)[0].card, body)
     except BaseException:
         span.end()
         raise
