@@ -81,6 +81,9 @@ class ModelCard:
     capabilities: frozenset[Capability] = TEXT_CAPABILITIES
     #: ``gen_ai.provider.name`` of the model's server (OpenTelemetry's GenAI conventions).
     provider: str = "sluice"
+    #: Each choice of a fanned-out ``n`` is billed its own prompt (a proxy makes one
+    #: upstream call per choice); otherwise the prompt is billed once, as OpenAI does.
+    prompt_per_choice: bool = False
 
     def serves(self, capability: Capability) -> bool:
         return capability in self.capabilities
