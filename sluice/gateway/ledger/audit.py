@@ -34,13 +34,14 @@ from sluice.gateway.ledger.chain import (
     CLI_CHAIN, GENESIS_HASH, canonical_timestamp, chain_hash, load_key,
     prompt_digest,
 )  # fmt: skip
+from sluice.gateway.errors import ServiceUnavailable
 from sluice.gateway.ledger.audit_store import (
     AuditChainConflict, missing, move_head, stored_head, to_row, warn_if_privileged,
 )  # fmt: skip
 from sluice.gateway.ledger.checkpoints import CheckpointFile
 from sluice.gateway.ledger.spool import Spool
 from sluice.gateway.ledger.verify import Verifier, VerifyReport
-from sluice.gateway.ledger.writer import DB_UNAVAILABLE, BatchWriter
+from sluice.gateway.ledger.writer import DB_UNAVAILABLE, BatchWriter, NotDurable
 
 __all__ = ["AuditChainConflict", "AuditLog", "audit_key", "checkpoint_file", "cli_audit",
            "default_instance_id", "prompt_digest"]  # fmt: skip
@@ -189,7 +190,11 @@ class AuditLog:
         if self.shared:
             return await self._append_locked(body)
         if self.writer.buffered >= self.max_buffer:
-            await self.flush()  # backpressure instead of unbounded memory
+            try:  # backpressure instead of unbounded memory
+                await self.flush()
+            except NotDurable:
+                raise ServiceUnavailable("the audit log cannot be written right now; try "
+                                         "again shortly") from None  # fmt: skip
         # No await from here on: sequence numbers follow call order.
         self._seq, record = self._seq + 1, self._link(self._seq + 1, self._last_hash, body)
         self._last_hash = record["hash"]

@@ -172,9 +172,11 @@ class Meter:
         await self.writer.flush()
 
     async def close(self) -> None:
-        await self.writer.close()
-        if self.wal is not None:
-            self.wal.close_file()
+        try:
+            await self.writer.close()
+        finally:  # a clean stop leaves no segment to recover; a failed one keeps it
+            if self.wal is not None:
+                self.wal.close_file(durable=self.writer.buffered == 0)
 
     def _wal_checkpoint(self) -> None:
         if self.wal is not None and self.wal.due():

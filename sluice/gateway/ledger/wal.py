@@ -170,7 +170,14 @@ class UsageWAL:
             self._recovered.append((path, fd))
         return records
 
-    def close_file(self) -> None:
+    def close_file(self, *, durable: bool = False) -> None:
+        """Close the segment; with ``durable`` (every closed record is in the database or
+        the spool) and no request open, remove it and any recovered ones too."""
+        if durable and not self._open and self._sync_task is None:
+            for path, fd in [(self._path, self._fd), *self._recovered]:
+                _drop(path, fd)
+            self._recovered = []
+            return
         with contextlib.suppress(OSError):
             os.close(self._fd)
 
