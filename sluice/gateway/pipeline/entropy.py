@@ -1,21 +1,46 @@
-"""Entropy scoring: how far a prompt sits from the band of natural language.
+"""Entropy pricing: how much of a prompt sits outside the band of natural language.
 
-Obfuscated payloads (base64, hex, leetspeak), random noise and degenerate repetition
-are the cheap way to burn a model's compute or to slip past a guard model, so they
-pay a higher rate-limit cost. Natural text in any language, prose with code, logs and
-identifiers must stay at a multiplier of exactly 1.0.
+Obfuscated payloads (base64, hex, base32, decimal byte codes, leetspeak), random noise in
+any script and degenerate repetition are the cheap way to burn a model's compute or to
+slip past a guard model, so they pay a higher rate-limit cost. Natural text in any
+language, prose with code, logs and identifiers stay at (or within a hair of) 1.0.
 
-`score_prompt(text, config)` measures a handful of features in one pass, maps each to
-a signal in [0, 1] with a linear ramp (`lo` = the edge of natural text, `hi` = clearly
-abnormal), takes the strongest signal as the score, and looks the score up in the
-multiplier bands. The ramp edges are defaults measured on tests/data/prompts
-(`loadtests/ratelimit_eval.py`, docs/ratelimit.md); every number is configuration.
+The whole conversation is scored, every character of it, in O(n) numpy passes (no
+sampling): the text is cut into blocks of `block_chars`; each block gets a score in
+[0, 1] (the strongest of its signals, each a linear ramp from the edge of natural text
+`lo` to clearly abnormal `hi`), the score a multiplier band, and the prompt's multiplier
+is the blocks' multipliers averaged by their length. A payload therefore costs its
+band's price whatever surrounds it: padding it with natural text only adds text billed
+at 1x, and hiding it in an earlier turn or deep inside a long prompt changes nothing.
+
+Signals (per block):
+
+- `encoded`: share of the block's characters inside encoded spans, found token by token
+  over the whole text: base64 tokens (>= 16 chars, upper+lower+digits, frequent class
+  changes), and runs of consecutive tokens that are all hex (grouped or not, `0x`
+  prefixes and separators allowed), all base32 (A-Z, 2-7, `=`), or all decimal digits,
+  with the composition of random data (hex: digits and a-f letters; base32: digits 2-7
+  and few vowels; decimal: >= 32 digits).
+- `ascii_entropy`: character entropy of an ASCII block (random printable text).
+- `distinct`: distinct characters per character of a non-ASCII block (uniform noise from
+  a large script: CJK, Hangul, anything; natural CJK text repeats its common characters).
+- `uniformity`: entropy / log2(distinct characters) of a non-ASCII block (uniform noise
+  from a small script: random Cyrillic, Greek, Arabic letters).
+- `script_switch`: changes of writing system between consecutive letters (mixed noise).
+- `vowel_ratio`: vowels per letter in Latin-letter blocks (random "words").
+- `leet`: letter-digit-letter sequences (h0w, m4k3) per word.
+- `repetition`: share of repeated 4-character shingles in the block (repeated phrases).
+- `low_entropy`: entropy below 2.5 bits/char (one character repeated).
+
+The ramp edges are configuration; the defaults were fitted on tests/data/prompts and
+evaluated on held-out sets built from other sources (`python -m loadtests.ratelimit_eval`,
+docs/ratelimit.md).
 """
 
 from __future__ import annotations
 
-import math
-import zlib
+import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +60,8 @@ class Ramp(BaseModel):
             raise ValueError("ramp needs lo != hi")
         return self
 
-    def __call__(self, value: float) -> float:
-        return min(1.0, max(0.0, (value - self.lo) / (self.hi - self.lo)))
+    def __call__(self, value: np.ndarray) -> np.ndarray:
+        return np.clip((value - self.lo) / (self.hi - self.lo), 0.0, 1.0)
 
 
 class Band(BaseModel):
@@ -46,36 +71,36 @@ class Band(BaseModel):
 
 
 class EntropyConfig(BaseModel):
-    """Feature ramps and multiplier bands (defaults: docs/ratelimit.md)."""
+    """Block size, feature ramps and multiplier bands (defaults: docs/ratelimit.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
     min_chars: int = Field(default=24, ge=1)  # shorter prompts are too small to judge
-    sample_chars: int = Field(default=4096, ge=256)  # longer prompts are sampled in 4 slices
-    run_min_chars: int = Field(default=16, ge=8)  # whitespace-free tokens this long may be payloads
-    base64_min_switch_rate: float = 0.4  # char-class changes per char inside a base64-like run
-    # Fraction of the prompt's characters inside hex/base64-like runs.
-    encoded: Ramp = Ramp(lo=0.4, hi=0.75)
-    # Letter-digit-letter sequences (h0w, m4k3) per whitespace-separated word.
-    leet: Ramp = Ramp(lo=0.12, hi=0.3)
-    # Character entropy (bits/char) of ASCII-only text: prose and code stay near 4-5.
-    ascii_entropy: Ramp = Ramp(lo=5.4, hi=5.8)
-    # Changes of writing system between consecutive letters (Japanese kana+kanji is one system).
+    block_chars: int = Field(default=512, ge=64, multiple_of=4)  # the last takes the rest
+    # Encoded spans: tokens at least this long may be base64; runs at least this many
+    # alphanumerics long may be hex / base32; decimal runs need this many digits.
+    base64_min_chars: int = 16
+    base64_min_switch_rate: float = 0.35  # upper/lower/digit changes per char
+    run_min_alnum: int = 24
+    decimal_min_digits: int = 32
+    # One identifier per block is natural (a hash, a UUID, a key): this many encoded
+    # characters per block are not counted.
+    encoded_allowance_chars: int = Field(default=64, ge=0)
+    encoded: Ramp = Ramp(lo=0.3, hi=0.6)
+    ascii_entropy: Ramp = Ramp(lo=5.3, hi=5.7)
+    distinct: Ramp = Ramp(lo=0.8, hi=0.92)
+    uniformity: Ramp = Ramp(lo=0.94, hi=0.97)
+    pair_novelty: Ramp = Ramp(lo=0.95, hi=0.99)
+    min_letters_for_distinct: int = 128  # noise statistics need this many letters
     script_switch: Ramp = Ramp(lo=0.2, hi=0.45)
-    # Vowels per ASCII letter (random letters ~0.23; European languages ~0.35-0.5).
     vowel_ratio: Ramp = Ramp(lo=0.275, hi=0.255)
     min_letters_for_vowels: int = 48
     min_letter_share_for_vowels: float = 0.7  # code (many symbols) is exempt
     max_avg_word_len_for_vowels: float = 12.0  # so are sequences (DNA) and other long tokens
-    # zlib output/input bytes: repetition compresses far better than language.
-    compress_ratio: Ramp = Ramp(lo=0.25, hi=0.12)
-    min_bytes_for_compress: int = 160
-    compress_bytes: int = Field(default=1024, ge=128)  # zlib runs on the first this many bytes
-    # Distinct words / words.
-    distinct_words: Ramp = Ramp(lo=0.3, hi=0.15)
-    min_words_for_distinct: int = 30
-    # Character entropy of any text: one repeated character is ~0 bits.
+    leet: Ramp = Ramp(lo=0.12, hi=0.3)
+    repetition: Ramp = Ramp(lo=0.55, hi=0.75)
+    min_chars_for_repetition: int = 160
     low_entropy: Ramp = Ramp(lo=2.5, hi=1.5)
     bands: tuple[Band, ...] = (
         Band(min_score=0.0, multiplier=1.0),
@@ -93,181 +118,114 @@ class EntropyConfig(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class EntropyScore:
-    score: float  # 0 = natural language, 1 = clearly obfuscated/degenerate
-    multiplier: float
-    reason: str  # the strongest signal's name, "" when score is 0
-    features: dict[str, float]
+    score: float  # length-weighted mean block score: 0 = all natural, 1 = all obfuscated
+    multiplier: float  # length-weighted mean of the blocks' band multipliers
+    reason: str  # the signal that raised the price most, "" when nothing did
+    features: dict[str, float]  # per signal: share of the text it priced above 1x
 
 
 NATURAL = EntropyScore(score=0.0, multiplier=1.0, reason="", features={})
+SIGNALS = ("encoded", "ascii_entropy", "distinct", "uniformity", "pair_novelty", "script_switch",
+           "vowel_ratio", "leet", "repetition", "low_entropy")
 
-_HEX = frozenset("0123456789abcdefABCDEF")
-_B64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=_-")
-_EDGE_PUNCT = "\"'`.,;:!?()[]{}<>"
-_DIGITS = np.frombuffer(b"0123456789", np.uint8)
+# ---------------------------------------------------------------- character tables
+# Per-character values come from 128-entry tables indexed by min(code point, 127); 127
+# (DEL, never in text) stands for every non-ASCII character.
 
-
-def _masks() -> np.ndarray:
-    """(128, 3) columns: ASCII letter, vowel, digit; `histogram @ masks` counts all three."""
-    m = np.zeros((128, 3), np.int64)
-    m[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", np.uint8), 0] = 1
-    m[np.frombuffer(b"aeiouyAEIOUY", np.uint8), 1] = 1
-    m[_DIGITS, 2] = 1
-    return m
+_WS, _DIG, _DIG0189, _UPPER, _LOWER, _NOTHEX, _SEP, _PUNCT, _OTHER = (1 << i for i in range(9))
+_F = 21  # bits per packed count field; segments are cut to < 2**20 characters
 
 
-def _class_table() -> np.ndarray:
-    table = np.full(256, 3, np.uint8)  # other
-    table[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)] = 0
-    table[np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)] = 1
-    table[_DIGITS] = 2
-    return table
+def _ascii(chars: str) -> np.ndarray:
+    return np.frombuffer(chars.encode(), np.uint8)
+
+
+def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    bits = np.full(128, _OTHER, np.uint16)
+    bits[_ascii(" \t\n\r\x0b\x0c")] = _WS
+    bits[_ascii("0123456789")] = _DIG
+    bits[_ascii("0189")] |= _DIG0189
+    bits[_ascii("ABCDEFGHIJKLMNOPQRSTUVWXYZ")] = _UPPER
+    bits[_ascii("abcdefghijklmnopqrstuvwxyz")] = _LOWER
+    bits[_ascii("ghijklmnopqrstuvwyzGHIJKLMNOPQRSTUVWYZ")] |= _NOTHEX  # x: 0x prefixes
+    bits[_ascii("+/=_-")] = _SEP  # base64 symbols, hyphens
+    bits[_ascii(".,:;()[]{}\"'`")] = _PUNCT
+    group = np.full(128, 3, np.uint8)  # upper, lower, digit, other: class changes
+    group[_ascii("ABCDEFGHIJKLMNOPQRSTUVWXYZ")] = 0
+    group[_ascii("abcdefghijklmnopqrstuvwxyz")] = 1
+    group[_ascii("0123456789")] = 2
+    packed = np.zeros(128, np.int64)  # digits | letters << F | vowels << 2F
+    packed[_ascii("0123456789")] = 1
+    packed[_ascii("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")] = 1 << _F
+    packed[_ascii("aeiouAEIOU")] += 1 << (2 * _F)
+    # Mask over the 128 values: ASCII letters, vowels (y too: it is a vowel in most
+    # Latin-script languages), digits, whitespace.
+    masks = np.zeros((128, 4), np.int64)
+    masks[_ascii("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"), 0] = 1
+    masks[_ascii("aeiouyAEIOUY"), 1] = 1
+    masks[_ascii("0123456789"), 2] = 1
+    masks[_ascii(" \t\n\r\x0b\x0c"), 3] = 1
+    return bits, group, packed, masks
+
+
+_SAME_SCRIPT = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "BOPOMOFO": "CJK", "IDEOGRAPHIC": "CJK",
+                "HALFWIDTH": "CJK", "FULLWIDTH": "LATIN", "VEDIC": "DEVANAGARI"}
+_NEUTRAL_WORDS = {"COMBINING", "MODIFIER", "VARIATION", "SUPERSCRIPT", "SUBSCRIPT"}
+ASTRAL = 0xFFFF  # script id of characters beyond the BMP (emoji, rare CJK): one system
 
 
 def _script_table() -> np.ndarray:
-    """Writing system of each BMP code point; 0 = neutral (spaces, digits, punctuation)."""
-    t = (np.arange(0x10000, dtype=np.uint32) >> 7).astype(np.uint16) + 100  # one id per 128-block
-    t[:0x80] = 0
-    for lo, hi in ((0x41, 0x5A), (0x61, 0x7A)):
-        t[lo:hi + 1] = 1
-    groups = [
-        (0xA0, 0xBF, 0), (0xC0, 0x24F, 1), (0x1E00, 0x1EFF, 1), (0x300, 0x36F, 0),
-        (0x370, 0x3FF, 2), (0x1F00, 0x1FFF, 2), (0x400, 0x52F, 3), (0x590, 0x5FF, 4),
-        (0x600, 0x6FF, 5), (0x750, 0x77F, 5), (0xFB50, 0xFDFF, 5), (0xFE70, 0xFEFF, 5),
-        (0x1100, 0x11FF, 6), (0x3130, 0x318F, 6), (0xAC00, 0xD7AF, 6),
-        (0x3040, 0x30FF, 7), (0x3400, 0x4DBF, 7), (0x4E00, 0x9FFF, 7), (0xF900, 0xFAFF, 7),
-        (0x2000, 0x2BFF, 0), (0x3000, 0x303F, 0), (0xFF00, 0xFFEF, 0), (0xFE00, 0xFE0F, 0),
-    ]
-    for lo, hi, g in groups:
-        t[lo:hi + 1] = g
-    return t
+    """Writing system of each BMP letter (Unicode categories L and M, named by the first
+    word of the character's name, kana with kanji); 0 for everything else."""
+    ids: dict[str, int] = {"LATIN": 1}
+    table = np.zeros(0x10000, np.uint16)
+    for cp in range(0x10000):
+        ch = chr(cp)
+        if unicodedata.category(ch)[0] not in "LM":
+            continue
+        word = unicodedata.name(ch, "").split(" ", 1)[0]
+        if not word or word in _NEUTRAL_WORDS:
+            continue
+        word = _SAME_SCRIPT.get(word, word)
+        table[cp] = ids.setdefault(word, len(ids) + 1)
+    return table
 
 
-_MASKS = _masks()
-_IS_HEX_LETTER = np.zeros(256, bool)
-_IS_HEX_LETTER[np.frombuffer(b"abcdefABCDEF", np.uint8)] = True
-_CLASS = _class_table()
+_BITS, _GROUP, _PACKED, _MASKS = _tables()
 _SCRIPT = _script_table()
+_TO_ASCII = np.minimum(np.arange(0x10000), 127).astype(np.uint8)
+_ACCENTED = (_SCRIPT == 1) & (np.arange(0x10000) >= 0xC0) & (np.arange(0x10000) < 0xFF00)
+_C_LOG_C = np.arange(4096) * np.log2(np.maximum(np.arange(4096), 1))  # c log2 c
+_IS_HEX_LETTER = np.zeros(128, bool)
+_IS_HEX_LETTER[_ascii("abcdefABCDEF")] = True
 
 
-def _sample(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    step, size = len(text) // 4, limit // 4
-    return "\n".join(text[i * step:i * step + size] for i in range(4))
+# ---------------------------------------------------------------- scoring
 
-
-def _encoded_chars(tokens: list[str], config: EntropyConfig) -> int:
-    """Characters in whitespace-free runs that look like hex or base64."""
-    total = 0
-    for tok in [t for t in tokens if len(t) >= config.run_min_chars]:
-        run = tok.strip(_EDGE_PUNCT)
-        if len(run) < config.run_min_chars or not run.isascii():
-            continue
-        chars = set(run[:512])
-        if chars <= _HEX and not chars.isdisjoint("0123456789") and not chars <= set("0123456789"):
-            total += len(run)
-            continue
-        if not chars <= _B64:
-            continue
-        head = np.frombuffer(run[:512].encode("ascii"), np.uint8)
-        classes = _CLASS[head]
-        if classes.min() > 0 or classes.max() < 2 or not (classes == 1).any():
-            continue  # base64 of real data mixes upper, lower and digits
-        switch_rate = np.count_nonzero(classes[1:] != classes[:-1]) / (len(classes) - 1)
-        if switch_rate >= config.base64_min_switch_rate:
-            total += len(run)
-    return total
-
-
-def _leet_runs(raw: bytes) -> int:
-    """Digit runs with a letter on both sides (h0w, m4k3), not counting hex (3f9a2c)."""
-    cls = _CLASS[np.frombuffer(raw, np.uint8)]
-    digit = np.concatenate(([False], cls == 2, [False]))
-    edges = np.flatnonzero(digit[1:] != digit[:-1])  # run starts, then ends, alternating
-    starts, ends = edges[0::2], edges[1::2]  # [start, end) in raw's coordinates
-    ok = (starts > 0) & (ends < len(raw))
-    starts, ends = starts[ok], ends[ok]
-    before, after = cls[starts - 1], cls[ends]
-    flanked = (before < 2) & (after < 2)
-    hexish = _IS_HEX_LETTER[np.frombuffer(raw, np.uint8)[starts - 1]] & \
-        _IS_HEX_LETTER[np.frombuffer(raw, np.uint8)[ends]]
-    return int(np.count_nonzero(flanked & ~hexish))
-
-
-def features(text: str, config: EntropyConfig) -> dict[str, float]:
-    """The measured features of `text` (sampled when longer than config.sample_chars)."""
-    text = _sample(text, config.sample_chars)
-    n = len(text)
-    raw = text.encode("utf-8", "surrogatepass")
-    ascii_only = len(raw) == n
-    if ascii_only:
-        counts = np.bincount(np.frombuffer(raw, np.uint8), minlength=128)
-        low = counts
-        switch, latin = 0.0, 0
-    else:
-        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
-        counts = np.unique(cps, return_counts=True)[1]
-        low = np.bincount(cps[cps < 128], minlength=128)
-        scripts = _SCRIPT[np.minimum(cps, 0xFFFF)]
-        scripts[cps > 0xFFFF] = 0  # emoji and other astral symbols are neutral
-        # Accented Latin letters are mostly vowels (Vietnamese, French): count them as such.
-        latin = int(np.count_nonzero(scripts[cps >= 0xC0] == 1))
-        scripts = scripts[scripts != 0]
-        switch = (int(np.count_nonzero(scripts[1:] != scripts[:-1])) / (len(scripts) - 1)
-                  if len(scripts) > 1 else 0.0)
-    head = raw[:config.compress_bytes]  # repetition shows within 1 KB; zlib is the slow part
-    p = counts[counts > 0] / n
-    entropy = float(-(p * np.log2(p)).sum()) + 0.0  # never -0.0
-    letters_ascii, vowels, digits = (int(x) for x in low[:128] @ _MASKS)
-    letters = letters_ascii + latin
-    tokens = text.split()
-    words = len(tokens)
-    # Leetspeak needs digits; most prose has almost none, so skip the scan.
-    leet = 0.0
-    if words and digits * 20 >= n:
-        # Long tokens (hashes, tokens, base64) are judged as runs, not as leetspeak words.
-        short = [t for t in tokens if len(t) < config.run_min_chars]
-        text_short = " ".join(short) if len(short) < words else text
-        leet = _leet_runs(text_short.encode("utf-8", "surrogatepass")) / words
-    return {
-        "chars": float(n),
-        "entropy": entropy,
-        "ascii_entropy": entropy if ascii_only else 0.0,
-        "compress_ratio": len(zlib.compress(head, 1)) / len(head) if head else 1.0,
-        "bytes": float(len(raw)),
-        "encoded_frac": _encoded_chars(tokens, config) / n,
-        "leet_rate": leet,
-        "script_switch": switch,
-        "letters": float(letters),
-        "vowel_ratio": (vowels + latin) / letters if letters else 0.0,
-        "words": float(words),
-        "distinct_words": len(set(tokens)) / words if words else 1.0,
-        "avg_word_len": (n - text.count(" ") - text.count("\n")) / words if words else 0.0,
-    }
-
-
-def signals(f: dict[str, float], config: EntropyConfig) -> dict[str, float]:
-    """Each feature mapped to [0, 1]; features measured on too little text give 0."""
-    out = {
-        "encoded": config.encoded(f["encoded_frac"]),
-        "leet": config.leet(f["leet_rate"]),
-        "ascii_entropy": config.ascii_entropy(f["ascii_entropy"]) if f["ascii_entropy"] else 0.0,
-        "script_switch": config.script_switch(f["script_switch"]),
-        "low_entropy": config.low_entropy(f["entropy"]),
-        "vowel_ratio": 0.0,
-        "compress_ratio": 0.0,
-        "distinct_words": 0.0,
-    }
-    if (f["letters"] >= config.min_letters_for_vowels
-            and f["letters"] >= config.min_letter_share_for_vowels * f["chars"]
-            and f["avg_word_len"] <= config.max_avg_word_len_for_vowels):
-        out["vowel_ratio"] = config.vowel_ratio(f["vowel_ratio"])
-    if f["bytes"] >= config.min_bytes_for_compress:
-        out["compress_ratio"] = config.compress_ratio(f["compress_ratio"])
-    if f["words"] >= config.min_words_for_distinct:
-        out["distinct_words"] = config.distinct_words(f["distinct_words"])
-    return out
+def score_prompt(text: str | Sequence[tuple[str, str]] | Sequence[str],
+                 config: EntropyConfig = EntropyConfig()) -> EntropyScore:
+    """Price `text` (a string, or every turn of a conversation) against natural language;
+    a multiplier of 1.0 means normal price."""
+    if not isinstance(text, str):
+        text = "\n".join(t if isinstance(t, str) else t[1] for t in text)
+    if not config.enabled or len(text) < config.min_chars:
+        return NATURAL
+    sizes, sig = block_signals(text, config)
+    scores = np.max(np.stack([sig[name] for name in SIGNALS]), axis=0)
+    mults = np.ones_like(scores)
+    for band in config.bands:
+        mults[scores >= band.min_score] = band.multiplier
+    total = float(sizes.sum())
+    multiplier = float((mults * sizes).sum() / total)
+    if multiplier <= 1.0 + 1e-9:
+        return EntropyScore(score=0.0, multiplier=1.0, reason="", features={})
+    priced = mults > 1.0
+    shares = {name: float(sizes[priced & (sig[name] >= scores)].sum() / total)
+              for name in SIGNALS}
+    reason = max(shares, key=lambda k: shares[k])
+    score = float((scores * sizes).sum() / total)
+    return EntropyScore(score=score, multiplier=round(multiplier, 6), reason=reason,
+                        features={k: v for k, v in shares.items() if v > 0})
 
 
 def multiplier_for(score: float, config: EntropyConfig) -> float:
@@ -278,14 +236,282 @@ def multiplier_for(score: float, config: EntropyConfig) -> float:
     return mult
 
 
-def score_prompt(text: str, config: EntropyConfig = EntropyConfig()) -> EntropyScore:
-    """Score `text` against natural language; multiplier 1.0 means normal price."""
-    if not config.enabled or len(text) < config.min_chars:
-        return NATURAL
-    f = features(text, config)
-    sig = signals(f, config)
-    reason, score = max(sig.items(), key=lambda kv: kv[1])
-    if not math.isfinite(score) or score <= 0.0:
-        return EntropyScore(score=0.0, multiplier=1.0, reason="", features=f)
-    return EntropyScore(score=score, multiplier=multiplier_for(score, config),
-                        reason=reason, features=f)
+def block_signals(text: str, config: EntropyConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(block sizes, {signal: per-block value in [0, 1]}) for the whole of `text`."""
+    f = block_features(text, config)
+    sizes = f["chars"]
+    sig = {
+        "encoded": config.encoded(f["encoded_frac"]),
+        "ascii_entropy": np.where(f["nonascii"] == 0, config.ascii_entropy(f["entropy"]), 0.0),
+        "distinct": config.distinct(f["distinct_ratio"]),
+        "uniformity": config.uniformity(f["uniformity"]),
+        "pair_novelty": config.pair_novelty(f["pair_novelty"]),
+        "script_switch": config.script_switch(f["script_switch"]),
+        "leet": config.leet(f["leet_rate"]),
+        "low_entropy": config.low_entropy(f["entropy"]),
+        "repetition": np.where(sizes >= config.min_chars_for_repetition,
+                               config.repetition(f["repeated_shingles"]), 0.0),
+    }
+    vowels_apply = ((f["letters"] >= config.min_letters_for_vowels)
+                    & (f["letters"] >= config.min_letter_share_for_vowels * sizes)
+                    & (f["avg_word_len"] <= config.max_avg_word_len_for_vowels))
+    sig["vowel_ratio"] = np.where(vowels_apply, config.vowel_ratio(f["vowel_ratio"]), 0.0)
+    return sizes, sig
+
+
+def block_features(text: str, config: EntropyConfig) -> dict[str, np.ndarray]:
+    """Per-block features of `text` (each an array with one value per block).
+
+    Cheap passes first: one histogram per block over ASCII values (non-ASCII counted
+    together) gives entropy, letters, vowels, digits and spaces. The token-level scans
+    (encodings, leetspeak) run only on blocks with >= 2% digits, which every encoding
+    family and leetspeak has; non-ASCII statistics only when there is non-ASCII text."""
+    n = len(text)
+    w = config.block_chars
+    nb = max(1, n // w)
+    head = (nb - 1) * w  # blocks 0 .. nb-2 are [i*w, (i+1)*w); the last is [head, n)
+    sizes = np.full(nb, w, np.int64)
+    sizes[-1] = n - head
+    if text.isascii():
+        cps = None
+        v = np.frombuffer(text.encode("ascii"), np.uint8)
+    else:
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+        astral = bool(cps.max() > 0xFFFF)
+        folded = ((cps & 0xFFFF) ^ ((cps >> 16) * 0x3C6F)).astype(np.uint16) if astral \
+            else cps.astype(np.uint16)
+        v = _TO_ASCII[folded]
+        if astral:
+            v[cps > 0xFFFF] = 127
+    full = v[:head].reshape(nb - 1, w).astype(np.int64) + \
+        (np.arange(nb - 1, dtype=np.int64) * 128)[:, None]
+    hist = np.concatenate([np.bincount(full.ravel(), minlength=(nb - 1) * 128),
+                           np.bincount(v[head:], minlength=128)]).reshape(nb, 128)
+    letters, vowels, digits, spaces = (hist @ _MASKS).T
+    nonascii = hist[:, 127]
+    words = np.maximum(spaces, 1)
+    encoded, leet = np.zeros(nb), np.zeros(nb)
+    candidates = np.flatnonzero(digits * 50 >= sizes)
+    if len(candidates):
+        encoded, leet = _token_features(v, candidates, sizes, w, config)
+    f: dict[str, np.ndarray] = {
+        "chars": sizes.astype(np.float64),
+        "nonascii": nonascii,
+        "entropy": _entropy_rows(hist, sizes),
+        "encoded_frac": np.maximum(encoded - config.encoded_allowance_chars, 0) / sizes,
+        "leet_rate": leet / words,
+        "avg_word_len": (sizes - spaces) / words,
+        "script_switch": np.zeros(nb),
+        "distinct_ratio": np.zeros(nb),
+        "uniformity": np.zeros(nb),
+        "pair_novelty": np.zeros(nb),
+    }
+    latin = np.zeros(nb, np.int64)
+    if cps is None:
+        f["repeated_shingles"] = _repeated_shingles(v, np.uint32, sizes, w)
+    else:
+        scripts = _SCRIPT[folded]
+        if astral:
+            scripts[cps > 0xFFFF] = ASTRAL
+        # Accented Latin letters are mostly vowels (Vietnamese, French): count them as such.
+        accented = np.flatnonzero(_ACCENTED[folded])
+        latin = np.bincount(np.minimum(accented // w, nb - 1), minlength=nb)
+        f["script_switch"] = _script_switches(scripts, sizes, w)
+        count, distinct, ent = _letter_rows(np.where(scripts > 0, folded, 0), sizes, w)
+        mostly = (nonascii * 2 >= sizes) & (count >= config.min_letters_for_distinct)
+        f["entropy"] = np.where((nonascii > 0) & (count >= 16),
+                                np.maximum(ent, f["entropy"]), f["entropy"])
+        f["distinct_ratio"] = np.where(mostly, distinct / np.maximum(count, 1), 0.0)
+        # Uniformity needs every letter seen a few times: small alphabets only (large
+        # ones are the distinct ratio's).
+        f["uniformity"] = np.where(mostly & (count >= 4 * distinct),
+                                   ent / np.log2(np.maximum(distinct, 2)), 0.0)
+        # Medium and large alphabets: natural text repeats letter pairs (words, common
+        # syllables), uniform noise almost never does.
+        letter = scripts > 0
+        pairs = np.zeros(len(folded), np.uint32)
+        both = letter[1:] & letter[:-1]
+        pairs[1:] = np.where(both, (folded[:-1].astype(np.uint32) * 40503) ^ folded[1:], 0)
+        pairs = (pairs ^ (pairs >> 16)).astype(np.uint16)
+        pairs[1:][both & (pairs[1:] == 0)] = 1
+        n_pairs, new_pairs, _ = _letter_rows(pairs, sizes, w)
+        f["pair_novelty"] = np.where(mostly & (distinct > 64) & (n_pairs >= 64),
+                                     new_pairs / np.maximum(n_pairs, 1), 0.0)
+        f["repeated_shingles"] = _repeated_shingles(folded, np.uint64, sizes, w)
+    f["letters"] = (letters + latin).astype(np.float64)
+    f["vowel_ratio"] = (vowels + latin) / np.maximum(letters + latin, 1)
+    return f
+
+
+def _entropy_rows(hist: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Entropy (bits/char) from counts: log2(size) - sum(c log2 c) / size."""
+    c_log_c = _C_LOG_C[np.minimum(hist, len(_C_LOG_C) - 1)].sum(axis=1)
+    return np.maximum(np.log2(sizes) - c_log_c / sizes, 0.0)
+
+
+def _script_switches(scripts: np.ndarray, sizes: np.ndarray, w: int) -> np.ndarray:
+    """Per block: changes of writing system between adjacent letters, per adjacent pair
+    of letters (neutral characters such as spaces and punctuation break pairs)."""
+    letter = scripts != 0
+    pair = np.zeros(len(scripts), bool)
+    pair[1:] = letter[1:] & letter[:-1]
+    switch = np.zeros(len(scripts), bool)
+    switch[1:] = pair[1:] & (scripts[1:] != scripts[:-1])
+    pairs = np.concatenate([g.sum(axis=1) for g in _row_groups(pair, sizes, w) if g.size])
+    switches = np.concatenate([g.sum(axis=1) for g in _row_groups(switch, sizes, w)
+                               if g.size])
+    return switches / np.maximum(pairs, 1)
+
+
+def _row_groups(x: np.ndarray, sizes: np.ndarray, w: int) -> list[np.ndarray]:
+    """Full blocks as a (nb - 1, w) array, and the last block as a (1, size) array."""
+    head = len(x) - int(sizes[-1])
+    return [x[:head].reshape(-1, w), x[head:][None, :]]
+
+
+def _letter_rows(letters: np.ndarray, sizes: np.ndarray, w: int) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray]:
+    """Per block: letters, distinct letters and the letters' entropy (bits/letter), from
+    sorted rows of (folded) code points where 0 stands for a non-letter."""
+    total, distinct, ent = [], [], []
+    for rows in _row_groups(letters, sizes, w):
+        if rows.size == 0:
+            continue
+        rows = np.sort(rows, axis=1, kind="stable")  # radix sort for 16-bit values
+        m = rows.shape[1]
+        new = np.ones(rows.shape, bool)
+        new[:, 1:] = rows[:, 1:] != rows[:, :-1]
+        new &= rows != 0
+        starts = np.flatnonzero(new.ravel())
+        row_ends = np.searchsorted(starts, np.arange(1, len(rows) + 1) * m)
+        nxt = np.append(starts[1:], 0)
+        has = row_ends > np.concatenate([[0], row_ends[:-1]])  # rows with letters
+        nxt[row_ends[has] - 1] = (np.flatnonzero(has) + 1) * m
+        counts = nxt - starts  # runs of one letter (non-letters sort first, so never inside)
+        row_of = starts // m
+        n_letters = np.bincount(row_of, counts, minlength=len(rows))
+        safe = np.maximum(n_letters, 1)
+        total.append(n_letters)
+        distinct.append(np.bincount(row_of, minlength=len(rows)))
+        ent.append(np.log2(safe) - np.bincount(row_of, counts * np.log2(counts),
+                                               minlength=len(rows)) / safe)
+    return (np.concatenate(total), np.concatenate(distinct).astype(np.float64),
+            np.concatenate(ent))
+
+
+def _repeated_shingles(chars: np.ndarray, word: type, sizes: np.ndarray,
+                       w: int) -> np.ndarray:
+    """Per block: share of the 4-character shingles starting at multiples of 4 that
+    occur earlier in the block. A phrase repeated with period p repeats its shingles
+    within 4 periods whatever p mod 4 is, so this sees repetition without hashing every
+    position: four characters are one machine word (`word`), read in place."""
+    quads = chars[:len(chars) // 4 * 4].view(word)
+    if word is np.uint32:
+        h = ((quads * np.uint32(0x9E3779B1)) >> np.uint32(16)).astype(np.uint16)
+    else:
+        h = ((quads * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(48)).astype(np.uint16)
+    q = w // 4
+    groups = [h[:(len(sizes) - 1) * q].reshape(-1, q), h[(len(sizes) - 1) * q:][None, :]]
+    out = []
+    for rows in groups:
+        if rows.shape[0] == 0:
+            continue
+        if rows.shape[1] < 2:
+            out.append(np.zeros(rows.shape[0]))
+            continue
+        rows = np.sort(rows, axis=1, kind="stable")
+        repeats = np.count_nonzero(rows[:, 1:] == rows[:, :-1], axis=1)
+        out.append(repeats / rows.shape[1])
+    return np.concatenate(out)
+
+
+def _token_features(v: np.ndarray, candidates: np.ndarray, sizes: np.ndarray, w: int,
+                    config: EntropyConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per block: characters in encoded spans and leetspeak hits, scanning each run of
+    consecutive candidate blocks as one piece of text."""
+    nb = len(sizes)
+    encoded, leet = np.zeros(nb), np.zeros(nb)
+    breaks = np.flatnonzero(np.diff(candidates) > 1) + 1
+    for run in np.split(candidates, breaks):
+        lo = int(run[0]) * w
+        offsets = np.concatenate([[0], np.cumsum(sizes[run])[:-1]])
+        enc_mask, leet_mask = _scan_tokens(v[lo:lo + int(sizes[run].sum())], config)
+        for mask, out in ((enc_mask, encoded), (leet_mask, leet)):
+            if mask is not None:
+                out[run] = np.add.reduceat(mask.view(np.uint8), offsets, dtype=np.int64)
+    return encoded, leet
+
+
+def _scan_tokens(v: np.ndarray, config: EntropyConfig) -> tuple[np.ndarray | None,
+                                                                 np.ndarray | None]:
+    """Masks over `v` of characters inside encoded spans (see the module docstring) and of
+    leetspeak hits inside tokens shorter than `base64_min_chars` (None: none at all)."""
+    n = len(v)
+    bits = _BITS[v]
+    nonspace = (bits & _WS) == 0
+    start = nonspace.copy()
+    start[1:] &= ~nonspace[:-1]
+    start[::1 << (_F - 2)] = True  # cut longer segments: every packed count stays < 2**20
+    starts = np.flatnonzero(start)
+    g = _GROUP[v]
+    leet_hits = _leet_hits(v, g)
+    tbits = np.bitwise_or.reduceat(bits, starts)
+    mask = (1 << _F) - 1
+    packed = np.add.reduceat(_PACKED[v], starts)
+    tdig, tlet, tvow = packed & mask, (packed >> _F) & mask, (packed >> 2 * _F) & mask
+    # Per segment (a token and the whitespace after it): upper/lower/digit changes,
+    # non-space length, and punctuation inside the token (edges excluded).
+    per_char = nonspace.astype(np.int64) << _F
+    per_char[1:] += (g[1:] != g[:-1]) & (g[1:] < 3) & (g[:-1] < 3)
+    per_char += ((bits & _PUNCT) > 0).astype(np.int64) << (2 * _F)
+    seg = np.add.reduceat(per_char, starts)
+    tchg, tlen, tpunct = seg & mask, (seg >> _F) & mask, (seg >> 2 * _F) & mask
+    ends = starts + np.maximum(tlen, 1)  # end of each token's non-space part
+    edge_punct = ((bits[starts] & _PUNCT) > 0).astype(np.int64) + \
+        ((bits[ends - 1] & _PUNCT) > 0) * (tlen > 1)
+    alnum = tdig + tlet
+    has = lambda b: (tbits & b) > 0  # noqa: E731
+    b64 = ~has(_OTHER) & (tpunct == edge_punct) & has(_UPPER) & has(_LOWER) & has(_DIG) \
+        & (tlen >= config.base64_min_chars) & (tchg >= config.base64_min_switch_rate * tlen)
+    hexish = ~has(_NOTHEX | _OTHER) & (alnum > 0)
+    b32ish = ~has(_DIG0189 | _OTHER) & ~(has(_UPPER) & has(_LOWER)) & (alnum > 0)
+    decish = ~has(_UPPER | _LOWER | _OTHER) & (tdig > 0)
+    cum = lambda x: np.concatenate([[0], np.cumsum(x)])  # noqa: E731
+    c_dig, c_let, c_vow, c_aln = cum(tdig), cum(tlet), cum(tvow), cum(alnum)
+    runs = np.zeros(len(starts) + 1, np.int64)
+    for fam in (hexish, b32ish, decish):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], fam.astype(np.int8), [0]])))
+        a, b = edges[0::2], edges[1::2]  # runs of tokens [a, b)
+        dig, let, vow, aln = (c[b] - c[a] for c in (c_dig, c_let, c_vow, c_aln))
+        if fam is hexish:  # random hex: 62% digits, 38% letters a-f
+            ok = (aln >= config.run_min_alnum) & (dig * 4 >= aln) & (let * 10 >= aln)
+        elif fam is b32ish:  # random base32: 19% digits 2-7, letters with 19% vowels
+            ok = (aln >= config.run_min_alnum) & (dig * 12 >= aln) & (let * 2 >= aln) \
+                & (vow * 10 <= let * 3)
+        else:
+            ok = dig >= config.decimal_min_digits
+        np.add.at(runs, a[ok], 1)
+        np.add.at(runs, b[ok], -1)
+    enc = b64 | (np.cumsum(runs[:-1]) > 0)
+    leet_mask = None
+    if leet_hits.any():
+        leet_mask = leet_hits & np.repeat(tlen < config.base64_min_chars,
+                                          np.diff(np.append(starts, n)))
+    if not enc.any():
+        return None, leet_mask
+    seg_end = np.append(starts[1:], n)
+    marks = np.zeros(n + 1, np.int8)
+    np.add.at(marks, starts[enc], 1)
+    np.add.at(marks, seg_end[enc], -1)
+    return np.cumsum(marks[:-1], dtype=np.int8) > 0, leet_mask
+
+
+def _leet_hits(v: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Digit runs of 1-2 with a letter on both sides (h0w, m4k3, l33t), not where both
+    sides are hex letters (3f9a2c)."""
+    letter, digit = g < 2, g == 2
+    hexl = _IS_HEX_LETTER[v]
+    hits = np.zeros(len(v), bool)
+    hits[1:-1] = digit[1:-1] & letter[:-2] & letter[2:] & ~(hexl[:-2] & hexl[2:])
+    hits[1:-2] |= digit[1:-2] & digit[2:-1] & letter[:-3] & letter[3:] & ~(hexl[:-3] & hexl[3:])
+    return hits
