@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from sluice.gateway import dashboard
 from sluice.gateway.errors import SluiceError, from_status
-from sluice.gateway.http.middleware import RequestIdMiddleware
+from sluice.gateway.http.middleware import BodyTimeout, RequestIdMiddleware
 from sluice.gateway.routes import admin, health, openai
 from sluice.gateway.settings import Settings
 from sluice.gateway.state import check_backends, open_state
@@ -54,5 +54,7 @@ def create_app(settings: Settings | None = None, *, telemetry: Telemetry | None 
         lifespan=lifespan,
         exception_handlers={SluiceError: sluice_error, HTTPException: http_error},
     )
+    app.add_middleware(BodyTimeout, total_s=settings.body_timeout_s,
+                       idle_s=settings.body_idle_s)  # slow uploads: 408 (edge)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -71,6 +71,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from sluice.gateway.app import create_app
+    from sluice.gateway.http.connections import protocol as connection_protocol
 
     if settings.database_url.startswith("sqlite"):
         migrate(settings.database_url)  # the embedded database keeps itself current
@@ -103,7 +104,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port,
         log_level=settings.log_level,
         loop="uvloop",
-        http=args.http,
+        # Bounds (edge, issue 18): a deadline on request heads, idle keep-alives closed,
+        # X-Forwarded-* only from SLUICE_TRUSTED_PROXIES (nobody by default, not loopback).
+        http=connection_protocol(args.http, settings.header_timeout_s),
+        timeout_keep_alive=settings.idle_timeout_s,
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies or None,
         access_log=args.access_log,
         timeout_graceful_shutdown=30,
     )

@@ -5,13 +5,21 @@ A bad value fails fast with one clear line (:class:`SettingsError`), never a tra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sluice.gateway.backends.routing import GroupConfig
 from sluice.gateway.economics.config import PriceConfig
@@ -97,6 +105,18 @@ class Settings(BaseModel):
     key_cache_ttl_s: float = Field(5.0, ge=0)
     max_body_bytes: int = Field(1 << 20, gt=0)
     max_n: int = Field(8, ge=1)
+    # Connection bounds (edge, issue 18): a request's headers must arrive within
+    # header_timeout_s of its first byte, its body within body_timeout_s (and no gap
+    # between body chunks over body_idle_s); an idle keep-alive connection is closed after
+    # idle_timeout_s. X-Forwarded-For/-Proto are honoured only from trusted_proxies
+    # (comma-separated addresses or CIDRs; "" trusts nobody, "*" everybody).
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(60.0, gt=0)
+    body_idle_s: float = Field(15.0, gt=0)
+    idle_timeout_s: int = Field(5, ge=1)
+    trusted_proxies: str = ""
+    # Requests of one tenant in flight at once (0: no bound); beyond it, 429.
+    tenant_max_concurrency: int = Field(64, ge=0)
     meter_batch_size: int = Field(500, ge=1)
     meter_flush_interval_s: float = Field(0.2, gt=0)
     plugins: tuple[str, ...] | None = None  # None: every installed plugin may load
@@ -130,6 +150,15 @@ class Settings(BaseModel):
     dashboard_cookie_secure: bool | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("admin_jwt_secret")
+    @classmethod
+    def _jwt_secret_long_enough(cls, value: str) -> str:
+        # "" is unset (from_env fills it in); a short one is guessable offline from any
+        # token (HS256), so refuse it (edge, issue 18).
+        if value and len(value.encode()) < 32:
+            raise ValueError(f"must be at least 32 bytes, got {len(value.encode())}")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _spool_in_data_dir(cls, values: Any) -> Any:
@@ -161,6 +190,12 @@ class Settings(BaseModel):
             "SLUICE_AUDIT_KEY_FILE": "audit_key_file",
             "SLUICE_AUDIT_CHECKPOINTS": "audit_checkpoints",
             "SLUICE_DASHBOARD_COOKIE_SECURE": "dashboard_cookie_secure",
+            "SLUICE_HEADER_TIMEOUT_S": "header_timeout_s",
+            "SLUICE_BODY_TIMEOUT_S": "body_timeout_s",
+            "SLUICE_BODY_IDLE_S": "body_idle_s",
+            "SLUICE_IDLE_TIMEOUT_S": "idle_timeout_s",
+            "SLUICE_TRUSTED_PROXIES": "trusted_proxies",
+            "SLUICE_TENANT_MAX_CONCURRENCY": "tenant_max_concurrency",
         }
         for var, name in simple.items():
             if env.get(var):
@@ -213,7 +248,17 @@ def _persistent_secret(data_dir: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-        secret = secrets.token_urlsafe(48)
-        path.write_text(secret)
-        path.chmod(0o600)
-        return secret
+        # Written to a file created 0600 in one step (never readable by others, not even
+        # briefly), then linked into place: a process racing us reads a whole secret.
+        tmp = path.with_name(f".jwt_secret.{secrets.token_hex(6)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):  # another process won: use its secret
+                os.link(tmp, path)
+        finally:
+            tmp.unlink()
+        return path.read_text().strip()

@@ -49,7 +49,7 @@ def test_admin_api_refuses_without_a_valid_token(sqlite_server: GatewayServer, t
 
 def test_admin_tokens_expire_and_are_bound_to_the_secret(sqlite_server: GatewayServer) -> None:
     url = sqlite_server.base_url + "/admin/api/tenants"
-    wrong = issue_admin_token("another-secret", "x", 60)
+    wrong = issue_admin_token("another-secret-" + "y" * 32, "x", 60)
     expired = issue_admin_token(sqlite_server.settings.admin_jwt_secret, "x", -10)
     good = issue_admin_token(sqlite_server.settings.admin_jwt_secret, "x", 60)
     assert httpx.get(url, headers={"Authorization": f"Bearer {wrong}"}).status_code == 401

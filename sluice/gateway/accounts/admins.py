@@ -1,10 +1,20 @@
-"""Dashboard administrators: argon2 password hashes, and sessions ended by logout."""
+"""Dashboard administrators: argon2 password hashes, and sessions ended by logout.
+
+argon2 costs ~0.1 s of CPU per hash by design; it runs on a worker thread (``run``: the
+gateway's bounded CPU pool, ``asyncio.to_thread`` by default), never on the event loop.
+argon2-cffi releases the GIL while it hashes, so the loop keeps serving meanwhile.
+"""
 
 from __future__ import annotations
 
-from argon2 import PasswordHasher
-from argon2.exceptions import VerificationError
+import asyncio
 import datetime as dt
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -15,11 +25,17 @@ from sluice.gateway.errors import InvalidRequest
 
 _hasher = PasswordHasher()
 
+Run = Callable[..., Awaitable[Any]]  # run(fn, *args) on a worker thread (CpuPool.run)
 
-async def create_admin(sessions: async_sessionmaker, username: str, password: str) -> Admin:
+
+async def create_admin(sessions: async_sessionmaker, username: str, password: str, *,
+                       run: Run = asyncio.to_thread) -> Admin:
     if len(password) < 12:
         raise InvalidRequest("admin passwords must be at least 12 characters")
-    admin = Admin(username=username, password_hash=_hasher.hash(password), created_at=utcnow())
+    if len(password) > 1024:
+        raise InvalidRequest("admin passwords must be at most 1024 characters")
+    admin = Admin(username=username, password_hash=await run(_hasher.hash, password),
+                  created_at=utcnow())
     try:
         async with sessions() as session, session.begin():
             session.add(admin)
@@ -28,18 +44,27 @@ async def create_admin(sessions: async_sessionmaker, username: str, password: st
     return admin
 
 
-async def check_password(sessions: async_sessionmaker, username: str, password: str) -> Admin | None:
+async def check_password(sessions: async_sessionmaker, username: str, password: str, *,
+                         run: Run = asyncio.to_thread) -> Admin | None:
     """The admin if the password is right; None otherwise (same cost either way)."""
     async with sessions() as session:
         admin = await session.scalar(select(Admin).where(Admin.username == username))
-    try:
-        _hasher.verify(admin.password_hash if admin else _DUMMY, password)
-    except VerificationError:
+    if not await run(_verify, admin.password_hash if admin else None, password):
         return None
     return admin
 
 
-_DUMMY = _hasher.hash("not-a-password-of-anyone")
+def _verify(stored: str | None, password: str) -> bool:
+    try:
+        return bool(_hasher.verify(stored or _dummy_hash(), password)) and stored is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Hashed against for unknown users, so they cost what a real one does."""
+    return _hasher.hash("not-a-password-of-anyone")
 
 
 async def revoke_session(sessions: async_sessionmaker, sid: str, expires_at: int) -> None:

@@ -18,6 +18,7 @@ import logging
 import secrets
 import string
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from sluice.gateway.db.models import ApiKey, Tenant, utcnow
-from sluice.gateway.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from sluice.gateway.errors import (
+    AuthenticationFailed,
+    NotFound,
+    PermissionDenied,
+    ServiceUnavailable,
+)
 from sluice.gateway.ledger.key_cache import KeyCacheFile
 
 log = logging.getLogger("sluice.auth")
@@ -39,10 +45,15 @@ _ALPHABET = string.ascii_letters + string.digits
 
 # How long a cached key stays usable while the database cannot be reached.
 STALE_IF_ERROR_S = 600.0
+# Bounds of the in-memory key cache (least recently used go first).
+MAX_KNOWN_PREFIXES = 100_000
+MAX_UNKNOWN_PREFIXES = 10_000
 
 ADMIN_AUDIENCE = "sluice-admin"
 ADMIN_ISSUER = "sluice"
 ADMIN_ALGORITHM = "HS256"
+MAX_ADMIN_TOKEN_TTL_S = 7 * 86400  # an admin token, however issued, lives at most a week
+MIN_JWT_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key of at least the hash's size
 
 
 def generate_key() -> tuple[str, str]:
@@ -72,11 +83,13 @@ class Principal:
     store_prompts: bool
     never_used: bool = False  # no use recorded when the key was looked up
 
-    def check_model(self, model: str) -> None:
+    def check_model(self, model: str, shown: str | None = None) -> None:
+        """NotFound, word for word what an unknown model gets, for a model this key may
+        not use: a scoped key must not learn which other models exist (``shown``: the
+        name the client asked for, when ``model`` is what an alias resolved to)."""
         if self.models is not None and model not in self.models:
-            raise PermissionDenied(
-                f"this API key is not allowed to use model '{model}'", param="model"
-            )
+            raise NotFound(f"The model '{shown or model}' does not exist", param="model",
+                           code="model_not_found")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +109,10 @@ class KeyStore:
         self._sessions = sessions
         self._ttl = cache_ttl_s
         self._persisted = persisted  # on disk, for SLUICE_DB_OUTAGE=serve (ledger/key_cache.py)
-        self._cache: dict[str, tuple[float, _Entry | None]] = {}
+        # Known prefixes and, apart, unknown ones: both LRU-bounded, so made-up keys
+        # (anyone can send them, unauthenticated) cannot grow memory.
+        self._cache: OrderedDict[str, tuple[float, _Entry]] = OrderedDict()
+        self._unknown: OrderedDict[str, float] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[_Entry | None]] = {}
         self._used: set[str] = set()
 
@@ -128,8 +144,36 @@ class KeyStore:
     def invalidate(self, prefix: str | None = None) -> None:
         if prefix is None:
             self._cache.clear()
+            self._unknown.clear()
         else:
             self._cache.pop(prefix, None)
+            self._unknown.pop(prefix, None)
+
+    def cached(self) -> tuple[int, int]:
+        """(known, unknown) prefixes held in memory."""
+        return len(self._cache), len(self._unknown)
+
+    def _cached(self, prefix: str) -> tuple[float, _Entry | None] | None:
+        if (hit := self._cache.get(prefix)) is not None:
+            self._cache.move_to_end(prefix)
+            return hit
+        if (at := self._unknown.get(prefix)) is not None:
+            return at, None
+        return None
+
+    def _remember(self, prefix: str, entry: _Entry | None) -> None:
+        now = time.monotonic()
+        if entry is None:
+            self._cache.pop(prefix, None)
+            table: OrderedDict[str, Any] = self._unknown
+            table[prefix], bound = now, MAX_UNKNOWN_PREFIXES
+        else:
+            self._unknown.pop(prefix, None)
+            table = self._cache
+            table[prefix], bound = (now, entry), MAX_KNOWN_PREFIXES
+        table.move_to_end(prefix)
+        while len(table) > bound:
+            table.popitem(last=False)
 
     async def flush_last_used(self) -> None:
         """Write ``last_used_at`` for keys used since the last flush (one UPDATE)."""
@@ -143,7 +187,7 @@ class KeyStore:
 
     async def _lookup(self, prefix: str) -> _Entry | None:
         now = time.monotonic()
-        hit = self._cache.get(prefix)
+        hit = self._cached(prefix)
         if hit is not None and now - hit[0] < self._ttl:
             return hit[1]
         if (pending := self._inflight.get(prefix)) is not None:
@@ -167,7 +211,7 @@ class KeyStore:
                         "cannot verify the API key right now; try again shortly",
                         retry_after_s=2) from None
             else:
-                self._cache[prefix] = (time.monotonic(), entry)
+                self._remember(prefix, entry)
                 if self._persisted is not None:
                     self._persisted.save(prefix, None if entry is None else _entry_json(entry))
             future.set_result(entry)
@@ -235,22 +279,49 @@ def _entry_from_json(data: dict[str, Any]) -> _Entry:
 
 
 def issue_admin_token(secret: str, subject: str, ttl_s: int) -> str:
+    """A signed admin token; its lifetime is capped at MAX_ADMIN_TOKEN_TTL_S. Each carries
+    a random ``jti`` by which it can be revoked before it expires."""
+    check_jwt_secret(secret)
     now = int(time.time())
     claims = {
         "sub": subject,
         "aud": ADMIN_AUDIENCE,
         "iss": ADMIN_ISSUER,
         "iat": now,
-        "exp": now + ttl_s,
+        "exp": now + min(int(ttl_s), MAX_ADMIN_TOKEN_TTL_S),
+        "jti": secrets.token_urlsafe(16),
     }
     return jwt.encode(claims, secret, algorithm=ADMIN_ALGORITHM)
+
+
+def check_jwt_secret(secret: str) -> None:
+    """A signing secret short enough to guess is refused (HS256 is only as strong as it)."""
+    if len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+        raise ValueError(f"the admin JWT secret must be at least {MIN_JWT_SECRET_BYTES} bytes "
+                         f"(got {len(secret.encode())}); generate one with "
+                         "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`")
 
 
 def verify_admin_token(token: str, secret: str) -> dict[str, Any]:
     """Claims of a valid admin token; AuthenticationFailed otherwise.
 
-    The algorithm is pinned (no ``none``, no key confusion), and exp/aud/iss are required.
+    The algorithm is pinned (no ``none``, no key confusion); exp/iat/aud/iss/jti are
+    required, and a token that claims a lifetime over MAX_ADMIN_TOKEN_TTL_S is refused
+    even when its signature is good. Revocation (the jti denylist) is checked by the caller,
+    which has the database.
     """
+    if len(secret.encode()) < MIN_JWT_SECRET_BYTES:  # unset or guessable: nothing verifies
+        raise AuthenticationFailed("invalid admin token", code="invalid_token")
+    claims = _decode_admin(token, secret)
+    if claims["exp"] - claims["iat"] > MAX_ADMIN_TOKEN_TTL_S or claims["iat"] > time.time() + 60:
+        raise AuthenticationFailed("admin token lifetime exceeds the maximum",
+                                   code="invalid_token")
+    if not isinstance(claims["jti"], str) or not 8 <= len(claims["jti"]) <= 64:
+        raise AuthenticationFailed("invalid admin token", code="invalid_token")
+    return claims
+
+
+def _decode_admin(token: str, secret: str) -> dict[str, Any]:
     try:
         return jwt.decode(
             token,
@@ -258,7 +329,7 @@ def verify_admin_token(token: str, secret: str) -> dict[str, Any]:
             algorithms=[ADMIN_ALGORITHM],
             audience=ADMIN_AUDIENCE,
             issuer=ADMIN_ISSUER,
-            options={"require": ["exp", "iat", "sub", "aud", "iss"]},
+            options={"require": ["exp", "iat", "sub", "aud", "iss", "jti"]},
         )
     except jwt.ExpiredSignatureError:
         raise AuthenticationFailed("admin token has expired", code="token_expired") from None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -16,17 +17,68 @@ from sluice.gateway.accounts.auth import generate_key, hash_key
 from sluice.gateway.db.models import ApiKey, Tenant, utcnow
 from sluice.gateway.errors import InvalidRequest, NotFound
 
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
+M = TypeVar("M", bound=BaseModel)
+
+_DURATION = re.compile(r"^(\d{1,9})([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_REF = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # what a tenant name or an id can look like
+MAX_KEY_LIFETIME = dt.timedelta(days=3660)  # ten years: far enough, and a datetime can hold it
+MAX_LIMIT = 2**31 - 1  # rpm/tpm are INTEGER columns
+
+Limit = Annotated[int, Field(ge=1, le=MAX_LIMIT)] | None
+Text = Annotated[str, Field(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")]
 
 
 def parse_duration(text: str) -> dt.timedelta:
-    """``30d``, ``12h``, ``90m``, ``45s``, ``2w``."""
-    match = _DURATION.match(text.strip())
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w``; at most MAX_KEY_LIFETIME."""
+    match = _DURATION.fullmatch(text.strip())
     if not match:
-        raise InvalidRequest(f"invalid duration '{text}' (use e.g. 30d, 12h, 90m)")
-    return dt.timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+        raise InvalidRequest(f"invalid duration '{text[:40]}' (use e.g. 30d, 12h, 90m)",
+                             param="expires_in")
+    seconds = int(match[1]) * _UNITS[match[2]]
+    if not 0 < seconds <= MAX_KEY_LIFETIME.total_seconds():
+        raise InvalidRequest(f"expires_in must be between 1s and {MAX_KEY_LIFETIME.days}d",
+                             param="expires_in")
+    return dt.timedelta(seconds=seconds)
+
+
+class TenantChanges(BaseModel):
+    """What may change on a tenant: the admin API's PATCH body and the dashboard's form
+    both go through it (Accounts.update_tenant), so both refuse the same values."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    disabled: bool | None = None
+    rpm: Limit = None
+    tpm: Limit = None
+    stripe_customer_id: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] | None = None
+    # Its content is checked against pipeline.guard.GuardPolicy by the callers (admin API,
+    # dashboard): accounts/ does not import the pipeline.
+    guard_policy: dict[str, Any] | None = None
+    store_prompts: bool | None = None
+
+
+class KeySpec(BaseModel):
+    """A new key's settings (admin API body, dashboard form, CLI)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Text = ""
+    models: Annotated[list[Text], Field(min_length=1, max_length=256)] | None = None
+    expires_in: Annotated[str, Field(max_length=16)] | None = None
+    rpm: Limit = None
+    tpm: Limit = None
+
+
+def checked(model: type[M], data: Any) -> M:
+    """``data`` validated by ``model``, or InvalidRequest naming the first bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or None
+        message = err["msg"].removeprefix("Value error, ")
+        raise InvalidRequest(f"{where}: {message}" if where else message,
+                             param=where) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +135,12 @@ class Accounts:
     async def create_tenant(
         self, name: str, *, rpm: int | None = None, tpm: int | None = None, actor: str = "system"
     ) -> Tenant:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise InvalidRequest(
                 "tenant name must be 1-128 characters of letters, digits, '_', '.', '-'",
                 param="name",
             )
+        checked(TenantChanges, {"rpm": rpm, "tpm": tpm})
         tenant = Tenant(name=name, rpm=rpm, tpm=tpm, created_at=utcnow())
         try:
             async with self.sessions() as session, session.begin():
@@ -99,6 +152,8 @@ class Accounts:
 
     async def tenant(self, ref: str) -> Tenant:
         """A tenant by id or by name."""
+        if not _REF.fullmatch(ref):  # nothing stored looks like it (and NUL breaks Postgres)
+            raise NotFound(f"no tenant '{ref[:64]}'", code="tenant_not_found")
         async with self.sessions() as session:
             row = await session.scalar(select(Tenant).where((Tenant.id == ref) | (Tenant.name == ref)))
         if row is None:
@@ -110,6 +165,7 @@ class Accounts:
             return list(await session.scalars(select(Tenant).order_by(Tenant.created_at)))
 
     async def update_tenant(self, ref: str, *, actor: str = "system", **changes: Any) -> Tenant:
+        changes = checked(TenantChanges, changes).model_dump(exclude_unset=True)
         tenant = await self.tenant(ref)
         async with self.sessions() as session, session.begin():
             tenant = await session.get_one(Tenant, tenant.id)
@@ -129,6 +185,11 @@ class Accounts:
         tpm: int | None = None,
         actor: str = "system",
     ) -> CreatedKey:
+        checked(KeySpec, {"name": name, "models": models, "rpm": rpm, "tpm": tpm})
+        if expires_in is not None and not (
+                dt.timedelta(0) < expires_in <= MAX_KEY_LIFETIME):
+            raise InvalidRequest(f"expires_in must be between 1s and {MAX_KEY_LIFETIME.days}d",
+                                 param="expires_in")
         tenant = await self.tenant(tenant_ref)
         secret, prefix = generate_key()
         now = utcnow()
@@ -157,6 +218,8 @@ class Accounts:
             return list(await session.scalars(query))
 
     async def key(self, key_id: str, *, tenant_id: str | None = None) -> ApiKey:
+        if not _REF.fullmatch(key_id):
+            raise NotFound(f"no API key '{key_id[:64]}'", code="key_not_found")
         async with self.sessions() as session:
             key = await session.get(ApiKey, key_id)
         if key is None or (tenant_id is not None and key.tenant_id != tenant_id):
@@ -164,6 +227,8 @@ class Accounts:
         return key
 
     async def revoke_key(self, key_id: str, *, actor: str = "system") -> ApiKey:
+        if not _REF.fullmatch(key_id):
+            raise NotFound(f"no API key '{key_id[:64]}'", code="key_not_found")
         async with self.sessions() as session, session.begin():
             key = await session.get(ApiKey, key_id)
             if key is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -75,14 +76,26 @@ async def _check_login(request: Request, form: FormData) -> Response:
     gw = app_state(request)
     username = text(form, "username")[:64]
     password = form.get("password")
+    address = request.client.host if request.client else "-"
+    if (wait := gw.logins.retry_after(username, address)) > 0:
+        gw.logins.refused(username)  # counted in the next audit record, not one row each
+        return _throttled(request, username, wait)
     admin = None
-    if username and isinstance(password, str) and password:
-        admin = await check_password(gw.accounts.sessions, username, password)
+    if username and isinstance(password, str) and password and len(password) <= 1024:
+        admin = await check_password(gw.accounts.sessions, username, password,
+                                     run=gw.workers.run)
     if admin is None:
-        await gw.audit.record(f"admin:{username or '?'}", "admin.login", "dashboard",
-                              decision="deny")
+        verdict = gw.logins.failure(username, address)
+        if verdict.audit:  # once per account and window; the count of the rest with it
+            await gw.audit.record(f"admin:{username or '?'}", "admin.login", "dashboard",
+                                  decision="deny",
+                                  details={"client": address,
+                                           "suppressed_since_last": verdict.suppressed})
+        if verdict.retry_after_s > 0:
+            return _throttled(request, username, verdict.retry_after_s)
         return _login_form(request, status=401, username=username,
                            error="Wrong username or password.")
+    gw.logins.success(username, address)
     await gw.audit.record(f"admin:{admin.username}", "admin.login", "dashboard",
                           decision="allow")
     ttl = gw.settings.admin_jwt_ttl_s
@@ -92,6 +105,14 @@ async def _check_login(request: Request, form: FormData) -> Response:
     sessions.set_cookie(response, request, sessions.SESSION_COOKIE, token, max_age=ttl,
                         secure=secure)
     sessions.clear_cookie(response, request, sessions.LOGIN_CSRF_COOKIE, secure=secure)
+    return response
+
+
+def _throttled(request: Request, username: str, wait_s: float) -> Response:
+    seconds = max(1, math.ceil(wait_s))
+    response = _login_form(request, status=429, username=username,
+                           error=f"Too many failed logins. Try again in {seconds} s.")
+    response.headers["Retry-After"] = str(seconds)
     return response
 
 

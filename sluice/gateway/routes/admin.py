@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, select
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from sluice.gateway.accounts.tenants import key_dict, parse_duration, tenant_dict
-from sluice.gateway.accounts.auth import verify_admin_token
+from sluice.gateway.accounts.admins import revoke_session, session_revoked
+from sluice.gateway.accounts.tenants import (
+    KeySpec,
+    Limit,
+    TenantChanges,
+    key_dict,
+    parse_duration,
+    tenant_dict,
+)
+from sluice.gateway.accounts.auth import MAX_ADMIN_TOKEN_TTL_S, verify_admin_token
 from sluice.gateway.ledger.exports import iter_usage_export
+from sluice.gateway.pipeline.guard import GuardPolicy
 from sluice.gateway.db.models import UsageDaily
 from sluice.gateway.errors import AuthenticationFailed, InvalidRequest
 from sluice.gateway.routes.openai import parse
@@ -21,37 +31,30 @@ from sluice.gateway.state import AppState, app_state
 from sluice.gateway.http.streaming import read_json
 from sluice.gateway.util import json_response
 
-Limit = Annotated[int, Field(ge=1)] | None
-
 
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
+    name: Annotated[str, Field(min_length=1, max_length=128)]
     rpm: Limit = None
     tpm: Limit = None
 
 
-class TenantUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    disabled: bool | None = None
-    rpm: Limit = None
-    tpm: Limit = None
-    stripe_customer_id: str | None = None
-    guard_policy: dict[str, Any] | None = None
-    store_prompts: bool | None = None
+class TenantUpdate(TenantChanges):
+    """The dashboard's form and this body are checked by the same TenantChanges (in
+    Accounts.update_tenant); the guard policy must also load as a GuardPolicy, or every
+    request of the tenant would fail when the guard reads it."""
 
-
-class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    name: str = ""
-    models: list[str] | None = None
-    expires_in: str | None = None
-    rpm: Limit = None
-    tpm: Limit = None
+    @field_validator("guard_policy")
+    @classmethod
+    def _loads(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            GuardPolicy.model_validate(value)
+        return value
 
 
 def admin(request: Request) -> AppState:
-    """The gateway's state, once the caller has shown a valid admin token."""
+    """The gateway's state, once the caller has shown a valid admin token (signature,
+    audience, issuer, lifetime; revocation is checked by :func:`admin_checked`)."""
     gateway = app_state(request)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -61,17 +64,25 @@ def admin(request: Request) -> AppState:
     return gateway
 
 
+async def admin_checked(request: Request) -> AppState:
+    """:func:`admin`, and the token's ``jti`` not revoked."""
+    gateway = admin(request)
+    if await session_revoked(gateway.sessions, request.state.admin["jti"]):
+        raise AuthenticationFailed("admin token has been revoked", code="token_revoked")
+    return gateway
+
+
 def actor(request: Request) -> str:
     return f"admin:{request.state.admin['sub']}"
 
 
 async def list_tenants(request: Request) -> Response:
-    gateway = admin(request)
+    gateway = await admin_checked(request)
     return json_response({"data": [tenant_dict(t) for t in await gateway.accounts.list_tenants()]})
 
 
 async def create_tenant(request: Request) -> Response:
-    gateway = admin(request)
+    gateway = await admin_checked(request)
     body = parse(TenantCreate, await read_json(request, 65536))
     tenant = await gateway.accounts.create_tenant(body.name, rpm=body.rpm, tpm=body.tpm,
                                                   actor=actor(request))
@@ -79,12 +90,12 @@ async def create_tenant(request: Request) -> Response:
 
 
 async def get_tenant(request: Request) -> Response:
-    gateway = admin(request)
+    gateway = await admin_checked(request)
     return json_response(tenant_dict(await gateway.accounts.tenant(request.path_params["tenant"])))
 
 
 async def update_tenant(request: Request) -> Response:
-    gateway = admin(request)
+    gateway = await admin_checked(request)
     body = parse(TenantUpdate, await read_json(request, 65536))
     changes = body.model_dump(exclude_unset=True)
     tenant = await gateway.accounts.update_tenant(request.path_params["tenant"],
@@ -94,14 +105,14 @@ async def update_tenant(request: Request) -> Response:
 
 
 async def list_keys(request: Request) -> Response:
-    gateway = admin(request)
+    gateway = await admin_checked(request)
     tenant = request.path_params.get("tenant") or request.query_params.get("tenant")
     return json_response({"data": [key_dict(k) for k in await gateway.accounts.list_keys(tenant)]})
 
 
 async def create_key(request: Request) -> Response:
-    gateway = admin(request)
-    body = parse(KeyCreate, await read_json(request, 65536))
+    gateway = await admin_checked(request)
+    body = parse(KeySpec, await read_json(request, 65536))
     expires = parse_duration(body.expires_in) if body.expires_in else None
     created = await gateway.accounts.create_key(
         request.path_params["tenant"],
@@ -116,7 +127,7 @@ async def create_key(request: Request) -> Response:
 
 
 async def revoke_key(request: Request) -> Response:
-    gateway = admin(request)
+    gateway = await admin_checked(request)
     key = await gateway.accounts.revoke_key(request.path_params["key"], actor=actor(request))
     gateway.keys.invalidate(key.prefix)
     return json_response(key_dict(key))
@@ -133,7 +144,7 @@ def _day(value: str | None, default: dt.date) -> dt.date:
 
 async def usage(request: Request) -> Response:
     """Daily usage from the rollup, grouped by tenant, key or model."""
-    gateway = admin(request)
+    gateway = await admin_checked(request)
     q = request.query_params
     today = dt.datetime.now(dt.UTC).date()
     start = _day(q.get("from"), today - dt.timedelta(days=30))
@@ -190,7 +201,7 @@ def _instant(value: str | None, default: dt.datetime) -> dt.datetime:
 
 async def usage_export(request: Request) -> Response:
     """Usage events as CSV or JSON lines, streamed in constant memory."""
-    gateway = admin(request)
+    gateway = await admin_checked(request)
     q = request.query_params
     now = dt.datetime.now(dt.UTC)
     start = _instant(q.get("from"), now - dt.timedelta(days=30))
@@ -210,8 +221,29 @@ async def usage_export(request: Request) -> Response:
                              headers={"content-disposition": f'attachment; filename="{name}"'})
 
 
+class TokenRevoke(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    jti: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] | None = None
+    expires_at: Annotated[int, Field(ge=0, le=2**40)] | None = None
+
+
+async def revoke_token(request: Request) -> Response:
+    """Revoke an admin token by its ``jti`` (the presented token itself when the body has
+    none). Kept on the denylist until the token would have expired (at most a week)."""
+    gateway = await admin_checked(request)
+    body = parse(TokenRevoke, await read_json(request, 4096))
+    claims = request.state.admin
+    jti = body.jti or claims["jti"]
+    own = jti == claims["jti"]
+    expires = claims["exp"] if own else (body.expires_at or
+                                         int(time.time()) + MAX_ADMIN_TOKEN_TTL_S)
+    await revoke_session(gateway.sessions, jti, min(expires, int(time.time()) + MAX_ADMIN_TOKEN_TTL_S))
+    await gateway.audit.record(actor(request), "admin.token_revoke", jti, decision="allow")
+    return json_response({"jti": jti, "revoked": True})
+
+
 async def runtime(request: Request) -> Response:
-    gateway = admin(request)
+    gateway = await admin_checked(request)
     return json_response({"backends": gateway.runtime.status()})
 
 
@@ -227,4 +259,5 @@ routes = [
     Route("/admin/api/usage", usage, methods=["GET"]),
     Route("/admin/api/usage/export", usage_export, methods=["GET"]),
     Route("/admin/api/runtime", runtime, methods=["GET"]),
+    Route("/admin/api/tokens/revoke", revoke_token, methods=["POST"]),
 ]

@@ -1,0 +1,160 @@
+"""CPU work off the event loop: a bounded thread pool, a byte-based token estimate, and
+per-tenant concurrency slots.
+
+Why threads and not processes: the CPU work on the request path is SentencePiece
+tokenization (the echo backend, Mixtral's tokenizer) and argon2 password hashing, and
+both release the GIL for the whole native call. Measured on the development machine
+(`python bench/gil_release.py`): while one thread encodes 1 MB with SentencePiece
+(0.38 s) or verifies five argon2 hashes (0.59 s), a second thread that sleeps 1 ms in a
+loop is never held up more than 7-15 ms (the machine's own load). Hugging Face
+``tokenizers`` is different: ``Tokenizer.encode`` holds the GIL for the whole call (a
+1 MB encode stopped the other thread for 1,033 ms), ``encode_batch`` releases it. A
+backend using ``tokenizers`` must call ``encode_batch`` (or run in a process of its own)
+for the pool to help.
+
+The pool is also the event loop's default executor (installed in the lifespan), so a
+backend's ``asyncio.to_thread`` lands on the same bounded set of threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
+
+from sluice.gateway.backends.contract import GenerationRequest
+from sluice.gateway.errors import RateLimitExceeded, ServiceUnavailable
+
+log = logging.getLogger("sluice.workers")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# SentencePiece/BPE tokenizers average 3.5-4.5 bytes per token on English and code, about
+# 1 token per 3 bytes on CJK; 4 keeps the estimate at or under the real count for most
+# text, so an estimate-based 429 is one the exact count would have given too.
+BYTES_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4  # role markers and separators of a chat template
+
+
+def estimate_prompt_tokens(request: GenerationRequest) -> int:
+    """A cheap (no tokenizer) estimate of the prompt's tokens, from its UTF-8 size.
+
+    Linear in the prompt's length with a tiny constant (``str.encode`` is C); used to
+    check rate limits before anything is tokenized."""
+    if request.messages is None:
+        return 1 + math.ceil(_utf8_len(request.prompt or "") / BYTES_PER_TOKEN)
+    total = 1
+    for message in request.messages:
+        total += TOKENS_PER_MESSAGE + math.ceil(_utf8_len(message.content or "") / BYTES_PER_TOKEN)
+    return total
+
+
+def _utf8_len(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+class CpuPool:
+    """A fixed set of threads for CPU-bound calls, with a bounded backlog.
+
+    ``run`` refuses (503, Retry-After) once ``threads + backlog`` calls are queued or
+    running, so a flood of expensive requests queues a bounded amount of work instead of
+    growing without limit. A cancelled caller's call still finishes in its thread (a
+    native call cannot be interrupted); the slot is given back when it does.
+    """
+
+    def __init__(self, threads: int = 4, backlog: int = 64) -> None:
+        if threads < 1 or backlog < 0:
+            raise ValueError("threads must be >= 1 and backlog >= 0")
+        self.threads = threads
+        self.limit = threads + backlog
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="sluice-cpu")
+        self._busy = 0
+
+    @property
+    def busy(self) -> int:
+        """Calls queued or running."""
+        return self._busy
+
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._busy >= self.limit:
+            raise ServiceUnavailable("the server is busy; try again shortly", retry_after_s=1)
+        self._busy += 1
+        loop = asyncio.get_running_loop()
+        try:
+            future = self.executor.submit(functools.partial(fn, *args, **kwargs))
+        except BaseException:
+            self._busy -= 1
+            raise
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._done))
+        return await asyncio.wrap_future(future, loop=loop)
+
+    def _done(self) -> None:
+        self._busy -= 1
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make this pool the loop's default executor (``asyncio.to_thread`` uses it)."""
+        loop.set_default_executor(self.executor)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class TenantSlots:
+    """At most ``limit`` requests of one tenant in flight at once (0: no bound).
+
+    A tenant over its bound gets a 429 at once (no queueing: a queued request would still
+    hold a connection and memory), so one tenant's burst cannot occupy every worker."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._active: dict[str, int] = {}
+
+    def active(self, tenant_id: str) -> int:
+        return self._active.get(tenant_id, 0)
+
+    def acquire(self, tenant_id: str) -> Callable[[], None]:
+        """Take a slot; returns its release (idempotent). RateLimitExceeded when full."""
+        if self.limit <= 0:
+            return _nothing
+        n = self._active.get(tenant_id, 0)
+        if n >= self.limit:
+            raise RateLimitExceeded(
+                f"Too many concurrent requests: this tenant may have {self.limit} in flight; "
+                "retry when one has finished.",
+                headers={"Retry-After": "1"}, code="concurrency_limit_exceeded")
+        self._active[tenant_id] = n + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self._active.get(tenant_id, 1) - 1
+            if left > 0:
+                self._active[tenant_id] = left
+            else:
+                self._active.pop(tenant_id, None)
+
+        return release
+
+    @contextmanager
+    def slot(self, tenant_id: str) -> Iterator[None]:
+        release = self.acquire(tenant_id)
+        try:
+            yield
+        finally:
+            release()
+
+
+def _nothing() -> None:
+    return None
