@@ -21,13 +21,16 @@ def test_one_request_yields_nested_spans_with_token_counts(sqlite_url: str) -> N
             model="echo", messages=[{"role": "user", "content": "trace me please"}])
         spans = {s.name: s for s in exporter.get_finished_spans()}
         root = spans["POST /v1/chat/completions"]
-        for child in ("auth", "ratelimit", "guard.input", "queue", "prefill", "decode",
-                      "guard.output", "metering"):
+        for child in ("auth", "ratelimit", "queue", "prefill", "decode", "metering"):
             assert spans[child].parent is not None, child
             assert spans[child].parent.span_id == root.context.span_id, child
             assert spans[child].context.trace_id == root.context.trace_id
+        # guardrails are off here: no guard spans at all (issue 15)
+        assert not {"guard.input", "guard.output"} & set(spans)
         attrs = root.attributes
         assert attrs["gen_ai.request.model"] == "echo"
+        assert attrs["gen_ai.operation.name"] == "chat"
+        assert attrs["gen_ai.provider.name"] == "sluice"
         assert attrs["gen_ai.usage.input_tokens"] == reply.usage.prompt_tokens
         assert attrs["gen_ai.usage.output_tokens"] == reply.usage.completion_tokens == 3
         assert list(attrs["gen_ai.response.finish_reasons"]) == ["stop"]
