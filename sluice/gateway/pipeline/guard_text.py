@@ -28,10 +28,12 @@ things stand between a conversation and the guard model:
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -79,6 +81,26 @@ class Selection:
     windows: tuple[str, ...]  # the content of each guard call
     total_bytes: int  # the flattened conversation
     skipped_bytes: int  # left unmoderated by "sample" (0 when all was covered)
+
+
+def conversation_of(messages: Sequence[Any], tools: Sequence[Any] = ()) -> list[tuple[str, str]]:
+    """(role, text) of everything the model will read: each message's text with its
+    refusal and the tool calls it carries (name and arguments), and the tool definitions
+    (name, description, JSON Schema) as a leading "tools" turn. What the guard moderates
+    and what the entropy price scores."""
+    turns: list[tuple[str, str]] = []
+    if tools:
+        turns.append(("tools", "\n".join(
+            f"{t.name}: {t.description or ''} {json.dumps(t.parameters or {}, ensure_ascii=False)}"
+            for t in tools)))
+    for m in messages:
+        text = m.content
+        if getattr(m, "refusal", None):
+            text += ("\n" if text else "") + m.refusal
+        for call in getattr(m, "tool_calls", ()):
+            text += ("\n" if text else "") + f"{call.name}({call.arguments})"
+        turns.append((m.role, text))
+    return turns
 
 
 def flatten(messages: Sequence[tuple[str, str]]) -> list[str]:

@@ -17,6 +17,7 @@ from sluice.gateway.http.formats import ChatFormat, TextFormat
 from sluice.gateway.http.schemas import ChatCompletionRequest, CompletionRequest
 from sluice.gateway.ledger.metering import Meter
 from sluice.gateway.pipeline.call import Call, Choice
+from sluice.gateway.pipeline.guard_text import conversation_of
 from sluice.gateway.telemetry import gen_ai_attributes
 
 class Intake:
@@ -35,8 +36,8 @@ class Intake:
 
     def chat(self, request_id: str, principal: Principal, body: ChatCompletionRequest,
              span: Any) -> Call:
-        conversation = [(m.role, m.content) for m in body.messages]
-        last_user = next(content for role, content in reversed(conversation) if role == "user")
+        conversation = conversation_of(body.messages, body.tools)  # all the model reads
+        last_user = next(m.content for m in reversed(body.messages) if m.role == "user")
         return self._open(request_id, principal, body, span, endpoint="chat", fmt=ChatFormat(),
                           prompt_text=last_user, conversation=conversation,
                           logprobs=body.logprobs)

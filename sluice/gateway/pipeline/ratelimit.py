@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol, TypeVar
 
 import redis.asyncio as aioredis
@@ -430,9 +430,11 @@ class RateLimiter:
         return f"{self._cfg.key_prefix}:{{{tenant_id}}}:risk:{key_id}"
 
     async def admit(self, *, key_id: str, tenant_id: str, key_limits: Limits,
-                    tenant_limits: Limits, prompt: str, prompt_tokens: int,
-                    max_tokens: int) -> Admission:
-        """Reserve 1 request and the request's weighted tokens, or raise RateLimited."""
+                    tenant_limits: Limits, prompt: str | Sequence[tuple[str, str]],
+                    prompt_tokens: int, max_tokens: int) -> Admission:
+        """Reserve 1 request and the request's weighted tokens, or raise RateLimited.
+        `prompt`: the text, or every (role, text) turn the model will read (all of it is
+        priced: entropy.score_prompt)."""
         entropy = score_prompt(prompt, self._cfg.entropy)
         base = max(0, prompt_tokens) + max(0, max_tokens)
         buckets = self._buckets(key_id, tenant_id, key_limits, tenant_limits)

@@ -32,6 +32,7 @@ from sluice.gateway.pipeline.call import Call
 from sluice.gateway.pipeline.ratelimit import LimiterError, Limits, RateLimited, RateLimiter
 from sluice.gateway.backends.runtime import Pool
 from sluice.gateway.telemetry import Telemetry
+from sluice.gateway.workers import estimate_prompt_tokens
 
 log = logging.getLogger("sluice.stages")
 
@@ -101,7 +102,8 @@ class RateLimitStage:
                 key_id=p.key_id, tenant_id=p.tenant_id,
                 key_limits=Limits(p.key_rpm, p.key_tpm),
                 tenant_limits=Limits(p.tenant_rpm, p.tenant_tpm),
-                prompt=call.prompt_text, prompt_tokens=call.prompt_tokens,
+                prompt=call.conversation,
+                prompt_tokens=estimate_prompt_tokens(call.requests[0]),  # nothing tokenized
                 max_tokens=call.reserve_tokens * len(call.requests),
             )
         except RateLimited as exc:
@@ -201,6 +203,8 @@ class Guardrails:
             call.principal.tenant_name, f"guard.{stage}", call.principal.key_id,
             request_id=call.request_id, decision=verdict.decision,
             details={"categories": list(verdict.categories), "error": verdict.error,
+                     "error_detail": verdict.detail, "guard_calls": verdict.windows,
+                     "unmoderated_bytes": verdict.skipped_bytes,
                      "model": call.model,
                      **prompt_digest(call.prompt_text, call.principal.store_prompts)},
         )
