@@ -18,7 +18,7 @@ ExportFormat = Literal["csv", "jsonl"]
 EXPORT_COLUMNS = (
     "id", "request_id", "created_at", "tenant_id", "key_id", "model", "endpoint",
     "prompt_tokens", "completion_tokens", "total_tokens", "status", "finish_reason",
-    "latency_ms", "ttft_ms",
+    "latency_ms", "ttft_ms", "cost_pico", "backend",
 )  # fmt: skip
 
 
@@ -58,7 +58,7 @@ def _row_values(row: Any) -> tuple[Any, ...]:
         row.id, row.request_id, iso(row.created_at), row.tenant_id, row.key_id, row.model,
         row.endpoint, row.prompt_tokens, row.completion_tokens,
         row.prompt_tokens + row.completion_tokens, row.status, row.finish_reason,
-        row.latency_ms, row.ttft_ms,
+        row.latency_ms, row.ttft_ms, row.cost_pico, row.backend,
     )  # fmt: skip
 
 
