@@ -8,7 +8,7 @@ PORT   ?= 8000
 STAMP      := $(VENV)/.installed
 STAMP_DEV  := $(VENV)/.installed-dev
 
-.PHONY: run test test-full bench-gateway clean chromium
+.PHONY: run test test-full lint-imports bench-gateway clean chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: $(STAMP_DEV) chromium
 
 test-full: $(STAMP_DEV) chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The architecture contracts in .importlinter: engine and gateway apart, no import cycles.
+lint-imports: $(STAMP_DEV)
+	$(VENV)/bin/lint-imports
 
 bench-gateway: $(STAMP_DEV)
 	$(PY) -m loadtests.bench_gateway

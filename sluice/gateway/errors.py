@@ -151,6 +151,11 @@ BY_STATUS: dict[int, type[SluiceError]] = {
 }
 
 
+class SettingsError(Exception):
+    """Configuration is invalid; the message is one line meant for the operator (no HTTP
+    status: it stops the gateway from starting, it never reaches a client)."""
+
+
 def from_status(status: int, message: str, **kw: Any) -> SluiceError:
     """The error class for an HTTP status (used to map backend failures)."""
     return BY_STATUS.get(status, UpstreamFailed)(message, **kw)

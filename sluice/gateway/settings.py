@@ -1,6 +1,11 @@
-"""One typed Settings object, read from ``SLUICE_*`` environment variables.
+"""One typed Settings object, read from ``SLUICE_*`` environment variables and the TOML
+file named by ``SLUICE_CONFIG`` (backends, rate limits, prices, groups, aliases, cache).
 
-A bad value fails fast with one clear line (:class:`SettingsError`), never a traceback.
+Nothing else reads the environment: :meth:`Settings.from_env` takes it as a mapping. The
+two sources meet only at the in-process engine: ``SLUICE_MODEL``/``SLUICE_DTYPE`` fill in
+the ``model``/``dtype`` options of the file's backends of plugin "local", and a file that
+sets a different value is an error. A bad value or an unknown key fails fast with one clear
+line (:class:`SettingsError`), never a traceback.
 """
 
 from __future__ import annotations
@@ -21,43 +26,17 @@ from pydantic import (
     model_validator,
 )
 
+from sluice.gateway.backends.config import BackendConfig, PoolConfig
 from sluice.gateway.backends.routing import GroupConfig
 from sluice.gateway.economics.config import PriceConfig
 from sluice.gateway.pipeline.cache import CacheConfig
+from sluice.gateway.errors import SettingsError
 from sluice.gateway.pipeline.ratelimit import RateLimitConfig
 
+__all__ = ["BackendConfig", "FileConfig", "PoolConfig", "Settings", "SettingsError",
+           "default_backends", "load_file_config"]
+
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./sluice.db"
-
-
-class SettingsError(Exception):
-    """Configuration is invalid; the message is one line meant for the operator."""
-
-
-class PoolConfig(BaseModel):
-    """How the runtime scales one backend (see sluice/gateway/backends/runtime.py)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min_workers: int = Field(0, ge=0)
-    max_workers: int = Field(1, ge=1)
-    max_concurrency: int = Field(64, ge=1)
-    idle_timeout_s: float = Field(300.0, gt=0)
-    # What an idle worker does after idle_timeout_s: stop (release everything) or sleep
-    # (backends that support it park their weights and free the accelerator; waking is fast).
-    idle_action: Literal["stop", "sleep"] = "stop"
-    # A sleeping worker is stopped after this much more idleness (None: it sleeps on).
-    stop_after_sleep_s: float | None = Field(None, gt=0)
-    queue_size: int = Field(256, ge=0)
-    queue_timeout_s: float = Field(30.0, gt=0)
-    start_timeout_s: float = Field(600.0, gt=0)
-
-
-class BackendConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    plugin: str
-    options: dict[str, Any] = Field(default_factory=dict)
-    pool: PoolConfig = Field(default_factory=PoolConfig)
 
 
 class FileConfig(BaseModel):
@@ -75,17 +54,48 @@ class FileConfig(BaseModel):
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
 
-def default_backends() -> dict[str, BackendConfig]:
+ENGINE_PLUGIN = "local"  # the in-process engine, which SLUICE_MODEL and SLUICE_DTYPE configure
+
+
+def default_backends(model: str | None = None, dtype: str | None = None,
+                     ) -> dict[str, BackendConfig]:
     """With no config file: the echo backend and the in-process engine."""
-    local_options: dict[str, Any] = {}
-    if model := os.environ.get("SLUICE_MODEL"):
-        local_options["model"] = model
-    if dtype := os.environ.get("SLUICE_DTYPE"):
-        local_options["dtype"] = dtype
     return {
         "echo": BackendConfig(plugin="echo"),
-        "local": BackendConfig(plugin="local", options=local_options),
+        "local": BackendConfig(plugin=ENGINE_PLUGIN, options=_engine_options({}, model, dtype)),
     }
+
+
+def _engine_options(options: dict[str, Any], model: str | None,
+                    dtype: str | None) -> dict[str, Any]:
+    """``options`` with ``model`` and ``dtype`` filled in; a different value already there
+    is a conflict between the environment and the config file."""
+    merged = dict(options)
+    for name, value in (("model", model), ("dtype", dtype)):
+        if value is None:
+            continue
+        if merged.get(name, value) != value:
+            raise SettingsError(
+                f"SLUICE_{name.upper()}={value} conflicts with {name} = "
+                f"{merged[name]!r} in the config file; set it in one place")
+        merged[name] = value
+    return merged
+
+
+def _with_engine_settings(backends: dict[str, Any], model: str | None,
+                          dtype: str | None) -> dict[str, BackendConfig]:
+    """Configured backends with SLUICE_MODEL / SLUICE_DTYPE applied to the engine's."""
+    configs = {name: BackendConfig.model_validate(c) for name, c in backends.items()}
+    engines = [name for name, c in configs.items() if c.plugin == ENGINE_PLUGIN]
+    if not engines:
+        which = "SLUICE_MODEL" if model is not None else "SLUICE_DTYPE"
+        raise SettingsError(f"{which} is set but no backend uses plugin "
+                            f"'{ENGINE_PLUGIN}' (the in-process engine) to apply it to")
+    for name in engines:
+        config = configs[name]
+        configs[name] = config.model_copy(
+            update={"options": _engine_options(config.options, model, dtype)})
+    return configs
 
 
 def default_data_dir() -> Path:
@@ -120,7 +130,12 @@ class Settings(BaseModel):
     meter_batch_size: int = Field(500, ge=1)
     meter_flush_interval_s: float = Field(0.2, gt=0)
     plugins: tuple[str, ...] | None = None  # None: every installed plugin may load
-    backends: dict[str, BackendConfig] = Field(default_factory=default_backends)
+    # The in-process engine's checkpoint and dtype (SLUICE_MODEL, SLUICE_DTYPE). They fill
+    # in ``model``/``dtype`` of the backends of plugin "local" (the default backends when
+    # none are configured); a config file that sets another value is an error.
+    model: str | None = None
+    dtype: str | None = None
+    backends: dict[str, BackendConfig]  # default: default_backends(model, dtype)
     ratelimit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
     groups: dict[str, GroupConfig] = Field(default_factory=dict)
@@ -161,10 +176,18 @@ class Settings(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _spool_in_data_dir(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("spool_dir") is None:
-            data_dir = Path(values.get("data_dir") or default_data_dir())
-            values = {**values, "data_dir": data_dir, "spool_dir": data_dir / "spool"}
+    def _derived_defaults(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        if values.get("spool_dir") is None:
+            values["data_dir"] = Path(values.get("data_dir") or default_data_dir())
+            values["spool_dir"] = values["data_dir"] / "spool"
+        model, dtype = values.get("model"), values.get("dtype")
+        if values.get("backends") is None:
+            values["backends"] = default_backends(model, dtype)
+        elif model is not None or dtype is not None:
+            values["backends"] = _with_engine_settings(values["backends"], model, dtype)
         return values
 
     @classmethod
@@ -196,6 +219,8 @@ class Settings(BaseModel):
             "SLUICE_IDLE_TIMEOUT_S": "idle_timeout_s",
             "SLUICE_TRUSTED_PROXIES": "trusted_proxies",
             "SLUICE_TENANT_MAX_CONCURRENCY": "tenant_max_concurrency",
+            "SLUICE_MODEL": "model",
+            "SLUICE_DTYPE": "dtype",
         }
         for var, name in simple.items():
             if env.get(var):

@@ -1,7 +1,8 @@
 """An operator's session in a real browser (Debian's Chromium via Playwright): log in,
 create a tenant and a key, call the API with that key, find the calls on the usage page
 and the overview's chart, revoke the key, see the next call refused, log out.
-Screenshots of every page go to docs/screenshots/."""
+Screenshots of every page go to SCREENSHOTS (a temporary directory unless
+SLUICE_SCREENSHOTS_DIR names one, e.g. docs/screenshots to refresh the README's)."""
 
 from __future__ import annotations
 

@@ -248,9 +248,7 @@ class KeyStore:
             store_prompts=tenant.store_prompts,
             never_used=key.last_used_at is None,
         )
-        expires = key.expires_at
-        if expires is not None and expires.tzinfo is None:  # SQLite drops the zone
-            expires = expires.replace(tzinfo=dt.UTC)
+        expires = key.expires_at  # aware UTC (db.models.UTCDateTime)
         return _Entry(
             secret_hash=key.secret_hash,
             principal=principal,

@@ -9,7 +9,8 @@ from importlib.metadata import entry_points
 from pydantic import ValidationError
 
 from sluice.gateway.backends.contract import Backend, ModelCard
-from sluice.gateway.settings import BackendConfig, SettingsError
+from sluice.gateway.backends.config import BackendConfig
+from sluice.gateway.errors import SettingsError
 
 log = logging.getLogger("sluice.plugins")
 
@@ -63,6 +64,7 @@ class ModelRegistry:
     def __init__(self, grouped: frozenset[str] = frozenset()) -> None:
         self._routes: dict[str, list[Route]] = {}
         self._grouped = grouped
+        self._hidden: set[str] = set()
 
     def add(self, backend_name: str, backend: Backend) -> None:
         for card in backend.models():
@@ -81,6 +83,15 @@ class ModelRegistry:
 
     def routes(self, model: str) -> list[Route]:
         return list(self._routes.get(model, ()))
+
+    def hide(self, model: str) -> None:
+        """Keep `model` (the guard model) from tenants: listed and callable only by keys
+        scoped to it."""
+        self._hidden.add(model)
+
+    def visible(self, model: str, scopes: frozenset[str] | None) -> bool:
+        """Whether a key with these model scopes (None: any model) may see `model`."""
+        return model in scopes if scopes is not None else model not in self._hidden
 
     def cards(self) -> list[ModelCard]:
         return [routes[0].card for routes in self._routes.values()]

@@ -22,7 +22,7 @@ from typing import Any
 
 from sluice.gateway.backends.contract import Backend, BackendError
 from sluice.gateway.errors import ServiceUnavailable
-from sluice.gateway.settings import PoolConfig
+from sluice.gateway.backends.config import PoolConfig
 
 log = logging.getLogger("sluice.runtime")
 

@@ -7,11 +7,11 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sluice.gateway.db.accounting import AuditRecord
-from sluice.gateway.db.models import ApiKey, Tenant, UsageDaily, UsageEvent
+from sluice.gateway.db.accounting import AuditRecord, usage_by_group
+from sluice.gateway.db.models import ApiKey, Tenant, UsageEvent
 
 # range name -> (length, bucket width)
 RANGES: dict[str, tuple[dt.timedelta, dt.timedelta]] = {
@@ -22,10 +22,6 @@ RANGES: dict[str, tuple[dt.timedelta, dt.timedelta]] = {
 }
 MAX_OVERVIEW_ROWS = 200_000
 PAGE_SIZE = 100
-
-
-def aware(ts: dt.datetime) -> dt.datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)  # SQLite drops the zone
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -92,7 +88,7 @@ async def overview(engine: AsyncEngine, range_name: str, now: dt.datetime) -> Ov
         rows = (await conn.execute(query)).all()
     truncated = len(rows) > MAX_OVERVIEW_ROWS
     for created, status, prompt, completion, latency, ttft in rows[:MAX_OVERVIEW_ROWS]:
-        index = int((aware(created) - start) / width)
+        index = int((created - start) / width)
         if not 0 <= index < len(buckets):
             continue
         bucket = buckets[index]
@@ -123,16 +119,7 @@ async def usage(engine: AsyncEngine, *, start: dt.date, end: dt.date, group_by: 
                 tenant_id: str | None) -> list[UsageRow]:
     """Totals per tenant, key or model over ``start..end`` (days, inclusive), from the
     daily rollup, most tokens first."""
-    column = {"tenant": UsageDaily.tenant_id, "key": UsageDaily.key_id,
-              "model": UsageDaily.model}[group_by]
-    query = (
-        select(column, func.sum(UsageDaily.requests), func.sum(UsageDaily.prompt_tokens),
-               func.sum(UsageDaily.completion_tokens))
-        .where(UsageDaily.day >= start, UsageDaily.day <= end)
-        .group_by(column)
-    )
-    if tenant_id:
-        query = query.where(UsageDaily.tenant_id == tenant_id)
+    query = usage_by_group(start=start, end=end, group_by=group_by, tenant_id=tenant_id)
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
         labels = await _labels(conn, group_by, [r[0] for r in rows])

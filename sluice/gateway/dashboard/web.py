@@ -20,6 +20,7 @@ from starlette.templating import Jinja2Templates
 from sluice.gateway.accounts.admins import session_revoked
 from sluice.gateway.dashboard import session as sessions
 from sluice.gateway.dashboard.session import Session, SessionInvalid
+from sluice.gateway.db.models import to_utc
 from sluice.gateway.state import app_state
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,9 @@ FormHandler = Callable[[Request, Session, FormData], Awaitable[Response]]
 def _when(value: dt.datetime | str | None) -> str:
     if value is None:
         return "—"
-    if isinstance(value, str):
+    if isinstance(value, str):  # from JSON (audit details)
         value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return to_utc(value).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _number(value: float | int | None, digits: int = 0) -> str:

@@ -1,4 +1,5 @@
-"""Accounting tables: the hash-chained audit log and the Stripe push ledger.
+"""Accounting tables (the hash-chained audit log, the Stripe push ledger) and the one
+usage-by-group query that the admin API and the dashboard share.
 
 They share :class:`gateway.db.models.Base`; migration 0002 creates them (and, on Postgres,
 the trigger that makes ``audit_log`` append-only).
@@ -9,10 +10,35 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import BigInteger, Index, String, UniqueConstraint
+from sqlalchemy import BigInteger, Index, Select, String, UniqueConstraint, func, select
 from sqlalchemy.orm import Mapped, mapped_column
 
-from sluice.gateway.db.models import AutoBigInt, Base, utcnow
+from sluice.gateway.db.models import AutoBigInt, Base, UsageDaily, utcnow
+
+#: What usage can be grouped by, and the rollup column of each.
+USAGE_GROUPS = {"tenant": UsageDaily.tenant_id, "key": UsageDaily.key_id,
+                "model": UsageDaily.model}
+
+
+def usage_by_group(*, start: dt.date, end: dt.date, group_by: str,
+                   tenant_id: str | None = None, per_day: bool = False) -> Select[Any]:
+    """Requests and prompt/completion tokens per tenant, key or model (per day too with
+    ``per_day``) over ``start..end`` (days, inclusive), from the daily rollup.
+
+    Rows: ``[day,] group, requests, prompt_tokens, completion_tokens``.
+    """
+    column = USAGE_GROUPS[group_by]
+    keys = [UsageDaily.day, column] if per_day else [column]
+    query = (
+        select(*keys, func.sum(UsageDaily.requests), func.sum(UsageDaily.prompt_tokens),
+               func.sum(UsageDaily.completion_tokens))
+        .where(UsageDaily.day >= start, UsageDaily.day <= end)
+        .group_by(*keys)
+        .order_by(*keys)
+    )
+    if tenant_id:
+        query = query.where(UsageDaily.tenant_id == tenant_id)
+    return query
 
 
 class AuditRecord(Base):

@@ -18,7 +18,9 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -26,8 +28,31 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def to_utc(ts: dt.datetime) -> dt.datetime:
+    """``ts`` aware and in UTC; a naive value is taken to be UTC already."""
+    return ts.replace(tzinfo=dt.UTC) if ts.tzinfo is None else ts.astimezone(dt.UTC)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp that is always UTC and always aware, on every database.
+
+    Postgres stores ``timestamptz``; SQLite stores the text without a zone and hands back
+    naive values. Values are converted to UTC on the way in (a naive one is taken as UTC)
+    and come back aware, so no caller fixes zones by hand.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        return None if value is None else to_utc(value)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        return None if value is None else to_utc(value)
 
 
 # SQLite has no native 64-bit autoincrement BIGINT; INTEGER PRIMARY KEY is the rowid.
@@ -35,7 +60,7 @@ AutoBigInt = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dt.datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON}
 
 
 class Tenant(Base):

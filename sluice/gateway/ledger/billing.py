@@ -130,7 +130,7 @@ async def _resume_point(engine: AsyncEngine, name: str, window: Window) -> dt.da
         if mark.window != window:
             raise BillingError(f"{name} was pushed with window={mark.window}; pushing it with "
                                f"window={window} would bill usage twice")  # fmt: skip
-        return utc(mark.pushed_until)
+        return mark.pushed_until  # aware UTC (db.models.UTCDateTime)
     first = await _first_usage(engine, None)
     return None if first is None else floor_window(first, window)
 
@@ -218,7 +218,7 @@ async def _send(
         "event_name": event.event_name,
         "payload": {"stripe_customer_id": event.stripe_customer_id, "value": str(event.value)},
         "identifier": event.identifier,
-        "timestamp": int(utc(event.window_start).timestamp()),
+        "timestamp": int(event.window_start.timestamp()),
     }
     for attempt in range(max_attempts):
         # A fresh idempotency key per attempt of ours: Stripe replays a saved 500 for a

@@ -7,7 +7,6 @@ import time
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import func, select
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -24,7 +23,7 @@ from sluice.gateway.accounts.tenants import (
 from sluice.gateway.accounts.auth import MAX_ADMIN_TOKEN_TTL_S, verify_admin_token
 from sluice.gateway.ledger.exports import iter_usage_export
 from sluice.gateway.pipeline.guard import GuardPolicy
-from sluice.gateway.db.models import UsageDaily
+from sluice.gateway.db.accounting import USAGE_GROUPS, usage_by_group
 from sluice.gateway.errors import AuthenticationFailed, InvalidRequest
 from sluice.gateway.routes.openai import parse
 from sluice.gateway.state import AppState, app_state
@@ -150,24 +149,10 @@ async def usage(request: Request) -> Response:
     start = _day(q.get("from"), today - dt.timedelta(days=30))
     end = _day(q.get("to"), today)
     group = q.get("group_by", "tenant")
-    columns = {"tenant": UsageDaily.tenant_id, "key": UsageDaily.key_id, "model": UsageDaily.model}
-    if group not in columns:
+    if group not in USAGE_GROUPS:
         raise InvalidRequest("group_by must be one of tenant, key, model", param="group_by")
-    column = columns[group]
-    query = (
-        select(
-            UsageDaily.day,
-            column,
-            func.sum(UsageDaily.requests),
-            func.sum(UsageDaily.prompt_tokens),
-            func.sum(UsageDaily.completion_tokens),
-        )
-        .where(UsageDaily.day >= start, UsageDaily.day <= end)
-        .group_by(UsageDaily.day, column)
-        .order_by(UsageDaily.day, column)
-    )
-    if tenant := q.get("tenant"):
-        query = query.where(UsageDaily.tenant_id == (await gateway.accounts.tenant(tenant)).id)
+    tenant = (await gateway.accounts.tenant(q["tenant"])).id if q.get("tenant") else None
+    query = usage_by_group(start=start, end=end, group_by=group, tenant_id=tenant, per_day=True)
     async with gateway.sessions() as session:
         rows = (await session.execute(query)).all()
     return json_response(
