@@ -267,6 +267,10 @@ class Budgets:
             self._rules[tenant_id] = cached
         return [r for r in cached[1] if r.key_id is None or r.key_id == key_id]
 
+    async def spent(self, rule: BudgetRule, label: str) -> int | None:
+        """Micro-units spent in the period ``label`` (None: nothing counted yet here)."""
+        return await self.store.spent(self._key(rule, label))
+
     def invalidate(self, tenant_id: str | None = None) -> None:
         if tenant_id is None:
             self._rules.clear()

@@ -49,9 +49,9 @@ class PriceTable:
         self._by_model: dict[str, list[Price]] = {}
         self._starts: dict[str, list[dt.datetime]] = {}  # effective_from of each version
         for price in prices or []:
-            self._add(price)
+            self.add(price)
 
-    def _add(self, price: Price) -> None:
+    def add(self, price: Price) -> None:
         versions = self._by_model.setdefault(price.model, [])
         starts = self._starts.setdefault(price.model, [])
         at = bisect.bisect_right(starts, price.effective_from)
@@ -91,7 +91,7 @@ class PriceTable:
     def replace(self, prices: list[Price]) -> None:
         self._by_model, self._starts = {}, {}
         for price in prices:
-            self._add(price)
+            self.add(price)
 
 
 def _aware(ts: dt.datetime) -> dt.datetime:
