@@ -65,10 +65,11 @@ TOML
   KEY=$($S keys create --tenant bench --json 2>>"$OUT/run_log.txt" | python3 -c 'import json,sys;print(json.load(sys.stdin)["key"])')
   $S serve --port 8400 > "$OUT/serve_log.txt" 2>&1 &
   SPID=$!
-  for _ in $(seq 60); do python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8400/healthz')" 2>/dev/null && break; sleep 1; done
+  UP=0
+  for _ in $(seq 45); do python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8400/healthz')" 2>/dev/null && { UP=1; break; }; sleep 1; done
   cd - > /dev/null
-  log "gateway up? (max_num_batched_tokens=$MBT)"; tail -n 5 "$OUT/serve_log.txt"
-  timeout 240 python3 bench/e2e_client.py http://127.0.0.1:8400 "$KEY" mixtral-fp8 "$OUT/e2e.json" --no-sleep > /dev/null 2>>"$OUT/run_log.txt"
+  log "gateway up=$UP (max_num_batched_tokens=$MBT)"; tail -n 5 "$OUT/serve_log.txt"
+  [ $UP = 1 ] && timeout 240 python3 bench/e2e_client.py http://127.0.0.1:8400 "$KEY" mixtral-fp8 "$OUT/e2e.json" --no-sleep > /dev/null 2>>"$OUT/run_log.txt"
   log "e2e: $(python3 -c "
 import json; r=json.load(open('$OUT/e2e.json'))
 print({k: r.get(k) for k in ('cold_first_token_s',)}, 'c1', {k: v for k, v in r.get('c1', {}).items() if 'gap' in k or 'tok_s' in k},
