@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import openai
@@ -211,3 +212,179 @@ async def test_idle_workers_sleep_and_wake_faster_than_a_cold_start() -> None:
             break
     assert pool.status()["workers"] == []
     await pool.close()
+
+
+# ---- transitions: a request arriving before, during and after stop, sleep and wake ----
+
+class RecordingEcho(EchoBackend):
+    """Echo with slow transitions (its Options' delays) that records the order in which
+    requests reach it."""
+
+    log: list[str] = []
+
+    async def generate(self, request):  # type: ignore[no-untyped-def,override]
+        RecordingEcho.log.append(request.request_id)
+        async for event in super().generate(request):
+            yield event
+
+
+def slow_pool(idle_action: str, **pool: object) -> Pool:
+    options = RecordingEcho.Options(start_delay_s=0.3, stop_delay_s=0.3, sleep_delay_s=0.3,
+                                    wake_delay_s=0.3, tokens_per_s=200)
+    config = PoolConfig(min_workers=0, max_workers=1, max_concurrency=1, idle_timeout_s=0.3,
+                        idle_action=idle_action, queue_size=50, **pool)  # type: ignore[arg-type]
+    return Pool("slow", lambda: RecordingEcho(options), config)
+
+
+async def until(pool: Pool, check, limit_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while not check([w["state"] for w in pool.status()["workers"]]):
+        assert asyncio.get_running_loop().time() < deadline, pool.status()
+        await asyncio.sleep(0.01)
+
+
+async def served(pool: Pool, rid: str) -> tuple[str, int]:
+    """A request's text and the completion tokens of its usage (0 when it has none)."""
+    async with pool.lease() as worker:
+        req = GenerationRequest(rid, "echo", SamplingParams(), messages=(ChatMessage("user", f"{rid} says hello"),))
+        events = [e async for e in worker.backend.generate(req)]
+    usage = events[-1].usage
+    return "".join(e.text for e in events), usage.completion_tokens if usage else 0
+
+
+async def expected(rid: str) -> tuple[str, int]:
+    """What an echo worker answers (text, completion tokens) outside any pool."""
+    req = GenerationRequest(rid, "echo", SamplingParams(), messages=(ChatMessage("user", f"{rid} says hello"),))
+    events = [e async for e in EchoBackend(EchoBackend.Options()).generate(req)]
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens > 0
+    return "".join(e.text for e in events), events[-1].usage.completion_tokens
+
+
+async def arrivals(pool: Pool, names: list[str]) -> list[asyncio.Task[tuple[str, int]]]:
+    """Requests arriving 20 ms apart, in the order of ``names``."""
+    tasks = []
+    for name in names:
+        tasks.append(asyncio.create_task(served(pool, name)))
+        await asyncio.sleep(0.02)
+    return tasks
+
+
+def transition_state(transition: str) -> str:
+    return {"stop": "stopping", "sleep": "going_to_sleep", "wake": "waking"}[transition]
+
+
+@pytest.mark.parametrize("moment", ["before", "during", "after"])
+@pytest.mark.parametrize("transition", ["stop", "sleep", "wake"])
+async def test_requests_around_a_transition_are_served_once_in_order_with_usage(
+    transition: str, moment: str,
+) -> None:
+    pool = slow_pool("stop" if transition == "stop" else "sleep")
+    await pool.start()
+    RecordingEcho.log = []
+    assert await served(pool, "first") == await expected("first")
+    if transition == "wake":  # bring it to sleep first: the arrivals below cause the wake
+        await until(pool, lambda s: s == ["sleeping"])
+    state = transition_state(transition)
+    if moment == "during":
+        if transition == "wake":
+            wake = asyncio.create_task(served(pool, "trigger"))
+            await until(pool, lambda s: s == ["waking"])
+        else:
+            await until(pool, lambda s: s == [state])
+    elif moment == "after":
+        if transition == "wake":
+            assert await served(pool, "trigger") == await expected("trigger")
+        else:
+            await until(pool, lambda s: s == ([] if transition == "stop" else ["sleeping"]))
+    names = [f"{transition}-{moment}-{i}" for i in range(4)]
+    results = await asyncio.gather(*await arrivals(pool, names))
+    assert results == [await expected(n) for n in names]  # each served, each with its usage
+    if moment == "during" and transition == "wake":
+        assert await wake == await expected("trigger")
+    order = ["first"] + (["trigger"] if transition == "wake" and moment != "before" else []) + names
+    assert RecordingEcho.log == order  # once each, in order of arrival
+    status = pool.status()
+    assert status["cold_starts"] == (2 if transition == "stop" and moment != "before" else 1)
+    assert status["wakes"] == (1 if transition == "sleep" and moment != "before" or transition == "wake" else 0)
+    await pool.close()
+
+
+async def test_arrivals_spread_over_a_cold_start_share_it() -> None:
+    pool = slow_pool("stop")
+    await pool.start()
+    RecordingEcho.log = []
+    tasks = []
+    for i in range(10):  # arrivals across the 0.3 s start
+        tasks.append(asyncio.create_task(served(pool, f"r{i}")))
+        await asyncio.sleep(0.025)
+    assert [t for t, _ in await asyncio.gather(*tasks)] == [f"r{i} says hello" for i in range(10)]
+    assert pool.status()["cold_starts"] == 1 and RecordingEcho.log == [f"r{i}" for i in range(10)]
+    await pool.close()
+
+
+async def test_states_say_the_truth_and_transitions_are_timed() -> None:
+    pool = slow_pool("sleep", stop_after_sleep_s=0.5)
+    await pool.start()
+    await served(pool, "a")
+    await until(pool, lambda s: s == ["going_to_sleep"])
+    worker = pool.workers.workers[0]
+    assert not worker.backend.asleep  # not "sleeping" until its sleep() has returned
+    await until(pool, lambda s: s == ["sleeping"])
+    assert worker.backend.asleep
+    await until(pool, lambda s: s == ["stopping"])
+    await until(pool, lambda s: s == [])
+    t = pool.status()["transitions"]
+    for kind in ("start", "sleep", "stop"):
+        assert t[kind]["count"] == 1 and 0.3 <= t[kind]["last_s"] < 1.0, (kind, t[kind])
+    assert [r["kind"] for r in t["recent"]] == ["start", "sleep", "stop"]
+    await pool.close()
+
+
+def test_through_the_gateway_no_usage_row_is_lost_across_sleep_wake_and_stop(sqlite_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sluice.gateway.accounts.auth import issue_admin_token
+
+    slow = {"model": "slow", "start_delay_s": 0.3, "stop_delay_s": 0.3, "sleep_delay_s": 0.3,
+            "wake_delay_s": 0.3}
+    backends = {"slow": BackendConfig(plugin="echo", options=slow, pool=PoolConfig(
+        max_workers=1, idle_timeout_s=0.3, idle_action="sleep", stop_after_sleep_s=0.6))}
+    server = GatewayServer(echo_settings(sqlite_url, backends=backends)).start()
+    try:
+        api = openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.tenant_key(), max_retries=0)
+        pool = server.gateway.runtime.pools["slow"]
+
+        def ask(i: int) -> int:
+            answer = api.chat.completions.create(model="slow", messages=[{"role": "user", "content": f"n{i} x"}])
+            assert answer.choices[0].message.content == f"n{i} x"
+            return answer.usage.completion_tokens
+
+        def states() -> list[str]:
+            return [w["state"] for w in pool.status()["workers"]]
+
+        def wait_for(want: list[str]) -> None:
+            deadline = time.monotonic() + 10
+            while states() != want:
+                assert time.monotonic() < deadline, pool.status()
+                time.sleep(0.01)
+
+        tokens = [ask(0)]
+        with ThreadPoolExecutor(8) as threads:
+            for want in (["going_to_sleep"], ["waking"], ["stopping"]):
+                if want == ["waking"]:
+                    wait_for(["sleeping"])
+                    trigger = threads.submit(ask, 100)
+                wait_for(want)
+                tokens += list(threads.map(ask, range(len(tokens), len(tokens) + 3)))
+                if want == ["waking"]:
+                    tokens.append(trigger.result())
+        server.run(server.gateway.meter.flush())
+        token = issue_admin_token(server.settings.admin_jwt_secret, "t", 60)
+        usage = httpx.get(server.base_url + "/admin/api/usage", params={"group_by": "model"},
+                          headers={"Authorization": f"Bearer {token}"}).json()["data"]
+        [row] = [r for r in usage if r["model"] == "slow"]
+        assert row["requests"] == len(tokens) == 11 and row["completion_tokens"] == sum(tokens)
+        t = pool.status()["transitions"]
+        assert t["sleep"]["count"] >= 2 and t["wake"]["count"] >= 2 and t["stop"]["count"] >= 1
+    finally:
+        server.stop()
