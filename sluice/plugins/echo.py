@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -36,10 +37,15 @@ from sluice.plugins._tokenizer import MixtralTokenizer
 
 class EchoBackend(Backend):
     name = "echo"
+    supports_sleep: ClassVar[bool] = True
 
     class Options(BackendOptions):
         model: str = "echo"
         start_delay_s: float = Field(default=0.0, ge=0)  # simulated cold start, slept in start()
+        # simulated transitions, for the runtime's tests (sleep and wake like a GPU backend's)
+        stop_delay_s: float = Field(default=0.0, ge=0)
+        sleep_delay_s: float = Field(default=0.0, ge=0)
+        wake_delay_s: float = Field(default=0.0, ge=0)
         ttft_ms: float = Field(default=0.0, ge=0)  # time to first token
         tokens_per_s: float = Field(default=0.0, ge=0)  # 0: as fast as possible
         max_output_tokens: int = Field(default=256, ge=0)
@@ -56,6 +62,7 @@ class EchoBackend(Backend):
         super().__init__(options)
         self.opts = options
         self.tokenizer = MixtralTokenizer()
+        self.asleep = False
 
     def models(self) -> list[ModelCard]:
         return [ModelCard(id=self.opts.model)]
@@ -64,10 +71,23 @@ class EchoBackend(Backend):
         if self.opts.start_delay_s:
             await asyncio.sleep(self.opts.start_delay_s)
 
+    async def stop(self) -> None:
+        await asyncio.sleep(self.opts.stop_delay_s)
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.opts.sleep_delay_s)
+        self.asleep = True
+
+    async def wake(self) -> None:
+        await asyncio.sleep(self.opts.wake_delay_s)
+        self.asleep = False
+
     def count_tokens(self, request: GenerationRequest) -> int:
         return self.tokenizer.count_prompt(request)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if self.asleep:
+            raise BackendError("echo: a sleeping worker was given work", fatal=True)
         opts, sampling = self.opts, request.sampling
         prompt_tokens = self.count_tokens(request)
         answer_ids = self.tokenizer.encode(_answer_text(request))
