@@ -20,6 +20,7 @@ from sluice.gateway.ledger.audit import cli_audit
 from sluice.gateway.ledger.writer import is_unreachable
 from sluice.gateway.accounts.auth import issue_admin_token
 from sluice.gateway.cli_accounting import register as register_accounting
+from sluice.gateway.cli_warmup import register as register_warmup
 from sluice.gateway.db.session import create_engine, migrate, sessionmaker
 from sluice.gateway.errors import SluiceError
 from sluice.gateway.settings import Settings, SettingsError
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_admins_create)
 
     register_accounting(sub)
+    register_warmup(sub)
 
     p = sub.add_parser("admin-token", help="print an admin JWT for /admin/api")
     p.add_argument("--subject", default="cli")
