@@ -14,7 +14,7 @@ from starlette.responses import Response
 from sluice.gateway import dashboard
 from sluice.gateway.errors import SluiceError, from_status
 from sluice.gateway.http.middleware import BodyTimeout, RequestIdMiddleware
-from sluice.gateway.routes import admin, health, openai
+from sluice.gateway.routes import admin, economics, health, openai
 from sluice.gateway.settings import Settings
 from sluice.gateway.state import check_backends, open_state
 from sluice.gateway.telemetry import Telemetry
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None, *, telemetry: Telemetry | None 
         routes=[
             *openai.routes,
             *admin.routes,
+            *economics.routes,
             *health.routes,
             *dashboard.build_routes(cookie_secure=settings.dashboard_cookie_secure),
         ],

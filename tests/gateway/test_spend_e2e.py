@@ -196,3 +196,48 @@ def test_deterministic_requests_are_cached_per_tenant(server: GatewayServer) -> 
     assert [r.backend for r in _rows(server, _tenant_id(server, other))] == ["echo"]
     metrics = httpx.get(f"{server.base_url}/metrics").text
     assert 'sluice_cache_requests_total{result="hit"}' in metrics
+
+
+def test_prices_and_budgets_through_the_admin_api(server: GatewayServer) -> None:
+    from sluice.gateway.accounts.auth import issue_admin_token
+
+    admin = {"authorization": "Bearer "
+             + issue_admin_token(server.settings.admin_jwt_secret, "ops", 300)}
+    base = f"{server.base_url}/admin/api"
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
+    made = httpx.post(f"{base}/prices/echo", headers=admin,
+                      json={"input": 9_000, "output": 15_000, "effective_from": later})
+    assert made.status_code == 201, made.text
+    listed = httpx.get(f"{base}/prices", headers=admin).json()
+    assert [p["input"] for p in listed["history"]["echo"]] == [PRICE.input, 9_000]
+    assert [p["input"] for p in listed["data"] if p["model"] == "echo"] == [PRICE.input]
+    for bad in ({"input": -1, "output": 1}, {"input": 1}, {"input": 1, "output": 1, "x": 1},
+                {"input": 1, "output": 1, "effective_from": "2001-01-01T00:00:00Z"},
+                {"input": 10**30, "output": 1}):
+        refused = httpx.post(f"{base}/prices/echo", headers=admin, json=bad)
+        assert refused.status_code == 400, (bad, refused.text)
+        assert refused.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.post(f"{base}/prices/nope", headers=admin,
+                      json={"input": 1, "output": 1}).status_code == 404
+
+    tenant = f"t-{secrets.token_hex(4)}"
+    server.tenant_key(tenant)
+    budget = httpx.post(f"{base}/tenants/{tenant}/budgets", headers=admin,
+                        json={"period": "month", "limit_micros": 1_000_000, "mode": "soft"})
+    assert budget.status_code == 201, budget.text
+    assert budget.json()["mode"] == "soft" and budget.json()["thresholds"] == [50, 80, 100]
+    for bad in ({"period": "week", "limit_micros": 1}, {"period": "day", "limit_micros": 0},
+                {"period": "day", "limit_micros": 1, "thresholds": [0]},
+                {"period": "day", "limit_micros": 1, "webhook_url": "ftp://x"}):
+        assert httpx.post(f"{base}/tenants/{tenant}/budgets", headers=admin,
+                          json=bad).status_code == 400, bad
+    other_key = httpx.post(f"{base}/tenants/{tenant}/budgets", headers=admin,
+                           json={"period": "day", "limit_micros": 5, "key_id": "key_of_another"})
+    assert other_key.status_code == 404
+    listed = httpx.get(f"{base}/tenants/{tenant}/budgets", headers=admin).json()["data"]
+    assert [b["id"] for b in listed] == [budget.json()["id"]]
+    assert httpx.delete(f"{base}/budgets/{budget.json()['id']}", headers=admin).status_code == 204
+    assert httpx.get(f"{base}/tenants/{tenant}/budgets", headers=admin).json()["data"] == []
+    spend = httpx.get(f"{base}/spend", headers=admin, params={"tenant": tenant})
+    assert spend.status_code == 200 and spend.json()["data"] == []
+    assert httpx.get(f"{base}/prices").status_code == 401
