@@ -4,15 +4,23 @@ Randomness comes from one torch.Generator per sequence (seeded from the request'
 seed), drawing exactly one uniform number per generated token. The draw is
 inverted through the token CDF, so a seeded request yields the same tokens
 whatever else shares its batch.
+
+A request with a ``constraint`` (engine/structured.py: JSON, a JSON Schema, forced tool
+calls) has what its grammar forbids masked out of its logits row first: one bitmask for
+the whole batch, applied to the logits the model returned (outside any CUDA graph).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from sluice.engine.errors import RequestError
+
+if TYPE_CHECKING:
+    from sluice.engine.structured import Constraint
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    #: Decoding constraint (engine/structured.py); it holds the request's parse state, so
+    #: a SamplingParams with one belongs to one request.
+    constraint: Constraint | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -57,6 +68,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     S, V = logits.shape
     if S == 0:
         return []
+    constraints = [p.constraint for p in params]
+    if any(c is not None for c in constraints):
+        from sluice.engine.structured import apply_constraints
+
+        apply_constraints(logits, constraints)
+        out = _sample(logits, params, generators)
+        for c, tok in zip(constraints, out):
+            if c is not None:
+                c.accept(tok.token_id)
+        return out
+    return _sample(logits, params, generators)
+
+
+def _sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+            ) -> list[SampledToken]:
+    V = logits.shape[1]
     want_lp = any(p.logprobs or p.top_logprobs for p in params)
     if not want_lp and all(p.greedy for p in params):
         for g in generators:  # the draw every row takes, so a request's stream stays its own

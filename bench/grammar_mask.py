@@ -1,0 +1,173 @@
+"""Cost of a JSON-schema grammar mask per decode step, xgrammar against llguidance.
+
+Per step and batch size B: every row's matcher fills its row of one (B, ceil(V/32)) int32
+bitmask on the CPU (the libraries' parallel batch calls), the bitmask goes to the logits'
+device and is applied in place to (B, V) fp32 logits, a token is picked among the allowed
+ones and every matcher accepts its token. Each phase is timed apart (device synchronised).
+The vocabulary is Mixtral's (mistral-common's tokenizer.model.v1, V = 32000).
+
+    python bench/grammar_mask.py [--device cuda] [--batch 1 64] [--steps 64] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from sluice.engine.tokenizer import SentencePieceTokenizer
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 4},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["name", "age", "tags", "address", "score"],
+    "additionalProperties": False,
+}
+
+
+class XGrammar:
+    name = "xgrammar"
+
+    def __init__(self, token_bytes: list[bytes], eos: int, batch: int) -> None:
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        info = xgr.TokenizerInfo(token_bytes, xgr.VocabType.RAW, vocab_size=len(token_bytes), stop_token_ids=[eos])
+        began = time.perf_counter()
+        grammar = xgr.GrammarCompiler(info).compile_json_schema(SCHEMA, any_whitespace=False)
+        self.compile_s = time.perf_counter() - began
+        self.matchers = [xgr.GrammarMatcher(grammar) for _ in range(batch)]
+        self.batch = xgr.BatchGrammarMatcher()
+
+    def fill(self, bitmask: torch.Tensor) -> None:
+        self.batch.batch_fill_next_token_bitmask(self.matchers, bitmask)
+
+    def accept(self, tokens: list[int]) -> None:
+        self.xgr.BatchGrammarMatcher.batch_accept_token(self.matchers, tokens)
+
+    def done(self) -> bool:
+        return all(m.is_terminated() for m in self.matchers)
+
+    def apply(self, logits: torch.Tensor, mask: torch.Tensor) -> None:
+        self.xgr.apply_token_bitmask_inplace(logits, mask)
+
+
+class LLGuidance:
+    name = "llguidance"
+
+    def __init__(self, token_bytes: list[bytes], eos: int, batch: int, sp: Any = None) -> None:
+        import llguidance
+        import llguidance.torch as lt
+
+        self.lt = lt
+
+        class Tok:
+            eos_token_id, bos_token_id = eos, 1
+            tokens = token_bytes
+            special_token_ids = [i for i, b in enumerate(token_bytes) if b.startswith(b"\xff")]
+
+            def __call__(self, s: str) -> list[int]:
+                # SentencePiece adds a dummy-prefix space; llguidance wants the text's own tokens
+                ids = sp.encode("\n" + s)
+                return ids[ids.index(13) + 1:]
+
+        tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Tok()))
+        began = time.perf_counter()
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
+        self.matchers = [llguidance.LLMatcher(tokenizer, grammar) for _ in range(batch)]
+        self.compile_s = time.perf_counter() - began
+        self.executor = llguidance.LLExecutor()
+
+    def fill(self, bitmask: torch.Tensor) -> None:
+        self.lt.fill_next_token_bitmask_par(self.executor, [(m, i) for i, m in enumerate(self.matchers)], bitmask)
+
+    def accept(self, tokens: list[int]) -> None:
+        for m, t in zip(self.matchers, tokens):
+            m.consume_token(t)
+
+    def done(self) -> bool:
+        return all(m.is_stopped() for m in self.matchers)
+
+    def apply(self, logits: torch.Tensor, mask: torch.Tensor) -> None:
+        self.lt.apply_token_bitmask_inplace(logits, mask)
+
+
+def llg_bytes(sp: SentencePieceTokenizer) -> list[bytes]:
+    """llguidance marks special tokens with a leading 0xFF byte."""
+    raw = sp.token_bytes()
+    return [b"\xff" + sp.sp.id_to_piece(i).encode() if not b else b for i, b in enumerate(raw)]
+
+
+def run(lib: Any, batch: int, steps: int, device: str, vocab: int) -> dict[str, Any]:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    bitmask = torch.full((batch, (vocab + 31) // 32), -1, dtype=torch.int32,
+                         pin_memory=device == "cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    fill, apply, accept = [], [], []
+    for _ in range(steps):
+        logits = torch.randn(batch, vocab, device=device, generator=gen)  # (B, V)
+        sync()
+        t0 = time.perf_counter()
+        lib.fill(bitmask)
+        t1 = time.perf_counter()
+        lib.apply(logits, bitmask.to(device, non_blocking=True))
+        sync()
+        t2 = time.perf_counter()
+        tokens = logits.argmax(dim=-1).tolist()
+        t3 = time.perf_counter()
+        lib.accept(tokens)
+        t4 = time.perf_counter()
+        fill.append(t1 - t0)
+        apply.append(t2 - t1)
+        accept.append(t4 - t3)
+        if lib.done():
+            break
+
+    def ms(xs: list[float]) -> float:
+        return round(statistics.median(xs[1:] or xs) * 1e3, 4)  # the first step warms caches up
+
+    return {"library": lib.name, "batch": batch, "steps": len(fill), "compile_s": round(lib.compile_s, 4),
+            "fill_ms": ms(fill), "apply_ms": ms(apply), "accept_ms": ms(accept),
+            "total_ms": round(ms(fill) + ms(apply) + ms(accept), 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--libraries", nargs="+", default=["xgrammar", "llguidance"])
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    sp = SentencePieceTokenizer()
+    xbytes, lbytes = sp.token_bytes(), llg_bytes(sp)
+    rows = []
+    for batch in args.batch:
+        for name in args.libraries:
+            lib = XGrammar(xbytes, 2, batch) if name == "xgrammar" else LLGuidance(lbytes, 2, batch, sp.sp)
+            run(lib, batch, 4, args.device, sp.vocab_size)  # warm-up (kernels compile)
+            lib = XGrammar(xbytes, 2, batch) if name == "xgrammar" else LLGuidance(lbytes, 2, batch, sp.sp)
+            rows.append(run(lib, batch, args.steps, args.device, sp.vocab_size))
+            print(json.dumps(rows[-1]), flush=True)
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+              "cpus": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
