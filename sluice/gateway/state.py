@@ -206,6 +206,7 @@ def _guard(settings: Settings, registry: ModelRegistry, runtime: Runtime,
     route = registry.get(settings.guard_model)
     if route is not None:
         pool, model = runtime.pools[route.backend_name], route.card.id
+        registry.hide(model)  # tenants neither list nor call it (unless a key is scoped to it)
     else:
         config = BackendConfig(plugin="local", options={"model": settings.guard_model,
                                                         "served_model_name": "llama-guard"})

@@ -65,6 +65,7 @@ class ModelRegistry:
         self._routes: dict[str, list[Route]] = {}
         self._grouped = grouped
         self._hidden: set[str] = set()
+        self._hidden: set[str] = set()
 
     def add(self, backend_name: str, backend: Backend) -> None:
         for card in backend.models():
@@ -83,6 +84,15 @@ class ModelRegistry:
 
     def routes(self, model: str) -> list[Route]:
         return list(self._routes.get(model, ()))
+
+    def hide(self, model: str) -> None:
+        """Keep `model` (the guard model) from tenants: listed and callable only by keys
+        scoped to it."""
+        self._hidden.add(model)
+
+    def visible(self, model: str, scopes: frozenset[str] | None) -> bool:
+        """Whether a key with these model scopes (None: any model) may see `model`."""
+        return model in scopes if scopes is not None else model not in self._hidden
 
     def hide(self, model: str) -> None:
         """Keep `model` (the guard model) from tenants: listed and callable only by keys

@@ -55,7 +55,8 @@ class Intake:
               conversation: list[tuple[str, str]], logprobs: bool) -> Call:
         model = self.router.resolve(body.model)  # an alias names its target
         route = self.registry.get(model)
-        if route is None:
+        hidden = principal.models is None and not self.registry.visible(model, None)
+        if route is None or hidden:  # the guard model is unknown to tenants
             raise NotFound(
                 f"The model '{body.model}' does not exist", param="model", code="model_not_found"
             )

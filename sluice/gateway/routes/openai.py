@@ -102,7 +102,7 @@ async def list_models(request: Request) -> Response:
     state = app_state(request)
     principal = await authenticate(state, request)
     cards = [
-        c for c in state.registry.cards() if principal.models is None or c.id in principal.models
+        c for c in state.registry.cards() if state.registry.visible(c.id, principal.models)
     ]
     return json_response(
         {
@@ -117,7 +117,7 @@ async def get_model(request: Request) -> Response:
     principal = await authenticate(state, request)
     model = request.path_params["model"]
     route = state.registry.get(model)
-    if route is None or (principal.models is not None and model not in principal.models):
+    if route is None or not state.registry.visible(model, principal.models):
         raise NotFound(f"The model '{model}' does not exist", param="model", code="model_not_found")
     return json_response(_model(route.card))
 
