@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Issue 17's device run, in one call (repo root on the GPU host; OUT = results folder):
+#   bash bench/transitions_gpu.sh $OUT
+# Needs the gateway's wheels in .whl (carried). Writes the random FP8 Mixtral-8x7B (44 GB)
+# to /tmp/mixtral-fp8, then, through `sluice serve` and HTTP as ../shared/bench/README.md:
+# 1. fresh host: empty kernel cache, pool at zero -> e2e_client.py --no-sleep (cold first
+#    token), then bench/transitions.py (first sleep, wake, requests during and 3 s into a sleep);
+# 2. restart on the same host (page cache and kernel cache warm) -> e2e_client.py --no-sleep;
+# 3. `sluice warmup` into a new empty kernel cache, then a start on it -> cold first token.
+set -u
+OUT=${1:?OUT dir}
+export PYTHONUNBUFFERED=1
+CKPT=/tmp/mixtral-fp8
+log() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/run_log.txt"; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+mkdir -p /tmp/site/sluice-0.1.0.dist-info
+printf 'Metadata-Version: 2.1\nName: sluice\nVersion: 0.1.0\n' > /tmp/site/sluice-0.1.0.dist-info/METADATA
+printf '[sluice.plugins]\necho = sluice.plugins.echo:EchoBackend\nlocal = sluice.plugins.local_engine:LocalEngineBackend\n' \
+  > /tmp/site/sluice-0.1.0.dist-info/entry_points.txt
+export PYTHONPATH=/tmp/site:$PWD
+log "$(nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader)"
+log "$(python3 -c 'import torch,triton;print("torch",torch.__version__,"triton",triton.__version__)')"
+log "commit $(git rev-parse --short HEAD 2>/dev/null) dirty=$(git status --porcelain 2>/dev/null | grep -c .)"
+t0=$(date +%s); python3 bench/make_random_fp8_mixtral.py $CKPT --layers 32 > /dev/null
+log "checkpoint written in $(( $(date +%s) - t0 )) s"
+REPO=$PWD
+mkdir -p /tmp/gw && cd /tmp/gw
+config() {  # kernel cache dir
+  cat > /tmp/gw/sluice.toml <<TOML
+[backends.mixtral]
+plugin = "local"
+[backends.mixtral.options]
+model = "$CKPT"
+served_model_name = "mixtral-fp8"
+dtype = "fp8"
+max_num_seqs = 64
+compile_cache_dir = "$1"
+[backends.mixtral.pool]
+min_workers = 0
+max_workers = 1
+idle_timeout_s = 12
+idle_action = "sleep"
+max_concurrency = 128
+queue_size = 256
+queue_timeout_s = 300
+TOML
+}
+export SLUICE_CONFIG=/tmp/gw/sluice.toml SLUICE_DATABASE_URL=sqlite+aiosqlite:////tmp/gw/sluice.db
+S="python3 -m sluice.gateway.cli"
+config /tmp/kc1
+$S migrate >> "$OUT/run_log.txt" 2>&1
+$S tenants create bench --rpm 1000000 --tpm 1000000000 >> "$OUT/run_log.txt" 2>&1
+KEY=$($S keys create --tenant bench --json 2>>"$OUT/run_log.txt" | python3 -c 'import json,sys;print(json.load(sys.stdin)["key"])')
+ADMIN=$($S admin-token --ttl 7200 2>>"$OUT/run_log.txt")
+serve() {  # label
+  $S serve --port 8400 > "$OUT/serve_$1.txt" 2>&1 &
+  SPID=$!
+  for _ in $(seq 60); do python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8400/healthz')" 2>/dev/null && return 0; sleep 0.5; done
+  log "gateway $1 did not come up"; tail -n 20 "$OUT/serve_$1.txt"; return 1
+}
+stop() {
+  local t=$(date +%s.%N); kill $SPID; wait $SPID 2>/dev/null
+  log "gateway stopped in $(python3 -c "print(round($(date +%s.%N)-$t,2))") s"
+}
+E2E="timeout 200 python3 $REPO/bench/e2e_client.py http://127.0.0.1:8400 $KEY mixtral-fp8"
+if serve fresh; then
+  $E2E "$OUT/e2e_fresh.json" --no-sleep > /dev/null 2>>"$OUT/run_log.txt"
+  log "fresh: $(python3 -c "import json;r=json.load(open('$OUT/e2e_fresh.json'));print('first token',r['cold_first_token_s'],'c1',r['c1'].get('chunk_gap_p50_ms'),'c64',r['c64'].get('chunk_gap_p50_ms'),r['c64'].get('chunk_gap_p90_ms'))")"
+  timeout 150 python3 $REPO/bench/transitions.py http://127.0.0.1:8400 $KEY mixtral-fp8 $ADMIN "$OUT/transitions.json" \
+    2>>"$OUT/run_log.txt" | grep -v mem_trace | tee -a "$OUT/run_log.txt"
+  stop
+fi
+grep -E "ready in|awake in|asleep in|parked|CUDA graphs captured|ERROR|Traceback" "$OUT/serve_fresh.txt" | tail -n 20 | tee -a "$OUT/run_log.txt"
+if serve restart; then
+  $E2E "$OUT/e2e_restart.json" --no-sleep > /dev/null 2>>"$OUT/run_log.txt"
+  log "restart: $(python3 -c "import json;r=json.load(open('$OUT/e2e_restart.json'));print('first token',r['cold_first_token_s'],'c64',r['c64'].get('chunk_gap_p50_ms'))")"
+  stop
+fi
+grep -E "ready in|ERROR|Traceback" "$OUT/serve_restart.txt" | tail -n 5 | tee -a "$OUT/run_log.txt"
+config /tmp/kc2
+t0=$(date +%s.%N); timeout 240 $S warmup --json > "$OUT/warmup.json" 2>>"$OUT/run_log.txt"
+log "sluice warmup (empty cache) took $(python3 -c "print(round($(date +%s.%N)-$t0,1))") s: $(tr -d '\n ' < "$OUT/warmup.json" | head -c 400)"
+log done
