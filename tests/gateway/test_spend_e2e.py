@@ -12,7 +12,6 @@ import httpx
 import orjson
 import pytest
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from sluice.gateway.backends.routing import GroupConfig, GroupMember
 from sluice.gateway.db.models import UsageEvent

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from sluice.gateway.dashboard import accounts_pages, auth_pages, report_pages
+from sluice.gateway.dashboard import accounts_pages, auth_pages, money_pages, report_pages
 from sluice.gateway.dashboard.security import DashboardMount, SecurityHeadersMiddleware
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -46,6 +46,10 @@ def build_routes(*, cookie_secure: bool | None = None) -> list[BaseRoute]:
         Route("/guard", report_pages.guard_events, methods=["GET"]),
         Route("/audit", report_pages.audit, methods=["GET"]),
         Route("/runtime", report_pages.runtime, methods=["GET"]),
+        Route("/money", money_pages.money, methods=["GET"]),
+        Route("/money/prices", money_pages.set_price, methods=["POST"]),
+        Route("/money/budgets", money_pages.create_budget, methods=["POST"]),
+        Route("/money/budgets/{budget}/delete", money_pages.delete_budget, methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="dashboard-static"),
     ]
     return [
