@@ -171,6 +171,11 @@ class Telemetry:
                            ["backend"], namespace=ns, registry=reg)  # fmt: skip
         self.last_wake = Gauge("pool_last_wake_seconds", "Duration of the last wake from sleep",
                                ["backend"], namespace=ns, registry=reg)  # fmt: skip
+        self.transitions = Gauge("pool_transitions", "Transitions (start, wake, sleep, stop) "
+                                 "completed", ["backend", "kind"], namespace=ns, registry=reg)
+        self.transition_last = Gauge("pool_transition_last_seconds", "Duration of the last "
+                                     "transition of each kind", ["backend", "kind"], namespace=ns,
+                                     registry=reg)
         self.guard_latency = Histogram(
             "guard_latency_seconds", "Guardrail check time", ["stage"],
             buckets=GUARD_BUCKETS, namespace=ns, registry=reg,
@@ -276,6 +281,14 @@ class Telemetry:
             self.last_cold_start.labels(backend=backend).set(last_cold_start_s)
         if last_wake_s is not None:
             self.last_wake.labels(backend=backend).set(last_wake_s)
+
+    def set_pool_transitions(self, backend: str, transitions: dict[str, Any]) -> None:
+        """``transitions``: the pool status's record (kind -> count, last_s, ...)."""
+        for kind in ("start", "wake", "sleep", "stop"):
+            record = transitions.get(kind) or {}
+            self.transitions.labels(backend=backend, kind=kind).set(record.get("count", 0))
+            if record.get("last_s") is not None:
+                self.transition_last.labels(backend=backend, kind=kind).set(record["last_s"])
 
     def observe_guard(self, stage: str, seconds: float) -> None:
         """``stage``: ``input`` or ``output``."""

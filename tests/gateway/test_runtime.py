@@ -386,5 +386,11 @@ def test_through_the_gateway_no_usage_row_is_lost_across_sleep_wake_and_stop(sql
         assert row["requests"] == len(tokens) == 11 and row["completion_tokens"] == sum(tokens)
         t = pool.status()["transitions"]
         assert t["sleep"]["count"] >= 2 and t["wake"]["count"] >= 2 and t["stop"]["count"] >= 1
+        runtime = httpx.get(server.base_url + "/admin/api/runtime",
+                            headers={"Authorization": f"Bearer {token}"}).json()["backends"]
+        assert [b["transitions"]["wake"]["count"] for b in runtime if b["backend"] == "slow"] == [t["wake"]["count"]]
+        metrics = httpx.get(server.base_url + "/metrics").text
+        assert f'sluice_pool_transitions{{backend="slow",kind="wake"}} {float(t["wake"]["count"])}' in metrics
+        assert 'sluice_pool_transition_last_seconds{backend="slow",kind="sleep"}' in metrics
     finally:
         server.stop()

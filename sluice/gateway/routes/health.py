@@ -40,7 +40,7 @@ async def metrics(request: Request) -> Response:
     for status in state.runtime.status():
         telemetry.set_queue_depth(status["backend"], status["queue_depth"])
         counts: dict[str, int] = dict.fromkeys(
-            ("starting", "ready", "busy", "sleeping", "waking", "stopping"), 0)
+            ("starting", "ready", "busy", "going_to_sleep", "sleeping", "waking", "stopping"), 0)
         for worker in status["workers"]:
             counts[worker["state"]] = counts.get(worker["state"], 0) + 1
         for state, count in counts.items():
@@ -49,6 +49,7 @@ async def metrics(request: Request) -> Response:
             status["backend"], cold_starts=status["cold_starts"],
             last_cold_start_s=status["last_cold_start_s"], wakes=status["wakes"],
             last_wake_s=status["last_wake_s"])
+        telemetry.set_pool_transitions(status["backend"], status.get("transitions", {}))
     body, content_type = telemetry.metrics_response()
     return Response(body, media_type=content_type)
 
