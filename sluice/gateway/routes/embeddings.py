@@ -83,6 +83,7 @@ async def embeddings(request: Request) -> Response:
     )
     try:
         await pipeline.ratelimit.admit(call)
+        await pipeline.spend.admit(call)  # budgets count embeddings too
         call.dispatched = True
         async with call.pool.lease() as worker:
             result = await worker.backend.embed(job)
