@@ -7,6 +7,7 @@ import datetime as dt
 import random
 import secrets
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import select, text
@@ -220,5 +221,44 @@ async def test_a_period_starts_from_the_usage_already_written(postgres_url: str)
         held = await budgets.reserve(tenant, "key_a", 100 * 1_000_000)
         assert held is not None
     finally:
+        await budgets.close()
+        await engine.dispose()
+
+
+async def test_threshold_webhook_is_retried_until_delivered(postgres_url: str) -> None:
+    """The alert's webhook answers 503 once, then 200: delivered on the second try, and
+    the audit sink sees it delivered."""
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        received.append(await reader.readexactly(length))
+        status = b"503 Busy" if len(received) == 1 else b"200 OK"
+        writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    engine = create_async_engine(postgres_url)
+    tenant = f"ten_{secrets.token_hex(6)}"
+    await _budget(engine, tenant, 1_000, mode="soft", webhook=f"http://127.0.0.1:{port}/hook")
+    alerts: list[dict] = []
+
+    async def sink(event: dict) -> None:
+        alerts.append(event)
+
+    budgets = Budgets(engine, MemorySpendStore(), alert_sink=sink)
+    try:
+        held = await budgets.reserve(tenant, "key_a", 600 * 1_000_000)
+        await budgets.settle(held, 600 * 1_000_000)  # crosses 50%
+        await asyncio.gather(*budgets._tasks)
+        assert len(received) == 2  # one failure, one retry
+        assert orjson.loads(received[1])["threshold_percent"] == 50
+        assert [a["delivered"] for a in alerts] == [True]
+    finally:
+        server.close()
         await budgets.close()
         await engine.dispose()
