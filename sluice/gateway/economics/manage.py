@@ -7,7 +7,7 @@ applied to the running gateway at once (price table, budget rule cache) and audi
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictInt, field_validator
 from sqlalchemy import delete, select
@@ -19,8 +19,16 @@ from sluice.gateway.economics.prices import Price, add_price
 from sluice.gateway.economics.tables import Budget
 from sluice.gateway.errors import InvalidRequest, NotFound
 
-if TYPE_CHECKING:
-    from sluice.gateway.state import AppState
+
+
+class AppState(Protocol):
+    """What changing money needs of the gateway's state (sluice/gateway/state.py; not
+    imported: the state imports this package)."""
+
+    registry: Any
+    db: Any
+    spend: Any
+    audit: Any
 
 MAX_BUDGET_MICROS = 10**15  # a billion currency units: above it, a typo
 
