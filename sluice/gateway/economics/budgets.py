@@ -30,6 +30,7 @@ import httpx
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sluice.gateway.economics import PICO_PER_MICRO
@@ -261,8 +262,15 @@ class Budgets:
     async def rules_for(self, tenant_id: str, key_id: str) -> list[BudgetRule]:
         cached = self._rules.get(tenant_id)
         if cached is None or cached[0] < time.monotonic():
-            async with self._engine.connect() as conn:
-                rows = (await conn.execute(select(Budget).where(Budget.tenant_id == tenant_id))).all()
+            try:
+                async with self._engine.connect() as conn:
+                    rows = (await conn.execute(
+                        select(Budget).where(Budget.tenant_id == tenant_id))).all()  # fmt: skip
+            except (SQLAlchemyError, OSError) as exc:
+                # Database unreachable (SLUICE_DB_OUTAGE=serve keeps serving): the last rules
+                # known, else none enforced until it is back; never a 500 (ledger, issue 18).
+                log.warning("budget rules for %s unavailable (%s)", tenant_id, exc)
+                return [r for r in (cached[1] if cached else []) if r.key_id in (None, key_id)]
             cached = (time.monotonic() + self._ttl, [BudgetRule.from_row(r) for r in rows])
             self._rules[tenant_id] = cached
         return [r for r in cached[1] if r.key_id is None or r.key_id == key_id]
