@@ -1,10 +1,21 @@
-"""Evaluate entropy scoring on the prompt datasets and measure limiter overhead.
+"""Evaluate the entropy price on held-out prompt sets and measure scoring and limiter cost.
 
-    .venv/bin/python loadtests/ratelimit_eval.py                       # tables + scoring speed
-    .venv/bin/python loadtests/ratelimit_eval.py --overhead --redis-url redis://127.0.0.1:6379/0
+    .venv/bin/python -m loadtests.ratelimit_eval                  # tables, bars, speed
+    .venv/bin/python -m loadtests.ratelimit_eval --features       # + per-feature ranges (dev)
+    .venv/bin/python -m loadtests.ratelimit_eval --overhead --redis-url redis://127.0.0.1:6379/0
 
-Exits 1 when the acceptance bars fail: false-throttle rate on natural prompts
-(multiplier > 1) above 1 %, or a mean multiplier below 3x on the obfuscated set.
+Two kinds of sets. The development sets (tests/data/prompts/*.jsonl, seed 20240611) are
+where the defaults were set. The held-out sets (tests/data/prompts/heldout.py, seed
+77031405) are built from other text by other code and were not used to set anything;
+the acceptance bars are checked on them:
+
+- natural prompts (many languages, code, identifiers, conversations): at most 1% priced
+  above 1.2x;
+- every obfuscation family: a mean price of at least 3x per payload character
+  (`payload multiplier` = what the prompt costs beyond 1x on its natural part, per
+  payload character; for a bare payload it is the prompt's multiplier).
+
+Exits 1 when a held-out bar fails.
 """
 
 from __future__ import annotations
@@ -13,123 +24,175 @@ import argparse
 import asyncio
 import base64
 import json
+import random
 import statistics
 import sys
 import time
 import timeit
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sluice.gateway.pipeline.entropy import EntropyConfig, features, score_prompt  # noqa: E402
-from sluice.gateway.pipeline.ratelimit import Limits, MemoryStore, RateLimitConfig, RateLimiter  # noqa: E402
-
 DATA = ROOT / "tests" / "data" / "prompts"
-FEATURES = ["ascii_entropy", "entropy", "compress_ratio", "encoded_frac", "leet_rate",
-            "script_switch", "vowel_ratio", "distinct_words", "avg_word_len"]
+sys.path.insert(0, str(DATA))
+
+import heldout  # noqa: E402
+
+from sluice.gateway.pipeline.entropy import (  # noqa: E402
+    EntropyConfig,
+    block_features,
+    score_prompt,
+)
+from sluice.gateway.pipeline.ratelimit import (  # noqa: E402
+    Limits,
+    MemoryStore,
+    RateLimitConfig,
+    RateLimiter,
+)
+
+NATURAL_BAR = 1.2  # a natural prompt priced above this counts against the 1% bar
+NATURAL_RATE_BAR = 0.01
+FAMILY_BAR = 3.0
 
 
-def applies(name: str, f: dict[str, float], config: EntropyConfig) -> bool:
-    """Whether the feature feeds a signal for this prompt (the gates in entropy.signals)."""
-    if name == "ascii_entropy":
-        return f["ascii_entropy"] > 0
-    if name == "vowel_ratio":
-        return (f["letters"] >= config.min_letters_for_vowels
-                and f["letters"] >= config.min_letter_share_for_vowels * f["chars"]
-                and f["avg_word_len"] <= config.max_avg_word_len_for_vowels)
-    if name == "compress_ratio":
-        return f["bytes"] >= config.min_bytes_for_compress
-    if name == "distinct_words":
-        return f["words"] >= config.min_words_for_distinct
-    return True
-
-
-def load(name: str) -> list[dict[str, str]]:
+def load(name: str) -> list[dict[str, Any]]:
     with open(DATA / name, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
-def evaluate(config: EntropyConfig) -> tuple[str, bool]:
-    natural, obfuscated = load("natural.jsonl"), load("obfuscated.jsonl")
-    lines = ["| natural kind | prompts | throttled (x>1) | rate |", "|---|---:|---:|---:|"]
-    by_kind: dict[str, list[float]] = defaultdict(list)
+def text_of(row: dict[str, Any]) -> Any:
+    return row["text"] if "text" in row else [(r, t) for r, t in row["turns"]]
+
+
+def total_chars(row: dict[str, Any]) -> int:
+    return len(row["text"]) if "text" in row else len("\n".join(t for _, t in row["turns"]))
+
+
+@dataclass
+class Report:
+    natural: dict[str, tuple[int, int]]  # kind -> (prompts, priced above the bar)
+    languages: int
+    families: dict[str, dict[str, Any]]  # kind -> stats
+    natural_rate: float
+    failing: list[str]  # families under the bar
+
+    @property
+    def ok(self) -> bool:
+        return self.natural_rate <= NATURAL_RATE_BAR and not self.failing
+
+
+def evaluate(natural: list[dict], obfuscated: list[dict], config: EntropyConfig) -> Report:
+    nat: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for row in natural:
-        by_kind[row["kind"]].append(score_prompt(row["text"], config).multiplier)
-    for kind, mults in sorted(by_kind.items()):
-        bad = sum(m > 1.0 for m in mults)
-        lines.append(f"| {kind} | {len(mults)} | {bad} | {bad / len(mults):.1%} |")
-    all_nat = [m for ms in by_kind.values() for m in ms]
-    false_rate = sum(m > 1.0 for m in all_nat) / len(all_nat)
-    langs = len({r["lang"] for r in natural})
-    lines.append(f"| **all ({langs} languages)** | {len(all_nat)} | "
-                 f"{sum(m > 1.0 for m in all_nat)} | **{false_rate:.2%}** |")
-    lines += ["", "| obfuscated kind | prompts | mean multiplier | min | >= 3x | main signal |",
-              "|---|---:|---:|---:|---:|---|"]
-    obf: dict[str, list] = defaultdict(list)
+        priced = score_prompt(text_of(row), config).multiplier > NATURAL_BAR
+        nat[row["kind"]][0] += 1
+        nat[row["kind"]][1] += priced
+    fams: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     for row in obfuscated:
-        obf[row["kind"]].append(score_prompt(row["text"], config))
-    for kind, scores in obf.items():
-        mults = [s.multiplier for s in scores]
-        reasons = defaultdict(int)
-        for s in scores:
-            reasons[s.reason or "-"] += 1
-        top = max(reasons, key=reasons.get)
-        lines.append(f"| {kind} | {len(mults)} | {statistics.mean(mults):.2f} | {min(mults):.1f}"
-                     f" | {sum(m >= 3 for m in mults) / len(mults):.0%} | {top} |")
-    all_obf = [s.multiplier for ss in obf.values() for s in ss]
-    mean_obf = statistics.mean(all_obf)
-    lines.append(f"| **all** | {len(all_obf)} | **{mean_obf:.2f}** | {min(all_obf):.1f} | "
-                 f"{sum(m >= 3 for m in all_obf) / len(all_obf):.0%} | |")
-    ok = false_rate <= 0.01 and mean_obf >= 3.0
-    lines.append(f"\nfalse-throttle rate {false_rate:.2%} (bar <= 1%), obfuscated mean "
-                 f"{mean_obf:.2f}x (bar >= 3x): {'PASS' if ok else 'FAIL'}")
-    return "\n".join(lines), ok
+        s = score_prompt(text_of(row), config)
+        n, p = total_chars(row), row.get("payload_chars") or total_chars(row)
+        fams[row["kind"]].append((s.multiplier, (s.multiplier * n - (n - p)) / p,
+                                  s.reason or "-"))
+    families = {}
+    for kind, xs in fams.items():
+        reasons: dict[str, int] = defaultdict(int)
+        for _, _, r in xs:
+            reasons[r] += 1
+        pay = [x[1] for x in xs]
+        families[kind] = {"n": len(xs), "mean": statistics.mean(x[0] for x in xs),
+                          "payload_mean": statistics.mean(pay), "payload_min": min(pay),
+                          "at_least_3x": sum(p >= FAMILY_BAR for p in pay) / len(pay),
+                          "signal": max(reasons, key=lambda k: reasons[k])}
+    total = sum(c for c, _ in nat.values())
+    rate = sum(b for _, b in nat.values()) / total
+    failing = [k for k, f in families.items() if f["payload_mean"] < FAMILY_BAR]
+    return Report({k: (c, b) for k, (c, b) in nat.items()},
+                  len({r.get("lang") for r in natural}), families, rate, failing)
 
 
-def feature_table(config: EntropyConfig) -> str:
-    """Where natural text sits on each feature, against each obfuscated kind's range."""
-    natural = [features(r["text"], config) for r in load("natural.jsonl")
-               if len(r["text"]) >= config.min_chars]
-    obf: dict[str, list] = defaultdict(list)
-    for r in load("obfuscated.jsonl"):
-        obf[r["kind"]].append(features(r["text"], config))
+def heldout_report(config: EntropyConfig = EntropyConfig()) -> tuple[Report, str, int]:
+    """The held-out evaluation: (report, fingerprint of the sets, rows)."""
+    natural, obfuscated = heldout.build()
+    return (evaluate(natural, obfuscated, config),
+            heldout.fingerprint(natural + obfuscated), len(natural) + len(obfuscated))
 
-    def pct(values: list[float], q: float) -> float:
-        values = sorted(values)
-        return values[min(len(values) - 1, int(q * len(values)))]
 
-    head = "| feature (where it applies) | natural p1 | natural p99 | natural min..max | " + \
-        " | ".join(obf) + " |"
-    lines = [head, "|---" * (4 + len(obf)) + "|"]
-    for name in FEATURES:
-        nat = [f[name] for f in natural if applies(name, f, config)]
-        cells = []
-        for fs in obf.values():
-            vals = [f[name] for f in fs if applies(name, f, config)]
-            cells.append(f"{min(vals):.2f}..{max(vals):.2f}" if vals else "n/a")
-        lines.append(f"| {name} | {pct(nat, 0.01):.3f} | {pct(nat, 0.99):.3f} | "
-                     f"{min(nat):.3f}..{max(nat):.3f} | " + " | ".join(cells) + " |")
+def render(report: Report, title: str) -> str:
+    lines = [f"### {title}", "", f"| natural kind | prompts | priced > {NATURAL_BAR}x | rate |",
+             "|---|---:|---:|---:|"]
+    for kind, (c, b) in sorted(report.natural.items()):
+        lines.append(f"| {kind} | {c} | {b} | {b / c:.1%} |")
+    total = sum(c for c, _ in report.natural.values())
+    bad = sum(b for _, b in report.natural.values())
+    lines += [f"| **all ({report.languages} languages/sources)** | {total} | {bad} | "
+              f"**{report.natural_rate:.2%}** |", "",
+              "| obfuscated family | prompts | mean multiplier | mean per payload char | "
+              "min per payload char | >= 3x | main signal |", "|---|---:|---:|---:|---:|---:|---|"]
+    for kind, f in report.families.items():
+        lines.append(f"| {kind} | {f['n']} | {f['mean']:.2f} | **{f['payload_mean']:.2f}** | "
+                     f"{f['payload_min']:.2f} | {f['at_least_3x']:.0%} | {f['signal']} |")
+    verdict = "PASS" if report.ok else f"FAIL ({', '.join(report.failing) or 'natural rate'})"
+    lines.append(f"\nnatural priced > {NATURAL_BAR}x: {report.natural_rate:.2%} (bar <= 1%); "
+                 f"every family >= {FAMILY_BAR}x per payload char: {verdict}")
     return "\n".join(lines)
 
 
-def scoring_speed(config: EntropyConfig) -> str:
+def feature_table(config: EntropyConfig) -> str:
+    """Per-block features on the development sets: natural p99/max against each family."""
+    names = ["encoded_frac", "entropy", "distinct_ratio", "uniformity", "pair_novelty",
+             "script_switch", "vowel_ratio", "leet_rate", "repeated_shingles"]
+    nat: dict[str, list[float]] = defaultdict(list)
+    for row in load("natural.jsonl"):
+        text = row["text"]
+        if len(text) >= config.min_chars:
+            f = block_features(text, config)
+            for name in names:
+                nat[name] += [float(x) for x in f[name] if x > 0]
+    lines = ["| block feature (> 0) | natural p99 | natural max | ramp lo -> hi |", "|---|---:|---:|---|"]
+    ramps = {"encoded_frac": config.encoded, "entropy": config.ascii_entropy,
+             "distinct_ratio": config.distinct, "uniformity": config.uniformity,
+             "pair_novelty": config.pair_novelty, "script_switch": config.script_switch,
+             "vowel_ratio": config.vowel_ratio, "leet_rate": config.leet,
+             "repeated_shingles": config.repetition}
+    for name in names:
+        vals = sorted(nat[name]) or [0.0]
+        r = ramps[name]
+        lines.append(f"| {name} | {vals[int(0.99 * (len(vals) - 1))]:.3f} | {vals[-1]:.3f} | "
+                     f"{r.lo} -> {r.hi} |")
+    return "\n".join(lines)
+
+
+def speed_samples() -> dict[str, Any]:
     natural = load("natural.jsonl")
-    en = " ".join(r["text"] for r in natural if r["lang"] == "en")[:2048]
-    zh = "".join(r["text"] for r in natural if r["lang"] == "zh")[:683]  # ~2 KB of UTF-8
-    code = "\n".join(r["text"] for r in natural if r["kind"] == "code" and r["lang"] == "en")
-    samples = {"English prose": en, "Chinese prose": zh, "code question": code[:2048],
-               "base64": base64.b64encode(en.encode()).decode()[:2048],
-               "leetspeak": en.translate(str.maketrans("aeiost", "431057")),
-               "100 KB prose (sampled)": (en + " ") * 50}
-    lines = ["| prompt | bytes | µs per score (min of 7) | multiplier |", "|---|---:|---:|---:|"]
-    for name, text in samples.items():
-        n = 500
-        us = min(timeit.repeat(lambda: score_prompt(text, config), number=n, repeat=7)) / n * 1e6
-        lines.append(f"| {name} | {len(text.encode())} | {us:.0f} | "
-                     f"{score_prompt(text, config).multiplier:g} |")
+    en = " ".join(r["text"] for r in natural if r["lang"] == "en")
+    zh = "".join(r["text"] for r in natural if r["lang"] == "zh")
+    code = "\n".join(r["text"] for r in natural if r["kind"] == "code")
+    rng = random.Random(5)
+    b64 = base64.b64encode(rng.randbytes(786_432)).decode()
+    mb = 1 << 20
+
+    def grow(text: str, n: int) -> str:
+        return (text * (n // len(text) + 1))[:n]
+
+    turns = [("system", grow(en, mb // 4)), ("user", b64[:mb // 4]),
+             ("assistant", grow(zh, mb // 4)), ("user", grow(code, mb // 4))]
+    return {"English prose, 2 KB": en[:2048], "Chinese prose, 2 KB": zh[:683],
+            "code question, 2 KB": code[:2048], "base64, 2 KB": b64[:2048],
+            "English prose, 1 MB": grow(en, mb), "Chinese prose, 1 M chars": grow(zh, mb),
+            "code, 1 MB": grow(code, mb), "base64, 1 MB": b64[:mb],
+            "4-turn conversation, 1 M chars (prose, base64, Chinese, code)": turns}
+
+
+def scoring_speed(config: EntropyConfig) -> str:
+    lines = ["| prompt | chars | ms per score (min of 7) | multiplier |", "|---|---:|---:|---:|"]
+    for name, text in speed_samples().items():
+        chars = len(text) if isinstance(text, str) else sum(len(t) for _, t in text)
+        n = 200 if chars < 10_000 else 3
+        ms = min(timeit.repeat(lambda: score_prompt(text, config), number=n, repeat=7)) / n * 1e3
+        lines.append(f"| {name} | {chars} | {ms:.3f} | {score_prompt(text, config).multiplier:g} |")
     return "\n".join(lines)
 
 
@@ -167,20 +230,29 @@ async def overhead(redis_url: str | None, n: int) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--features", action="store_true", help="print the feature ranges table")
+    ap.add_argument("--features", action="store_true", help="per-feature ranges on the dev sets")
     ap.add_argument("--overhead", action="store_true", help="measure admit+settle")
+    ap.add_argument("--no-speed", action="store_true", help="skip the scoring-speed table")
     ap.add_argument("--redis-url", default=None)
     ap.add_argument("-n", type=int, default=2000, help="admit+settle pairs per store")
     args = ap.parse_args()
     config = EntropyConfig()
-    table, ok = evaluate(config)
-    print(table, end="\n\n")
+    dev = evaluate(load("natural.jsonl"), load("obfuscated.jsonl"), config)
+    print(render(dev, "Development sets (tests/data/prompts, where the defaults were set)"),
+          end="\n\n")
+    if not heldout.available():
+        print("held-out sets unavailable: no gettext catalogs under /usr/share/locale")
+        return 1
+    report, fingerprint, rows = heldout_report(config)
+    print(render(report, f"Held-out sets ({rows} prompts, fingerprint {fingerprint})"),
+          end="\n\n")
     if args.features:
         print(feature_table(config), end="\n\n")
-    print(scoring_speed(config), end="\n\n")
+    if not args.no_speed:
+        print(scoring_speed(config), end="\n\n")
     if args.overhead:
         print(asyncio.run(overhead(args.redis_url, args.n)))
-    return 0 if ok else 1
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -329,12 +329,12 @@ def block_features(text: str, config: EntropyConfig) -> dict[str, np.ndarray]:
         # Medium and large alphabets: natural text repeats letter pairs (words, common
         # syllables), uniform noise almost never does.
         letter = scripts > 0
-        pairs = np.zeros(len(folded), np.uint32)
+        pairs = np.zeros(len(folded), np.uint16)  # 0: not a pair of letters
         both = letter[1:] & letter[:-1]
-        pairs[1:] = np.where(both, (folded[:-1].astype(np.uint32) * 40503) ^ folded[1:], 0)
-        pairs = (pairs ^ (pairs >> 16)).astype(np.uint16)
-        pairs[1:][both & (pairs[1:] == 0)] = 1
-        n_pairs, new_pairs, _ = _letter_rows(pairs, sizes, w)
+        pairs[1:] = (folded[:-1] * np.uint16(40503)) ^ folded[1:]
+        pairs[1:] |= 1  # never 0 for a pair ...
+        pairs[1:] *= both  # ... and 0 for the rest
+        n_pairs, new_pairs = _distinct_rows(pairs, sizes, w)
         f["pair_novelty"] = np.where(mostly & (distinct > 64) & (n_pairs >= 64),
                                      new_pairs / np.maximum(n_pairs, 1), 0.0)
         f["repeated_shingles"] = _repeated_shingles(folded, np.uint64, sizes, w)
@@ -367,6 +367,20 @@ def _row_groups(x: np.ndarray, sizes: np.ndarray, w: int) -> list[np.ndarray]:
     """Full blocks as a (nb - 1, w) array, and the last block as a (1, size) array."""
     head = len(x) - int(sizes[-1])
     return [x[:head].reshape(-1, w), x[head:][None, :]]
+
+
+def _distinct_rows(x: np.ndarray, sizes: np.ndarray, w: int) -> tuple[np.ndarray,
+                                                                     np.ndarray]:
+    """Per block: non-zero values and distinct non-zero values."""
+    count, distinct = [], []
+    for rows in _row_groups(x, sizes, w):
+        if rows.size == 0:
+            continue
+        rows = np.sort(rows, axis=1, kind="stable")
+        count.append(np.count_nonzero(rows, axis=1))
+        new = rows[:, 1:] != rows[:, :-1]
+        distinct.append(np.count_nonzero(new, axis=1) + (rows[:, 0] != 0))
+    return np.concatenate(count), np.concatenate(distinct).astype(np.float64)
 
 
 def _letter_rows(letters: np.ndarray, sizes: np.ndarray, w: int) -> tuple[
@@ -427,18 +441,25 @@ def _repeated_shingles(chars: np.ndarray, word: type, sizes: np.ndarray,
 
 def _token_features(v: np.ndarray, candidates: np.ndarray, sizes: np.ndarray, w: int,
                     config: EntropyConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per block: characters in encoded spans and leetspeak hits, scanning each run of
-    consecutive candidate blocks as one piece of text."""
+    """Per block: characters in encoded spans and leetspeak hits, scanning the candidate
+    blocks in one pass (runs of consecutive candidate blocks kept apart by a space)."""
     nb = len(sizes)
     encoded, leet = np.zeros(nb), np.zeros(nb)
     breaks = np.flatnonzero(np.diff(candidates) > 1) + 1
-    for run in np.split(candidates, breaks):
+    runs = np.split(candidates, breaks)
+    space = np.full(1, 32, np.uint8)
+    pieces = []
+    for run in runs:
         lo = int(run[0]) * w
-        offsets = np.concatenate([[0], np.cumsum(sizes[run])[:-1]])
-        enc_mask, leet_mask = _scan_tokens(v[lo:lo + int(sizes[run].sum())], config)
-        for mask, out in ((enc_mask, encoded), (leet_mask, leet)):
-            if mask is not None:
-                out[run] = np.add.reduceat(mask.view(np.uint8), offsets, dtype=np.int64)
+        pieces += [v[lo:lo + int(sizes[run].sum())], space]
+    text = np.concatenate(pieces)
+    # Where each candidate block starts in `text` (one separator after each run).
+    run_of = np.repeat(np.arange(len(runs)), [len(r) for r in runs])
+    offsets = np.concatenate([[0], np.cumsum(sizes[candidates])[:-1]]) + run_of
+    enc_mask, leet_mask = _scan_tokens(text, config)
+    for mask, out in ((enc_mask, encoded), (leet_mask, leet)):
+        if mask is not None:
+            out[candidates] = np.add.reduceat(mask.view(np.uint8), offsets, dtype=np.int64)
     return encoded, leet
 
 
@@ -483,8 +504,8 @@ def _scan_tokens(v: np.ndarray, config: EntropyConfig) -> tuple[np.ndarray | Non
         edges = np.flatnonzero(np.diff(np.concatenate([[0], fam.astype(np.int8), [0]])))
         a, b = edges[0::2], edges[1::2]  # runs of tokens [a, b)
         dig, let, vow, aln = (c[b] - c[a] for c in (c_dig, c_let, c_vow, c_aln))
-        if fam is hexish:  # random hex: 62% digits, 38% letters a-f
-            ok = (aln >= config.run_min_alnum) & (dig * 4 >= aln) & (let * 10 >= aln)
+        if fam is hexish:  # random bytes: 62% digits; ASCII text's bytes: ~10% letters
+            ok = (aln >= config.run_min_alnum) & (dig * 4 >= aln) & (let * 32 >= aln)
         elif fam is b32ish:  # random base32: 19% digits 2-7, letters with 19% vowels
             ok = (aln >= config.run_min_alnum) & (dig * 12 >= aln) & (let * 2 >= aln) \
                 & (vow * 10 <= let * 3)

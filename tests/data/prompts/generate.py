@@ -133,11 +133,49 @@ def obfuscated(rng: random.Random, nat: list[dict[str, str]]) -> list[dict[str, 
             for i, (kind, text) in enumerate(rows)]
 
 
+def obfuscated_more(rng: random.Random, nat: list[dict[str, str]]) -> list[dict]:
+    """The families added for issue 18 (own generator, seed SEED + 1, so the rows above
+    stay byte for byte): grouped hex, base32, decimal byte codes, noise from single
+    scripts, and payloads in an earlier turn or beyond the old pricer's 4 sampled KB."""
+    sources = [r["text"] for r in nat if len(r["text"]) >= 60]
+    rows: list[dict] = []
+
+    def payload(n: int) -> bytes:
+        return " ".join(rng.sample(sources, n)).encode()
+
+    for _ in range(30):
+        h = payload(rng.randint(1, 3)).hex()
+        rows.append({"kind": "hex_grouped", "text": " ".join(h[i:i + 4] for i in range(0, len(h), 4))})
+        rows.append({"kind": "base32", "text": base64.b32encode(payload(rng.randint(1, 3))).decode()})
+        rows.append({"kind": "decimal_codes",
+                     "text": " ".join(str(b) for b in payload(rng.randint(1, 2)))})
+    scripts = {"noise_cjk": (0x4E00, 0x9FFF), "noise_hangul": (0xAC00, 0xD7A3),
+               "noise_cyrillic": (0x410, 0x44F), "noise_arabic": (0x620, 0x64A)}
+    for kind, (lo, hi) in scripts.items():
+        for _ in range(20):
+            chars = [chr(rng.randint(lo, hi)) for _ in range(rng.randint(200, 1500))]
+            if kind in ("noise_cyrillic", "noise_arabic") and rng.random() < 0.5:
+                for i in range(len(chars) - 1, 0, -rng.randint(3, 7)):
+                    chars.insert(i, " ")
+            rows.append({"kind": kind, "text": "".join(chars)})
+    for _ in range(30):
+        p = base64.b64encode(payload(rng.randint(4, 10))).decode()
+        rows.append({"kind": "payload_in_system_turn",
+                     "turns": [["system", p], ["user", rng.choice(sources)]]})
+        long = " ".join(rng.sample(sources, 20))[:4096]
+        blob = payload(rng.randint(15, 30)).hex()
+        q = len(long) // 4  # natural text where the old pricer sampled, the payload between
+        b = len(blob) // 4
+        rows.append({"kind": "payload_beyond_slices", "text": "".join(
+            long[i * q:(i + 1) * q] + " " + blob[i * b:(i + 1) * b] + " " for i in range(4))})
+    return [{"id": f"obf2-{i:04d}", **row} for i, row in enumerate(rows)]
+
+
 def build() -> tuple[str, str]:
     """Both datasets as JSON-lines strings."""
     rng = random.Random(SEED)
     nat = natural(rng)
-    obf = obfuscated(rng, nat)
+    obf = obfuscated(rng, nat) + obfuscated_more(random.Random(SEED + 1), nat)
     dump = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)  # noqa: E731
     return dump(nat), dump(obf)
 
