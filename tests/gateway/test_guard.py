@@ -354,3 +354,19 @@ async def test_guard_errors_reach_tenants_generic_and_logs_in_detail(caplog) -> 
     assert verdict.decision == "block" and verdict.error == "guard model unavailable"
     assert "10.0.0.7" not in verdict.error and "10.0.0.7" in verdict.detail
     assert "10.0.0.7" in caplog.text
+
+
+def test_conversation_is_everything_the_model_reads() -> None:
+    from sluice.gateway.backends.contract import ChatMessage, Tool, ToolCall
+    from sluice.gateway.pipeline.guard_text import conversation_of
+
+    messages = [ChatMessage("system", "Be terse."),
+                ChatMessage("assistant", "", tool_calls=(ToolCall("c1", "lookup", '{"q": "X1"}'),),
+                            refusal="I cannot."),
+                ChatMessage("tool", "result X2", tool_call_id="c1"), ChatMessage("user", "And?")]
+    tools = [Tool("lookup", "Find X3 in the index", {"type": "object"})]
+    turns = conversation_of(messages, tools)
+    assert turns[0] == ("tools", 'lookup: Find X3 in the index {"type": "object"}')
+    assert turns[1:] == [("system", "Be terse."),
+                         ("assistant", 'I cannot.\nlookup({"q": "X1"})'),
+                         ("tool", "result X2"), ("user", "And?")]
