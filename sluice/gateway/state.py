@@ -44,7 +44,7 @@ from sluice.gateway.pipeline.spend import Spend
 from sluice.gateway.pipeline.stages import Authenticator, Guardrails, RateLimitStage, pool_completer
 from sluice.gateway.settings import BackendConfig, Settings
 from sluice.gateway.telemetry import Telemetry
-from sluice.gateway.workers import CpuPool
+from sluice.gateway.workers import CpuPool, TenantSlots
 
 log = logging.getLogger("sluice.state")
 
@@ -141,6 +141,7 @@ async def open_state(settings: Settings, stack: contextlib.AsyncExitStack, *,
         spend=spend,
         recorder=Recorder(meter, ratelimit, spend, telemetry),
         telemetry=telemetry,
+        workers=workers, slots=TenantSlots(settings.tenant_max_concurrency),
     )
     log.info("serving models: %s", ", ".join(c.id for c in registry.cards()) or "none")
     return AppState(

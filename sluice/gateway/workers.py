@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import math
+import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import ParamSpec, TypeVar
@@ -40,6 +43,7 @@ T = TypeVar("T")
 # text, so an estimate-based 429 is one the exact count would have given too.
 BYTES_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4  # role markers and separators of a chat template
+WORKER_NICE = 10  # added to the process's nice value for worker threads (Linux)
 
 
 def estimate_prompt_tokens(request: GenerationRequest) -> int:
@@ -70,13 +74,15 @@ class CpuPool:
     native call cannot be interrupted); the slot is given back when it does.
     """
 
-    def __init__(self, threads: int = 4, backlog: int = 64) -> None:
+    def __init__(self, threads: int | None = None, backlog: int = 64) -> None:
+        # One thread per core: more only contend with the event loop for the same CPUs.
+        threads = threads or max(1, min(4, os.cpu_count() or 1))
         if threads < 1 or backlog < 0:
             raise ValueError("threads must be >= 1 and backlog >= 0")
         self.threads = threads
         self.limit = threads + backlog
         self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix="sluice-cpu")
+            max_workers=threads, thread_name_prefix="sluice-cpu", initializer=_lower_priority)
         self._busy = 0
 
     @property
@@ -154,6 +160,16 @@ class TenantSlots:
             yield
         finally:
             release()
+
+
+def _lower_priority() -> None:
+    """Run this worker thread at a lower CPU priority than the event loop's thread.
+
+    Releasing the GIL is not enough on a busy machine: the loop thread also needs a CPU,
+    and the kernel shares CPUs between threads of equal priority. On Linux a thread is a
+    task with a nice value of its own, so the loop wins every contended time slice."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
 
 
 def _nothing() -> None:

@@ -89,8 +89,10 @@ class EchoBackend(Backend):
         if self.asleep:
             raise BackendError("echo: a sleeping worker was given work", fatal=True)
         opts, sampling = self.opts, request.sampling
-        prompt_tokens = self.count_tokens(request)
-        answer_ids = self.tokenizer.encode(_answer_text(request))
+        # Tokenizing a long prompt takes CPU time (0.4 s per MB): on a worker thread, never
+        # the event loop (SentencePiece releases the GIL while it encodes).
+        prompt_tokens = await asyncio.to_thread(self.count_tokens, request)
+        answer_ids = await asyncio.to_thread(self.tokenizer.encode, _answer_text(request))
         limit = opts.max_output_tokens
         if sampling.max_tokens is not None:
             limit = min(limit, sampling.max_tokens)

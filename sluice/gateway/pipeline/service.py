@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from opentelemetry import trace
@@ -37,13 +37,19 @@ from sluice.gateway.pipeline.intake import Intake
 from sluice.gateway.pipeline.spend import Spend
 from sluice.gateway.pipeline.stages import Authenticator, Guardrails, RateLimitStage, violation
 from sluice.gateway.telemetry import Telemetry
+from sluice.gateway.workers import CpuPool, TenantSlots
 
 
 class Pipeline:
     def __init__(self, *, auth: Authenticator, intake: Intake, ratelimit: RateLimitStage,
                  guardrails: Guardrails, spend: Spend, recorder: Recorder,
-                 telemetry: Telemetry) -> None:
+                 telemetry: Telemetry, workers: CpuPool | None = None,
+                 slots: TenantSlots | None = None) -> None:
         self.auth = auth
+        # CPU work off the event loop and per-tenant in-flight bounds (edge, issue 18).
+        self.workers = workers
+        self.slots = slots or TenantSlots(0)
+        self._releases: dict[str, Callable[[], None]] = {}
         self.intake = intake
         self.ratelimit = ratelimit
         self.guardrails = guardrails
@@ -64,11 +70,14 @@ class Pipeline:
     async def admit(self, call: Call) -> Call:
         """Rate limits, then the input guard. A refusal still ends the call (one usage row)."""
         try:
+            self._releases[call.request_id] = self.slots.acquire(call.principal.tenant_id)
             with self._span(call, "ratelimit"):
-                await self.ratelimit.admit(call)
+                await self.ratelimit.admit(call)  # on a byte estimate: nothing tokenized yet
             if self.guardrails.enabled:  # no guard span when guardrails are off
                 with self._span(call, "guard.input"):
                     await self.guardrails.check_input(call)
+            if self.workers is not None:  # the exact count, on a worker thread
+                call.prompt_tokens = await self.workers.run(call.count_prompt)
             with self._span(call, "spend"):
                 await self.spend.admit(call)  # budgets reserved; the response cache asked
             await self.recorder.open(call)  # write-ahead usage record: no crash loses it
@@ -165,10 +174,13 @@ class Pipeline:
     # -- ending it ---------------------------------------------------------------------
 
     def finish(self, call: Call) -> None:
+        if (release := self._releases.pop(call.request_id, None)) is not None:
+            release()
         self.recorder.finish(call)
 
     def _fail(self, call: Call, exc: BaseException) -> None:
-        call.status = as_sluice_error(exc).status
+        call.error = as_sluice_error(exc)
+        call.status = call.error.status
 
     def _span(self, call: Call, name: str) -> Any:
         """A child span of the call's request span (nothing at all when tracing is off:
