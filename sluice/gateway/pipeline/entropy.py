@@ -310,37 +310,62 @@ def block_features(text: str, config: EntropyConfig) -> dict[str, np.ndarray]:
     if cps is None:
         f["repeated_shingles"] = _repeated_shingles(v, np.uint32, sizes, w)
     else:
-        scripts = _SCRIPT[folded]
-        if astral:
-            scripts[cps > 0xFFFF] = ASTRAL
-        # Accented Latin letters are mostly vowels (Vietnamese, French): count them as such.
-        accented = np.flatnonzero(_ACCENTED[folded])
-        latin = np.bincount(np.minimum(accented // w, nb - 1), minlength=nb)
-        f["script_switch"] = _script_switches(scripts, sizes, w)
-        count, distinct, ent = _letter_rows(np.where(scripts > 0, folded, 0), sizes, w)
-        mostly = (nonascii * 2 >= sizes) & (count >= config.min_letters_for_distinct)
-        f["entropy"] = np.where((nonascii > 0) & (count >= 16),
-                                np.maximum(ent, f["entropy"]), f["entropy"])
-        f["distinct_ratio"] = np.where(mostly, distinct / np.maximum(count, 1), 0.0)
+        # Script statistics only where there is non-ASCII text (one pass over those blocks).
+        sel = np.flatnonzero(nonascii > 0)
+        sub_f, sub_c = _blocks_of(folded, sel, sizes, w), _blocks_of(cps, sel, sizes, w)
+        sub = _script_features(sub_f, sub_c, sizes[sel], w, astral)
+        latin[sel] = sub["latin"]
+        f["script_switch"][sel] = sub["switch"]
+        count, distinct, ent = sub["count"], sub["distinct"], sub["entropy"]
+        mostly = (nonascii[sel] * 2 >= sizes[sel]) & (count >= config.min_letters_for_distinct)
+        f["entropy"][sel] = np.where(count >= 16, np.maximum(ent, f["entropy"][sel]),
+                                     f["entropy"][sel])
+        f["distinct_ratio"][sel] = np.where(mostly, distinct / np.maximum(count, 1), 0.0)
         # Uniformity needs every letter seen a few times: small alphabets only (large
         # ones are the distinct ratio's).
-        f["uniformity"] = np.where(mostly & (count >= 4 * distinct),
-                                   ent / np.log2(np.maximum(distinct, 2)), 0.0)
-        # Medium and large alphabets: natural text repeats letter pairs (words, common
-        # syllables), uniform noise almost never does.
-        letter = scripts > 0
-        pairs = np.zeros(len(folded), np.uint16)  # 0: not a pair of letters
-        both = letter[1:] & letter[:-1]
-        pairs[1:] = (folded[:-1] * np.uint16(40503)) ^ folded[1:]
-        pairs[1:] |= 1  # never 0 for a pair ...
-        pairs[1:] *= both  # ... and 0 for the rest
-        n_pairs, new_pairs = _distinct_rows(pairs, sizes, w)
-        f["pair_novelty"] = np.where(mostly & (distinct > 64) & (n_pairs >= 64),
-                                     new_pairs / np.maximum(n_pairs, 1), 0.0)
+        f["uniformity"][sel] = np.where(mostly & (count >= 4 * distinct),
+                                        ent / np.log2(np.maximum(distinct, 2)), 0.0)
+        n_pairs, new_pairs = sub["pairs"], sub["new_pairs"]
+        f["pair_novelty"][sel] = np.where(mostly & (distinct > 64) & (n_pairs >= 64),
+                                          new_pairs / np.maximum(n_pairs, 1), 0.0)
         f["repeated_shingles"] = _repeated_shingles(folded, np.uint64, sizes, w)
     f["letters"] = (letters + latin).astype(np.float64)
     f["vowel_ratio"] = (vowels + latin) / np.maximum(letters + latin, 1)
     return f
+
+
+def _blocks_of(x: np.ndarray, sel: np.ndarray, sizes: np.ndarray, w: int) -> np.ndarray:
+    """The blocks `sel` of `x`, one after another (all when `sel` is every block)."""
+    if len(sel) == len(sizes):
+        return x
+    breaks = np.flatnonzero(np.diff(sel) > 1) + 1
+    return np.concatenate([x[int(r[0]) * w:int(r[0]) * w + int(sizes[r].sum())]
+                           for r in np.split(sel, breaks)])
+
+
+def _script_features(folded: np.ndarray, cps: np.ndarray, sizes: np.ndarray, w: int,
+                     astral: bool) -> dict[str, np.ndarray]:
+    """Per block (of these blocks): accented Latin letters, script switches, letters,
+    distinct letters, letter entropy, letter pairs and distinct letter pairs."""
+    scripts = _SCRIPT[folded]
+    if astral:
+        scripts[cps > 0xFFFF] = ASTRAL
+    nb = len(sizes)
+    # Accented Latin letters are mostly vowels (Vietnamese, French): count them as such.
+    accented = np.flatnonzero(_ACCENTED[folded])
+    out = {"latin": np.bincount(np.minimum(accented // w, nb - 1), minlength=nb),
+           "switch": _script_switches(scripts, sizes, w)}
+    letter = scripts > 0
+    out["count"], out["distinct"], out["entropy"] = _letter_rows(
+        np.where(letter, folded, 0), sizes, w)
+    # Medium and large alphabets: natural text repeats letter pairs (words, common
+    # syllables), uniform noise almost never does.
+    pairs = np.zeros(len(folded), np.uint16)  # 0: not a pair of letters
+    pairs[1:] = (folded[:-1] * np.uint16(40503)) ^ folded[1:]
+    pairs[1:] |= 1  # never 0 for a pair ...
+    pairs[1:] *= letter[1:] & letter[:-1]  # ... and 0 for the rest
+    out["pairs"], out["new_pairs"] = _distinct_rows(pairs, sizes, w)
+    return out
 
 
 def _entropy_rows(hist: np.ndarray, sizes: np.ndarray) -> np.ndarray:
