@@ -29,6 +29,7 @@ from sluice.gateway.backends.contract import (
     GenerationEvent,
     GenerationRequest,
     ModelCard,
+    TEXT_CAPABILITIES,
     TokenLogprob,
     Usage,
 )
@@ -65,6 +66,7 @@ class LocalEngineBackend(Backend):
         self.opts = options
         self._engine = None  # engine.async_llm.AsyncLLM once started
         self._tokenizer = None
+        self._grammars = None  # engine.structured.Grammars, built on the first constrained request
         self.wake_source = ""  # where the last wake took the weights from: "host" or "checkpoint"
 
     # ---- lifecycle ------------------------------------------------------
@@ -77,7 +79,9 @@ class LocalEngineBackend(Backend):
 
     def models(self) -> list[ModelCard]:
         name = self.opts.served_model_name or (self.model_dir.name if self.opts.model else TINY_NAME)
-        return [ModelCard(id=name, context_length=self.opts.max_model_len)]
+        # JSON is enforced by grammar; tools only where the tokenizer has them (Mistral v2+)
+        capabilities = TEXT_CAPABILITIES | {"json_schema"} | ({"tools"} if self.tokenizer.supports_tools else set())
+        return [ModelCard(id=name, context_length=self.opts.max_model_len, capabilities=frozenset(capabilities))]
 
     async def start(self) -> None:
         if self._engine is None:
@@ -186,34 +190,57 @@ class LocalEngineBackend(Backend):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         from sluice.engine.errors import EngineError
         from sluice.engine.sampling import SamplingParams
+        from sluice.plugins._structured import ToolCallReader, check_content_parts, constraint_for
 
         if self._engine is None:
             raise BackendError("local engine is not started", status=503, retryable=True)
         s = request.sampling
+        check_content_parts(request)
         ids = self.prompt_ids(request)
+        constraint = None
+        if request.response_format is not None or request.tools:
+            constraint = constraint_for(request, self.tokenizer, await asyncio.to_thread(self.grammars))
         try:
             params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                     max_tokens=s.max_tokens, seed=s.seed, stop=tuple(s.stop),
-                                    logprobs=s.logprobs or s.top_logprobs > 0, top_logprobs=s.top_logprobs)
+                                    logprobs=s.logprobs or s.top_logprobs > 0, top_logprobs=s.top_logprobs,
+                                    constraint=constraint)
         except EngineError as exc:
             raise BackendError(str(exc), status=400) from None
         stream = self._engine.generate(ids, params, request_id=request.request_id)
+        tools = ToolCallReader(self.tokenizer, request)
         completion = 0
         try:
             async for out in stream:
                 counted = len(out.token_ids) - (out.stop_token_id is not None)
                 completion += counted
                 logprobs = self._logprobs(out, s.logprobs)
+                held = tools.feed(out.token_ids, out.text)  # a tool call: parsed at the end
                 if not out.finished:
-                    yield GenerationEvent(text=out.text, tokens=counted, logprobs=logprobs)
+                    yield GenerationEvent(text="" if held else out.text, tokens=counted, logprobs=logprobs)
                     continue
-                yield GenerationEvent(text=out.text, tokens=counted, logprobs=logprobs,
-                                      finish_reason="stop" if out.finish_reason == "stop" else "length",
-                                      usage=Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=completion))
+                usage = Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=completion)
+                reason = "stop" if out.finish_reason == "stop" else "length"
+                calls = tools.calls() if held and reason == "stop" else None
+                if calls is not None:
+                    yield GenerationEvent(tokens=counted, logprobs=logprobs, tool_calls=calls,
+                                          finish_reason="tool_calls", usage=usage)
+                else:  # plain text, or a tool call cut short: shown as the text it is
+                    yield GenerationEvent(text=tools.text if held else out.text, tokens=counted,
+                                          logprobs=logprobs, finish_reason=reason, usage=usage)
         except EngineError as exc:  # e.g. the prompt does not fit the context
             raise BackendError(str(exc), status=400) from None
         finally:
             await stream.aclose()  # closing early cancels the sequence and frees its blocks
+
+    def grammars(self):  # noqa: ANN201 (engine.structured.Grammars, imported lazily)
+        """The grammar compiler for this model's tokenizer (built once: ~0.3 s for the vocabulary)."""
+        if self._grammars is None:
+            from sluice.engine.structured import Grammars
+
+            vocab = self._engine.llm.model.config.vocab_size if self._engine is not None else None
+            self._grammars = Grammars(self.tokenizer, vocab)
+        return self._grammars
 
     def _logprobs(self, out, wanted: bool) -> tuple[TokenLogprob, ...]:
         if not wanted:

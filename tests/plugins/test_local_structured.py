@@ -1,0 +1,185 @@
+"""The local engine serves response_format, tools and tool_choice for real (issue 15 item 4):
+through the gateway to the official openai client on the tiny Mixtral (v1 tokenizer: JSON yes,
+tools no), and tool calls on a tiny Mistral with a v3 tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import jsonschema
+import openai
+import pytest
+
+from sluice.gateway.backends.contract import (ChatMessage, GenerationRequest, NamedToolChoice, ResponseFormat,
+                                              SamplingParams, Tool, ToolCall)
+from sluice.gateway.settings import BackendConfig, PoolConfig
+from sluice.plugins.local_engine import LocalEngineBackend
+from tests.conftest import GatewayServer, echo_settings
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 99},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}}}
+WEATHER = Tool("get_weather", "Weather in a city", {
+    "type": "object", "additionalProperties": False, "required": ["city", "unit"],
+    "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["C", "F"]}}})
+TIME = Tool("get_time", "Time in a zone", {
+    "type": "object", "additionalProperties": False, "required": ["zone"],
+    "properties": {"zone": {"type": "string", "pattern": "^[A-Z]{3}$"}}})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from sluice.gateway.db.session import migrate
+
+    db = tmp_path_factory.mktemp("db") / "sluice.db"
+    migrate(f"sqlite+aiosqlite:///{db}")
+    backends = {"local": BackendConfig(
+        plugin="local", options={"cache_dir": str(tmp_path_factory.mktemp("cache")), "num_kv_blocks": 256,
+                                 "max_num_seqs": 8, "device": "cpu"},
+        pool=PoolConfig(max_concurrency=8))}
+    server = GatewayServer(echo_settings(f"sqlite+aiosqlite:///{db}", backends=backends)).start()
+    yield server
+    server.stop()
+
+
+def client(server: GatewayServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.tenant_key(), max_retries=0)
+
+
+def test_json_schema_answers_parse_and_validate(server: GatewayServer) -> None:
+    api = client(server)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for seed in range(3):
+        reply = api.chat.completions.create(model="tiny-mixtral", messages=[{"role": "user", "content": "Who?"}],
+                                            response_format=fmt, max_tokens=80, seed=seed)
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+    stream = api.chat.completions.create(model="tiny-mixtral", messages=[{"role": "user", "content": "Who?"}],
+                                         response_format={"type": "json_object"}, max_tokens=120, seed=1,
+                                         temperature=0.7, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    if chunks[-1].choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert text.startswith("{")
+
+
+def test_v1_model_refuses_tools_and_images_naming_the_field(server: GatewayServer) -> None:
+    api = client(server)
+    cards = {m.id: m for m in api.models.list().data}
+    assert "json_schema" in cards["tiny-mixtral"].model_extra["capabilities"]
+    assert "tools" not in cards["tiny-mixtral"].model_extra["capabilities"]
+    with pytest.raises(openai.BadRequestError) as err:
+        api.chat.completions.create(model="tiny-mixtral", messages=[{"role": "user", "content": "hi"}],
+                                    tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert err.value.body["param"] == "tools"
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(openai.BadRequestError) as err:
+        api.chat.completions.create(model="tiny-mixtral", messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}])
+    assert err.value.body["param"] == "messages[1].content[1]"
+
+
+def test_backend_refuses_image_parts_itself(tmp_path: Path) -> None:
+    backend = LocalEngineBackend(LocalEngineBackend.Options(cache_dir=str(tmp_path), device="cpu"))
+    backend._engine = object()  # started as far as the checks before the engine go
+    part = {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}
+    request = GenerationRequest("r", "tiny-mixtral", messages=(
+        ChatMessage("user", "x", parts=({"type": "text", "text": "x"}, part)),))
+
+    async def run() -> None:
+        async for _ in backend.generate(request):
+            pass
+
+    with pytest.raises(Exception) as err:
+        asyncio.run(run())
+    assert getattr(err.value, "param", None) == "messages[0].content[1]" and err.value.status == 400
+
+
+# ---- tools on a v3 tokenizer ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def v3_backend(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    import mistral_common
+    from transformers import MixtralForCausalLM
+
+    from tests.engine.conftest import _save, mixtral_config
+
+    d = tmp_path_factory.mktemp("tiny-mixtral-v3")  # as Mixtral 8x22B: a v3 tokenizer
+    _save(MixtralForCausalLM, mixtral_config(vocab_size=32768), d)
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3",
+                d / "tokenizer.model.v3")
+    b = LocalEngineBackend(LocalEngineBackend.Options(model=str(d), device="cpu", num_kv_blocks=256, max_num_seqs=8))
+    asyncio.run(b.start())
+    yield b
+    asyncio.run(b.stop())
+
+
+def ask(backend: LocalEngineBackend, *messages: ChatMessage, **kw) -> list:  # type: ignore[no-untyped-def]
+    request = GenerationRequest("r", "m", messages=messages, tools=(WEATHER, TIME),
+                                sampling=SamplingParams(max_tokens=120, seed=kw.pop("seed", 0)), **kw)
+
+    async def run() -> list:  # type: ignore[type-arg]
+        return [e async for e in backend.generate(request)]
+
+    return asyncio.run(run())
+
+
+def test_v3_model_card_says_tools(v3_backend: LocalEngineBackend) -> None:
+    assert v3_backend.models()[0].serves("tools") and v3_backend.models()[0].serves("json_schema")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tool_choice_required_gives_valid_tool_calls(v3_backend: LocalEngineBackend, seed: int) -> None:
+    # one call per answer (parallel_tool_calls false) keeps a random model's answer short
+    events = ask(v3_backend, ChatMessage("user", "Weather in Paris?"), tool_choice="required", seed=seed,
+                 parallel_tool_calls=False)
+    last = events[-1]
+    assert last.finish_reason == "tool_calls" and last.tool_calls
+    schemas = {t.name: t.parameters for t in (WEATHER, TIME)}
+    for call in last.tool_calls:
+        jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+        assert call.id and len(call.id) == 9
+    assert not "".join(e.text for e in events)  # a tool call is no content
+    assert last.usage.completion_tokens == sum(e.tokens for e in events)
+
+
+def test_named_tool_choice_calls_that_function_once(v3_backend: LocalEngineBackend) -> None:
+    events = ask(v3_backend, ChatMessage("user", "Time?"), tool_choice=NamedToolChoice("get_time"), seed=3)
+    [call] = events[-1].tool_calls
+    assert call.name == "get_time" and events[-1].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(call.arguments), TIME.parameters)
+
+
+def test_tool_choice_none_never_calls(v3_backend: LocalEngineBackend) -> None:
+    for seed in range(3):
+        events = ask(v3_backend, ChatMessage("user", "Weather?"), tool_choice="none", seed=seed)
+        assert not any(e.tool_calls for e in events) and events[-1].finish_reason in ("stop", "length")
+
+
+def test_a_named_tool_not_in_tools_is_a_400(v3_backend: LocalEngineBackend) -> None:
+    with pytest.raises(Exception) as err:
+        ask(v3_backend, ChatMessage("user", "x"), tool_choice=NamedToolChoice("nope"))
+    assert err.value.status == 400 and err.value.param == "tool_choice"
+
+
+def test_full_tool_round_trip_encodes_and_answers(v3_backend: LocalEngineBackend) -> None:
+    first = ask(v3_backend, ChatMessage("user", "Weather in Paris?"), tool_choice="required",
+                parallel_tool_calls=False)[-1]
+    call = first.tool_calls[0]
+    follow = (ChatMessage("user", "Weather in Paris?"),
+              ChatMessage("assistant", tool_calls=(ToolCall(call.id, call.name, call.arguments),)),
+              ChatMessage("tool", '{"temp": 21}', tool_call_id=call.id),)
+    events = ask(v3_backend, *follow, tool_choice="none",
+                 response_format=ResponseFormat("json_schema", schema=PERSON))
+    assert events[-1].finish_reason == "stop"
+    jsonschema.validate(json.loads("".join(e.text for e in events)), PERSON)
+    probe = LocalEngineBackend(v3_backend.opts)  # the gateway's counting instance
+    request = GenerationRequest("r", "m", messages=follow, tools=(WEATHER, TIME))
+    assert probe.count_tokens(request) == len(v3_backend.prompt_ids(request))
