@@ -32,7 +32,12 @@ def _csrf(page: str) -> str:
 
 
 async def _bad_login(base_url: str, username: str) -> int:
-    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+    return await _bad_login_from(base_url, username, None)
+
+
+async def _bad_login_from(base_url: str, username: str, forwarded_for: str | None) -> int:
+    headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, headers=headers) as client:
         form = await client.get("/admin/login")
         r = await client.post("/admin/login", data={
             "username": username, "password": "wrong-password-123",
