@@ -64,3 +64,15 @@ def test_n_fanned_out_meters_every_upstream_prompt(
     assert resp.usage is not None and resp.usage.prompt_tokens == 22  # 11 per upstream call
     row = usage_row(gateway, raw.headers["x-request-id"])
     assert (row.prompt_tokens, row.completion_tokens) == (22, 6)
+
+
+def test_streamed_request_refused_upstream_gets_the_status_and_headers(
+    client: openai.OpenAI, gateway: GatewayServer,
+) -> None:
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="limited", stream=True,
+                                       messages=[{"role": "user", "content": "x"}])
+    assert caught.value.response.headers["retry-after"] == "7"
+    assert caught.value.response.headers["x-ratelimit-reset-requests"] == "7s"
+    row = usage_row(gateway, caught.value.response.headers["x-request-id"])
+    assert row.status == 429

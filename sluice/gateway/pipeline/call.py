@@ -61,6 +61,7 @@ class Call:
     want_logprobs: bool = False
     provider: str = "sluice"  # gen_ai.provider.name of the model's server
     prompt_per_choice: bool = False  # n fanned out to a proxy: each choice bills its prompt
+    error: Any = None  # the SluiceError the call failed with (its status and headers)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
     # -- what happened (written by the stages) -----------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -90,12 +91,38 @@ async def serve(request: Request, endpoint: str,
         exc.headers = {**call.headers, **exc.headers}
         raise
     if call.stream:
-        return StreamingResponse(
-            state.pipeline.stream(call),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **call.headers},
-        )
+        return await _stream(state, call)
     return json_response(await state.pipeline.complete(call), headers=call.headers)
+
+
+async def _stream(state: AppState, call: Any) -> Response:
+    """The SSE response, its first event awaited before the headers go: a call that fails
+    before sending anything (an upstream's 429, 503, a bad request) is answered with its
+    status and headers (Retry-After, x-ratelimit-*), as a plain request would be."""
+    events = state.pipeline.stream(call)
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+    if call.error is not None:
+        await events.aclose()  # the pipeline has ended the call (metered, settled)
+        response = call.error.to_response()
+        response.headers.update(call.headers)
+        return response
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for chunk in events:
+                yield chunk
+        finally:
+            await events.aclose()  # a client gone mid-stream: the pipeline records it
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no", **call.headers},
+    )
 
 
 async def list_models(request: Request) -> Response:
