@@ -336,10 +336,6 @@ class ChatCompletionRequest(_Request):
             data.get("response_format"))
         self.metadata: Mapping[str, str] | None = data.get("metadata")
         self.extra = {k: v for k, v in data.items() if k not in _CHAT_TYPED}
-        # The gateway's guard and rate limiter read the last user turn.
-        if not any(m.role == "user" for m in self.messages):
-            raise InvalidRequest("Invalid value for 'messages': messages must contain at "
-                                 "least one user message", param="messages")
 
     @classmethod
     def model_validate(cls, data: Any, raw: bytes | None = None) -> ChatCompletionRequest:

@@ -37,7 +37,9 @@ class Intake:
     def chat(self, request_id: str, principal: Principal, body: ChatCompletionRequest,
              span: Any) -> Call:
         conversation = conversation_of(body.messages, body.tools)  # all the model reads
-        last_user = next(m.content for m in reversed(body.messages) if m.role == "user")
+        # the last user turn (OpenAI needs none: a system-only chat scores its last message)
+        last_user = next((m.content for m in reversed(body.messages) if m.role == "user"),
+                         body.messages[-1].content)
         return self._open(request_id, principal, body, span, endpoint="chat", fmt=ChatFormat(),
                           prompt_text=last_user, conversation=conversation,
                           logprobs=body.logprobs)
