@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import random
 import statistics
 import sys
@@ -187,11 +188,15 @@ def speed_samples() -> dict[str, Any]:
 
 
 def scoring_speed(config: EntropyConfig) -> str:
-    lines = ["| prompt | chars | ms per score (min of 7) | multiplier |", "|---|---:|---:|---:|"]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [f"CPU time per score (time.process_time), best of 7; load average {load} on "
+             f"{os.cpu_count()} CPUs", "",
+             "| prompt | chars | CPU ms per score | multiplier |", "|---|---:|---:|---:|"]
     for name, text in speed_samples().items():
         chars = len(text) if isinstance(text, str) else sum(len(t) for _, t in text)
         n = 200 if chars < 10_000 else 3
-        ms = min(timeit.repeat(lambda: score_prompt(text, config), number=n, repeat=7)) / n * 1e3
+        ms = min(timeit.repeat(lambda: score_prompt(text, config), number=n, repeat=7,
+                               timer=time.process_time)) / n * 1e3
         lines.append(f"| {name} | {chars} | {ms:.3f} | {score_prompt(text, config).multiplier:g} |")
     return "\n".join(lines)
 

@@ -33,7 +33,10 @@ import sys
 import uuid
 from pathlib import Path
 
-SEED = 77_031_405  # not the development sets' seed
+# Not the development sets' seed. 77_031_405 was the draw looked at while the pricer was
+# being built (docs/ratelimit.md gives its numbers too); this one was drawn once the code
+# was frozen, and its first run is the result reported.
+SEED = 20_261_203
 LOCALE = Path("/usr/share/locale")
 DOMAINS = ("glib20", "gtk30", "Linux-PAM", "coreutils", "grep", "tar", "bash", "dpkg", "apt",
            "libc", "git", "findutils", "sed", "wget", "diffutils")
