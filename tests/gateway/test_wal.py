@@ -215,3 +215,20 @@ async def test_a_stop_with_a_request_still_open_keeps_its_segment(tmp_path: Path
         assert {r["request_id"]: r["status"] for r in found} == {"req-1": 200, "req-2": 500}
     finally:
         await engine.dispose()
+
+
+async def test_progress_is_fsynced_within_a_flush_interval(tmp_path: Path, monkeypatch) -> None:
+    """Against a power cut (not only kill -9): progress lines reach the disk at the next flush."""
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(wal_module.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    wal = UsageWAL(tmp_path)
+    await wal.open(_row(1))
+    before = len(synced)
+    wal.progress("req-1", 3)
+    wal.sync_soon()
+    await asyncio.sleep(0.1)
+    assert len(synced) == before + 1
+    wal.sync_soon()  # nothing new written: no fsync
+    await asyncio.sleep(0.05)
+    assert len(synced) == before + 1

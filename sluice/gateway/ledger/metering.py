@@ -181,6 +181,8 @@ class Meter:
     def _wal_checkpoint(self) -> None:
         if self.wal is not None and self.wal.due():
             self.wal.rotate()
+        elif self.wal is not None:
+            self.wal.sync_soon()
 
     async def _write(self, batch: list[dict[str, Any]]) -> None:
         for record in batch:  # replayed from the spool or the WAL: timestamps come as text

@@ -117,6 +117,16 @@ class UsageWAL:
             self._sync_task = None
         self._synced = max(self._synced, upto)
 
+    def sync_soon(self) -> None:
+        """Start an fsync of what was written since the last one (progress and close lines),
+        so a power cut loses at most one flush interval of them."""
+        if self._written > self._synced and self._sync_task is None and self.ok:
+            self._sync_task = asyncio.get_running_loop().create_task(self._fsync_quietly())
+
+    async def _fsync_quietly(self) -> None:
+        with contextlib.suppress(OSError):  # self.ok is False now: new work is refused
+            await self._fsync()
+
     # -- segments ---------------------------------------------------------------------------
 
     def due(self) -> bool:
