@@ -18,7 +18,7 @@ from typing import Any
 import mistral_common
 import sentencepiece
 
-from sluice.engine.tokenizer import SentencePieceTokenizer
+from sluice.engine.tokenizer import ChatEncodingError, SentencePieceTokenizer
 from sluice.gateway.backends.contract import ChatMessage, GenerationRequest
 
 TOKENIZER_PATH = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
@@ -64,7 +64,13 @@ class MixtralTokenizer:
         return self._chat.apply_chat_template(chat_messages(request.messages), chat_tools(request))
 
     def count_prompt(self, request: GenerationRequest) -> int:
-        return len(self.prompt_ids(request))
+        """Prompt tokens by the chat encoding; a conversation Mistral's format refuses (an
+        upstream may well accept it: assistant first, system after assistant) is estimated
+        as BOS plus each message's text, since a count must never fail a request."""
+        try:
+            return len(self.prompt_ids(request))
+        except ChatEncodingError:
+            return 1 + sum(len(self.encode(m.content)) for m in request.messages or ())
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id]

@@ -186,3 +186,12 @@ def test_tokenizer_json_without_template_refuses_chat(llama3_dir, tmp_path):
     shutil.copy(llama3_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     with pytest.raises(ChatEncodingError, match="chat_template"):
         load_tokenizer(tmp_path).apply_chat_template(CASES["multi-turn"])
+
+
+def test_plugin_counting_estimates_what_mistral_refuses():
+    counting = MixtralTokenizer()
+    odd = GenerationRequest("r", "m", messages=(ChatMessage("user", "Hello"), ChatMessage("assistant", "Hi there"),
+                                                ChatMessage("system", "Be brief.")))
+    with pytest.raises(ChatEncodingError):
+        counting.prompt_ids(odd)
+    assert counting.count_prompt(odd) == 1 + sum(len(counting.encode(t)) for t in ("Hello", "Hi there", "Be brief."))
