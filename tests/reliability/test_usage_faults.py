@@ -247,3 +247,40 @@ def test_start_while_postgres_is_down_serves_known_keys(tmp_path: Path) -> None:
                lost_events=len(lost))  # fmt: skip
         assert len(during.ok()) == len(during.outcomes) and r.status_code == 503
         assert not lost
+
+
+def test_serve_says_why_it_cannot_start(tmp_path: Path) -> None:
+    """Unreachable with SLUICE_DB_OUTAGE=refuse, or reachable but not migrated: one line
+    each, and only the second says to migrate."""
+    import sys
+
+    from tests.conftest import free_port
+
+    def serve(url: str, outage: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "SLUICE_DATABASE_URL": url, "SLUICE_DB_OUTAGE": outage,
+               "SLUICE_DATA_DIR": str(tmp_path / "data")}  # fmt: skip
+        return subprocess.run([sys.executable, "-m", "sluice.gateway.cli", "serve", "--port",
+                               str(free_port())], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+
+    down = serve("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere", "refuse")
+    assert down.returncode == 2 and "database unreachable" in down.stderr
+    assert "migrate" not in down.stderr and "Traceback" not in down.stderr
+    import asyncpg
+
+    name = f"sluice_nomig_{os.getpid()}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(host="127.0.0.1", user="postgres", database="test")
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))  # reachable, never migrated
+    try:
+        bare = serve(f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}", "serve")
+    finally:
+        asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    assert bare.returncode == 2 and "run `sluice migrate` first" in bare.stderr, bare.stderr
+    assert "Traceback" not in bare.stderr
