@@ -22,7 +22,7 @@ export PYTHONPATH=/tmp/site:$PWD
 log "$(nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader)"
 log "$(python3 -c 'import torch,triton;print("torch",torch.__version__,"triton",triton.__version__)')"
 log "commit $(git rev-parse --short HEAD 2>/dev/null) dirty=$(git status --porcelain 2>/dev/null | grep -c .)"
-t0=$(date +%s); python3 bench/make_random_fp8_mixtral.py $CKPT --layers 32 > /dev/null
+t0=$(date +%s); [ -f $CKPT/config.json ] || python3 bench/make_random_fp8_mixtral.py $CKPT --layers 32 > /dev/null
 log "checkpoint written in $(( $(date +%s) - t0 )) s"
 REPO=$PWD
 mkdir -p /tmp/gw && cd /tmp/gw
@@ -78,7 +78,9 @@ if serve restart; then
   stop
 fi
 grep -E "ready in|ERROR|Traceback" "$OUT/serve_restart.txt" | tail -n 5 | tee -a "$OUT/run_log.txt"
-config /tmp/kc2
-t0=$(date +%s.%N); timeout 240 $S warmup --json > "$OUT/warmup.json" 2>>"$OUT/run_log.txt"
-log "sluice warmup (empty cache) took $(python3 -c "print(round($(date +%s.%N)-$t0,1))") s: $(tr -d '\n ' < "$OUT/warmup.json" | head -c 400)"
+if [ -z "${SKIP_WARMUP:-}" ]; then
+  config /tmp/kc2
+  t0=$(date +%s.%N); timeout 240 $S warmup --json > "$OUT/warmup.json" 2>>"$OUT/run_log.txt"
+  log "sluice warmup (empty cache) took $(python3 -c "print(round($(date +%s.%N)-$t0,1))") s: $(tr -d '\n ' < "$OUT/warmup.json" | head -c 400)"
+fi
 log done

@@ -394,3 +394,22 @@ def test_through_the_gateway_no_usage_row_is_lost_across_sleep_wake_and_stop(sql
         assert 'sluice_pool_transition_last_seconds{backend="slow",kind="sleep"}' in metrics
     finally:
         server.stop()
+
+
+async def test_dashboard_runtime_page_shows_transitions_and_their_durations() -> None:
+    from sluice.gateway.dashboard.reports import runtime_rows
+    from sluice.gateway.dashboard.web import templates
+
+    page = templates.env.get_template("runtime.html")
+    pool = slow_pool("sleep")
+    await pool.start()
+    starting = asyncio.create_task(served(pool, "a"))
+    await until(pool, lambda s: s == ["starting"])
+    html = page.render(pools=runtime_rows([pool.status()]), request=None)
+    assert 'data-transition="start">for 0.' in html  # a transition in progress, with its time so far
+    await starting
+    await until(pool, lambda s: s == ["sleeping"])
+    html = page.render(pools=runtime_rows([pool.status()]), request=None)
+    row = html.split('<tr data-kind="sleep">')[1].split("</tr>")[0]
+    assert '<td class="num">1</td>' in row and "0.3" in row  # one sleep, of about 0.3 s
+    await pool.close()
