@@ -16,17 +16,21 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import orjson
 import pytest
 from sqlalchemy.engine import make_url
 
 from loadtests.tcp_proxy import TcpProxy
-from tests.conftest import ECHO_CONFIG, ProcessServer, drop_postgres_database, make_postgres_database
+from tests.conftest import (
+    ECHO_CONFIG, ProcessServer, drop_postgres_database, free_port, make_postgres_database,
+)  # fmt: skip
 from tests.reliability.support import daily_totals, report, run_load, usage_rows, wait_for_rows
 
 STREAM_CONFIG = ECHO_CONFIG + """
@@ -252,10 +256,6 @@ def test_start_while_postgres_is_down_serves_known_keys(tmp_path: Path) -> None:
 def test_serve_says_why_it_cannot_start(tmp_path: Path) -> None:
     """Unreachable with SLUICE_DB_OUTAGE=refuse, or reachable but not migrated: one line
     each, and only the second says to migrate."""
-    import sys
-
-    from tests.conftest import free_port
-
     def serve(url: str, outage: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "SLUICE_DATABASE_URL": url, "SLUICE_DB_OUTAGE": outage,
                "SLUICE_DATA_DIR": str(tmp_path / "data")}  # fmt: skip
@@ -266,7 +266,6 @@ def test_serve_says_why_it_cannot_start(tmp_path: Path) -> None:
     down = serve("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere", "refuse")
     assert down.returncode == 2 and "database unreachable" in down.stderr
     assert "migrate" not in down.stderr and "Traceback" not in down.stderr
-    import asyncpg
 
     name = f"sluice_nomig_{os.getpid()}"
 
