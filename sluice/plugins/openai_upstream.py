@@ -66,6 +66,9 @@ log = logging.getLogger("sluice.plugins.openai_upstream")
 
 #: Delta / message fields read into the event's own fields; every other one is passed on.
 _KNOWN = frozenset({"role", "content", "tool_calls", "refusal", "reasoning_content"})
+#: Top-level answer fields the gateway writes itself; every other one is passed on.
+_OWN_FIELDS = frozenset({"id", "object", "created", "model", "choices", "usage",
+                         "system_fingerprint"})
 #: Upstream response headers a client needs to back off.
 _PASSED_HEADERS = ("retry-after", "retry-after-ms")
 
@@ -164,6 +167,7 @@ class OpenAIUpstreamBackend(Backend):
         finish: str | None = None
         usage: Usage | None = None
         fingerprint: str | None = None
+        top: dict[str, Any] | None = None
         url = self._urls["chat/completions" if chat else "completions"]
         headers = {"accept": "text/event-stream" if stream else "application/json",
                    **request.trace_headers}
@@ -185,8 +189,9 @@ class OpenAIUpstreamBackend(Backend):
                     if chunk.get("usage"):
                         usage = _usage(chunk["usage"])
                     fingerprint = chunk.get("system_fingerprint") or fingerprint
+                    top = _top_fields(chunk)
                     for choice in chunk.get("choices") or ():
-                        event = _delta(choice, chat, fingerprint=fingerprint)
+                        event = _delta(choice, chat, fingerprint=fingerprint, top=top)
                         if choice.get("finish_reason"):
                             finish = choice["finish_reason"]
                         if event is not None:
@@ -219,6 +224,7 @@ class OpenAIUpstreamBackend(Backend):
             finish_reason=finish,  # type: ignore[arg-type]  # the upstream's, as sent
             usage=usage,
             system_fingerprint=fingerprint,
+            response_extra=top,
         )
 
     def _whole_answer(self, request: GenerationRequest, answer: dict[str, Any], chat: bool
@@ -237,6 +243,7 @@ class OpenAIUpstreamBackend(Backend):
             usage=usage, logprobs=event.logprobs, tool_calls=event.tool_calls,
             refusal=event.refusal, reasoning=event.reasoning,
             system_fingerprint=answer.get("system_fingerprint"), extra=event.extra,
+            response_extra=_top_fields(answer),
         )
 
     def _local_usage(self, request: GenerationRequest, text: str, streamed: int) -> Usage:
@@ -417,8 +424,13 @@ def _usage(data: dict[str, Any]) -> Usage:
     )
 
 
+def _top_fields(answer: dict[str, Any]) -> dict[str, Any] | None:
+    return {k: v for k, v in answer.items() if k not in _OWN_FIELDS} or None
+
+
 def _delta(choice: dict[str, Any], chat: bool, whole: bool = False,
-           fingerprint: str | None = None) -> GenerationEvent | None:
+           fingerprint: str | None = None, top: dict[str, Any] | None = None
+           ) -> GenerationEvent | None:
     """One choice of a chunk (a ``delta``) or of a whole answer (a ``message``)."""
     if not chat:
         text = choice.get("text") or ""
@@ -426,7 +438,7 @@ def _delta(choice: dict[str, Any], chat: bool, whole: bool = False,
         if not text and not logprobs:
             return None
         return GenerationEvent(text=text, tokens=len(logprobs) or 1, logprobs=logprobs,
-                               system_fingerprint=fingerprint)
+                               system_fingerprint=fingerprint, response_extra=top)
     delta = (choice.get("message") if whole else choice.get("delta")) or {}
     text = delta.get("content") or ""
     logprobs = _chat_logprobs(choice.get("logprobs"))
@@ -438,7 +450,8 @@ def _delta(choice: dict[str, Any], chat: bool, whole: bool = False,
         return None
     return GenerationEvent(text=text, tokens=len(logprobs) or 1, logprobs=logprobs,
                            tool_calls=calls, refusal=refusal, reasoning=reasoning,
-                           system_fingerprint=fingerprint, extra=extra or None)
+                           system_fingerprint=fingerprint, extra=extra or None,
+                           response_extra=top)
 
 
 def _tool_call(position: int, call: dict[str, Any]) -> ToolCallDelta:

@@ -126,6 +126,7 @@ def test_usage_details_fingerprint_and_metering_from_the_upstream(
         model="plain", messages=[{"role": "user", "content": "x"}])
     resp = raw.parse()
     assert resp.system_fingerprint == FINGERPRINT
+    assert resp.service_tier == "default"  # any other top-level field, as the upstream sent
     assert resp.usage is not None
     assert resp.usage.prompt_tokens_details.model_dump(exclude_none=True) == PROMPT_DETAILS  # type: ignore[union-attr]
     assert resp.usage.completion_tokens_details.model_dump(  # type: ignore[union-attr]
@@ -140,6 +141,7 @@ def test_usage_details_fingerprint_and_metering_from_the_upstream(
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 11
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == 2  # type: ignore[union-attr]
     assert all(c.system_fingerprint == FINGERPRINT for c in chunks)
+    assert all(c.service_tier == "default" for c in chunks)
 
 
 def test_a_client_that_asked_no_usage_gets_no_usage_chunk(client: openai.OpenAI) -> None:

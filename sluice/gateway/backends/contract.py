@@ -21,7 +21,7 @@ What a backend receives and returns (the OpenAI wire model, whole):
   index, id, name, argument fragments), ``refusal``, ``reasoning`` (reasoning_content),
   ``logprobs`` and any other delta fields in ``extra``; the last event carries the
   backend's own ``finish_reason`` (``tool_calls`` included), :class:`Usage` with its
-  details, and ``system_fingerprint``.
+  details, ``system_fingerprint`` and other top-level answer fields in ``response_extra``.
 - :class:`ModelCard` ``capabilities`` say what a model serves (chat, completions,
   embeddings, tools, json_schema, vision): ``/v1/models`` shows them and the gateway
   answers 400 naming the field (``tools``, ``response_format``, ``messages[i].content[j]``)
@@ -265,6 +265,8 @@ class GenerationEvent:
     reasoning: str = ""
     system_fingerprint: str | None = None
     extra: Mapping[str, Any] | None = None
+    #: Other top-level fields of the answer, shown to the client as sent (``service_tier``).
+    response_extra: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,7 +74,8 @@ class MessageParts:
     """What a chat choice's events add up to besides its text: tool calls assembled from
     their fragments, refusal and reasoning text, extra message fields, the fingerprint."""
 
-    __slots__ = ("tool_calls", "refusal", "reasoning", "extra", "system_fingerprint")
+    __slots__ = ("tool_calls", "refusal", "reasoning", "extra", "system_fingerprint",
+                 "response_extra")
 
     def __init__(self) -> None:
         self.tool_calls: dict[int, dict[str, Any]] = {}
@@ -82,6 +83,7 @@ class MessageParts:
         self.reasoning: list[str] = []
         self.extra: dict[str, Any] = {}
         self.system_fingerprint: str | None = None
+        self.response_extra: dict[str, Any] = {}
 
     def add(self, event: GenerationEvent) -> None:
         for piece in event.tool_calls:
@@ -105,6 +107,17 @@ class MessageParts:
             self.extra.update(event.extra)
         if event.system_fingerprint:
             self.system_fingerprint = event.system_fingerprint
+        if event.response_extra:
+            self.response_extra.update(event.response_extra)
+
+
+def response_fields(parts: Iterable[MessageParts]) -> dict[str, Any]:
+    """The answer's top-level fields besides id/object/created/model/choices/usage."""
+    fields: dict[str, Any] = {"system_fingerprint": None}
+    for p in parts:
+        fields.update(p.response_extra)
+        fields["system_fingerprint"] = fields["system_fingerprint"] or p.system_fingerprint
+    return fields
 
 
 class ChatFormat:

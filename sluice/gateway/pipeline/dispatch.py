@@ -120,7 +120,7 @@ def _account(call: Call, choice: Choice, event: GenerationEvent) -> None:
     if event.finish_reason:
         choice.finish_reason = event.finish_reason
     if event.tool_calls or event.refusal or event.reasoning or event.extra or \
-            event.system_fingerprint:
+            event.system_fingerprint or event.response_extra:
         choice.parts.add(event)  # tool calls, refusal, ... for the whole answer
     if event.usage is not None:
         # The backend's own counts are authoritative (an upstream's tokenizer may differ

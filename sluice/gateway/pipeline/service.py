@@ -26,7 +26,7 @@ from opentelemetry import trace
 
 from sluice.gateway.accounts.auth import Principal
 from sluice.gateway.backends.contract import GenerationEvent, TokenLogprob
-from sluice.gateway.http.formats import has_content
+from sluice.gateway.http.formats import has_content, response_fields
 from sluice.gateway.http.schemas import ChatCompletionRequest, CompletionRequest
 from sluice.gateway.http.streaming import DONE, sse
 from sluice.gateway.pipeline.call import CLIENT_CLOSED, Call
@@ -116,8 +116,7 @@ class Pipeline:
                 for i, c in enumerate(call.choices)
             ],
             "usage": call.usage(),
-            "system_fingerprint": next((c.parts.system_fingerprint for c in call.choices
-                                        if c.parts.system_fingerprint), None),
+            **response_fields(c.parts for c in call.choices),  # system_fingerprint, ...
         }
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
@@ -133,6 +132,8 @@ class Pipeline:
                   lps: list[TokenLogprob] | None, event: GenerationEvent) -> bytes:
             if event.system_fingerprint:
                 head["system_fingerprint"] = event.system_fingerprint
+            if event.response_extra:
+                head.update(event.response_extra)
             body = {**head, "choices": [call.fmt.delta(index, text, finish, lps, first[index],
                                                        event)]}
             if call.include_usage:
