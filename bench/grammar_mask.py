@@ -7,6 +7,8 @@ ones and every matcher accepts its token. Each phase is timed apart (device sync
 The vocabulary is Mixtral's (mistral-common's tokenizer.model.v1, V = 32000).
 
     python bench/grammar_mask.py [--device cuda] [--batch 1 64] [--steps 64] [--out result.json]
+    python bench/grammar_mask.py --dump-vocab vocab.json   # for a host without mistral-common
+    python bench/grammar_mask.py --vocab vocab.json --sp-model tokenizer.model.v1 ...
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+import types
 from typing import Any
 
 import torch
@@ -65,6 +69,45 @@ class XGrammar:
         self.xgr.apply_token_bitmask_inplace(logits, mask)
 
 
+class Sluice:
+    """The engine's own path (engine/structured.py, xgrammar underneath): one call masks the
+    batch (fill + copy + apply, timed as ``fill_ms``), then each constraint accepts its token."""
+
+    name = "sluice"
+
+    def __init__(self, token_bytes: list[bytes], eos: int, batch: int) -> None:
+        from sluice.engine.structured import Constraint, Grammars, apply_constraints
+
+        vocab = token_bytes
+
+        class Vocab:  # what Grammars reads of a tokenizer
+            eos_ids, vocab_size, tool_calls_id = (eos,), len(vocab), None
+
+            def token_bytes(self) -> list[bytes]:
+                return vocab
+
+        began = time.perf_counter()
+        grammar = Grammars(Vocab()).json_schema(SCHEMA)  # type: ignore[arg-type]
+        self.compile_s = time.perf_counter() - began
+        self.constraints = [Constraint(grammar) for _ in range(batch)]
+        self.apply_constraints = apply_constraints
+        self.logits: torch.Tensor | None = None
+
+    def fill(self, bitmask: torch.Tensor) -> None:
+        assert self.logits is not None
+        self.apply_constraints(self.logits, self.constraints)
+
+    def apply(self, logits: torch.Tensor, mask: torch.Tensor) -> None:
+        pass  # done in fill
+
+    def accept(self, tokens: list[int]) -> None:
+        for c, t in zip(self.constraints, tokens):
+            c.accept(t)
+
+    def done(self) -> bool:
+        return all(c.done for c in self.constraints)
+
+
 class LLGuidance:
     name = "llguidance"
 
@@ -105,10 +148,20 @@ class LLGuidance:
         self.lt.apply_token_bitmask_inplace(logits, mask)
 
 
-def llg_bytes(sp: SentencePieceTokenizer) -> list[bytes]:
+def load_vocab(args: argparse.Namespace) -> tuple[list[bytes], Any]:
+    if args.vocab:  # a GPU host with torch but not mistral-common: the same bytes, dumped here
+        import sentencepiece
+
+        with open(args.vocab) as f:
+            xbytes = [bytes.fromhex(h) for h in json.load(f)]
+        return xbytes, sentencepiece.SentencePieceProcessor(model_file=args.sp_model)
+    sp = SentencePieceTokenizer()
+    return sp.token_bytes(), sp.sp
+
+
+def llg_special(xbytes: list[bytes], sp: Any) -> list[bytes]:
     """llguidance marks special tokens with a leading 0xFF byte."""
-    raw = sp.token_bytes()
-    return [b"\xff" + sp.sp.id_to_piece(i).encode() if not b else b for i, b in enumerate(raw)]
+    return [b"\xff" + sp.id_to_piece(i).encode() if not b else b for i, b in enumerate(xbytes)]
 
 
 def run(lib: Any, batch: int, steps: int, device: str, vocab: int) -> dict[str, Any]:
@@ -119,9 +172,11 @@ def run(lib: Any, batch: int, steps: int, device: str, vocab: int) -> dict[str, 
     fill, apply, accept = [], [], []
     for _ in range(steps):
         logits = torch.randn(batch, vocab, device=device, generator=gen)  # (B, V)
+        lib.logits = logits
         sync()
         t0 = time.perf_counter()
         lib.fill(bitmask)
+        sync()
         t1 = time.perf_counter()
         lib.apply(logits, bitmask.to(device, non_blocking=True))
         sync()
@@ -149,18 +204,35 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--libraries", nargs="+", default=["xgrammar", "llguidance"])
+    ap.add_argument("--libraries", nargs="+", default=["sluice", "xgrammar", "llguidance"])
     ap.add_argument("--out")
+    ap.add_argument("--vocab", help="token bytes as a JSON list of hex strings (--dump-vocab)")
+    ap.add_argument("--sp-model", help="with --vocab: the SentencePiece model (for llguidance)")
+    ap.add_argument("--dump-vocab", help="write the token bytes of Mixtral's tokenizer and exit")
     args = ap.parse_args()
-    sp = SentencePieceTokenizer()
-    xbytes, lbytes = sp.token_bytes(), llg_bytes(sp)
+    if args.dump_vocab:
+        with open(args.dump_vocab, "w") as f:
+            json.dump([b.hex() for b in SentencePieceTokenizer().token_bytes()], f)
+        return
+    try:
+        import transformers  # noqa: F401  (xgrammar imports it for its HF helpers only)
+    except ImportError:  # a bare GPU host: those helpers are not used here
+        stub = types.ModuleType("transformers")
+        stub.PreTrainedTokenizerBase = stub.PreTrainedTokenizerFast = type("Unused", (), {})  # type: ignore[attr-defined]
+        sys.modules["transformers"] = stub
+    xbytes, sp = load_vocab(args)
+    lbytes = llg_special(xbytes, sp)
+    vocab = len(xbytes)
     rows = []
     for batch in args.batch:
         for name in args.libraries:
-            lib = XGrammar(xbytes, 2, batch) if name == "xgrammar" else LLGuidance(lbytes, 2, batch, sp.sp)
-            run(lib, batch, 4, args.device, sp.vocab_size)  # warm-up (kernels compile)
-            lib = XGrammar(xbytes, 2, batch) if name == "xgrammar" else LLGuidance(lbytes, 2, batch, sp.sp)
-            rows.append(run(lib, batch, args.steps, args.device, sp.vocab_size))
+            def make() -> Any:
+                if name == "llguidance":
+                    return LLGuidance(lbytes, 2, batch, sp)
+                return (XGrammar if name == "xgrammar" else Sluice)(xbytes, 2, batch)
+
+            run(make(), batch, 4, args.device, vocab)  # warm-up (kernels compile)
+            rows.append(run(make(), batch, args.steps, args.device, vocab))
             print(json.dumps(rows[-1]), flush=True)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
               "cpus": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
