@@ -46,10 +46,9 @@ def auto_num_blocks(model: CausalLM, engine: EngineConfig, max_blocks_per_seq: i
         # CPU: room for every sequence at full length, capped at 2 GiB of cache
         return max(max_blocks_per_seq, min(engine.max_num_seqs * max_blocks_per_seq, (2 << 30) // per_block))
     limit = max_blocks_per_seq * engine.block_size
+    # (The other sizes' kernel variants compile in the background, when each varlen graph
+    # size is first run for its capture: not here, on the way to the first token.)
     peak = measure_peak(model, min(engine.max_num_batched_tokens, limit), engine.block_size, kernels)
-    # A mid-size batch too, so that its kernel variants (the MoE's 128..512-token tiles)
-    # compile here rather than stall the first such step under load.
-    measure_peak(model, min(256, engine.max_num_batched_tokens, limit), engine.block_size, kernels)
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
     activations = max(0, peak - torch.cuda.memory_allocated(device))
