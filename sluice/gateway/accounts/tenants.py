@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -56,6 +56,13 @@ class TenantChanges(BaseModel):
     # dashboard): accounts/ does not import the pipeline.
     guard_policy: dict[str, Any] | None = None
     store_prompts: bool | None = None
+
+    @model_validator(mode="after")
+    def _flags_not_null(self) -> TenantChanges:
+        for name in ("disabled", "store_prompts"):  # NOT NULL columns: omit them, or a bool
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} must be true or false")
+        return self
 
 
 class KeySpec(BaseModel):

@@ -232,6 +232,67 @@ async def runtime(request: Request) -> Response:
     return json_response({"backends": gateway.runtime.status()})
 
 
+def openapi() -> dict[str, Any]:
+    """An OpenAPI 3.1 description of /admin/api, from the same models that validate it
+    (the reliability suite fuzzes it with schemathesis)."""
+    bodies = {"TenantCreate": TenantCreate, "TenantUpdate": TenantUpdate, "KeySpec": KeySpec,
+              "TokenRevoke": TokenRevoke}
+    schemas = {name: model.model_json_schema(ref_template="#/components/schemas/{model}")
+               for name, model in bodies.items()}
+    for schema in list(schemas.values()):
+        schemas.update(schema.pop("$defs", {}))
+
+    def op(summary: str, *, body: str | None = None, path: tuple[str, ...] = (),
+           query: tuple[str, ...] = (), ok: str = "200") -> dict[str, Any]:
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "parameters": [{"name": n, "in": "path", "required": True,
+                            "schema": {"type": "string"}} for n in path]
+            + [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+               for n in query],
+            "responses": {ok: {"description": "done"},
+                          "400": {"description": "invalid input"},
+                          "401": {"description": "no valid admin token"},
+                          "404": {"description": "not found"}},
+        }
+        if body:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{body}"}}}}
+        return operation
+
+    usage_query = ("from", "to", "group_by", "tenant")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "sluice admin API", "version": "1"},
+        "components": {"schemas": schemas, "securitySchemes": {
+            "admin": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
+        "security": [{"admin": []}],
+        "paths": {
+            "/admin/api/tenants": {"get": op("list tenants"),
+                                   "post": op("create a tenant", body="TenantCreate", ok="201")},
+            "/admin/api/tenants/{tenant}": {
+                "get": op("a tenant", path=("tenant",)),
+                "patch": op("change a tenant", body="TenantUpdate", path=("tenant",))},
+            "/admin/api/tenants/{tenant}/keys": {
+                "get": op("a tenant's keys", path=("tenant",)),
+                "post": op("create a key", body="KeySpec", path=("tenant",), ok="201")},
+            "/admin/api/keys": {"get": op("all keys", query=("tenant",))},
+            "/admin/api/keys/{key}/revoke": {"post": op("revoke a key", path=("key",))},
+            "/admin/api/usage": {"get": op("daily usage", query=usage_query)},
+            "/admin/api/usage/export": {"get": op("usage events", query=(
+                "from", "to", "format", "tenant"))},
+            "/admin/api/runtime": {"get": op("backend pools")},
+            "/admin/api/tokens/revoke": {"post": op("revoke an admin token",
+                                                    body="TokenRevoke")},
+        },
+    }
+
+
+async def openapi_document(request: Request) -> Response:
+    await admin_checked(request)
+    return json_response(openapi())
+
+
 routes = [
     Route("/admin/api/tenants", list_tenants, methods=["GET"]),
     Route("/admin/api/tenants", create_tenant, methods=["POST"]),
@@ -245,4 +306,5 @@ routes = [
     Route("/admin/api/usage/export", usage_export, methods=["GET"]),
     Route("/admin/api/runtime", runtime, methods=["GET"]),
     Route("/admin/api/tokens/revoke", revoke_token, methods=["POST"]),
+    Route("/admin/api/openapi.json", openapi_document, methods=["GET"]),
 ]
