@@ -9,13 +9,14 @@ CreateEmbeddingResponse, Model).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 from openai.types import Completion, CreateEmbeddingResponse, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel
 
+from sluice.gateway.backends.contract import Capability
 from sluice.gateway.http.schemas import (
     ErrorResponse,
     chat_schema,
@@ -73,6 +74,13 @@ def _components() -> dict[str, Any]:
     ]
     for name, model in models:
         add(name, model.model_json_schema(ref_template="#/$defs/{model}", mode="serialization"))
+    # OpenAI's Model, plus what the model serves
+    capabilities = {"type": "array", "items": {"enum": list(get_args(Capability))}}
+    out["SluiceModel"] = {"allOf": [_ref("Model"), {
+        "type": "object", "properties": {"capabilities": capabilities},
+        "required": ["capabilities"]}]}
+    out["ModelList"] = {"type": "object", "required": ["object", "data"], "properties": {
+        "object": {"const": "list"}, "data": {"type": "array", "items": _ref("SluiceModel")}}}
     return out
 
 
@@ -129,7 +137,21 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "List models",
                     "security": [{"bearer": []}],
-                    "responses": {"200": {"description": "Models this key may use"},
+                    "responses": {"200": {"description": "Models this key may use",
+                                          "content": {"application/json": {
+                                              "schema": _ref("ModelList")}}},
+                                  **_error_responses()},
+                }
+            },
+            "/v1/models/{model}": {
+                "get": {
+                    "summary": "Retrieve a model",
+                    "security": [{"bearer": []}],
+                    "parameters": [{"name": "model", "in": "path", "required": True,
+                                    "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "The model",
+                                          "content": {"application/json": {
+                                              "schema": _ref("SluiceModel")}}},
                                   **_error_responses()},
                 }
             },
