@@ -45,13 +45,22 @@ def _run_accounts(settings: Settings, work: Callable[[Accounts], Awaitable[Any]]
     return asyncio.run(main())
 
 
-def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> Table:
     table = Table(title=title)
     for column in columns:
         table.add_column(column)
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    out.print(table)
+    return table
+
+
+def _show(args: argparse.Namespace, data: Any, human: str | Table) -> int:
+    """What a command prints: ``data`` as JSON with ``--json``, else ``human`` for a person."""
+    if args.json:
+        print(json.dumps(data))
+    else:
+        out.print(human)
+    return 0
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -121,20 +130,13 @@ def cmd_tenants_create(args: argparse.Namespace, settings: Settings) -> int:
     tenant = _run_accounts(
         settings, lambda a: a.create_tenant(args.name, rpm=args.rpm, tpm=args.tpm, actor=CLI)
     )
-    if args.json:
-        print(json.dumps(tenant_dict(tenant)))
-    else:
-        out.print(f"created tenant [cyan]{tenant.name}[/] ({tenant.id})")
-    return 0
+    return _show(args, tenant_dict(tenant), f"created tenant [cyan]{tenant.name}[/] ({tenant.id})")
 
 
 def cmd_tenants_list(args: argparse.Namespace, settings: Settings) -> int:
     rows = [tenant_dict(t) for t in _run_accounts(settings, lambda a: a.list_tenants())]
-    if args.json:
-        print(json.dumps(rows))
-    else:
-        _table("tenants", rows, ["id", "name", "disabled", "rpm", "tpm", "created_at"])
-    return 0
+    return _show(args, rows,
+                 _table("tenants", rows, ["id", "name", "disabled", "rpm", "tpm", "created_at"]))
 
 
 def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
@@ -157,22 +159,15 @@ def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     rows = [key_dict(k) for k in _run_accounts(settings, lambda a: a.list_keys(args.tenant))]
-    if args.json:
-        print(json.dumps(rows))
-    else:
-        _table("API keys", rows,
-               ["id", "tenant_id", "prefix", "name", "models", "expires_at", "revoked_at",
-                "last_used_at"])
-    return 0
+    return _show(args, rows, _table("API keys", rows, [
+        "id", "tenant_id", "prefix", "name", "models", "expires_at", "revoked_at",
+        "last_used_at"]))
 
 
 def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     key = _run_accounts(settings, lambda a: a.revoke_key(args.key_id, actor=CLI))
-    if args.json:
-        print(json.dumps(key_dict(key)))
-    else:
-        out.print(f"revoked {key.id} (effective within {settings.key_cache_ttl_s:g}s)")
-    return 0
+    return _show(args, key_dict(key),
+                 f"revoked {key.id} (effective within {settings.key_cache_ttl_s:g}s)")
 
 
 def cmd_admins_create(args: argparse.Namespace, settings: Settings) -> int:

@@ -82,7 +82,7 @@ async def _check_login(request: Request, form: FormData) -> Response:
         return _throttled(request, username, wait)
     admin = None
     if username and isinstance(password, str) and password and len(password) <= 1024:
-        admin = await check_password(gw.accounts.sessions, username, password,
+        admin = await check_password(gw.sessions, username, password,
                                      run=gw.workers.run)
     if admin is None:
         verdict = gw.logins.failure(username, address)
@@ -119,7 +119,7 @@ def _throttled(request: Request, username: str, wait_s: float) -> Response:
 @action("")
 async def logout(request: Request, session: Session, form: FormData) -> Response:
     gw = app_state(request)
-    await revoke_session(gw.accounts.sessions, session.sid, session.expires_at)
+    await revoke_session(gw.sessions, session.sid, session.expires_at)
     await gw.audit.record(session.actor, "admin.logout", "dashboard", decision="allow")
     response = RedirectResponse("/admin/login?logged_out=1", status_code=303)
     sessions.clear_cookie(response, request, sessions.SESSION_COOKIE,
