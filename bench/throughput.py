@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
 
     llm, label = build_llm(args)
     run_batch(llm, 1, min(args.prompt_len, 16), 4)  # warm-up
-    results = [run_batch(llm, b, args.prompt_len, args.decode_len) for b in args.batch_sizes]
+    # distinct prompts per batch (seed): a repeated batch would time prefix-cache hits
+    results = [run_batch(llm, b, args.prompt_len, args.decode_len, seed=1 + i) for i, b in enumerate(args.batch_sizes)]
     info = {"model": label, "device": str(llm.runner.device), "dtype": str(llm.runner.dtype).removeprefix("torch."),
             "cuda_graphs": llm.runner.graphs is not None, "threads": torch.get_num_threads()}
     if args.json:
