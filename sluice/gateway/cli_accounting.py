@@ -29,6 +29,7 @@ from sluice.gateway.ledger.audit import audit_key, checkpoint_file, cli_audit
 from sluice.gateway.ledger.billing import BillingError, push_stripe, stripe_client
 from sluice.gateway.ledger.chain import AuditKeyError
 from sluice.gateway.ledger.exports import count_usage, export_usage
+from sluice.gateway.ledger.legacy import Sealed, seal_legacy
 from sluice.gateway.ledger.roles import RoleError, grant_app_role
 from sluice.gateway.ledger.checkpoints import CheckpointFile
 from sluice.gateway.ledger.verify import ChainSummary, VerifyReport, verify
@@ -67,6 +68,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--checkpoints", type=Path, action="append",
                    help="checkpoint file(s) to check against (default: this host's)")
     p.set_defaults(handler=cmd_audit_verify)
+    p = audit.add_parser("seal-legacy", help="check and seal chains written before keyed "
+                         "chains (once, right after upgrading)")  # fmt: skip
+    p.add_argument("--checkpoints", type=Path, action="append")
+    p.set_defaults(handler=cmd_audit_seal_legacy)
 
     db = subparsers.add_parser("db", help="database roles").add_subparsers(
         dest="action", required=True)  # fmt: skip
@@ -130,6 +135,29 @@ def _guarded(handler: Handler) -> Handler:
 
     run.__name__ = handler.__name__
     return run
+
+
+@_guarded
+def cmd_audit_seal_legacy(args: argparse.Namespace, settings: Settings) -> int:
+    key = audit_key(settings)
+    files = args.checkpoints or [checkpoint_file(settings, key).path]
+    known = {name for f in files for name in CheckpointFile(f, key).read().heads}
+
+    async def work(engine: AsyncEngine) -> list[Sealed]:
+        found = await seal_legacy(engine, key, known)
+        audit = cli_audit(engine, settings)
+        for s in found:
+            await audit.record("cli", "audit.legacy_sealed", s.instance_id,
+                               decision="refused" if s.problem else "sealed",
+                               details={"legacy_until": s.legacy_until, "hash": s.hash_at_until,
+                                        "problem": s.problem})  # fmt: skip
+        return found
+
+    found = _run(settings, work)
+    for s in found:
+        err.print(f"{'[red]not sealed' if s.problem else '[green]sealed'}:[/] {s.instance_id} "
+                  f"{s.problem or f'(unkeyed records 1..{s.legacy_until})'}", highlight=False)
+    return 1 if any(s.problem for s in found) else 0
 
 
 @_guarded

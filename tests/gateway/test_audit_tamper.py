@@ -28,7 +28,9 @@ from sluice.gateway.ledger.roles import RoleError, grant_app_role
 from sluice.gateway.db.session import create_engine, migrate
 from sluice.gateway.ledger.audit import AuditLog, cli_audit
 from sluice.gateway.db.accounting import AuditRecord
-from sluice.gateway.ledger.chain import CLI_CHAIN, AuditChain, canonical_json, chain_hash, head_mac
+from sluice.gateway.ledger.chain import (
+    CLI_CHAIN, AuditChain, canonical_json, chain_hash, head_mac, legacy_hash,
+)  # fmt: skip
 from sluice.gateway.ledger.checkpoints import CheckpointFile
 from sluice.gateway.ledger.verify import Verifier, verify
 from sluice.gateway.settings import Settings
@@ -300,3 +302,68 @@ async def test_verifier_reads_new_checkpoint_lines(db, tmp_path: Path) -> None:
                     f"UPDATE audit_chains SET last_seq = 5, last_hash = '{first[-1]['hash']}', "
                     f"mac = '{old}'")  # fmt: skip
     assert finding(await verifier.check(), "gw-1").reason == "tail cut"
+
+
+async def _legacy_chain(engine: AsyncEngine, name: str, n: int) -> list[dict]:
+    """A chain as written before migration 0005: plain SHA-256 links, no registry row."""
+    rows, prev = [], "0" * 64
+    for seq in range(1, n + 1):
+        r = {"instance_id": name, "seq": seq, "created_at": "2026-11-30T00:00:00.000000Z",
+             "actor": "cli", "action": "key.revoke", "target": f"key_{seq}", "request_id": None,
+             "decision": "allow", "details": {"seq": seq}, "prev_hash": prev}  # fmt: skip
+        r["hash"] = prev = legacy_hash(r)
+        rows.append(r)
+    async with engine.begin() as conn:
+        await conn.execute(insert(AuditRecord), [
+            {**r, "created_at": dt.datetime(2026, 11, 30, tzinfo=dt.UTC)} for r in rows])
+    return rows
+
+
+def _cli(argv: list[str], settings: Settings) -> int:
+    parser = argparse.ArgumentParser(prog="sluice")
+    cli_accounting.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args, settings)  # type: ignore[no-any-return]
+
+
+async def test_legacy_chains_are_named_then_sealed(db, tmp_path: Path, capsys) -> None:
+    url, engine = db
+    settings = Settings(database_url=url, audit_key=KEY.decode(), spool_dir=tmp_path / "s")
+    rows = await _legacy_chain(engine, "gw-old", 5)
+    assert finding(await verify(engine, KEY), "gw-old").reason == "unkeyed"
+    await write(engine, 2, instance="gw-old")  # a gateway went on writing it after upgrading
+    assert finding(await verify(engine, KEY), "gw-old").reason == "unkeyed"
+
+    assert await asyncio.to_thread(_cli, ["audit", "seal-legacy"], settings) == 0
+    assert "sealed: gw-old (unkeyed records 1..5)" in capsys.readouterr().err
+    report = await verify(engine, KEY)
+    assert report.ok and {c.instance_id for c in report.chains} == {"gw-old", CLI_CHAIN}
+    assert await asyncio.to_thread(_cli, ["audit", "seal-legacy"], settings) == 0  # idempotent
+
+    # After the seal, rewriting the unkeyed part (recomputing its SHA-256 links) is found.
+    forged, prev = [], rows[1]["hash"]
+    for r in rows[2:]:
+        r = {**r, "prev_hash": prev, "target": "key_x" if r["seq"] == 3 else r["target"]}
+        r["hash"] = prev = legacy_hash(r)
+        forged.append(r)
+    await superuser(engine, *(
+        f"UPDATE audit_log SET target = '{r['target']}', prev_hash = '{r['prev_hash']}', "
+        f"hash = '{r['hash']}' WHERE instance_id = 'gw-old' AND seq = {r['seq']}"
+        for r in forged))  # fmt: skip
+    assert not (await verify(engine, KEY)).ok
+
+
+async def test_a_checkpointed_chain_is_never_sealed_as_legacy(db, tmp_path: Path, capsys) -> None:
+    """A keyed chain rewritten wholesale into SHA-256 links (registry row deleted) must not
+    be laundered by seal-legacy: the checkpoint file knows it."""
+    url, engine = db
+    cps = CheckpointFile(tmp_path / "cp", KEY)
+    await write(engine, 3, instance="gw-k", checkpoints=cps)
+    await superuser(engine, "DELETE FROM audit_log WHERE instance_id = 'gw-k'",
+                    "DELETE FROM audit_chains WHERE instance_id = 'gw-k'")
+    await _legacy_chain(engine, "gw-k", 3)
+    settings = Settings(database_url=url, audit_key=KEY.decode(), spool_dir=tmp_path / "s")
+    code = await asyncio.to_thread(_cli, ["audit", "seal-legacy", "--checkpoints",
+                                          str(cps.path)], settings)  # fmt: skip
+    assert code == 1 and "not sealed: gw-k a signed checkpoint knows it" in capsys.readouterr().err
+    assert finding(await verify(engine, KEY, checkpoints=cps), "gw-k").reason == "unkeyed"

@@ -51,6 +51,10 @@ class AuditChain(Base):
     last_hash: Mapped[str] = mapped_column(String(64))
     mac: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Records 1..legacy_until were written before keyed chains (plain SHA-256 links) and
+    # sealed by `sluice audit seal-legacy`; legacy_mac covers that boundary and its hash.
+    legacy_until: Mapped[int] = mapped_column(BigInteger, default=0)
+    legacy_mac: Mapped[str | None] = mapped_column(String(64))
 
 
 def canonical_timestamp(ts: dt.datetime) -> str:
@@ -74,6 +78,16 @@ def canonical_json(record: dict[str, Any]) -> str:
 def chain_hash(record: dict[str, Any], key: bytes) -> str:
     """The hash a record must carry, given its fields, its ``prev_hash`` and the key."""
     message = (record["prev_hash"] + canonical_json(record)).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def legacy_hash(record: dict[str, Any]) -> str:
+    """The unkeyed link of chains written before migration 0005 (plain SHA-256)."""
+    return hashlib.sha256((record["prev_hash"] + canonical_json(record)).encode()).hexdigest()
+
+
+def legacy_mac(key: bytes, instance_id: str, until: int, hash_at_until: str) -> str:
+    message = f"legacy|{instance_id}|{until}|{hash_at_until}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 

@@ -28,12 +28,14 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sluice.gateway.db.accounting import AuditRecord
-from sluice.gateway.ledger.chain import GENESIS_HASH, AuditChain, chain_hash, head_mac
+from sluice.gateway.ledger.chain import (
+    GENESIS_HASH, AuditChain, chain_hash, head_mac, legacy_hash, legacy_mac,
+)  # fmt: skip
 from sluice.gateway.ledger.checkpoints import CheckpointFile, Checkpoints
 
 BreakReason = Literal["hash mismatch", "gap", "reorder", "prev_hash mismatch", "tail cut",
                       "chain deleted", "registry forged", "checkpoint mismatch",
-                      "unregistered"]  # fmt: skip
+                      "unregistered", "unkeyed"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class ChainSummary:
     last_hash: str = GENESIS_HASH
     last_row_id: int = 0
     broken: BrokenLink | None = None
+    legacy_until: int = 0  # records up to here have unkeyed links (sealed, pre-0005)
+    legacy_hash: str | None = None  # the hash of record legacy_until, as walked
 
 
 @dataclass
@@ -92,7 +96,7 @@ async def verify(engine: AsyncEngine, key: bytes, *, checkpoints: CheckpointFile
     saved = checkpoints.read() if checkpoints is not None else Checkpoints()
     registry = await _registry(engine)
     chains: dict[str, ChainSummary] = {}
-    await _walk(engine, key, chains, saved, None, yield_per)
+    await _walk(engine, key, chains, saved, registry, None, yield_per)
     return _report(key, chains, saved, registry)
 
 
@@ -112,7 +116,7 @@ class Verifier:
         registry = await _registry(self.engine)
         if self._chains is None:
             self._chains = {}
-            await _walk(self.engine, self.key, self._chains, saved, None, 2000)
+            await _walk(self.engine, self.key, self._chains, saved, registry, None, 2000)
             return _report(self.key, self._chains, saved, registry)
         async with self.engine.connect() as conn:
             stats = (await conn.execute(
@@ -124,10 +128,11 @@ class Verifier:
             known = self._chains.get(instance_id)
             if known is not None and known.broken is None and count == max_seq >= known.last_seq:
                 if max_seq > known.last_seq:  # only what was appended since the last view
-                    await _walk(self.engine, self.key, self._chains, saved, known, 2000)
+                    await _walk(self.engine, self.key, self._chains, saved, registry, known, 2000)
                 continue
-            self._chains[instance_id] = ChainSummary(instance_id)  # new, or changed: re-walk
-            await _walk(self.engine, self.key, self._chains, saved,
+            sealed = registry[instance_id].legacy_until if instance_id in registry else 0
+            self._chains[instance_id] = ChainSummary(instance_id, legacy_until=sealed)  # re-walk
+            await _walk(self.engine, self.key, self._chains, saved, registry,
                         self._chains[instance_id], 2000)  # fmt: skip
         for gone in set(self._chains) - present:
             del self._chains[gone]
@@ -135,7 +140,8 @@ class Verifier:
 
 
 async def _walk(engine: AsyncEngine, key: bytes, chains: dict[str, ChainSummary],
-                saved: Checkpoints, only: ChainSummary | None, yield_per: int) -> None:  # fmt: skip
+                saved: Checkpoints, registry: dict[str, Any], only: ChainSummary | None,
+                yield_per: int) -> None:  # fmt: skip
     """Check records in (instance, seq) order; ``only``: that chain, after its last seq."""
     stmt = select(AuditRecord.__table__).order_by(AuditRecord.instance_id, AuditRecord.seq)
     if only is not None:
@@ -146,7 +152,9 @@ async def _walk(engine: AsyncEngine, key: bytes, chains: dict[str, ChainSummary]
         result = await conn.stream(stmt.execution_options(yield_per=yield_per))
         async for row in result.mappings():
             if chain is None or row["instance_id"] != chain.instance_id:
-                chain = chains.setdefault(row["instance_id"], ChainSummary(row["instance_id"]))
+                name = row["instance_id"]
+                sealed = registry[name].legacy_until if name in registry else 0
+                chain = chains.setdefault(name, ChainSummary(name, legacy_until=sealed))
             chain.records += 1
             if chain.broken is None:
                 chain.broken = _check_link(chain, key, saved, row)
@@ -167,7 +175,15 @@ def _check_link(chain: ChainSummary, key: bytes, saved: Checkpoints, row: Any) -
         return broken("reorder", f"stored before seq {chain.last_seq} (row id {chain.last_row_id})")
     if row["prev_hash"] != chain.last_hash:
         return broken("prev_hash mismatch", "prev_hash is not the previous record's hash")
-    if not hmac.compare_digest(chain_hash(dict(row), key), row["hash"]):
+    if row["seq"] <= chain.legacy_until:  # sealed, pre-0005: an unkeyed link
+        if legacy_hash(dict(row)) != row["hash"]:
+            return broken("hash mismatch", "record content does not match its (unkeyed) hash")
+        if row["seq"] == chain.legacy_until:
+            chain.legacy_hash = row["hash"]
+    elif not hmac.compare_digest(chain_hash(dict(row), key), row["hash"]):
+        if chain.records == row["seq"] == 1 and legacy_hash(dict(row)) == row["hash"]:
+            return broken("unkeyed", "written before keyed chains (migration 0005): check and "
+                                     "seal it with `sluice audit seal-legacy`")  # fmt: skip
         return broken("hash mismatch", "record content does not match its keyed hash")
     checkpointed = saved.heads.get(chain.instance_id)
     if checkpointed is not None and checkpointed[0] == row["seq"] and checkpointed[1] != row["hash"]:
@@ -195,6 +211,11 @@ def _report(key: bytes, chains: dict[str, ChainSummary], saved: Checkpoints,
         mac = head_mac(key, name, head.last_seq, head.last_hash)
         if not hmac.compare_digest(mac, head.mac):
             flag(name, "registry forged", "the registry's head MAC does not match")
+        walked = out.get(name)
+        if head.legacy_until and walked is not None and walked.records and not hmac.compare_digest(
+                legacy_mac(key, name, head.legacy_until, walked.legacy_hash or ""),
+                head.legacy_mac or ""):  # fmt: skip
+            flag(name, "registry forged", "the legacy seal's MAC does not match")
         _compare(out.get(name), name, head.last_seq, head.last_hash, "the registry", flag)
     for name, (seq, last_hash) in saved.heads.items():
         _compare(out.get(name), name, seq, last_hash, "a signed checkpoint", flag)

@@ -25,6 +25,9 @@ def upgrade() -> None:
         sa.Column("last_hash", sa.String(64), nullable=False),
         sa.Column("mac", sa.String(64), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        # Chains from before this revision are unkeyed up to legacy_until (seal-legacy).
+        sa.Column("legacy_until", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("legacy_mac", sa.String(64)),
     )
 
 
