@@ -49,6 +49,7 @@ from sluice.gateway.workers import CpuPool, TenantSlots
 log = logging.getLogger("sluice.state")
 
 LAST_USED_INTERVAL_S = 10.0
+ADMIN_CHAIN = "admin"  # the audit chain of tenant and key changes (dashboard, admin API)
 PRICE_REFRESH_S = 10.0
 
 
@@ -146,7 +147,11 @@ async def open_state(settings: Settings, stack: contextlib.AsyncExitStack, *,
     log.info("serving models: %s", ", ".join(c.id for c in registry.cards()) or "none")
     return AppState(
         settings=settings, db=db, sessions=sessions, registry=registry, runtime=runtime,
-        keys=keys, accounts=Accounts(sessions, audit=audit), audit=audit, meter=meter,
+        # Admin changes append to one shared "admin" chain in their own transaction, so
+        # none commits without its audit record (edge, issue 18).
+        keys=keys, accounts=Accounts(sessions, audit=AuditLog(
+            db, ADMIN_CHAIN, key=key, shared=True, checkpoints=checkpoint_file(settings, key))),
+        audit=audit, meter=meter,
         limiter=limiter, telemetry=telemetry, pipeline=pipeline, router=router, spend=spend,
         workers=workers, logins=LoginThrottle(),
     )

@@ -108,3 +108,42 @@ def test_admin_api_creates_tenants_and_keys_and_revokes(sqlite_server: GatewaySe
         with pytest.raises(openai.AuthenticationError):
             api.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
         assert http.get("/admin/api/runtime").json()["backends"][0]["backend"] == "echo"
+
+
+def test_an_admin_change_commits_with_its_audit_record_or_not_at_all(
+        postgres_server: GatewayServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy import select
+    from sqlalchemy.exc import OperationalError
+
+    from sluice.gateway.db.accounting import AuditRecord
+    from sluice.gateway.ledger.audit import AuditLog
+
+    server = postgres_server
+    token = issue_admin_token(server.settings.admin_jwt_secret, "ops", 60)
+    admin = {"Authorization": f"Bearer {token}"}
+    base = server.base_url + "/admin/api"
+    assert httpx.post(base + "/tenants", headers=admin, json={"name": "audited"}).status_code == 201
+
+    async def admin_chain() -> list[tuple[str, str]]:
+        async with server.gateway.sessions() as session:
+            rows = await session.scalars(select(AuditRecord).where(
+                AuditRecord.instance_id == "admin").order_by(AuditRecord.seq))
+            return [(r.action, r.actor) for r in rows]
+
+    # the record is in the database when the response arrives: same transaction, no buffer
+    assert server.run(admin_chain()) == [("tenant.create", "admin:ops")]
+
+    async def failing_store(self: AuditLog, conn: object, batch: object) -> None:
+        raise OperationalError("INSERT INTO audit_log", {}, Exception("disk full"))
+
+    monkeypatch.setattr(AuditLog, "_store", failing_store)
+    r = httpx.patch(base + "/tenants/audited", headers=admin, json={"rpm": 7})
+    assert r.status_code == 503, r.text  # the database failed: retry later, not a 500
+    monkeypatch.undo()
+    tenant = httpx.get(base + "/tenants/audited", headers=admin).json()
+    assert tenant["rpm"] is None  # the change rolled back with its audit record
+    assert httpx.patch(base + "/tenants/audited", headers=admin, json={"rpm": 7}).status_code == 200
+    assert server.run(admin_chain()) == [("tenant.create", "admin:ops"),
+                                         ("tenant.update", "admin:ops")]
+    report = server.run(server.gateway.audit.verify())
+    assert report.ok, report

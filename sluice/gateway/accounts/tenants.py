@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from sluice.gateway.ledger.audit import AuditLog
 from sluice.gateway.accounts.auth import generate_key, hash_key
 from sluice.gateway.db.models import ApiKey, Tenant, utcnow
-from sluice.gateway.errors import InvalidRequest, NotFound
+from sluice.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -128,16 +130,34 @@ def key_dict(k: ApiKey) -> dict[str, Any]:
 
 
 class Accounts:
-    """Every change is an audit event when an audit log is attached (``actor`` says who)."""
+    """Every change is an audit event when an audit log is attached (``actor`` says who).
+
+    With a shared chain (the gateway's ``admin`` chain, the CLI's ``cli`` chain) the audit
+    record is written in the change's own transaction: a change never commits without its
+    record. A buffered per-process chain records it right after the commit."""
 
     def __init__(self, sessions: async_sessionmaker, *, audit: AuditLog | None = None) -> None:
         self.sessions = sessions
         self.audit = audit
 
-    async def _audit(self, actor: str, action: str, target: str, **details: Any) -> None:
-        if self.audit is not None:
-            await self.audit.record(actor, action, target, decision="allow",
-                                    details={k: v for k, v in details.items() if v is not None})
+    async def _audit(self, session: AsyncSession, actor: str, action: str, target: str,
+                     **details: Any) -> Callable[[], Awaitable[None]]:
+        """Record the change inside ``session``'s transaction when the chain allows it;
+        returns what to await once the transaction has committed."""
+        audit = self.audit
+        if audit is None:
+            return _nothing
+        clean = {k: v for k, v in details.items() if v is not None}
+        if audit.shared:
+            try:
+                record = await audit.record_in(await session.connection(), actor, action,
+                                               target, decision="allow", details=clean)
+            except IntegrityError:  # another writer took the chain's next seq (SQLite)
+                raise ServiceUnavailable("a concurrent change; try again", retry_after_s=1) \
+                    from None
+            return functools.partial(audit.committed, record)
+        return functools.partial(audit.record, actor, action, target, decision="allow",
+                                 details=clean)
 
     async def create_tenant(
         self, name: str, *, rpm: int | None = None, tpm: int | None = None, actor: str = "system"
@@ -152,9 +172,12 @@ class Accounts:
         try:
             async with self.sessions() as session, session.begin():
                 session.add(tenant)
+                await session.flush()  # a duplicate name fails here, before the audit
+                done = await self._audit(session, actor, "tenant.create", tenant.id,
+                                         name=name, rpm=rpm, tpm=tpm)
         except IntegrityError:
             raise InvalidRequest(f"tenant '{name}' already exists", param="name") from None
-        await self._audit(actor, "tenant.create", tenant.id, name=name, rpm=rpm, tpm=tpm)
+        await done()
         return tenant
 
     async def tenant(self, ref: str) -> Tenant:
@@ -178,7 +201,9 @@ class Accounts:
             tenant = await session.get_one(Tenant, tenant.id)
             for name, value in changes.items():
                 setattr(tenant, name, value)
-        await self._audit(actor, "tenant.update", tenant.id, changes=changes)
+            done = await self._audit(session, actor, "tenant.update", tenant.id,
+                                     changes=changes)
+        await done()
         return tenant
 
     async def create_key(
@@ -213,8 +238,10 @@ class Accounts:
         )
         async with self.sessions() as session, session.begin():
             session.add(key)
-        await self._audit(actor, "key.create", key.id, tenant=tenant.id, prefix=prefix,
-                          models=models, expires_at=key.expires_at)
+            await session.flush()
+            done = await self._audit(session, actor, "key.create", key.id, tenant=tenant.id,
+                                     prefix=prefix, models=models, expires_at=key.expires_at)
+        await done()
         return CreatedKey(key=key, secret=secret)
 
     async def list_keys(self, tenant_ref: str | None = None) -> list[ApiKey]:
@@ -242,5 +269,10 @@ class Accounts:
                 raise NotFound(f"no API key '{key_id}'", code="key_not_found")
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
-        await self._audit(actor, "key.revoke", key.id, tenant=key.tenant_id)
+            done = await self._audit(session, actor, "key.revoke", key.id, tenant=key.tenant_id)
+        await done()
         return key
+
+
+async def _nothing() -> None:
+    return None

@@ -179,14 +179,7 @@ class AuditLog:
             raise RuntimeError("AuditLog is closed")
         if not self._started:
             await self.start()
-        fields = {"actor": actor, "action": action, "target": target,
-                  "request_id": request_id, "decision": decision}  # fmt: skip
-        for name, value in fields.items():
-            if value is not None and len(value) > _MAX_LEN[name]:
-                raise ValueError(f"audit {name} longer than {_MAX_LEN[name]} characters")
-        # Round-trip through JSON now, so what we hash is exactly what the database returns.
-        clean = None if details is None else json.loads(json.dumps(details, default=str))
-        body = {**fields, "details": clean}
+        body = _body(actor, action, target, request_id, decision, details)
         if self.shared:
             return await self._append_locked(body)
         if self.writer.buffered >= self.max_buffer:
@@ -200,6 +193,25 @@ class AuditLog:
         self._last_hash = record["hash"]
         self.writer.add(record)
         return record
+
+    async def record_in(self, conn: AsyncConnection, actor: str, action: str, target: str, *,
+                        decision: str | None = None,
+                        details: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Append to this shared chain inside the caller's transaction (``conn``): the
+        caller's change and its audit record commit together or not at all. Pass the
+        record to :meth:`committed` once the transaction has committed. (edge, issue 18)"""
+        if not self.shared:
+            raise RuntimeError("record_in needs a shared chain (its head is locked per append)")
+        body = _body(actor, action, target, None, decision, details)
+        seq, last = await stored_head(conn, self.instance_id, lock=True)
+        record = self._link(seq + 1, last, body)
+        await self._store(conn, [record])
+        return record
+
+    async def committed(self, record: dict[str, Any]) -> None:
+        """A :meth:`record_in` record's transaction committed: checkpoint the new head."""
+        self._seq, self._last_hash = record["seq"], record["hash"]
+        await self._checkpoint(force=True)
 
     async def flush(self) -> None:
         """Make every record so far durable (database, or the spool while it is down)."""
@@ -273,6 +285,18 @@ class AuditLog:
         async with self.engine.connect() as conn:
             seq, last = await stored_head(conn, self.instance_id)
         await asyncio.to_thread(self.checkpoints.append, {self.instance_id: (seq, last)})
+
+
+def _body(actor: str, action: str, target: str, request_id: str | None, decision: str | None,
+          details: dict[str, Any] | None) -> dict[str, Any]:
+    fields = {"actor": actor, "action": action, "target": target,
+              "request_id": request_id, "decision": decision}  # fmt: skip
+    for name, value in fields.items():
+        if value is not None and len(value) > _MAX_LEN[name]:
+            raise ValueError(f"audit {name} longer than {_MAX_LEN[name]} characters")
+    # Round-trip through JSON now, so what we hash is exactly what the database returns.
+    clean = None if details is None else json.loads(json.dumps(details, default=str))
+    return {**fields, "details": clean}
 
 
 def _read_head(path: Path) -> tuple[int, str]:

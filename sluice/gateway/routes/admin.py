@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -24,11 +28,13 @@ from sluice.gateway.accounts.auth import MAX_ADMIN_TOKEN_TTL_S, verify_admin_tok
 from sluice.gateway.ledger.exports import iter_usage_export
 from sluice.gateway.pipeline.guard import GuardPolicy
 from sluice.gateway.db.accounting import USAGE_GROUPS, usage_by_group
-from sluice.gateway.errors import AuthenticationFailed, InvalidRequest
+from sluice.gateway.errors import AuthenticationFailed, InvalidRequest, ServiceUnavailable
 from sluice.gateway.routes.openai import parse
 from sluice.gateway.state import AppState, app_state
 from sluice.gateway.http.streaming import read_json
 from sluice.gateway.util import json_response
+
+log = logging.getLogger("sluice.admin")
 
 
 class TenantCreate(BaseModel):
@@ -232,6 +238,23 @@ async def runtime(request: Request) -> Response:
     return json_response({"backends": gateway.runtime.status()})
 
 
+def _guarded(endpoint: Callable[[Request], Awaitable[Response]],
+             ) -> Callable[[Request], Awaitable[Response]]:
+    """The database failing mid-request is a 503 (retry), never a 500."""
+
+    @functools.wraps(endpoint)
+    async def guarded(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("admin API %s %s: database error (%s)", request.method,
+                        request.url.path, type(exc).__name__)
+            raise ServiceUnavailable("the database is unavailable; try again shortly",
+                                     retry_after_s=2) from None
+
+    return guarded
+
+
 def openapi() -> dict[str, Any]:
     """An OpenAPI 3.1 description of /admin/api, from the same models that validate it
     (the reliability suite fuzzes it with schemathesis)."""
@@ -294,17 +317,17 @@ async def openapi_document(request: Request) -> Response:
 
 
 routes = [
-    Route("/admin/api/tenants", list_tenants, methods=["GET"]),
-    Route("/admin/api/tenants", create_tenant, methods=["POST"]),
-    Route("/admin/api/tenants/{tenant}", get_tenant, methods=["GET"]),
-    Route("/admin/api/tenants/{tenant}", update_tenant, methods=["PATCH"]),
-    Route("/admin/api/tenants/{tenant}/keys", list_keys, methods=["GET"]),
-    Route("/admin/api/tenants/{tenant}/keys", create_key, methods=["POST"]),
-    Route("/admin/api/keys", list_keys, methods=["GET"]),
-    Route("/admin/api/keys/{key}/revoke", revoke_key, methods=["POST"]),
-    Route("/admin/api/usage", usage, methods=["GET"]),
-    Route("/admin/api/usage/export", usage_export, methods=["GET"]),
-    Route("/admin/api/runtime", runtime, methods=["GET"]),
-    Route("/admin/api/tokens/revoke", revoke_token, methods=["POST"]),
-    Route("/admin/api/openapi.json", openapi_document, methods=["GET"]),
+    Route("/admin/api/tenants", _guarded(list_tenants), methods=["GET"]),
+    Route("/admin/api/tenants", _guarded(create_tenant), methods=["POST"]),
+    Route("/admin/api/tenants/{tenant}", _guarded(get_tenant), methods=["GET"]),
+    Route("/admin/api/tenants/{tenant}", _guarded(update_tenant), methods=["PATCH"]),
+    Route("/admin/api/tenants/{tenant}/keys", _guarded(list_keys), methods=["GET"]),
+    Route("/admin/api/tenants/{tenant}/keys", _guarded(create_key), methods=["POST"]),
+    Route("/admin/api/keys", _guarded(list_keys), methods=["GET"]),
+    Route("/admin/api/keys/{key}/revoke", _guarded(revoke_key), methods=["POST"]),
+    Route("/admin/api/usage", _guarded(usage), methods=["GET"]),
+    Route("/admin/api/usage/export", _guarded(usage_export), methods=["GET"]),
+    Route("/admin/api/runtime", _guarded(runtime), methods=["GET"]),
+    Route("/admin/api/tokens/revoke", _guarded(revoke_token), methods=["POST"]),
+    Route("/admin/api/openapi.json", _guarded(openapi_document), methods=["GET"]),
 ]
