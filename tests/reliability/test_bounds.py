@@ -275,3 +275,29 @@ def test_jwt_secret_must_be_long_and_its_file_private(tmp_path: Path) -> None:
     again = Settings.from_env({"SLUICE_DATA_DIR": str(tmp_path / "d")})
     assert again.admin_jwt_secret == settings.admin_jwt_secret
     assert re.fullmatch(r"[A-Za-z0-9_-]+", settings.admin_jwt_secret)
+
+
+async def test_pooled_sqlite_connections_recover_after_a_read_only_episode(
+        sqlite_url: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from sluice.gateway.db.session import create_engine
+
+    engine = create_engine(sqlite_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        # the pool's connection turns read-only (as one opened while the file was)
+        async with engine.connect() as conn:
+            await conn.execute(text("PRAGMA query_only = ON"))
+        with pytest.raises(OperationalError, match="readonly"):
+            async with engine.begin() as conn:
+                await conn.execute(text("INSERT INTO t VALUES (1)"))
+        # the next write gets a fresh connection: it works, without a restart
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO t VALUES (2)"))
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT x FROM t"))).scalars().all() == [2]
+    finally:
+        await engine.dispose()

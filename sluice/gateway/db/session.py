@@ -23,6 +23,14 @@ def create_engine(url: str) -> AsyncEngine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
+        @event.listens_for(engine.sync_engine, "handle_error")
+        def _drop_readonly(context):  # type: ignore[no-untyped-def]
+            # A connection opened while the file was read-only stays read-only after it is
+            # writable again (SQLITE_READONLY on every write): treat it as broken, so the
+            # pool replaces it instead of failing writes until a restart (edge, issue 18).
+            if "readonly database" in str(context.original_exception):
+                context.is_disconnect = True
+
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
