@@ -1,16 +1,19 @@
 """CPU work off the event loop: a bounded thread pool, a byte-based token estimate, and
 per-tenant concurrency slots.
 
-Why threads and not processes: the CPU work on the request path is SentencePiece
-tokenization (the echo backend, Mixtral's tokenizer) and argon2 password hashing, and
-both release the GIL for the whole native call. Measured on the development machine
-(`python bench/gil_release.py`): while one thread encodes 1 MB with SentencePiece
-(0.38 s) or verifies five argon2 hashes (0.59 s), a second thread that sleeps 1 ms in a
-loop is never held up more than 7-15 ms (the machine's own load). Hugging Face
-``tokenizers`` is different: ``Tokenizer.encode`` holds the GIL for the whole call (a
-1 MB encode stopped the other thread for 1,033 ms), ``encode_batch`` releases it. A
-backend using ``tokenizers`` must call ``encode_batch`` (or run in a process of its own)
-for the pool to help.
+Why threads and not processes: the CPU work on the request path is tokenization and
+argon2 password hashing, and SentencePiece, argon2-cffi and Hugging Face ``tokenizers``'
+``encode_batch`` release the GIL for the whole native call. Measured with
+``python tests/reliability/gil_release.py`` (a second thread sleeps 1 ms in a loop; the
+longest gap between its wake-ups is how long the call held the GIL): SentencePiece on
+1 MB 805 ms, longest gap 8 ms; five argon2 verifications 1,410 ms, gap 42 ms (the loaded
+machine's noise); ``tokenizers`` ``encode_batch([1 MB])`` 444 ms, gap 42 ms. Only
+``tokenizers``' plain ``encode`` holds the GIL throughout (798 ms, gap 791 ms), so the
+engine's HF tokenizer calls ``encode_batch``. A process pool would add pickling of 1 MB
+prompts and token lists for nothing.
+
+Threads still compete with the event loop for CPUs: there is one per core (at most 4)
+and each runs at a lower priority (nice +10 on Linux), so the loop thread wins.
 
 The pool is also the event loop's default executor (installed in the lifespan), so a
 backend's ``asyncio.to_thread`` lands on the same bounded set of threads.

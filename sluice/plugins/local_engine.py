@@ -196,7 +196,7 @@ class LocalEngineBackend(Backend):
             raise BackendError("local engine is not started", status=503, retryable=True)
         s = request.sampling
         check_content_parts(request)
-        ids = self.prompt_ids(request)
+        ids = await asyncio.to_thread(self.prompt_ids, request)  # off the event loop
         constraint = None
         if request.response_format is not None or request.tools:
             constraint = constraint_for(request, self.tokenizer, await asyncio.to_thread(self.grammars))
