@@ -370,3 +370,23 @@ def test_conversation_is_everything_the_model_reads() -> None:
     assert turns[1:] == [("system", "Be terse."),
                          ("assistant", 'I cannot.\nlookup({"q": "X1"})'),
                          ("tool", "result X2"), ("user", "And?")]
+
+
+async def test_long_conversations_are_prepared_off_the_event_loop(monkeypatch) -> None:
+    import threading
+
+    import sluice.gateway.pipeline.guard as guard_module
+
+    threads: list[str] = []
+    real = guard_module.flatten
+
+    def recording(messages):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return real(messages)
+
+    monkeypatch.setattr(guard_module, "flatten", recording)
+    guard = Guard(FakeModel())
+    await guard.check_input([("user", USER)], GuardPolicy())
+    await guard.check_input([("system", filler(100_000)), ("user", USER)], GuardPolicy())
+    assert threads[0] == threading.main_thread().name
+    assert threads[1] != threading.main_thread().name

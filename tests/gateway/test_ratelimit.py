@@ -366,3 +366,31 @@ def test_two_processes_share_the_limit_atomically(redis_prefix: str) -> None:
     for kind in ("req", "tok"):
         total = sum(o[kind] for o in outs)
         assert 40 <= total <= 40 + refill + 1, (kind, outs)
+
+
+# ------------------------------------------------------------------ pricing off the loop
+
+async def test_long_prompts_are_priced_off_the_event_loop(clock: Clock, monkeypatch) -> None:
+    """Pricing a 1 MB conversation takes milliseconds of numpy; it runs on a worker
+    thread, so the event loop keeps serving. Short prompts stay inline (~0.1 ms)."""
+    import threading
+
+    import sluice.gateway.pipeline.ratelimit as ratelimit
+
+    threads: list[str] = []
+    real = ratelimit.score_prompt
+
+    def recording(prompt, config):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return real(prompt, config)
+
+    monkeypatch.setattr(ratelimit, "score_prompt", recording)
+    lim = memory_limiter(clock)
+    payload = base64.b64encode(os.urandom(30_000)).decode()
+    await admit(lim, prompt=NATURAL)
+    adm = await lim.admit(key_id="k1", tenant_id="t1", key_limits=UNLIMITED,
+                          tenant_limits=UNLIMITED, prompt=[("system", payload), ("user", NATURAL)],
+                          prompt_tokens=100, max_tokens=10)
+    assert threads[0] == threading.main_thread().name
+    assert threads[1] != threading.main_thread().name
+    assert adm.multiplier >= 3.0  # the payload in the system turn is priced

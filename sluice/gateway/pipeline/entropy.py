@@ -79,6 +79,8 @@ class EntropyConfig(BaseModel):
 
     enabled: bool = True
     min_chars: int = Field(default=24, ge=1)  # shorter prompts are too small to judge
+    # Longer prompts are priced off the event loop (RateLimiter.admit): ~0.1 ms inline.
+    inline_max_chars: int = Field(default=32_768, ge=0)
     block_chars: int = Field(default=512, ge=64, multiple_of=4)  # the last takes the rest
     # Encoded spans: tokens at least this long may be base64; runs at least this many
     # alphanumerics long may be hex / base32; decimal runs need this many digits.

@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,6 +34,7 @@ from sluice.gateway.pipeline.guard_text import GuardBudget, Selection, flatten, 
 log = logging.getLogger("sluice.guard")
 
 Complete = Callable[[str], Awaitable[str]]
+T = TypeVar("T")
 Decision = Literal["allow", "flag", "block"]
 Mode = Literal["block", "flag", "off"]
 
@@ -181,12 +182,19 @@ class Guard:
     async def check_input(self, messages: Sequence[tuple[str, str]],
                           policy: GuardPolicy) -> Verdict:
         """Moderate every turn of the conversation (role User), in windows if it is long."""
-        segments = flatten(messages)
-        if policy.input_mode == "off" or not segments:
+        if policy.input_mode == "off":
             return Verdict("allow", (), "", 0.0)
         template = self._template_bytes(policy)
-        selection = select(segments, self.budget, template,
-                           sample=policy.long_input == "sample")
+
+        def prepare() -> Selection | None:
+            segments = flatten(messages)
+            if not segments:
+                return Selection((), 0, 0)
+            return select(segments, self.budget, template, sample=policy.long_input == "sample")
+
+        selection = await _off_loop(prepare, _size(messages))
+        if selection is not None and not selection.windows:
+            return Verdict("allow", (), "", 0.0)
         if selection is None:
             return Verdict(_decision_for(policy.input_mode), (), "", 0.0,
                            error="conversation too long to moderate",
@@ -197,15 +205,14 @@ class Guard:
         return await self._run_all(prompts, policy, policy.input_mode, selection)
 
     async def check_output(self, messages: Sequence[tuple[str, str]], answer: str,
-                           policy: GuardPolicy) -> Verdict:
+                           policy: GuardPolicy, context: str | None = None) -> Verdict:
         """Moderate `answer` (role Agent), all of it, in windows if it is long; the most
-        recent conversation (up to a quarter of a window) is its context."""
+        recent conversation (`context_of`) is its context."""
         if policy.output_mode == "off":
             return Verdict("allow", (), "", 0.0)
         template = self._template_bytes(policy)
         room = self.budget.window_bytes(template) // 4
-        context = "\n\n".join(flatten(messages)).encode("utf-8", "surrogatepass")
-        user = context[-room:].decode("utf-8", "ignore")
+        user = context if context is not None else await self.context_of(messages, policy)
         windowed = self.budget.model_copy(update={
             "max_windows": 1 + len(answer.encode("utf-8", "surrogatepass")) // room})
         selection = select([neutralise(answer)], windowed, template + len(user.encode()),
@@ -214,6 +221,16 @@ class Guard:
         prompts = [render_prompt("Agent", user, w, policy.active(), chat_wrap=self._chat_wrap)
                    for w in selection.windows]
         return await self._run_all(prompts, policy, policy.output_mode, selection)
+
+    async def context_of(self, messages: Sequence[tuple[str, str]], policy: GuardPolicy) -> str:
+        """The most recent conversation, up to a quarter of a window: an answer's context."""
+        room = self.budget.window_bytes(self._template_bytes(policy)) // 4
+
+        def tail() -> str:
+            text = "\n\n".join(flatten(messages)).encode("utf-8", "surrogatepass")
+            return text[-room:].decode("utf-8", "ignore")
+
+        return await _off_loop(tail, _size(messages))
 
     def _template_bytes(self, policy: GuardPolicy) -> int:
         """The Agent prompt without content (the longer of the two directions)."""
@@ -259,6 +276,20 @@ class Guard:
         counted = tuple(c for c in cats if c not in policy.excluded_categories)
         decision = _decision_for(mode) if unsafe and counted else "allow"
         return Verdict(decision, counted, raw, time.perf_counter() - start)
+
+
+_INLINE_MAX_CHARS = 32_768  # longer conversations are prepared on a worker thread
+
+
+def _size(messages: Sequence[tuple[str, str]]) -> int:
+    return sum(len(text) for _, text in messages)
+
+
+async def _off_loop(fn: Callable[[], T], size: int) -> T:
+    """`fn()` inline for small inputs; on the loop's default executor (the gateway's bounded
+    CPU pool) for large ones, so NFKC and windowing of a 1 MB conversation never hold the
+    event loop."""
+    return fn() if size <= _INLINE_MAX_CHARS else await asyncio.to_thread(fn)
 
 
 def _decision_for(mode: Mode) -> Decision:
@@ -308,6 +339,7 @@ class StreamGuard:
     _checked: int = 0  # answer[:_checked] is covered by a passing check
     _released: int = 0
     _blocked: Verdict | None = None
+    _context: str | None = None
 
     @property
     def answer(self) -> str:
@@ -337,7 +369,9 @@ class StreamGuard:
         return self._release(len(self._answer))
 
     async def _check(self, text: str) -> None:
-        verdict = await self.guard.check_output(self.messages, text, self.policy)
+        if self._context is None:  # the conversation does not change while streaming
+            self._context = await self.guard.context_of(self.messages, self.policy)
+        verdict = await self.guard.check_output(self.messages, text, self.policy, self._context)
         self.verdicts.append(verdict)
         if verdict.decision == "block":
             self._blocked = verdict

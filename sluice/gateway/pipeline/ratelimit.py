@@ -435,7 +435,13 @@ class RateLimiter:
         """Reserve 1 request and the request's weighted tokens, or raise RateLimited.
         `prompt`: the text, or every (role, text) turn the model will read (all of it is
         priced: entropy.score_prompt)."""
-        entropy = score_prompt(prompt, self._cfg.entropy)
+        size = len(prompt) if isinstance(prompt, str) else sum(len(t) for _, t in prompt)
+        if size > self._cfg.entropy.inline_max_chars:
+            # A long prompt is priced on a worker thread (the loop's default executor, the
+            # gateway's bounded CPU pool): numpy releases the GIL for most of the work.
+            entropy = await asyncio.to_thread(score_prompt, prompt, self._cfg.entropy)
+        else:
+            entropy = score_prompt(prompt, self._cfg.entropy)
         base = max(0, prompt_tokens) + max(0, max_tokens)
         buckets = self._buckets(key_id, tenant_id, key_limits, tenant_limits)
         req = AdmitRequest(buckets, self._risk_key(key_id, tenant_id), base, entropy.multiplier,
