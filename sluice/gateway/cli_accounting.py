@@ -33,7 +33,7 @@ from sluice.gateway.ledger.legacy import Sealed, seal_legacy
 from sluice.gateway.ledger.roles import RoleError, grant_app_role
 from sluice.gateway.ledger.checkpoints import CheckpointFile
 from sluice.gateway.ledger.verify import ChainSummary, VerifyReport, verify
-from sluice.gateway.db.models import Tenant
+from sluice.gateway.db.models import Tenant, to_utc
 from sluice.gateway.db.session import create_engine
 from sluice.gateway.settings import Settings
 
@@ -56,7 +56,7 @@ def parse_time(text: str) -> dt.datetime:
         ts = dt.datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO date or datetime: {text!r}") from None
-    return ts.replace(tzinfo=dt.UTC) if ts.tzinfo is None else ts.astimezone(dt.UTC)
+    return to_utc(ts)
 
 
 def register(subparsers: Any) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sluice.gateway.db.models import to_utc
 from sluice.gateway.economics.config import PriceConfig
 from sluice.gateway.economics.tables import ModelPrice
 
@@ -94,19 +95,15 @@ class PriceTable:
             self.add(price)
 
 
-def _aware(ts: dt.datetime) -> dt.datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
-
-
 async def load_prices(engine: AsyncEngine) -> list[Price]:
     async with engine.connect() as conn:
         rows = (await conn.execute(select(ModelPrice).order_by(ModelPrice.id))).all()
-    return [Price(model=r.model, effective_from=_aware(r.effective_from), input=r.input_micros,
+    return [Price(model=r.model, effective_from=r.effective_from, input=r.input_micros,
                   output=r.output_micros, cached_input=r.cached_input_micros) for r in rows]
 
 
 def config_prices(config: dict[str, PriceConfig]) -> list[Price]:
-    return [Price(model=model, effective_from=_aware(p.effective_from or EPOCH), input=p.input,
+    return [Price(model=model, effective_from=to_utc(p.effective_from or EPOCH), input=p.input,
                   output=p.output, cached_input=p.input if p.cached_input is None else p.cached_input)
             for model, p in config.items()]
 
@@ -134,7 +131,7 @@ async def add_price(engine: AsyncEngine, model: str, config: PriceConfig, *,
     """A new price version (admin API). ``effective_from`` defaults to now; a time in the
     past is refused, since billed usage must keep the price it was billed at."""
     now = dt.datetime.now(dt.UTC)
-    effective = _aware(config.effective_from) if config.effective_from else now
+    effective = to_utc(config.effective_from) if config.effective_from else now
     if effective < now - dt.timedelta(seconds=5):
         raise ValueError("effective_from is in the past: a price change applies from now on")
     price = Price(model=model, effective_from=effective, input=config.input, output=config.output,

@@ -26,9 +26,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sluice.gateway.db.accounting import BillingWatermark, StripeMeterEvent
-from sluice.gateway.db.models import Tenant, UsageEvent
+from sluice.gateway.db.models import Tenant, UsageEvent, to_utc
 from sluice.gateway.ledger.audit import AuditLog
-from sluice.gateway.ledger.exports import BillingError, iso, utc
+from sluice.gateway.ledger.exports import BillingError, iso
 
 __all__ = ["BillingError", "PushReport", "floor_window", "meter_identifier", "push_stripe",
            "stripe_client"]  # fmt: skip
@@ -52,7 +52,7 @@ def stripe_client(
 
 
 def floor_window(ts: dt.datetime, window: Window) -> dt.datetime:
-    ts = utc(ts).replace(minute=0, second=0, microsecond=0)
+    ts = to_utc(ts).replace(minute=0, second=0, microsecond=0)
     return ts.replace(hour=0) if window == "day" else ts
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import BigInteger, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from sluice.gateway.db.models import Base, utcnow
+from sluice.gateway.db.models import Base, to_utc, utcnow
 
 GENESIS_HASH = "0" * 64
 HASHED_FIELDS = (
@@ -58,9 +58,7 @@ class AuditChain(Base):
 
 
 def canonical_timestamp(ts: dt.datetime) -> str:
-    if ts.tzinfo is None:  # SQLite hands back naive datetimes; we only ever store UTC
-        ts = ts.replace(tzinfo=dt.UTC)
-    return ts.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return to_utc(ts).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_timestamp(text: str) -> dt.datetime:

@@ -12,7 +12,7 @@ import orjson
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sluice.gateway.db.models import UsageEvent
+from sluice.gateway.db.models import UsageEvent, to_utc
 
 ExportFormat = Literal["csv", "jsonl"]
 EXPORT_COLUMNS = (
@@ -27,17 +27,13 @@ class BillingError(Exception):
 
 
 
-def utc(ts: dt.datetime) -> dt.datetime:
-    return ts.replace(tzinfo=dt.UTC) if ts.tzinfo is None else ts.astimezone(dt.UTC)
-
-
 def iso(ts: dt.datetime) -> str:
     """``2026-03-01T10:05:00.000000Z`` (the audit log's format)."""
-    return utc(ts).isoformat(timespec="microseconds")[:-6] + "Z"
+    return to_utc(ts).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def _usage_filter(start: dt.datetime, end: dt.datetime, tenant: str | None) -> list[Any]:
-    where = [UsageEvent.created_at >= utc(start), UsageEvent.created_at < utc(end)]
+    where = [UsageEvent.created_at >= start, UsageEvent.created_at < end]  # UTCDateTime binds
     if tenant is not None:
         where.append(UsageEvent.tenant_id == tenant)
     return where

@@ -28,6 +28,7 @@ from sluice.gateway.accounts.auth import MAX_ADMIN_TOKEN_TTL_S, verify_admin_tok
 from sluice.gateway.ledger.exports import iter_usage_export
 from sluice.gateway.pipeline.guard import GuardPolicy
 from sluice.gateway.db.accounting import USAGE_GROUPS, usage_by_group
+from sluice.gateway.db.models import to_utc
 from sluice.gateway.errors import AuthenticationFailed, InvalidRequest, ServiceUnavailable
 from sluice.gateway.routes.openai import parse
 from sluice.gateway.state import AppState, app_state
@@ -187,7 +188,7 @@ def _instant(value: str | None, default: dt.datetime) -> dt.datetime:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         raise InvalidRequest(f"invalid time '{value}' (use ISO 8601)") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    return to_utc(parsed)
 
 
 async def usage_export(request: Request) -> Response:
