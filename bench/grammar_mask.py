@@ -57,7 +57,8 @@ class XGrammar:
         self.batch = xgr.BatchGrammarMatcher()
 
     def fill(self, bitmask: torch.Tensor) -> None:
-        self.batch.batch_fill_next_token_bitmask(self.matchers, bitmask)
+        live = [i for i, m in enumerate(self.matchers) if not m.is_terminated()]  # finished rows: left as is
+        self.batch.batch_fill_next_token_bitmask([self.matchers[i] for i in live], bitmask, live)
 
     def accept(self, tokens: list[int]) -> None:
         self.xgr.BatchGrammarMatcher.batch_accept_token(self.matchers, tokens)
@@ -199,6 +200,49 @@ def run(lib: Any, batch: int, steps: int, device: str, vocab: int) -> dict[str, 
             "total_ms": round(ms(fill) + ms(apply) + ms(accept), 4)}
 
 
+def step_overhead(token_bytes: list[bytes], batch: int, forward_ms: float, steps: int) -> dict[str, Any]:
+    """A decode step on the GPU with and without the grammar: a stand-in forward pass of
+    ``forward_ms`` (a GPU sleep kernel, launched asynchronously like the engine's CUDA graph),
+    then the sampler's part: mask (fill on the CPU while the GPU is busy, copy, apply),
+    argmax, tokens to the host, constraints advanced. The difference is what a constrained
+    batch costs per step."""
+    from sluice.engine.structured import accept_tokens, apply_constraints
+
+
+    vocab = len(token_bytes)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(1_000_000)
+    end.record()
+    end.synchronize()
+    cycles = int(1_000_000 * forward_ms / start.elapsed_time(end))
+    logits = torch.randn(batch, vocab, device="cuda")
+    make = lambda: Sluice(token_bytes, 2, batch).constraints  # noqa: E731
+    constraints = make()
+
+    def one(constrained: bool) -> float:
+        nonlocal constraints
+        if constrained and any(c.done for c in constraints):
+            constraints = make()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.cuda._sleep(cycles)  # the forward pass
+        work = logits.clone()  # (B, V)
+        if constrained:
+            apply_constraints(work, constraints)
+        tokens = work.argmax(dim=-1).tolist()
+        if constrained:
+            accept_tokens(constraints, tokens)
+        return time.perf_counter() - t0
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(2 * steps + 4):
+        times[i % 2 == 1].append(one(i % 2 == 1))
+    plain, masked = (statistics.median(times[k][2:]) * 1e3 for k in (False, True))
+    return {"batch": batch, "forward_ms": forward_ms, "step_ms": round(plain, 4), "step_masked_ms": round(masked, 4),
+            "overhead_ms": round(masked - plain, 4), "overhead_pct": round(100 * (masked - plain) / plain, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -206,6 +250,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--libraries", nargs="+", default=["sluice", "xgrammar", "llguidance"])
     ap.add_argument("--out")
+    ap.add_argument("--forward-ms", type=float, nargs="*", default=[],
+                    help="with --device cuda: a decode step's forward time per --batch entry; adds the "
+                         "step-overhead rows (a constrained step against a plain one)")
     ap.add_argument("--vocab", help="token bytes as a JSON list of hex strings (--dump-vocab)")
     ap.add_argument("--sp-model", help="with --vocab: the SentencePiece model (for llguidance)")
     ap.add_argument("--dump-vocab", help="write the token bytes of Mixtral's tokenizer and exit")
@@ -234,7 +281,10 @@ def main() -> None:
             run(make(), batch, 4, args.device, vocab)  # warm-up (kernels compile)
             rows.append(run(make(), batch, args.steps, args.device, vocab))
             print(json.dumps(rows[-1]), flush=True)
-    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+    overhead = [step_overhead(xbytes, b, ms, args.steps) for b, ms in zip(args.batch, args.forward_ms)]
+    for row in overhead:
+        print(json.dumps(row), flush=True)
+    result = {"overhead": overhead, "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
               "cpus": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:

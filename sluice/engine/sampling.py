@@ -70,13 +70,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         return []
     constraints = [p.constraint for p in params]
     if any(c is not None for c in constraints):
-        from sluice.engine.structured import apply_constraints
+        from sluice.engine.structured import accept_tokens, apply_constraints
 
         apply_constraints(logits, constraints)
         out = _sample(logits, params, generators)
-        for c, tok in zip(constraints, out):
-            if c is not None:
-                c.accept(tok.token_id)
+        accept_tokens(constraints, [t.token_id for t in out])
         return out
     return _sample(logits, params, generators)
 

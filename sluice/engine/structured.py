@@ -64,14 +64,21 @@ class Grammars:
                   "properties": {"name": {"const": t["name"]},
                                  "arguments": t.get("parameters") or {"type": "object", "properties": {}}}}
                  for t in tools]
-        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
         if single:
             schema["maxItems"] = 1
-        return self._compile(schema, strict=True, param="tools")
+        # Mistral writes "[TOOL_CALLS] [..." (a space-led piece): the space is allowed, not forced
+        return self._compile(schema, strict=True, param="tools", space_first=True)
 
-    def _compile(self, schema: Mapping[str, Any], strict: bool, param: str = "response_format") -> Any:
+    def _compile(self, schema: Mapping[str, Any], strict: bool, param: str = "response_format",
+                 space_first: bool = False) -> Any:
+        xgr = self.xgr
         try:
-            return self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=strict)
+            if not space_first:
+                return self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False,
+                                                         strict_mode=strict)
+            body = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=strict)
+            return self.compiler.compile_grammar(xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= " "?'), body))
         except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's InvalidJSONError is a RuntimeError
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise GrammarError(f"{param}: the schema cannot be enforced ({first})", param) from None
@@ -101,6 +108,11 @@ class Constraint:
         if self.matcher is None:
             for token in self.banned:
                 words[token // 32] &= ~_bit(token % 32)
+            return True
+        if self.matcher.is_terminated():  # asked again after its stop token: only stop tokens
+            words.zero_()
+            for token in self.matcher.stop_token_ids:
+                words[token // 32] |= _bit(token % 32)
             return True
         return False
 
@@ -156,10 +168,32 @@ def apply_constraints(logits: torch.Tensor, constraints: Sequence[Constraint | N
         if not c.fill(bitmask, i):
             matchers.append(c.matcher)
             matcher_rows.append(i)
-    if matchers:
+    if len(matchers) == 1:  # no thread pool for one row (its dispatch costs more than the fill)
+        matchers[0].fill_next_token_bitmask(bitmask, matcher_rows[0])
+    elif matchers:
         _batch().batch_fill_next_token_bitmask(matchers, bitmask, matcher_rows)
     mask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=V, indices=rows)
+    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=V, indices=rows if len(rows) < S else None)
+
+
+def accept_tokens(constraints: Sequence[Constraint | None], tokens: Sequence[int]) -> None:
+    """Advance each constraint by its row's token (grammar rows in one native call)."""
+    batched: list[Constraint] = []
+    picked: list[int] = []
+    for c, token in zip(constraints, tokens):
+        if c is None:
+            continue
+        if c.forced or c.matcher is None or c.matcher.is_terminated():
+            c.accept(token)
+        else:
+            batched.append(c)
+            picked.append(token)
+    if batched:
+        import xgrammar as xgr
+
+        accepted = xgr.BatchGrammarMatcher.batch_accept_token([c.matcher for c in batched], picked)
+        for c, ok in zip(batched, accepted):
+            c.failed |= not ok
 
 
 _BATCH: list[Any] = []

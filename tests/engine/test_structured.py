@@ -77,6 +77,7 @@ def test_200_generated_schemas_all_outputs_valid(llm, grammars):
     done = llm.generate([prompt] * len(schemas), params)
     elapsed = time.perf_counter() - began
     assert [c.finish_reason for c in done] == ["stop"] * 200  # every grammar completed, then EOS
+    assert not any(p.constraint.failed for p in params)
     for schema, completion in zip(schemas, done):
         jsonschema.validate(json.loads(completion.text), schema)
     assert elapsed < 60
