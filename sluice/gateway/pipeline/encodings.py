@@ -81,16 +81,13 @@ def token_features(v: np.ndarray, candidates: np.ndarray, sizes: np.ndarray, w: 
     blocks in one pass (runs of consecutive candidate blocks kept apart by a space)."""
     nb = len(sizes)
     encoded, leet = np.zeros(nb), np.zeros(nb)
-    breaks = np.flatnonzero(np.diff(candidates) > 1) + 1
-    runs = np.split(candidates, breaks)
+    first = np.concatenate([[0], np.flatnonzero(np.diff(candidates) > 1) + 1])  # run starts
+    starts = (candidates[first] * w).tolist()
+    ends = (starts + np.add.reduceat(sizes[candidates], first)).tolist()
     space = np.full(1, 32, np.uint8)
-    pieces = []
-    for run in runs:
-        lo = int(run[0]) * w
-        pieces += [v[lo:lo + int(sizes[run].sum())], space]
-    text = np.concatenate(pieces)
+    text = np.concatenate([piece for a, b in zip(starts, ends) for piece in (v[a:b], space)])
     # Where each candidate block starts in `text` (one separator after each run).
-    run_of = np.repeat(np.arange(len(runs)), [len(r) for r in runs])
+    run_of = np.cumsum(np.isin(np.arange(len(candidates)), first)) - 1
     offsets = np.concatenate([[0], np.cumsum(sizes[candidates])[:-1]]) + run_of
     enc_mask, leet_mask = _scan_tokens(text, config)
     for mask, out in ((enc_mask, encoded), (leet_mask, leet)):

@@ -301,9 +301,10 @@ def _blocks_of(x: np.ndarray, sel: np.ndarray, sizes: np.ndarray, w: int) -> np.
     """The blocks `sel` of `x`, one after another (all when `sel` is every block)."""
     if len(sel) == len(sizes):
         return x
-    breaks = np.flatnonzero(np.diff(sel) > 1) + 1
-    return np.concatenate([x[int(r[0]) * w:int(r[0]) * w + int(sizes[r].sum())]
-                           for r in np.split(sel, breaks)])
+    first = np.concatenate([[0], np.flatnonzero(np.diff(sel) > 1) + 1])  # run starts
+    starts = (sel[first] * w).tolist()
+    ends = (starts + np.add.reduceat(sizes[sel], first)).tolist()
+    return np.concatenate([x[a:b] for a, b in zip(starts, ends)])
 
 
 def _script_features(folded: np.ndarray, cps: np.ndarray, sizes: np.ndarray, w: int,
