@@ -3,19 +3,27 @@ under 200 concurrent requests the tenant overspends by at most one request's res
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import asyncio
 import datetime as dt
 import secrets
 from pathlib import Path
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from sluice.gateway.db.models import Tenant, UsageEvent
 from sluice.gateway.economics.tables import Budget
-from tests.conftest import ECHO_CONFIG, ProcessServer
+from tests.conftest import (
+    ECHO_CONFIG,
+    ProcessServer,
+    drop_postgres_database,
+    make_postgres_database,
+)
 
 # micro-units per million tokens: prompt at 1 unit/Mtok, completion at 2 units/Mtok
 CONFIG = ECHO_CONFIG + """
@@ -27,15 +35,24 @@ MAX_TOKENS = 50
 LIMIT_MICROS = 3_000
 
 
-async def test_two_replicas_hold_a_hard_budget(postgres_url: str, redis_url: str,
+@pytest.fixture(scope="module")
+def own_db() -> Iterator[str]:
+    """A Postgres database of this module's own: the usage rows written here must not show
+    in other modules' counts (they share the session's database)."""
+    url = make_postgres_database("sluice_spend")
+    yield url
+    drop_postgres_database(url)
+
+
+async def test_two_replicas_hold_a_hard_budget(own_db: str, redis_url: str,
                                                tmp_path: Path) -> None:
     env = {"SLUICE_REDIS_URL": redis_url}
     servers = []
     for i in range(2):
         (tmp_path / str(i)).mkdir()
-        servers.append(ProcessServer(postgres_url, tmp_path / str(i), CONFIG,
+        servers.append(ProcessServer(own_db, tmp_path / str(i), CONFIG,
                                      env={**env, "SLUICE_DATA_DIR": str(tmp_path / str(i))}))
-    engine = create_async_engine(postgres_url)
+    engine = create_async_engine(own_db)
     budget_id = f"bud_{secrets.token_hex(6)}"
     try:
         for server in servers:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import asyncio
 import datetime as dt
 import random
@@ -31,8 +33,18 @@ from sluice.gateway.economics.prices import (
 )
 from sluice.gateway.economics.tables import Budget
 from sluice.gateway.ledger.metering import UsageRecord, write_usage
+from tests.conftest import drop_postgres_database, make_postgres_database
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def own_db() -> Iterator[str]:
+    """A Postgres database of this module's own: the usage rows written here must not show
+    in other modules' counts (they share the session's database)."""
+    url = make_postgres_database("sluice_spend")
+    yield url
+    drop_postgres_database(url)
 
 
 def test_cost_is_exact_integer_arithmetic() -> None:
@@ -53,8 +65,8 @@ def test_a_price_version_applies_from_its_effective_time_only() -> None:
     assert [p.input for p in table.history("m")] == [1, 2]
 
 
-async def test_price_history_in_the_database(postgres_url: str) -> None:
-    engine = create_async_engine(postgres_url)
+async def test_price_history_in_the_database(own_db: str) -> None:
+    engine = create_async_engine(own_db)
     try:
         model = f"m-{secrets.token_hex(3)}"
         await sync_config_prices(engine, {model: PriceConfig(input=100, output=300)})
@@ -73,8 +85,8 @@ async def test_price_history_in_the_database(postgres_url: str) -> None:
         await engine.dispose()
 
 
-async def test_cost_column_equals_tokens_times_price_over_10000_rows(postgres_url: str) -> None:
-    engine = create_async_engine(postgres_url)
+async def test_cost_column_equals_tokens_times_price_over_10000_rows(own_db: str) -> None:
+    engine = create_async_engine(own_db)
     rng = random.Random(7)
     tenant = f"ten_{secrets.token_hex(6)}"
     change = T0 + dt.timedelta(days=3)
@@ -126,11 +138,11 @@ async def _budget(engine, tenant: str, limit: int, *, mode: str = "hard", key_id
 
 
 async def test_two_replicas_sharing_redis_overspend_by_at_most_one_reservation(
-        postgres_url: str, redis_url: str) -> None:
+        own_db: str, redis_url: str) -> None:
     """200 concurrent requests through two replicas' budget enforcement, each reserving its
     worst case and settling to a real cost at most that: spend never passes the limit plus
     one reservation, and every refusal is a hard-budget refusal."""
-    engine = create_async_engine(postgres_url)
+    engine = create_async_engine(own_db)
     tenant = f"ten_{secrets.token_hex(6)}"
     prefix = f"sluice-test-{secrets.token_hex(4)}:"
     limit = 50_000  # micro-units
@@ -178,8 +190,8 @@ async def test_two_replicas_sharing_redis_overspend_by_at_most_one_reservation(
         await engine.dispose()
 
 
-async def test_soft_budgets_warn_and_alert_once_per_threshold(postgres_url: str) -> None:
-    engine = create_async_engine(postgres_url)
+async def test_soft_budgets_warn_and_alert_once_per_threshold(own_db: str) -> None:
+    engine = create_async_engine(own_db)
     tenant = f"ten_{secrets.token_hex(6)}"
     await _budget(engine, tenant, 1_000, mode="soft", key_id="key_a")
     await _budget(engine, tenant, 10**9, key_id="key_other")  # another key's: not applied
@@ -203,9 +215,9 @@ async def test_soft_budgets_warn_and_alert_once_per_threshold(postgres_url: str)
         await engine.dispose()
 
 
-async def test_a_period_starts_from_the_usage_already_written(postgres_url: str) -> None:
+async def test_a_period_starts_from_the_usage_already_written(own_db: str) -> None:
     """A fresh spend counter (new replica, Redis restarted) is seeded from the rollup."""
-    engine = create_async_engine(postgres_url)
+    engine = create_async_engine(own_db)
     tenant = f"ten_{secrets.token_hex(6)}"
     await _budget(engine, tenant, 5_000, period="day")
     now = dt.datetime.now(dt.UTC)
@@ -225,7 +237,7 @@ async def test_a_period_starts_from_the_usage_already_written(postgres_url: str)
         await engine.dispose()
 
 
-async def test_threshold_webhook_is_retried_until_delivered(postgres_url: str) -> None:
+async def test_threshold_webhook_is_retried_until_delivered(own_db: str) -> None:
     """The alert's webhook answers 503 once, then 200: delivered on the second try, and
     the audit sink sees it delivered."""
     received: list[bytes] = []
@@ -242,7 +254,7 @@ async def test_threshold_webhook_is_retried_until_delivered(postgres_url: str) -
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    engine = create_async_engine(postgres_url)
+    engine = create_async_engine(own_db)
     tenant = f"ten_{secrets.token_hex(6)}"
     await _budget(engine, tenant, 1_000, mode="soft", webhook=f"http://127.0.0.1:{port}/hook")
     alerts: list[dict] = []

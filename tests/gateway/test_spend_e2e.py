@@ -19,10 +19,24 @@ from sluice.gateway.economics.config import PriceConfig
 from sluice.gateway.economics.tables import Budget
 from sluice.gateway.pipeline.cache import CacheConfig
 from sluice.gateway.settings import BackendConfig
-from tests.conftest import GatewayServer, echo_settings
+from tests.conftest import (
+    GatewayServer,
+    drop_postgres_database,
+    echo_settings,
+    make_postgres_database,
+)
 from tests.gateway.faulty_upstream import MODES, FaultyUpstream
 
 PRICE = PriceConfig(input=7_000, output=13_000)  # micro-units per million tokens
+
+
+@pytest.fixture(scope="module")
+def own_db() -> Iterator[str]:
+    """A Postgres database of this module's own: the usage rows written here must not show
+    in other modules' counts (they share the session's database)."""
+    url = make_postgres_database("sluice_spend")
+    yield url
+    drop_postgres_database(url)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +52,7 @@ def _upstream(url: str) -> BackendConfig:
 
 
 @pytest.fixture
-def server(postgres_url: str, upstream: FaultyUpstream) -> Iterator[GatewayServer]:
+def server(own_db: str, upstream: FaultyUpstream) -> Iterator[GatewayServer]:
     backends = {"echo": BackendConfig(plugin="echo"),
                 "backup": BackendConfig(plugin="echo", options={"model": "m"})}
     groups = {}
@@ -46,7 +60,7 @@ def server(postgres_url: str, upstream: FaultyUpstream) -> Iterator[GatewayServe
         backends[f"up-{mode}"] = _upstream(upstream.base_url(mode))
     # one group per fault: the faulty upstream first, the echo backup second
     settings = echo_settings(
-        postgres_url, backends=backends,
+        own_db, backends=backends,
         groups={"m": GroupConfig(backends=(GroupMember(backend="up-ok"),), strategy="ordered",
                                  backoff_s=0.01)} | groups,
         prices={"echo": PRICE, "m": PRICE}, aliases={"echo-latest": "echo"},
@@ -132,12 +146,12 @@ def test_a_hard_budget_refuses_with_budget_exceeded(server: GatewayServer) -> No
 @pytest.mark.parametrize("fault", ["500", "429", "timeout", "reset", "die-before"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_fallback_to_the_next_backend_before_the_first_byte(
-        postgres_url: str, upstream: FaultyUpstream, fault: str, stream: bool) -> None:
+        own_db: str, upstream: FaultyUpstream, fault: str, stream: bool) -> None:
     backends = {"flaky": _upstream(upstream.base_url(fault)),
                 "backup": BackendConfig(plugin="echo", options={"model": "m"})}
     group = GroupConfig(backends=(GroupMember(backend="flaky"), GroupMember(backend="backup")),
                         strategy="ordered", backoff_s=0.01)
-    gateway = GatewayServer(echo_settings(postgres_url, backends=backends,
+    gateway = GatewayServer(echo_settings(own_db, backends=backends,
                                           groups={"m": group})).start()
     try:
         tenant = f"t-{secrets.token_hex(4)}"
@@ -154,12 +168,12 @@ def test_fallback_to_the_next_backend_before_the_first_byte(
 
 
 def test_a_stream_that_dies_after_its_first_token_is_never_replayed(
-        postgres_url: str, upstream: FaultyUpstream) -> None:
+        own_db: str, upstream: FaultyUpstream) -> None:
     backends = {"flaky": _upstream(upstream.base_url("die-after")),
                 "backup": BackendConfig(plugin="echo", options={"model": "m"})}
     group = GroupConfig(backends=(GroupMember(backend="flaky"), GroupMember(backend="backup")),
                         strategy="ordered")
-    gateway = GatewayServer(echo_settings(postgres_url, backends=backends,
+    gateway = GatewayServer(echo_settings(own_db, backends=backends,
                                           groups={"m": group})).start()
     try:
         tenant = f"t-{secrets.token_hex(4)}"
