@@ -40,9 +40,6 @@ from sluice.gateway.settings import Settings
 err = Console(stderr=True, soft_wrap=True)  # one message, one line
 T = TypeVar("T")
 
-DEFAULT_INPUT_METER = "sluice_input_tokens"
-DEFAULT_OUTPUT_METER = "sluice_output_tokens"
-
 
 class CliError(Exception):
     """A one-line reason to stop."""
@@ -96,10 +93,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--window", choices=["hour", "day"], default="hour")
     p.add_argument("--until", type=parse_time,
                    help="push windows closed by then (default: 5 minutes ago)")  # fmt: skip
-    p.add_argument("--input-meter", default=os.environ.get("SLUICE_STRIPE_INPUT_METER",
-                                                           DEFAULT_INPUT_METER))  # fmt: skip
-    p.add_argument("--output-meter", default=os.environ.get("SLUICE_STRIPE_OUTPUT_METER",
-                                                            DEFAULT_OUTPUT_METER))  # fmt: skip
+    p.add_argument("--input-meter", help="default: SLUICE_STRIPE_INPUT_METER")
+    p.add_argument("--output-meter", help="default: SLUICE_STRIPE_OUTPUT_METER")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_billing_push_stripe)
 
@@ -255,10 +250,9 @@ def cmd_usage_export(args: argparse.Namespace, settings: Settings) -> int:
 
 @_guarded
 def cmd_billing_push_stripe(args: argparse.Namespace, settings: Settings) -> int:
-    api_key = os.environ.get("STRIPE_API_KEY")
-    if not api_key:
+    if not settings.stripe_api_key:
         raise CliError("STRIPE_API_KEY is not set")
-    client = stripe_client(api_key, api_base=os.environ.get("SLUICE_STRIPE_API_BASE"))
+    client = stripe_client(settings.stripe_api_key, api_base=settings.stripe_api_base)
     until = args.until or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
 
     async def work(engine: AsyncEngine) -> Any:
@@ -266,8 +260,9 @@ def cmd_billing_push_stripe(args: argparse.Namespace, settings: Settings) -> int
         try:
             return await push_stripe(
                 engine, client, window=args.window, until=until,
-                input_meter_event_name=args.input_meter,
-                output_meter_event_name=args.output_meter, audit=audit, actor="cli",
+                input_meter_event_name=args.input_meter or settings.stripe_input_meter,
+                output_meter_event_name=args.output_meter or settings.stripe_output_meter,
+                audit=audit, actor="cli",
             )  # fmt: skip
         finally:
             await audit.close()

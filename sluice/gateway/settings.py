@@ -161,6 +161,12 @@ class Settings(BaseModel):
     audit_key_file: Path | None = None
     # Signed audit chain heads, outside the database; unset: <data_dir>/audit.checkpoints
     audit_checkpoints: Path | None = None
+    # `sluice billing push-stripe`: the Stripe key (STRIPE_API_KEY, Stripe's own name), its
+    # API base (SLUICE_STRIPE_API_BASE, e.g. a test server) and the Billing Meter event names.
+    stripe_api_key: str = Field("", repr=False)
+    stripe_api_base: str | None = None
+    stripe_input_meter: str = "sluice_input_tokens"
+    stripe_output_meter: str = "sluice_output_tokens"
     # The dashboard cookie's Secure flag; None: set it when the request came over HTTPS.
     dashboard_cookie_secure: bool | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -212,6 +218,10 @@ class Settings(BaseModel):
             "SLUICE_AUDIT_KEY": "audit_key",
             "SLUICE_AUDIT_KEY_FILE": "audit_key_file",
             "SLUICE_AUDIT_CHECKPOINTS": "audit_checkpoints",
+            "STRIPE_API_KEY": "stripe_api_key",
+            "SLUICE_STRIPE_API_BASE": "stripe_api_base",
+            "SLUICE_STRIPE_INPUT_METER": "stripe_input_meter",
+            "SLUICE_STRIPE_OUTPUT_METER": "stripe_output_meter",
             "SLUICE_DASHBOARD_COOKIE_SECURE": "dashboard_cookie_secure",
             "SLUICE_HEADER_TIMEOUT_S": "header_timeout_s",
             "SLUICE_BODY_TIMEOUT_S": "body_timeout_s",

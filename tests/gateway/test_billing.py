@@ -350,9 +350,10 @@ def test_fake_rejects_requests_that_break_the_schema(fake: FakeStripe) -> None:
 AUDIT_KEY = b"k" * 32
 
 
-def cli_settings(db_url: str, tmp: pytest.TempPathFactory) -> Settings:
+def cli_settings(db_url: str, tmp: pytest.TempPathFactory, **stripe: str) -> Settings:
     state = tmp.mktemp("state")  # the CLI's audit checkpoints go there, not in the checkout
-    return Settings(database_url=db_url, audit_key=AUDIT_KEY.decode(), spool_dir=state / "spool")
+    return Settings(database_url=db_url, audit_key=AUDIT_KEY.decode(), spool_dir=state / "spool",
+                    **stripe)
 
 
 def cli(argv: list[str]) -> argparse.Namespace:
@@ -377,17 +378,16 @@ async def test_cli_usage_export_writes_a_file(db, db_url, tmp_path: Path, tmp_pa
     assert capsys.readouterr().err.strip() == "error: no such tenant: nobody"
 
 
-async def test_cli_push_stripe(db, db_url, fake, monkeypatch, tmp_path_factory, capsys) -> None:
+async def test_cli_push_stripe(db, db_url, fake, tmp_path_factory, capsys) -> None:
     await seed(db, USAGE)
-    monkeypatch.setenv("STRIPE_API_KEY", "sk_test_cli")
-    monkeypatch.setenv("SLUICE_STRIPE_API_BASE", fake.url)
+    stripe = {"stripe_api_key": "sk_test_cli", "stripe_api_base": fake.url}
     args = cli(["billing", "push-stripe", "--until", "2026-03-01T14:30:00Z", "--input-meter",
                 "in_tok", "--output-meter", "out_tok", "--json"])  # fmt: skip
-    assert await _in_thread(args.handler, args, cli_settings(db_url, tmp_path_factory)) == 0
+    assert await _in_thread(args.handler, args, cli_settings(db_url, tmp_path_factory,
+                                                             **stripe)) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["sent"] == 7 and billed(fake) == expected_billed()
 
-    monkeypatch.delenv("STRIPE_API_KEY")
     assert await _in_thread(args.handler, args, cli_settings(db_url, tmp_path_factory)) == 2
     assert "STRIPE_API_KEY is not set" in capsys.readouterr().err
 

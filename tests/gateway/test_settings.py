@@ -72,3 +72,14 @@ def test_files_live_in_the_data_dir_never_the_working_directory(tmp_path: Path) 
     assert xdg.data_dir == tmp_path / "xdg" / "sluice" and xdg.data_dir.is_absolute()
     explicit = Settings.from_env(env=_env(tmp_path, SLUICE_SPOOL_DIR=str(tmp_path / "sp")))
     assert explicit.spool_dir == tmp_path / "sp"
+
+
+def test_stripe_settings_come_through_settings_and_stay_out_of_reprs(tmp_path: Path) -> None:
+    settings = Settings.from_env(env=_env(tmp_path, STRIPE_API_KEY="sk_live_secret",
+                                          SLUICE_STRIPE_API_BASE="http://127.0.0.1:1",
+                                          SLUICE_STRIPE_INPUT_METER="in_tok"))
+    assert (settings.stripe_api_key, settings.stripe_api_base) == ("sk_live_secret",
+                                                                   "http://127.0.0.1:1")
+    assert (settings.stripe_input_meter, settings.stripe_output_meter) == (
+        "in_tok", "sluice_output_tokens")
+    assert "sk_live_secret" not in repr(settings)
