@@ -20,19 +20,18 @@ from sluice.gateway.pipeline.call import Call, Choice
 from sluice.gateway.pipeline.guard_text import conversation_of
 from sluice.gateway.telemetry import gen_ai_attributes
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Intake:
-    def __init__(self, registry: ModelRegistry, runtime: Runtime, probes: dict[str, Backend],
-                 meter: Meter, router: Router, *, max_n: int, refuse_without_db: bool,
-                 default_reserve_tokens: int) -> None:
-        self.max_n = max_n  # choices per request
-        self.refuse_without_db = refuse_without_db  # SLUICE_DB_OUTAGE=refuse
-        self.default_reserve_tokens = default_reserve_tokens
-        self.registry = registry
-        self.router = router
-        self.runtime = runtime
-        self.meter = meter
-        # One never-started instance per backend, for what needs no worker (token counts).
-        self.probes = probes
+    registry: ModelRegistry
+    runtime: Runtime
+    # One never-started instance per backend, for what needs no worker (token counts).
+    probes: dict[str, Backend]
+    meter: Meter
+    router: Router
+    max_n: int  # choices per request
+    refuse_without_db: bool  # SLUICE_DB_OUTAGE=refuse
+    default_reserve_tokens: int  # reserved against tokens/min when max_tokens is unset
 
     def chat(self, request_id: str, principal: Principal, body: ChatCompletionRequest,
              span: Any) -> Call:
