@@ -276,7 +276,8 @@ def block_features(text: str, config: EntropyConfig) -> dict[str, np.ndarray]:
         # Script statistics only where there is non-ASCII text (one pass over those blocks).
         sel = np.flatnonzero(nonascii > 0)
         sub_f, sub_c = _blocks_of(folded, sel, sizes, w), _blocks_of(cps, sel, sizes, w)
-        sub = _script_features(sub_f, sub_c, sizes[sel], w, astral)
+        sub = _script_features(sub_f, sub_c, sizes[sel], w, astral,
+                               max(config.low_entropy.lo, config.low_entropy.hi))
         latin[sel] = sub["latin"]
         f["script_switch"][sel] = sub["switch"]
         count, distinct, ent = sub["count"], sub["distinct"], sub["entropy"]
@@ -308,7 +309,7 @@ def _blocks_of(x: np.ndarray, sel: np.ndarray, sizes: np.ndarray, w: int) -> np.
 
 
 def _script_features(folded: np.ndarray, cps: np.ndarray, sizes: np.ndarray, w: int,
-                     astral: bool) -> dict[str, np.ndarray]:
+                     astral: bool, entropy_floor: float) -> dict[str, np.ndarray]:
     """Per block (of these blocks): accented Latin letters, script switches, letters,
     distinct letters, letter entropy, letter pairs and distinct letter pairs."""
     scripts = _SCRIPT[folded]
@@ -321,7 +322,7 @@ def _script_features(folded: np.ndarray, cps: np.ndarray, sizes: np.ndarray, w: 
            "switch": _script_switches(scripts, sizes, w)}
     letter = scripts > 0
     out["count"], out["distinct"], out["entropy"] = _letter_rows(
-        np.where(letter, folded, 0), sizes, w)
+        np.where(letter, folded, 0), sizes, w, entropy_floor)
     # Medium and large alphabets: natural text repeats letter pairs (words, common
     # syllables), uniform noise almost never does.
     pairs = np.zeros(len(folded), np.uint16)  # 0: not a pair of letters
@@ -372,34 +373,49 @@ def _distinct_rows(x: np.ndarray, sizes: np.ndarray, w: int) -> tuple[np.ndarray
     return np.concatenate(count), np.concatenate(distinct).astype(np.float64)
 
 
-def _letter_rows(letters: np.ndarray, sizes: np.ndarray, w: int) -> tuple[
-        np.ndarray, np.ndarray, np.ndarray]:
+def _letter_rows(letters: np.ndarray, sizes: np.ndarray, w: int,
+                 entropy_floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per block: letters, distinct letters and the letters' entropy (bits/letter), from
-    sorted rows of (folded) code points where 0 stands for a non-letter."""
+    sorted rows of (folded) code points where 0 stands for a non-letter.
+
+    The exact entropy is computed only where it can matter: where uniformity applies
+    (letters >= 4 x distinct) or where its lower bound, (distinct - 1) / letters x
+    log2(letters), is under `entropy_floor` (the low-entropy signal's edge). Elsewhere the
+    bound stands in: both signals read 0 from either value."""
     total, distinct, ent = [], [], []
     for rows in _row_groups(letters, sizes, w):
         if rows.size == 0:
             continue
         rows = np.sort(rows, axis=1, kind="stable")  # radix sort for 16-bit values
-        m = rows.shape[1]
-        new = np.ones(rows.shape, bool)
-        new[:, 1:] = rows[:, 1:] != rows[:, :-1]
-        new &= rows != 0
-        starts = np.flatnonzero(new.ravel())
-        row_ends = np.searchsorted(starts, np.arange(1, len(rows) + 1) * m)
-        nxt = np.append(starts[1:], 0)
-        has = row_ends > np.concatenate([[0], row_ends[:-1]])  # rows with letters
-        nxt[row_ends[has] - 1] = (np.flatnonzero(has) + 1) * m
-        counts = nxt - starts  # runs of one letter (non-letters sort first, so never inside)
-        row_of = starts // m
-        n_letters = np.bincount(row_of, counts, minlength=len(rows))
+        n_letters = np.count_nonzero(rows, axis=1)
+        d = np.count_nonzero(rows[:, 1:] != rows[:, :-1], axis=1) + (rows[:, 0] != 0)
         safe = np.maximum(n_letters, 1)
+        e = (d - 1).clip(0) / safe * np.log2(safe)  # the lower bound
+        need = np.flatnonzero((n_letters >= 4 * d) | (e < entropy_floor))
+        if len(need):
+            e[need] = _run_entropy(rows[need], safe[need])
         total.append(n_letters)
-        distinct.append(np.bincount(row_of, minlength=len(rows)))
-        ent.append(np.log2(safe) - np.bincount(row_of, counts * np.log2(counts),
-                                               minlength=len(rows)) / safe)
+        distinct.append(d)
+        ent.append(e)
     return (np.concatenate(total), np.concatenate(distinct).astype(np.float64),
             np.concatenate(ent))
+
+
+def _run_entropy(rows: np.ndarray, n_letters: np.ndarray) -> np.ndarray:
+    """Entropy of the non-zero values of each sorted row, from its runs of equal values."""
+    m = rows.shape[1]
+    new = np.ones(rows.shape, bool)
+    new[:, 1:] = rows[:, 1:] != rows[:, :-1]
+    new &= rows != 0
+    starts = np.flatnonzero(new.ravel())
+    row_ends = np.searchsorted(starts, np.arange(1, len(rows) + 1) * m)
+    nxt = np.append(starts[1:], 0)
+    has = row_ends > np.concatenate([[0], row_ends[:-1]])  # rows with letters
+    nxt[row_ends[has] - 1] = (np.flatnonzero(has) + 1) * m
+    counts = nxt - starts  # runs of one letter (non-letters sort first, so never inside)
+    row_of = starts // m
+    return np.log2(n_letters) - np.bincount(row_of, counts * np.log2(counts),
+                                            minlength=len(rows)) / n_letters
 
 
 def _repeated_shingles(chars: np.ndarray, word: type, sizes: np.ndarray,
