@@ -1,6 +1,6 @@
 """Serverless transitions of a running gateway, measured over HTTP (issue 17).
 
-usage: transitions.py BASE_URL KEY MODEL ADMIN_TOKEN OUT.json
+usage: transitions.py BASE_URL KEY MODEL ADMIN_TOKEN OUT.json [--first-token-only]
 
 Run it against a gateway whose pool has one worker up and ``idle_action = "sleep"``
 (e.g. right after ``e2e_client.py --no-sleep``). It measures, in order:
@@ -10,7 +10,9 @@ Run it against a gateway whose pool has one worker up and ``idle_action = "sleep
 2. a wake: time to the first token of a request sent to the sleeping worker;
 3. a request sent the moment a later sleep begins (it arrives during the sleep);
 4. a request sent 3 s after a later sleep began.
-The pool's transition record (/admin/api/runtime) is saved with the results.
+The pool's transition record (/admin/api/runtime) is saved with the results, which are
+written after each step. ``--first-token-only``: one request's time to first token (a
+cold start when the pool is at zero), nothing else.
 """
 
 from __future__ import annotations
@@ -68,8 +70,18 @@ async def wait_state(c: httpx.AsyncClient, states: tuple[str, ...], limit_s: flo
     return None
 
 
+def save() -> None:
+    json.dump(res, open(OUT, "w"), indent=1)
+
+
 async def main() -> None:
     async with httpx.AsyncClient(timeout=300) as c:
+        if "--first-token-only" in sys.argv:
+            res["first_token_s"] = await first_token_s(c, 0)
+            res["runtime"] = await runtime(c)
+            save()
+            print(json.dumps({"first_token_s": res["first_token_s"]}))
+            return
         # 1. the first sleep
         res["first_sleep_seen_state"] = await wait_state(c, ("going_to_sleep", "sleeping"))
         t = time.perf_counter()
@@ -85,19 +97,22 @@ async def main() -> None:
         await wait_state(c, ("sleeping",))
         res["first_sleep_transition_s"] = (await runtime(c))["transitions"]["sleep"]["last_s"]
         res["gpu_mib_asleep"] = gpu_mib()
+        save()
         # 2. wake -> first token
         await asyncio.sleep(1)
         res["wake_first_token_s"] = await first_token_s(c, 1)
         res["wake_transition_s"] = (await runtime(c))["transitions"]["wake"]["last_s"]
+        save()
         # 3. a request the moment a sleep begins
         res["during_sleep_seen_state"] = await wait_state(c, ("going_to_sleep", "sleeping"))
         res["during_sleep_first_token_s"] = await first_token_s(c, 2)
+        save()
         # 4. a request 3 s after a sleep began
         await wait_state(c, ("going_to_sleep", "sleeping"))
         await asyncio.sleep(3)
         res["three_s_into_sleep_first_token_s"] = await first_token_s(c, 3)
         res["runtime"] = await runtime(c)
-    json.dump(res, open(OUT, "w"), indent=1)
+    save()
     print(json.dumps({k: v for k, v in res.items() if k != "runtime"}, indent=1))
 
 

@@ -5,7 +5,7 @@
 # to /tmp/mixtral-fp8, then, through `sluice serve` and HTTP as ../shared/bench/README.md:
 # 1. fresh host: empty kernel cache, pool at zero -> e2e_client.py --no-sleep (cold first
 #    token), then bench/transitions.py (first sleep, wake, requests during and 3 s into a sleep);
-# 2. restart on the same host (page cache and kernel cache warm) -> e2e_client.py --no-sleep;
+# 2. restart on the same host (page cache and kernel cache warm) -> the cold first token;
 # 3. `sluice warmup` into a new empty kernel cache, then a start on it -> cold first token.
 set -u
 OUT=${1:?OUT dir}
@@ -72,9 +72,9 @@ if serve fresh; then
   stop
 fi
 grep -E "ready in|awake in|asleep in|parked|CUDA graphs captured|ERROR|Traceback" "$OUT/serve_fresh.txt" | tail -n 20 | tee -a "$OUT/run_log.txt"
-if serve restart; then
-  $E2E "$OUT/e2e_restart.json" --no-sleep > /dev/null 2>>"$OUT/run_log.txt"
-  log "restart: $(python3 -c "import json;r=json.load(open('$OUT/e2e_restart.json'));print('first token',r['cold_first_token_s'],'c64',r['c64'].get('chunk_gap_p50_ms'))")"
+if serve restart; then  # the cold first token only (the batches were measured on the fresh start)
+  timeout 60 python3 $REPO/bench/transitions.py http://127.0.0.1:8400 $KEY mixtral-fp8 $ADMIN "$OUT/restart.json" \
+    --first-token-only 2>>"$OUT/run_log.txt" | tee -a "$OUT/run_log.txt"
   stop
 fi
 grep -E "ready in|ERROR|Traceback" "$OUT/serve_restart.txt" | tail -n 5 | tee -a "$OUT/run_log.txt"
