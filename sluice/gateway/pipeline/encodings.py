@@ -16,12 +16,23 @@ everything the rules need:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from sluice.gateway.pipeline.entropy import EntropyConfig
+
+class ScanThresholds(Protocol):
+    """What the scan reads of :class:`~sluice.gateway.pipeline.entropy.EntropyConfig` (a
+    protocol: entropy.py imports this module, so this one must not import it back)."""
+
+    @property
+    def base64_min_chars(self) -> int: ...
+    @property
+    def base64_min_switch_rate(self) -> float: ...
+    @property
+    def run_min_alnum(self) -> int: ...
+    @property
+    def decimal_min_digits(self) -> int: ...
 
 # ---------------------------------------------------------------- character tables
 # Per-character values come from 128-entry tables indexed by min(code point, 127); 127
@@ -76,7 +87,7 @@ _IS_HEX_LETTER[_ascii("abcdefABCDEF")] = True
 
 
 def token_features(v: np.ndarray, candidates: np.ndarray, sizes: np.ndarray, w: int,
-                    config: EntropyConfig) -> tuple[np.ndarray, np.ndarray]:
+                    config: ScanThresholds) -> tuple[np.ndarray, np.ndarray]:
     """Per block: characters in encoded spans and leetspeak hits, scanning the candidate
     blocks in one pass (runs of consecutive candidate blocks kept apart by a space)."""
     nb = len(sizes)
@@ -96,7 +107,7 @@ def token_features(v: np.ndarray, candidates: np.ndarray, sizes: np.ndarray, w: 
     return encoded, leet
 
 
-def _scan_tokens(v: np.ndarray, config: EntropyConfig) -> tuple[np.ndarray | None,
+def _scan_tokens(v: np.ndarray, config: ScanThresholds) -> tuple[np.ndarray | None,
                                                                  np.ndarray | None]:
     """Masks over `v` of characters inside encoded spans (see the module docstring) and of
     leetspeak hits inside tokens shorter than `base64_min_chars` (None: none at all)."""
