@@ -557,7 +557,7 @@ def hf_reference() -> None:
 
 @section("cold start", 40)
 def cold_start() -> None:
-    from sluice.engine.loader import write_random_checkpoint
+    from sluice.engine.random_checkpoint import write_random_checkpoint
 
     path = Path("/tmp/sluice-ckpt-2l")
     raw = {**PRESETS["mixtral-8x7b"], "num_hidden_layers": 2}

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -300,29 +299,3 @@ def _random_(p: torch.Tensor, name: str, gen: torch.Generator, std: float = 0.02
         p.fill_(1.0)
     else:
         p.normal_(0.0, std, generator=gen)
-
-
-def init_random_(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights in place (benchmarks with real shapes, no checkpoint)."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            _random_(p, name, gen, std)
-
-
-def write_random_checkpoint(path: str | Path, raw_config: dict, seed: int = 0, std: float = 0.02,
-                            dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
-    """Write a HF-format checkpoint (config.json + model.safetensors) with random weights
-    (drawn on ``device``: a GPU makes large ones quickly)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = ModelConfig.from_dict(raw_config)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    tensors = {
-        name: (torch.ones(shape, device=device) if name.endswith("norm.weight")
-               else torch.randn(shape, generator=gen, device=device) * std).to(dtype).cpu()
-        for name, shape in expected_tensors(cfg).items()
-    }
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(raw_config, indent=2))
-    return path

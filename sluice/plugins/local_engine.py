@@ -144,7 +144,7 @@ class LocalEngineBackend(Backend):
 
     def _ensure_tiny_model(self) -> None:
         from sluice.engine.config import PRESETS
-        from sluice.engine.loader import write_random_checkpoint
+        from sluice.engine.random_checkpoint import write_random_checkpoint
 
         target = self.model_dir
         if not (target / "config.json").exists():

@@ -19,7 +19,7 @@ class Linear(nn.Linear):
         self.shard_sizes = shard_sizes or (out_features,)  # rows per packed checkpoint tensor
 
     def reset_parameters(self) -> None:
-        """Weights come from a checkpoint or init_random_; skip the costly default init."""
+        """Weights come from a checkpoint or random draws; skip the costly default init."""
 
     def shard_rows(self, shard: int) -> slice:
         start = sum(self.shard_sizes[:shard])
