@@ -36,7 +36,8 @@ from sluice.gateway.ledger.chain import (
 )  # fmt: skip
 from sluice.gateway.errors import ServiceUnavailable
 from sluice.gateway.ledger.audit_store import (
-    AuditChainConflict, missing, move_head, stored_head, to_row, warn_if_privileged,
+    MAX_LEN, AuditChainConflict, missing, move_head, read_head, record_body, stored_head,
+    to_row, warn_if_privileged,
 )  # fmt: skip
 from sluice.gateway.ledger.checkpoints import CheckpointFile
 from sluice.gateway.ledger.spool import Spool
@@ -47,8 +48,6 @@ __all__ = ["AuditChainConflict", "AuditLog", "audit_key", "checkpoint_file", "cl
            "default_instance_id", "prompt_digest"]  # fmt: skip
 
 log = logging.getLogger(__name__)
-_MAX_LEN = {"instance_id": 64, "actor": 128, "action": 64, "target": 256, "request_id": 64,
-            "decision": 32}  # fmt: skip
 
 
 def default_instance_id() -> str:
@@ -105,7 +104,7 @@ class AuditLog:
         flush_interval_s: float = 0.2,
         max_buffer: int = 10_000,
     ) -> None:
-        if not instance_id or len(instance_id) > _MAX_LEN["instance_id"]:
+        if not instance_id or len(instance_id) > MAX_LEN["instance_id"]:
             raise ValueError("audit instance_id must be 1..64 characters")
         self.engine = engine
         self.instance_id = instance_id
@@ -155,7 +154,7 @@ class AuditLog:
                 except DB_UNAVAILABLE as exc:
                     if self._head_path is None:
                         raise
-                    self._seq, self._last_hash = _read_head(self._head_path)
+                    self._seq, self._last_hash = read_head(self._head_path)
                     log.warning("audit: database unreachable at start (%s); chain %s continues "
                                 "from its local head, seq %d", exc, self.instance_id, self._seq)
                 self._saved_seq = self._seq
@@ -179,7 +178,7 @@ class AuditLog:
             raise RuntimeError("AuditLog is closed")
         if not self._started:
             await self.start()
-        body = _body(actor, action, target, request_id, decision, details)
+        body = record_body(actor, action, target, request_id, decision, details)
         if self.shared:
             return await self._append_locked(body)
         if self.writer.buffered >= self.max_buffer:
@@ -202,7 +201,7 @@ class AuditLog:
         record to :meth:`committed` once the transaction has committed. (edge, issue 18)"""
         if not self.shared:
             raise RuntimeError("record_in needs a shared chain (its head is locked per append)")
-        body = _body(actor, action, target, None, decision, details)
+        body = record_body(actor, action, target, None, decision, details)
         seq, last = await stored_head(conn, self.instance_id, lock=True)
         record = self._link(seq + 1, last, body)
         await self._store(conn, [record])
@@ -285,26 +284,3 @@ class AuditLog:
         async with self.engine.connect() as conn:
             seq, last = await stored_head(conn, self.instance_id)
         await asyncio.to_thread(self.checkpoints.append, {self.instance_id: (seq, last)})
-
-
-def _body(actor: str, action: str, target: str, request_id: str | None, decision: str | None,
-          details: dict[str, Any] | None) -> dict[str, Any]:
-    fields = {"actor": actor, "action": action, "target": target,
-              "request_id": request_id, "decision": decision}  # fmt: skip
-    for name, value in fields.items():
-        if value is not None and len(value) > _MAX_LEN[name]:
-            raise ValueError(f"audit {name} longer than {_MAX_LEN[name]} characters")
-    # Round-trip through JSON now, so what we hash is exactly what the database returns.
-    clean = None if details is None else json.loads(json.dumps(details, default=str))
-    return {**fields, "details": clean}
-
-
-def _read_head(path: Path) -> tuple[int, str]:
-    try:
-        head = json.loads(path.read_text())
-        return int(head["seq"]), str(head["hash"])
-    except FileNotFoundError:
-        return 0, GENESIS_HASH
-    except (ValueError, KeyError, TypeError) as exc:
-        raise AuditChainConflict(f"audit head file {path} is unreadable ({exc}); start with "
-                                 "the database reachable") from None  # fmt: skip

@@ -1,9 +1,12 @@
-"""How audit records and chain heads are stored: inserts, the registry row, replays."""
+"""How audit records and chain heads are stored: record bodies, the registry row, replays,
+and the local head file a start during an outage continues from."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, text
@@ -13,8 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sluice.gateway.db.accounting import AuditRecord
 from sluice.gateway.ledger.chain import GENESIS_HASH, AuditChain, head_mac, parse_timestamp
 
-
 log = logging.getLogger(__name__)
+MAX_LEN = {"instance_id": 64, "actor": 128, "action": 64, "target": 256, "request_id": 64,
+           "decision": 32}  # fmt: skip
 
 
 class AuditChainConflict(Exception):
@@ -85,3 +89,26 @@ async def warn_if_privileged(conn: AsyncConnection) -> None:
         log.warning("audit: the gateway's database role is a superuser or owns audit_log, so "
                     "it can switch the append-only trigger off; run the gateway as a plain "
                     "role (sluice db grant-app, docs/operations.md)")
+
+
+def record_body(actor: str, action: str, target: str, request_id: str | None, decision: str | None,
+          details: dict[str, Any] | None) -> dict[str, Any]:
+    fields = {"actor": actor, "action": action, "target": target,
+              "request_id": request_id, "decision": decision}  # fmt: skip
+    for name, value in fields.items():
+        if value is not None and len(value) > MAX_LEN[name]:
+            raise ValueError(f"audit {name} longer than {MAX_LEN[name]} characters")
+    # Round-trip through JSON now, so what we hash is exactly what the database returns.
+    clean = None if details is None else json.loads(json.dumps(details, default=str))
+    return {**fields, "details": clean}
+
+
+def read_head(path: Path) -> tuple[int, str]:
+    try:
+        head = json.loads(path.read_text())
+        return int(head["seq"]), str(head["hash"])
+    except FileNotFoundError:
+        return 0, GENESIS_HASH
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AuditChainConflict(f"audit head file {path} is unreadable ({exc}); start with "
+                                 "the database reachable") from None  # fmt: skip
