@@ -105,7 +105,7 @@ def test_backend_refuses_image_parts_itself(tmp_path: Path) -> None:
 # ---- tools on a v3 tokenizer ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def v3_backend(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def v3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import mistral_common
     from transformers import MixtralForCausalLM
 
@@ -115,7 +115,13 @@ def v3_backend(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
     _save(MixtralForCausalLM, mixtral_config(vocab_size=32768), d)
     shutil.copy(Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3",
                 d / "tokenizer.model.v3")
-    b = LocalEngineBackend(LocalEngineBackend.Options(model=str(d), device="cpu", num_kv_blocks=256, max_num_seqs=8))
+    return d
+
+
+@pytest.fixture(scope="module")
+def v3_backend(v3_dir: Path):  # type: ignore[no-untyped-def]
+    b = LocalEngineBackend(LocalEngineBackend.Options(model=str(v3_dir), device="cpu", num_kv_blocks=256,
+                                                      max_num_seqs=8))
     asyncio.run(b.start())
     yield b
     asyncio.run(b.stop())
@@ -183,3 +189,39 @@ def test_full_tool_round_trip_encodes_and_answers(v3_backend: LocalEngineBackend
     probe = LocalEngineBackend(v3_backend.opts)  # the gateway's counting instance
     request = GenerationRequest("r", "m", messages=follow, tools=(WEATHER, TIME))
     assert probe.count_tokens(request) == len(v3_backend.prompt_ids(request))
+
+
+def test_tool_calls_reach_the_openai_client_streamed_and_whole(v3_dir: Path, tmp_path: Path) -> None:
+    from sluice.gateway.db.session import migrate
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'sluice.db'}"
+    migrate(url)
+    backends = {"local": BackendConfig(plugin="local", options={
+        "model": str(v3_dir), "served_model_name": "tiny-v3", "device": "cpu", "num_kv_blocks": 256})}
+    server = GatewayServer(echo_settings(url, backends=backends)).start()
+    try:
+        api = client(server)
+        tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                   "parameters": dict(t.parameters)}} for t in (WEATHER, TIME)]
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        reply = api.chat.completions.create(model="tiny-v3", messages=messages, tools=tools, max_tokens=120,
+                                            tool_choice="required", parallel_tool_calls=False, seed=1)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content in (None, "")
+        [call] = choice.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), {t.name: t.parameters for t in (WEATHER, TIME)}
+                            [call.function.name])
+        stream = api.chat.completions.create(model="tiny-v3", messages=messages, tools=tools, max_tokens=120,
+                                             tool_choice="required", parallel_tool_calls=False, seed=1, stream=True)
+        chunks = [c for c in stream if c.choices]
+        deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+        assert deltas[0].id and deltas[0].function.name == call.function.name  # ids are fresh per answer
+        assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        # the round trip: the assistant's call and the tool's result go back in
+        follow = messages + [choice.message.model_dump(exclude_none=True),
+                             {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+        again = api.chat.completions.create(model="tiny-v3", messages=follow, tools=tools, max_tokens=5)
+        assert again.usage.prompt_tokens > reply.usage.prompt_tokens
+    finally:
+        server.stop()
