@@ -219,11 +219,23 @@ class HFTokenizer(Tokenizer):
         return self.tok.decode([token_id], skip_special_tokens=False)
 
     def token_bytes(self) -> list[bytes]:
+        """Byte-level BPE pieces mapped back through GPT-2's byte alphabet (a piece may hold
+        part of a UTF-8 character, which decoding the token alone would turn into U+FFFD);
+        SentencePiece-style pieces by their ``▁`` and ``<0xNN>`` conventions."""
         special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        byte_level = json.loads(self.tok.to_str()).get("decoder", {}).get("type") == "ByteLevel"
+        unbyte = {c: b for b, c in _gpt2_byte_alphabet().items()}
         out = []
         for i in range(self.vocab_size):
             piece = self.tok.id_to_token(i)
-            out.append(b"" if piece is None or piece in special else self.tok.decode([i]).encode())
+            if piece is None or piece in special:
+                out.append(b"")
+            elif byte_level:
+                out.append(bytes(unbyte[c] for c in piece) if all(c in unbyte for c in piece) else piece.encode())
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                out.append(bytes((int(piece[3:5], 16),)))
+            else:
+                out.append(piece.replace("\u2581", " ").encode())
         return out
 
     def apply_chat_template(self, messages: Iterable[Any], tools: list[dict[str, Any]] | None = None) -> list[int]:
@@ -243,6 +255,16 @@ class HFTokenizer(Tokenizer):
             # continue_final_message, as transformers does it: cut after the final text
             text = text[:text.rindex(content) + len(content)]
         return self.encode(text, add_bos=False)
+
+
+def _gpt2_byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b], extra = chr(256 + extra), extra + 1
+    return table
 
 
 _TEMPLATES: dict[str, Any] = {}

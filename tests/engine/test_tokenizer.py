@@ -99,3 +99,13 @@ def test_byte_level_stream_never_splits_a_character(llama3_tokenizer):
     deltas = streamed(tok, tok.encode("hello"), completion)
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == " naïve 漢字 🙂 café"
+
+
+def test_token_bytes_spell_the_text_byte_for_byte(sp, llama3_tokenizer):
+    text = " naïve 漢字 🙂 café"
+    for tok in (sp, llama3_tokenizer):
+        table = tok.token_bytes()
+        ids = tok.encode(text, add_bos=False)
+        spelled = b"".join(table[i] for i in ids)
+        assert spelled.decode() in (text, " " + text)  # SentencePiece adds its dummy-prefix space
+        assert table[tok.eos_ids[-1]] == b""  # special tokens spell nothing
