@@ -246,10 +246,7 @@ def block_features(text: str, config: EntropyConfig) -> dict[str, np.ndarray]:
         v = _TO_ASCII[folded]
         if astral:
             v[cps > 0xFFFF] = 127
-    full = v[:head].reshape(nb - 1, w).astype(np.int64) + \
-        (np.arange(nb - 1, dtype=np.int64) * 128)[:, None]
-    hist = np.concatenate([np.bincount(full.ravel(), minlength=(nb - 1) * 128),
-                           np.bincount(v[head:], minlength=128)]).reshape(nb, 128)
+    hist = _histograms(v, nb, w, head)
     letters, vowels, digits, spaces = (hist @ MASKS).T
     nonascii = hist[:, 127]
     words = np.maximum(spaces, 1)
@@ -296,6 +293,21 @@ def block_features(text: str, config: EntropyConfig) -> dict[str, np.ndarray]:
     f["letters"] = (letters + latin).astype(np.float64)
     f["vowel_ratio"] = (vowels + latin) / np.maximum(letters + latin, 1)
     return f
+
+
+def _histograms(v: np.ndarray, nb: int, w: int, head: int) -> np.ndarray:
+    """(nb, 128) counts of each ASCII value (127: any non-ASCII) per block. Indexes are
+    built in 16 bits, 512 blocks at a time (512 x 128 = 2**16): half the memory traffic
+    of 64-bit ones."""
+    rows = v[:head].reshape(nb - 1, w)
+    tag = np.arange(512, dtype=np.uint16) << np.uint16(7)
+    parts = []
+    for c in range(0, nb - 1, 512):
+        chunk = rows[c:c + 512].astype(np.uint16)
+        chunk |= tag[:len(chunk), None]
+        parts.append(np.bincount(chunk.ravel(), minlength=len(chunk) * 128))
+    parts.append(np.bincount(v[head:], minlength=128))
+    return np.concatenate(parts).reshape(nb, 128)
 
 
 def _blocks_of(x: np.ndarray, sel: np.ndarray, sizes: np.ndarray, w: int) -> np.ndarray:
