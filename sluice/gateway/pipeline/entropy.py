@@ -157,9 +157,17 @@ def _script_table() -> np.ndarray:
     return table
 
 
-_SCRIPT = _script_table()
-_TO_ASCII = np.minimum(np.arange(0x10000), 127).astype(np.uint8)  # non-ASCII -> 127
-_ACCENTED = (_SCRIPT == 1) & (np.arange(0x10000) >= 0xC0) & (np.arange(0x10000) < 0xFF00)
+def _char_info(scripts: np.ndarray) -> np.ndarray:
+    """One lookup per BMP character: script id (bits 0-7), accented Latin letter (bit 8),
+    its ASCII value or 127 for any non-ASCII character (bits 16-23)."""
+    assert scripts.max() < 256
+    cp = np.arange(0x10000, dtype=np.uint32)
+    accented = (scripts == 1) & (cp >= 0xC0) & (cp < 0xFF00)
+    return scripts.astype(np.uint32) | (accented.astype(np.uint32) << 8) | \
+        (np.minimum(cp, 127) << 16)
+
+
+_CHAR_INFO = _char_info(_script_table())
 _C_LOG_C = np.arange(4096) * np.log2(np.maximum(np.arange(4096), 1))  # c log2 c
 
 
@@ -243,7 +251,8 @@ def block_features(text: str, config: EntropyConfig) -> dict[str, np.ndarray]:
         astral = bool(cps.max() > 0xFFFF)
         folded = ((cps & 0xFFFF) ^ ((cps >> 16) * 0x3C6F)).astype(np.uint16) if astral \
             else cps.astype(np.uint16)
-        v = _TO_ASCII[folded]
+        info = _CHAR_INFO[folded]
+        v = (info >> 16).astype(np.uint8)
         if astral:
             v[cps > 0xFFFF] = 127
     hist = _histograms(v, nb, w, head)
@@ -272,8 +281,8 @@ def block_features(text: str, config: EntropyConfig) -> dict[str, np.ndarray]:
     else:
         # Script statistics only where there is non-ASCII text (one pass over those blocks).
         sel = np.flatnonzero(nonascii > 0)
-        sub_f, sub_c = _blocks_of(folded, sel, sizes, w), _blocks_of(cps, sel, sizes, w)
-        sub = _script_features(sub_f, sub_c, sizes[sel], w, astral,
+        sub = _script_features(_blocks_of(folded, sel, sizes, w), _blocks_of(info, sel, sizes, w),
+                               _blocks_of(cps, sel, sizes, w) if astral else None, sizes[sel], w,
                                max(config.low_entropy.lo, config.low_entropy.hi))
         latin[sel] = sub["latin"]
         f["script_switch"][sel] = sub["switch"]
@@ -320,16 +329,16 @@ def _blocks_of(x: np.ndarray, sel: np.ndarray, sizes: np.ndarray, w: int) -> np.
     return np.concatenate([x[a:b] for a, b in zip(starts, ends)])
 
 
-def _script_features(folded: np.ndarray, cps: np.ndarray, sizes: np.ndarray, w: int,
-                     astral: bool, entropy_floor: float) -> dict[str, np.ndarray]:
+def _script_features(folded: np.ndarray, info: np.ndarray, cps: np.ndarray | None,
+                     sizes: np.ndarray, w: int, entropy_floor: float) -> dict[str, np.ndarray]:
     """Per block (of these blocks): accented Latin letters, script switches, letters,
     distinct letters, letter entropy, letter pairs and distinct letter pairs."""
-    scripts = _SCRIPT[folded]
-    if astral:
+    scripts = (info & 0xFF).astype(np.uint16)
+    if cps is not None:  # there are characters beyond the BMP
         scripts[cps > 0xFFFF] = ASTRAL
     nb = len(sizes)
     # Accented Latin letters are mostly vowels (Vietnamese, French): count them as such.
-    accented = np.flatnonzero(_ACCENTED[folded])
+    accented = np.flatnonzero(info & 0x100)
     out = {"latin": np.bincount(np.minimum(accented // w, nb - 1), minlength=nb),
            "switch": _script_switches(scripts, sizes, w)}
     letter = scripts > 0
