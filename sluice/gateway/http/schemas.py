@@ -128,34 +128,43 @@ def embedding_schema() -> dict[str, Any]:
 
 
 class _Schema:
-    """One request schema: a fast validator and, for failures only, an explainer."""
+    """One request schema: a fast validator and, for failures only, an explainer that
+    looks at no more than the failing field (or the failing item of an array field), so
+    a large invalid body costs about what a valid one does."""
 
     def __init__(self, schema: dict[str, Any]) -> None:
         self.schema = schema
         self._fast = jsonschema_rs.validator_for(schema)
-        self._slow = jsonschema.Draft202012Validator(copy.deepcopy(schema))
+        self._slow: dict[tuple[str, bool], jsonschema.Draft202012Validator] = {}
 
     def check(self, data: Any) -> None:
         if not self._fast.is_valid(data):
             raise self._explain(data)
 
     def _explain(self, data: Any) -> InvalidRequest:
-        errors = list(self._slow.iter_errors(data))
-        if not errors:  # the two validators disagree: name the body, never crash
+        props = self.schema["properties"]
+        unknown = sorted(set(data) - set(props))
+        if unknown:
+            return InvalidRequest(f"Unrecognized request argument supplied: {unknown[0]}",
+                                  param=unknown[0], code="unknown_parameter")
+        missing = [name for name in self.schema.get("required", ()) if name not in data]
+        if missing:
+            return InvalidRequest(f"Missing required parameter: '{missing[0]}'",
+                                  param=missing[0], code="missing_required_parameter")
+        first = next(iter(self._fast.iter_errors(data)), None)
+        where = list(first.instance_path) if first is not None else []
+        if not where or where[0] not in props:  # the validators disagree: never crash
             return InvalidRequest("Invalid request body", param=None, code="invalid_value")
-        top = [e for e in errors if not e.absolute_path]
-        for error in top:
-            if error.validator == "additionalProperties":
-                unknown = sorted(set(data) - set(self.schema["properties"]))
-                name = unknown[0] if unknown else None
-                return InvalidRequest(f"Unrecognized request argument supplied: {name}",
-                                      param=name, code="unknown_parameter")
-            if error.validator == "required":
-                name = error.message.split("'")[1] if "'" in error.message else None
-                return InvalidRequest(f"Missing required parameter: '{name}'",
-                                      param=name, code="missing_required_parameter")
+        name = str(where[0])
+        item = len(where) > 1 and isinstance(where[1], int) and "items" in props[name]
+        prefix: list[Any] = [name, where[1]] if item else [name]
+        instance = data[name][where[1]] if item else data[name]
+        errors = list(self._validator(name, item).iter_errors(instance))
+        if not errors:
+            return InvalidRequest(f"Invalid value for '{name}'", param=name,
+                                  code="invalid_value")
         error = _deepest(min(errors, key=lambda e: len(e.absolute_path)))
-        path = list(error.absolute_path)
+        path = prefix + list(error.absolute_path)
         value = error.instance
         if (error.validator in ("anyOf", "oneOf") and isinstance(value, dict)
                 and ("role" in value or "type" in value)):
@@ -164,6 +173,16 @@ class _Schema:
         return InvalidRequest(f"Invalid value for '{param}': {_say(error)}", param=param,
                               code="invalid_type" if error.validator == "type"
                               else "invalid_value")
+
+    def _validator(self, name: str, item: bool) -> jsonschema.Draft202012Validator:
+        """A validator of one top-level field (or of one item of it), built once."""
+        validator = self._slow.get((name, item))
+        if validator is None:
+            sub = self.schema["properties"][name]
+            sub = copy.deepcopy(sub["items"] if item else sub)
+            sub["$defs"] = self.schema.get("$defs", {})
+            validator = self._slow[(name, item)] = jsonschema.Draft202012Validator(sub)
+        return validator
 
 
 def _deepest(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
