@@ -100,17 +100,20 @@ def token_features(v: np.ndarray, candidates: np.ndarray, sizes: np.ndarray, w: 
     # Where each candidate block starts in `text` (one separator after each run).
     run_of = np.cumsum(np.isin(np.arange(len(candidates)), first)) - 1
     offsets = np.concatenate([[0], np.cumsum(sizes[candidates])[:-1]]) + run_of
-    enc_mask, leet_mask = _scan_tokens(text, config)
-    for mask, out in ((enc_mask, encoded), (leet_mask, leet)):
-        if mask is not None:
-            out[candidates] = np.add.reduceat(mask.view(np.uint8), offsets, dtype=np.int64)
+    enc_mask, leet_pos = _scan_tokens(text, config)
+    if enc_mask is not None:
+        encoded[candidates] = np.add.reduceat(enc_mask.view(np.uint8), offsets, dtype=np.int64)
+    if len(leet_pos):
+        block = np.searchsorted(offsets, leet_pos, side="right") - 1
+        leet[candidates] = np.bincount(block, minlength=len(candidates))
     return encoded, leet
 
 
 def _scan_tokens(v: np.ndarray, config: ScanThresholds) -> tuple[np.ndarray | None,
-                                                                 np.ndarray | None]:
-    """Masks over `v` of characters inside encoded spans (see the module docstring) and of
-    leetspeak hits inside tokens shorter than `base64_min_chars` (None: none at all)."""
+                                                                 np.ndarray]:
+    """A mask over `v` of characters inside encoded spans (see the module docstring; None:
+    none at all) and the positions of leetspeak hits inside tokens shorter than
+    `base64_min_chars`."""
     n = len(v)
     bits = _BITS[v]
     nonspace = (bits & _WS) == 0
@@ -119,7 +122,7 @@ def _scan_tokens(v: np.ndarray, config: ScanThresholds) -> tuple[np.ndarray | No
     start[::1 << (_F - 2)] = True  # cut longer segments: every packed count stays < 2**20
     starts = np.flatnonzero(start)
     g = _GROUP[v]
-    leet_hits = _leet_hits(v, g)
+    leet_pos = _leet_hits(v, g)
     tbits = np.bitwise_or.reduceat(bits, starts)
     mask = (1 << _F) - 1
     packed = np.add.reduceat(_PACKED[v], starts)
@@ -157,25 +160,28 @@ def _scan_tokens(v: np.ndarray, config: ScanThresholds) -> tuple[np.ndarray | No
         np.add.at(runs, a[ok], 1)
         np.add.at(runs, b[ok], -1)
     enc = b64 | (np.cumsum(runs[:-1]) > 0)
-    leet_mask = None
-    if leet_hits.any():
-        leet_mask = leet_hits & np.repeat(tlen < config.base64_min_chars,
-                                          np.diff(np.append(starts, n)))
+    if len(leet_pos):  # only inside tokens shorter than base64_min_chars
+        token = np.searchsorted(starts, leet_pos, side="right") - 1
+        leet_pos = leet_pos[tlen[token] < config.base64_min_chars]
     if not enc.any():
-        return None, leet_mask
+        return None, leet_pos
     seg_end = np.append(starts[1:], n)
     marks = np.zeros(n + 1, np.int8)
     np.add.at(marks, starts[enc], 1)
     np.add.at(marks, seg_end[enc], -1)
-    return np.cumsum(marks[:-1], dtype=np.int8) > 0, leet_mask
+    return np.cumsum(marks[:-1], dtype=np.int8) > 0, leet_pos
 
 
 def _leet_hits(v: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Digit runs of 1-2 with a letter on both sides (h0w, m4k3, l33t), not where both
-    sides are hex letters (3f9a2c)."""
-    letter, digit = g < 2, g == 2
-    hexl = _IS_HEX_LETTER[v]
-    hits = np.zeros(len(v), bool)
-    hits[1:-1] = digit[1:-1] & letter[:-2] & letter[2:] & ~(hexl[:-2] & hexl[2:])
-    hits[1:-2] |= digit[1:-2] & digit[2:-1] & letter[:-3] & letter[3:] & ~(hexl[:-3] & hexl[3:])
-    return hits
+    """Positions of digit runs of 1-2 with a letter on both sides (h0w, m4k3, l33t), not
+    where both sides are hex letters (3f9a2c): checked around each digit only."""
+    d = np.flatnonzero(g[1:-1] == 2) + 1  # digits with a character on both sides
+    if len(d) == 0:
+        return d
+    letter = (g < 2)
+    hexl = _IS_HEX_LETTER[v[np.concatenate([d - 1, d + 1, np.minimum(d + 2, len(v) - 1)])]]
+    before, after, after2 = hexl[:len(d)], hexl[len(d):2 * len(d)], hexl[2 * len(d):]
+    one = letter[d - 1] & letter[d + 1] & ~(before & after)
+    two = (d + 2 < len(v)) & (g[d + 1] == 2) & letter[d - 1] \
+        & letter[np.minimum(d + 2, len(v) - 1)] & ~(before & after2)
+    return d[one | two]
