@@ -16,13 +16,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from sluice.gateway.db.models import UsageDaily, UsageEvent
-from sluice.gateway.economics.budgets import (
-    BudgetExceeded,
-    Budgets,
-    MemorySpendStore,
-    RedisSpendStore,
-    micros_up,
-)
+from sluice.gateway.economics.budgets import BudgetExceeded, Budgets, micros_up
 from sluice.gateway.economics.prices import (
     Price,
     PriceConfig,
@@ -31,6 +25,7 @@ from sluice.gateway.economics.prices import (
     load_prices,
     sync_config_prices,
 )
+from sluice.gateway.economics.spend_store import MemorySpendStore, RedisSpendStore
 from sluice.gateway.economics.tables import Budget
 from sluice.gateway.ledger.metering import UsageRecord, write_usage
 from tests.conftest import drop_postgres_database, make_postgres_database
