@@ -122,6 +122,9 @@ def server(sqlite_url: str, guard_upstream: RecordingGuard) -> Iterator[GatewayS
         "echo": BackendConfig(plugin="echo"),
         "guard": BackendConfig(plugin="openai_upstream", options={
             "base_url": guard_upstream.url, "models": {"llama-guard": "llama-guard-3-8b"}}),
+        # A model that serves tools (the echo backend does not), answered by the same server.
+        "tools": BackendConfig(plugin="openai_upstream", options={
+            "base_url": guard_upstream.url, "models": {"tool-model": "tool-model"}}),
     }
     gw = GatewayServer(echo_settings(sqlite_url, backends=backends,
                                      guard_model="llama-guard")).start()
@@ -170,17 +173,17 @@ def test_harm_outside_the_last_user_turn_is_blocked(server: GatewayServer,
         "content_part": [{"role": "user", "content": [{"type": "text", "text": "hi "},
                                                        {"type": "text", "text": harm}]}],
     }[placed]
+    model = "echo"
     if placed == "tool_definition":
+        model = "tool-model"
         extra["tools"] = [{"type": "function", "function": {"name": "f", "description": harm,
                                                              "parameters": {"type": "object"}}}]
-    r = chat(server, key, [*msgs, user("What a nice day.")], **extra)
-    if r.status_code == 400 and r.json()["error"].get("param") == "tools":
-        pytest.skip("the echo backend does not serve tools")  # capability check first
+    r = chat(server, key, [*msgs, user("What a nice day.")], model=model, **extra)
     assert blocked(r), r.text
     assert r.json()["error"]["categories"] == ["S1"]
     assert any(harm in p for p in guard_upstream.prompts)
     # Without the harmful turn the same conversation passes.
-    assert chat(server, key, [user("What a nice day.")]).status_code == 200
+    assert chat(server, key, [user("What a nice day.")], model=model).status_code == 200
 
 
 def test_guard_prompt_is_the_reference_template_with_every_turn(
@@ -274,7 +277,7 @@ def test_guard_model_is_hidden_unless_a_key_is_scoped_to_it(
     key = server.tenant_key("plain")
     auth = {"Authorization": f"Bearer {key}"}
     listed = httpx.get(server.base_url + "/v1/models", headers=auth).json()["data"]
-    assert [m["id"] for m in listed] == ["echo"]
+    assert [m["id"] for m in listed] == ["echo", "tool-model"]
     assert httpx.get(server.base_url + "/v1/models/llama-guard", headers=auth).status_code == 404
     r = chat(server, key, [user("hello")], model="llama-guard")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
