@@ -283,4 +283,4 @@ class AuditLog:
         self._checkpointed_at = now
         async with self.engine.connect() as conn:
             seq, last = await stored_head(conn, self.instance_id)
-        await asyncio.to_thread(self.checkpoints.append, {self.instance_id: (seq, last)})
+        await self.writer.run_io(self.checkpoints.append, {self.instance_id: (seq, last)})

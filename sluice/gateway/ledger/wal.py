@@ -30,6 +30,7 @@ import fcntl
 import logging
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ class UsageWAL:
         self._recovered: list[tuple[Path, int]] = []  # orphan segments (path, locked fd)
         self._written = self._synced = 0
         self._sync_task: asyncio.Task[None] | None = None
+        # fsyncs on a thread of their own, not the loop's default executor (the CPU pool)
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-wal")
         self._path, self._fd = self._new_segment()
         self._size = 0
 
@@ -109,7 +112,7 @@ class UsageWAL:
     async def _fsync(self) -> None:
         upto, fd = self._written, self._fd
         try:
-            await asyncio.to_thread(os.fsync, fd)
+            await asyncio.get_running_loop().run_in_executor(self._io, os.fsync, fd)
         except OSError:
             self.ok = False
             raise
@@ -183,6 +186,7 @@ class UsageWAL:
     def close_file(self, *, durable: bool = False) -> None:
         """Close the segment; with ``durable`` (every closed record is in the database or
         the spool) and no request open, remove it and any recovered ones too."""
+        self._io.shutdown(wait=False)
         if durable and not self._open and self._sync_task is None:
             for path, fd in [(self._path, self._fd), *self._recovered]:
                 _drop(path, fd)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -75,6 +76,12 @@ class BatchWriter:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Disk writes on a thread of their own: the loop's default executor is the CPU pool
+        # (tokenizing a large prompt there must not hold up an fsync).
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sluice-{name}-io")
+
+    async def run_io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     @property
     def buffered(self) -> int:
@@ -106,7 +113,10 @@ class BatchWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.flush()
+        try:
+            await self.flush()
+        finally:
+            self._io.shutdown(wait=False)
 
     async def flush(self) -> None:
         """Make every record added so far durable: in the database, or in the spool when
@@ -153,7 +163,7 @@ class BatchWriter:
         batch = list(self._buffer)
         if batch:
             try:
-                await asyncio.to_thread(self.spool.append, batch)
+                await self.run_io(self.spool.append, batch)
             except OSError as exc:
                 self.spool_ok = False
                 log.error("%s: spool %s failed (%s); %d records held in memory only, refusing "
