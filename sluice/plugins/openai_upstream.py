@@ -19,8 +19,9 @@ The HTTP client is aiohttp: one ``ClientSession`` per backend instance, opened i
 :meth:`start` and closed in :meth:`stop`, over a keep-alive ``TCPConnector`` of
 ``max_connections`` (httpx's client cost 1.4-2.6 ms of CPU per proxied request).
 ``connect_timeout_s`` bounds getting a connection (pool wait included) and
-``timeout_s`` every wait for upstream bytes, so a long generation that keeps
-streaming never times out.
+``timeout_s`` every wait for upstream bytes of a stream, so a long generation that keeps
+streaming never times out; a non-streamed answer, which comes only once generated, may
+take ``answer_timeout_s``.
 
 Failures become :class:`BackendError`::
 
@@ -81,6 +82,8 @@ class OpenAIUpstreamBackend(Backend):
         api_key: str | None = None
         models: dict[str, str] = Field(min_length=1)  # served name -> upstream model name
         timeout_s: float = Field(default=60.0, gt=0)
+        #: A non-streamed answer comes in one piece, after the whole generation.
+        answer_timeout_s: float = Field(default=600.0, gt=0)
         connect_timeout_s: float = Field(default=5.0, gt=0)
         max_connections: int = Field(default=256, ge=1)
         #: How count_tokens estimates prompts (the upstream's usage is what gets metered).
@@ -110,6 +113,8 @@ class OpenAIUpstreamBackend(Backend):
         self._where = f"{url.scheme}://{url.host}" + (f":{port}" if port else "")
         self.tokenizer = MixtralTokenizer() if options.tokenizer == "mistral" else None
         self._session: aiohttp.ClientSession | None = None
+        self._answer_timeout = aiohttp.ClientTimeout(
+            total=None, connect=options.connect_timeout_s, sock_read=options.answer_timeout_s)
         self._warned_no_usage = False
 
     def models(self) -> list[ModelCard]:
@@ -172,7 +177,9 @@ class OpenAIUpstreamBackend(Backend):
         headers = {"accept": "text/event-stream" if stream else "application/json",
                    **request.trace_headers}
         try:
-            async with session.post(url, data=body, headers=headers) as response:
+            # a stream: the session's per-read timeout; a whole answer: answer_timeout_s
+            timeout = {} if stream else {"timeout": self._answer_timeout}
+            async with session.post(url, data=body, headers=headers, **timeout) as response:
                 if response.status != 200:
                     raise self._status_error(response, await response.read())
                 if not stream:

@@ -348,3 +348,19 @@ async def test_embeddings_forwarded_with_usage(proxy: OpenAIUpstreamBackend,
     assert recorder.last("/v1/embeddings").body == raw
     assert [d["index"] for d in result.data] == [0, 1]
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (6, 0)
+
+
+async def test_a_whole_answer_may_take_longer_than_the_stream_read_timeout(
+    mock: tuple[MockApp, int],
+) -> None:
+    backend = make_backend(mock[1], timeout_s=0.1, answer_timeout_s=5)
+    await backend.start()
+    try:
+        raw = b'{"model":"slow","messages":[{"role":"user","content":"x"}]}'
+        events = await run(backend, client_request(raw))  # not streamed: one 0.5 s answer
+        assert events[-1].finish_reason == "stop"
+        with pytest.raises(BackendError) as caught:  # streamed: 0.5 s without bytes
+            await run(backend, client_request(raw.replace(b"}]}", b'}],"stream":true}')))
+        assert caught.value.status == 504
+    finally:
+        await backend.stop()
