@@ -192,6 +192,10 @@ class EngineConfig:
     compile_cache_dir: str | None = None
     num_experts_per_tok: int | None = Field(None, ge=1)
     seed: int = 0
+    # Across world_size processes, one LLM per rank on the same requests (engine/parallel/):
+    # "tp" splits attention heads and each expert, "ep" splits heads and places whole experts.
+    parallel: Literal["none", "tp", "ep"] = "none"
+    world_size: int = Field(1, ge=1)
 
     def resolve_device(self) -> torch.device:
         import torch

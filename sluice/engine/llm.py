@@ -22,6 +22,7 @@ from sluice.engine.loader import load_model
 from sluice.engine.model_runner import ModelRunner
 from sluice.engine.models.mixtral import CausalLM
 from sluice.engine.output import Completion, RequestOutput, TextState
+from sluice.engine.parallel import Sharding
 from sluice.engine.sampling import SamplingParams, sample
 from sluice.engine.scheduler import ScheduledBatch, Scheduler
 from sluice.engine.sequence import Sequence
@@ -48,11 +49,13 @@ class LLM:
         device = self.config.resolve_device()
         dtype = self.config.resolve_dtype(cfg, device)
         self.fp8 = self.config.wants_fp8(cfg, device)
+        self.sharding = Sharding.join(self.config.parallel, self.config.world_size, device, cfg)
         self.max_model_len = min(self.config.max_model_len or 8192, cfg.max_position_embeddings)
         began = time.perf_counter()
         self.timings: dict[str, float] = {}
         net = load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
-                         max_positions=self.max_model_len, progress=progress, stats=self.timings)
+                         max_positions=self.max_model_len, progress=progress, stats=self.timings,
+                         shard=self.sharding)
         self.timings["load_s"] = time.perf_counter() - began
         self.model: CausalLM = net
         self.tokenizer = tokenizer or load_tokenizer(model, cfg.bos_token_id, cfg.eos_token_ids)
@@ -61,7 +64,7 @@ class LLM:
 
         def reload() -> CausalLM:  # the weights again, for a wake that has no host copy
             return load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
-                              max_positions=self.max_model_len, progress=False)
+                              max_positions=self.max_model_len, progress=False, shard=self.sharding)
 
         self.runner = ModelRunner(net, self.config, self.max_model_len, reload)
         self.timings["runner_s"] = time.perf_counter() - began  # KV sizing

@@ -27,6 +27,7 @@ from sluice.engine.config import ModelConfig
 from sluice.engine.errors import CheckpointError
 from sluice.engine.layers.moe import MoE
 from sluice.engine.models.mixtral import CausalLM
+from sluice.engine.parallel.shard import Sharding
 from sluice.engine.quant.fp8 import (
     Fp8FusedExperts,
     Fp8Linear,
@@ -191,14 +192,17 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path: str | Path | None = None, *,
                fp8: bool = False, seed: int = 0, max_positions: int | None = None,
-               progress: bool = True, stage: bool | None = None, stats: dict | None = None) -> CausalLM:
+               progress: bool = True, stage: bool | None = None, stats: dict | None = None,
+               shard: Sharding | None = None) -> CausalLM:
     """Build the model on ``device`` one decoder layer at a time, each filled from the
     checkpoint at ``path`` (random weights when None) and, with ``fp8``, quantized
     before the next is built: peak memory is the FP8 model plus one 16-bit layer.
     Pre-quantized FP8 tensors are used as stored (dequantized when not ``fp8``).
     ``stage`` (default: on CUDA) reads each layer into page-locked memory with parallel
     reads while the previous one is copied to the device (engine/staging.py). ``stats``,
-    when given, receives the seconds spent waiting for staged reads and the bytes staged."""
+    when given, receives the seconds spent waiting for staged reads and the bytes staged.
+    ``shard`` cuts each layer to this rank's part once it is filled (before fp8 quantization):
+    every rank reads whole tensors but holds its shard plus one whole layer at most."""
     with _default_dtype(dtype), torch.device(device):
         model = CausalLM(cfg, max_positions, build_layers=False).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -239,10 +243,14 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
                 if stager is not None:
                     stager.release(n)
                     ckpt.staged = {}
+            if shard is not None:
+                shard.layer(layer)
             if fp8:
                 quantize_fp8(layer)
         for name in top[1:]:
             fill(name)
+        if shard is not None:
+            shard.finish(model)
         if stager is not None and stats is not None:
             stats["staged_GB"] = stager.bytes_read / 1e9
     return model

@@ -21,6 +21,7 @@ from sluice.engine.kv_sizing import allocate_cache, auto_num_blocks
 from sluice.engine.layers.attention import AttentionKernels, AttentionMetadata
 from sluice.engine.models.mixtral import CausalLM
 from sluice.engine.offload import WeightParking
+from sluice.engine.parallel.group import agree_min
 from sluice.engine.scheduler import ScheduledBatch
 from sluice.engine.step_inputs import DecodeInputs, VarlenInputs, cache_slot
 
@@ -58,6 +59,7 @@ class ModelRunner:
         began = time.perf_counter()
         self.num_blocks = engine.num_kv_blocks or auto_num_blocks(
             model, engine, self.max_blocks_per_seq, self.varlen_sizes, self.kernels)
+        self.num_blocks = agree_min(self.num_blocks, self.device)  # ranks schedule alike only on equal caches
         self.timings["kv_profile_s"] = time.perf_counter() - began
         self.kv_cache = allocate_cache(model, self.num_blocks + 1, self.block_size)
         scratch = self.num_blocks * self.block_size

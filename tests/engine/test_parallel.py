@@ -1,0 +1,106 @@
+"""Tensor and expert parallelism on the CPU: two processes over gloo produce exactly the
+single-process engine's greedy tokens, each holding only its shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from sluice.engine.errors import ConfigError
+from sluice.engine.llm import LLM
+from sluice.engine.sampling import SamplingParams
+
+PROMPTS = [[1, 415, 2936, 9060, 285, 1142, 28705, 461, 10575], [1, 754, 272, 17898, 3914, 28723, 7, 300, 451, 28705,
+           13, 13, 5613, 264, 4118, 28723, 851, 349, 264, 1369, 302], [1, 22557, 28725]]
+MAX_TOKENS = 12
+# small blocks and step budget: prefill spans blocks and chunks, decodes batch together
+ENGINE = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=64, max_num_batched_tokens=16,
+              progress=False)
+
+
+def greedy(llm: LLM, vocab: int) -> list[list[int]]:
+    prompts = [[t % vocab for t in p] for p in PROMPTS]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    return [o.token_ids for o in outs]
+
+
+def _rank(rank: int, port: int, mode: str, paths: list[str], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from sluice.engine import parallel
+
+    try:
+        result = []
+        for path in paths:
+            llm = LLM(path, parallel=mode, world_size=2, **ENGINE)
+            experts = [m.experts.experts.w13.shape[0] for m in llm.model.modules() if hasattr(m, "experts")
+                       and hasattr(m.experts, "experts")]
+            result.append({"tokens": greedy(llm, llm.model.config.vocab_size),
+                           "kv_heads": llm.runner.kv_cache.shape[-2], "local_experts": experts})
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        parallel.destroy()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(mode: str, paths: list[Path], tmp_path: Path) -> list[list[dict]]:
+    ctx = mp.start_processes(_rank, args=(_free_port(), mode, [str(p) for p in paths], str(tmp_path)),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{mode}=2 did not finish in 120 s")
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_mixtral, tiny_llama) -> dict[str, list[list[int]]]:
+    out = {}
+    for name, path in (("mixtral", tiny_mixtral), ("llama", tiny_llama)):
+        llm = LLM(path, **ENGINE)
+        out[name] = greedy(llm, llm.model.config.vocab_size)
+    return out
+
+
+def test_tensor_parallel_matches_one_process(single, tiny_mixtral, tiny_llama, tmp_path):
+    ranks = run_two_ranks("tp", [tiny_mixtral, tiny_llama], tmp_path)
+    for rank in ranks:
+        mixtral, llama = rank
+        assert mixtral["tokens"] == single["mixtral"]
+        assert llama["tokens"] == single["llama"]  # dense MLP split the same way
+        assert mixtral["kv_heads"] == llama["kv_heads"] == 1  # 2 KV heads, one per rank
+        assert mixtral["local_experts"] == [4, 4]  # every expert, half of each one's intermediate dim
+    assert single["mixtral"][0] != single["mixtral"][1]
+
+
+def test_expert_parallel_matches_one_process(single, tiny_mixtral, tmp_path):
+    ranks = run_two_ranks("ep", [tiny_mixtral], tmp_path)
+    for [mixtral] in ranks:
+        assert mixtral["tokens"] == single["mixtral"]
+        assert mixtral["kv_heads"] == 1
+        assert mixtral["local_experts"] == [2, 2]  # 4 experts, two whole ones per rank per layer
+
+
+def test_bad_parallel_options_fail_before_waiting_for_peers(tiny_mixtral, monkeypatch):
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ConfigError, match="world_size >= 2"):
+        LLM(tiny_mixtral, parallel="tp", **ENGINE)
+    with pytest.raises(ConfigError, match="do not split across 3 ranks"):
+        LLM(tiny_mixtral, parallel="tp", world_size=3, **ENGINE)
+    with pytest.raises(ConfigError, match="set RANK, MASTER_ADDR, MASTER_PORT"):
+        LLM(tiny_mixtral, parallel="ep", world_size=2, **ENGINE)
