@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +28,10 @@ from sluice.gateway.backends.contract import Backend
 from sluice.gateway.backends.registry import ModelRegistry, build_backend, discover
 from sluice.gateway.backends.routing import Router, RoutingConfig, check_routing
 from sluice.gateway.backends.runtime import Pool, Runtime
+from sluice.gateway.db.models import to_utc
 from sluice.gateway.db.session import create_engine, sessionmaker
 from sluice.gateway.economics.budgets import Budgets
-from sluice.gateway.economics.prices import open_price_table, refresh_prices
+from sluice.gateway.economics.prices import PriceTable, open_price_table, refresh_prices
 from sluice.gateway.ledger.audit import AuditLog, audit_key, checkpoint_file, default_instance_id
 from sluice.gateway.ledger.key_cache import KeyCacheFile
 from sluice.gateway.ledger.metering import Meter
@@ -113,7 +116,10 @@ async def open_state(settings: Settings, stack: contextlib.AsyncExitStack, *,
                   wal=UsageWAL(settings.spool_dir / "wal"),
                   batch_size=settings.meter_batch_size,
                   flush_interval_s=settings.meter_flush_interval_s)
-    meter.start()
+    # Prices before the meter starts: requests recovered from a crashed process's usage
+    # WAL are priced like any other.
+    prices = await open_price_table(db, settings.prices)
+    meter.start(price=functools.partial(_price_recovered, prices))
     stack.push_async_callback(meter.close)  # every usage record written (or spooled)
 
     ratelimit = RateLimitStage(limiter)
@@ -125,7 +131,7 @@ async def open_state(settings: Settings, stack: contextlib.AsyncExitStack, *,
     router = Router(registry, RoutingConfig(groups=settings.groups, aliases=settings.aliases),
                     pools=runtime.pools, busy=lambda name: _busy(runtime.pools[name]))
     check_routing(router.config, registry)
-    spend = await _spend(settings, db, audit, telemetry, stack)
+    spend = await _spend(settings, db, audit, telemetry, stack, prices)
     await runtime.start()
     stack.push_async_callback(runtime.close)  # drains in-flight requests first
 
@@ -158,10 +164,9 @@ async def open_state(settings: Settings, stack: contextlib.AsyncExitStack, *,
 
 
 async def _spend(settings: Settings, db: AsyncEngine, audit: AuditLog, telemetry: Telemetry,
-                 stack: contextlib.AsyncExitStack) -> Spend:
+                 stack: contextlib.AsyncExitStack, prices: PriceTable) -> Spend:
     """Prices (kept in step with other replicas), budgets and the response cache. Closed
     after the runtime has drained, so the last calls' budgets settle."""
-    prices = await open_price_table(db, settings.prices)
     refresh = asyncio.create_task(refresh_prices(db, prices, PRICE_REFRESH_S))
     stack.push_async_callback(_cancel, refresh)
 
@@ -176,6 +181,13 @@ async def _spend(settings: Settings, db: AsyncEngine, audit: AuditLog, telemetry
     spend = Spend(prices, budgets, cache, telemetry)
     stack.push_async_callback(spend.close)
     return spend
+
+
+def _price_recovered(prices: PriceTable, record: dict[str, Any]) -> int:
+    created = record["created_at"]
+    at = dt.datetime.fromisoformat(created) if isinstance(created, str) else created
+    return prices.cost(record["model"], to_utc(at), record["prompt_tokens"],
+                       record["completion_tokens"])
 
 
 def check_backends(settings: Settings) -> None:

@@ -269,3 +269,31 @@ async def test_threshold_webhook_is_retried_until_delivered(own_db: str) -> None
         server.close()
         await budgets.close()
         await engine.dispose()
+
+
+async def test_requests_recovered_after_a_crash_are_priced(tmp_path) -> None:  # noqa: ANN001
+    """A process killed with requests in flight leaves them in its usage WAL; the next
+    start writes them once, priced at the price in force when they were admitted."""
+    from sluice.gateway.db.session import create_engine, migrate
+    from sluice.gateway.ledger.metering import Meter
+    from sluice.gateway.ledger.wal import UsageWAL
+    from sluice.gateway.state import _price_recovered
+    from tests.gateway.test_wal import killed_child
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    engine = create_engine(url)
+    table = PriceTable([Price("echo", T0, input=3, output=5, cached_input=3)])
+    try:
+        killed_child(tmp_path / "wal")
+        meter = Meter(engine, wal=UsageWAL(tmp_path / "wal"), flush_interval_s=0.05)
+        meter.start(price=lambda record: _price_recovered(table, record))
+        await meter.flush()
+        await meter.close()
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(UsageEvent))).all()
+        assert len(rows) == 6
+        assert all(r.cost_pico == r.prompt_tokens * 3 + r.completion_tokens * 5 > 0
+                   for r in rows)
+    finally:
+        await engine.dispose()

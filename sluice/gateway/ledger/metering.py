@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -138,9 +139,12 @@ class Meter:
         """Usage can be made durable: the WAL, and the database or the spool, work."""
         return self.writer.durable and (self.wal is None or self.wal.ok)
 
-    def start(self) -> None:
+    def start(self, *, price: Callable[[dict[str, Any]], int] | None = None) -> None:
+        """Recover what crashed processes admitted (priced by ``price``), then write."""
         if self.wal is not None:
             for record in self.wal.recover():  # requests a killed process had admitted
+                if price is not None:
+                    record["cost_pico"] = price(record)
                 self.writer.add(record)
         self.writer.start()
 
