@@ -1,5 +1,6 @@
 """Tensor and expert parallelism on the CPU: two processes over gloo produce exactly the
-single-process engine's greedy tokens, each holding only its shard."""
+single-process engine's greedy tokens, each holding only its shard, before and after a
+sleep and wake."""
 
 from __future__ import annotations
 
@@ -42,8 +43,12 @@ def _rank(rank: int, port: int, mode: str, paths: list[str], out_dir: str) -> No
             llm = LLM(path, parallel=mode, world_size=2, **ENGINE)
             experts = [m.experts.experts.w13.shape[0] for m in llm.model.modules() if hasattr(m, "experts")
                        and hasattr(m.experts, "experts")]
-            result.append({"tokens": greedy(llm, llm.model.config.vocab_size),
-                           "kv_heads": llm.runner.kv_cache.shape[-2], "local_experts": experts})
+            tokens = greedy(llm, llm.model.config.vocab_size)
+            kv_heads = llm.runner.kv_cache.shape[-2]
+            llm.sleep()  # nothing parked yet: the wake reloads this rank's shard from the checkpoint
+            woke_from = llm.wake()
+            result.append({"tokens": tokens, "kv_heads": kv_heads, "local_experts": experts, "woke_from": woke_from,
+                           "after_wake": greedy(llm, llm.model.config.vocab_size)})
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         parallel.destroy()
@@ -84,6 +89,7 @@ def test_tensor_parallel_matches_one_process(single, tiny_mixtral, tiny_llama, t
         assert llama["tokens"] == single["llama"]  # dense MLP split the same way
         assert mixtral["kv_heads"] == llama["kv_heads"] == 1  # 2 KV heads, one per rank
         assert mixtral["local_experts"] == [4, 4]  # every expert, half of each one's intermediate dim
+        assert mixtral["woke_from"] == "checkpoint" and mixtral["after_wake"] == single["mixtral"]
     assert single["mixtral"][0] != single["mixtral"][1]
 
 
@@ -93,6 +99,7 @@ def test_expert_parallel_matches_one_process(single, tiny_mixtral, tmp_path):
         assert mixtral["tokens"] == single["mixtral"]
         assert mixtral["kv_heads"] == 1
         assert mixtral["local_experts"] == [2, 2]  # 4 experts, two whole ones per rank per layer
+        assert mixtral["woke_from"] == "checkpoint" and mixtral["after_wake"] == single["mixtral"]
 
 
 def test_bad_parallel_options_fail_before_waiting_for_peers(tiny_mixtral, monkeypatch):
