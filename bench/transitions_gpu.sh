@@ -39,7 +39,7 @@ compile_cache_dir = "$1"
 [backends.mixtral.pool]
 min_workers = 0
 max_workers = 1
-idle_timeout_s = 12
+idle_timeout_s = 8
 idle_action = "sleep"
 max_concurrency = 128
 queue_size = 256
