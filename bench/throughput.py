@@ -4,18 +4,24 @@ Defaults to the tiny random Mixtral on the CPU (no checkpoint needed). Real shap
 with random weights built directly on the device:
 
     python -m bench.throughput --preset mixtral-8x7b --random-weights --num-layers 4 --dtype bfloat16
+
+Tensor or expert parallel, one process per GPU (rank 0 prints; docs/parallel.md):
+
+    torchrun --nproc-per-node 2 -m bench.throughput --parallel tp --preset mixtral-8x7b --random-weights --dtype fp8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from sluice.engine import parallel
 from sluice.engine.config import PRESETS, ModelConfig
 from sluice.engine.llm import LLM
 from sluice.engine.sampling import SamplingParams
@@ -57,7 +63,8 @@ def run_batch(llm: LLM, batch: int, prompt_len: int, decode_len: int, seed: int 
 def build_llm(args: argparse.Namespace) -> tuple[LLM, str]:
     common = dict(dtype=args.dtype, device=args.device, max_num_seqs=max(args.batch_sizes),
                   max_model_len=args.prompt_len + args.decode_len + 16, enforce_eager=args.eager,
-                  max_num_batched_tokens=args.max_batched_tokens, warm_in_background=False, progress=False)
+                  max_num_batched_tokens=args.max_batched_tokens, warm_in_background=False, progress=False,
+                  parallel=args.parallel, world_size=args.world_size)
     if args.model:
         return LLM(args.model, **common), args.model
     if args.preset != "tiny-mixtral" and not args.random_weights:
@@ -84,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--parallel", choices=["none", "tp", "ep"], default="none", help="under torchrun, one rank a GPU")
+    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,14 +102,19 @@ def main(argv: list[str] | None = None) -> None:
     # distinct prompts per batch (seed): a repeated batch would time prefix-cache hits
     results = [run_batch(llm, b, args.prompt_len, args.decode_len, seed=1 + i) for i, b in enumerate(args.batch_sizes)]
     info = {"model": label, "device": str(llm.runner.device), "dtype": str(llm.runner.dtype).removeprefix("torch."),
-            "cuda_graphs": llm.runner.graphs is not None, "threads": torch.get_num_threads()}
+            "cuda_graphs": llm.runner.graphs is not None, "threads": torch.get_num_threads(),
+            "parallel": f"{args.parallel}={args.world_size}"}
+    parallel.destroy()
+    if llm.sharding.group.rank != 0:  # every rank ran the same steps; rank 0 reports
+        return
     if args.json:
         print(json.dumps({**info, "results": [asdict(r) for r in results]}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{label} on {info['device']} ({info['dtype']}, cuda graphs: {info['cuda_graphs']})")
+    table = Table(title=f"{label} on {info['device']} ({info['dtype']}, cuda graphs: {info['cuda_graphs']}, "
+                        f"parallel {info['parallel']})")
     for col in ("batch", "prompt", "decode", "TTFT s", "prefill tok/s", "decode tok/s", "total s"):
         table.add_column(col, justify="right")
     for r in results:
