@@ -48,7 +48,8 @@ def upstream() -> Iterator[FaultyUpstream]:
 
 def _upstream(url: str) -> BackendConfig:
     return BackendConfig(plugin="openai_upstream", options={
-        "base_url": url, "models": {"m": "m"}, "timeout_s": 0.5, "tokenizer": "none"})
+        "base_url": url, "models": {"m": "m"}, "timeout_s": 0.5, "answer_timeout_s": 0.5,
+        "tokenizer": "none"})
 
 
 @pytest.fixture
