@@ -84,6 +84,7 @@ async def embeddings(request: Request) -> Response:
     try:
         await pipeline.ratelimit.admit(call)
         await pipeline.spend.admit(call)  # budgets count embeddings too
+        await pipeline.recorder.open(call)  # write-ahead usage record, as for completions
         call.dispatched = True
         async with call.pool.lease() as worker:
             result = await worker.backend.embed(job)
