@@ -107,9 +107,8 @@ async def _stream(state: AppState, call: Any) -> Response:
         raise
     if call.error is not None:
         await events.aclose()  # the pipeline has ended the call (metered, settled)
-        response = call.error.to_response()
-        response.headers.update(call.headers)
-        return response
+        call.error.headers = {**call.headers, **call.error.headers}  # the failure's win
+        return call.error.to_response()
 
     async def body() -> AsyncIterator[bytes]:
         try:
