@@ -4,9 +4,10 @@ A decode-only step replays the graph captured at the smallest batch-size bucket 
 holds it; a step with prefill chunks (varlen) the graph captured at the smallest padded
 token count with room for every sequence row, since the varlen attention kernel's
 launch depends on those two numbers alone. No graph is captured on the way to a first
-token: until a size has its graph its steps run eagerly through the same static inputs,
-and ``capture_next`` (called by the engine between steps while it has nothing to do)
-captures the missing ones, decode sizes first. All graphs share one memory pool: they
+token: until then steps run eagerly through the same static inputs. After it, a step
+whose size has no graph captures it first (``ensure``: first use), and ``capture_next``
+(called by the engine between steps while it has nothing to do) captures the missing
+ones, decode sizes first. All graphs share one memory pool: they
 never run at once, and each output is read before the next replay.
 """
 
@@ -58,12 +59,22 @@ class CudaGraphs:
         return [g for g in todo if g not in self._failed]
 
     def capture_next(self) -> bool:
-        """Capture one missing graph (between steps: the static inputs are reset to
-        padding first). False when none is missing."""
+        """Capture one missing graph (between steps). False when none is missing."""
         todo = self.missing()
         if not todo:
             return False
-        kind, size = todo[0]
+        self.capture(*todo[0])
+        return True
+
+    def ensure(self, kind: str, size: int) -> bool:
+        """Capture the graph of ``kind`` ("decode" or "varlen") and ``size`` unless it is
+        captured or failed before (first use); whether it is there now."""
+        if (kind, size) in self.missing():
+            self.capture(kind, size)
+        return size in (self.decode if kind == "decode" else self.varlen)
+
+    def capture(self, kind: str, size: int) -> None:
+        """Capture one graph, between steps: its static inputs are reset to padding first."""
         try:
             if kind == "decode":
                 self.decode_inputs.reset()
@@ -77,7 +88,6 @@ class CudaGraphs:
         if not self.missing():
             log.info("CUDA graphs captured: decode at batch sizes %s, varlen at token counts %s",
                      sorted(self.decode), sorted(self.varlen))
-        return True
 
     def capture_all(self) -> None:
         while self.capture_next():

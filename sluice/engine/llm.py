@@ -164,6 +164,7 @@ class LLM:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self.runner.capture_on_first_use = self.steps > 0
         logits = self.runner.run(batch)
         self.steps += 1
         samplers = self._sampling_sequences(batch)

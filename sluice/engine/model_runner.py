@@ -3,8 +3,9 @@ weights' parking place.
 
 A step's inputs live in static buffers (engine/step_inputs.py); on CUDA a step replays
 a graph when one is captured for its size (engine/cuda_graphs.py) and runs eagerly on
-the same inputs otherwise. Graphs and the weights' host copy (engine/offload.py) are
-made by ``warm_step`` while the engine is idle, never on the way to a first token.
+the same inputs otherwise. Graphs are captured on first use once the engine has produced
+a token, and the rest (and the weights' host copy, engine/offload.py) by ``warm_step``
+while the engine is idle: never on the way to a first token.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class ModelRunner:
                                                      self.kernels),
                                  self.varlen, self.varlen_sizes, self.block_size) if cuda_graphs else None
         self.parking = WeightParking(model, reload)
+        # Set by the engine once it has produced a token (since its start or wake): from
+        # then on a step whose size has no CUDA graph captures it first.
+        self.capture_on_first_use = False
 
     # ---- the step -------------------------------------------------------
 
@@ -77,16 +81,20 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Forward one step; returns fp32 logits (S, V) for the sequences that sample now:
         every decode, and every prefill whose chunk reaches the end of its tokens."""
+        graphs = self.graphs
         if not batch.prefill:
-            if self.graphs is not None and len(batch.decode) in self.graphs.buckets:
-                return self.model.compute_logits(self.graphs.run_decode(batch))
+            if graphs is not None and len(batch.decode) in graphs.buckets:
+                if self.capture_on_first_use:
+                    graphs.ensure("decode", graphs.buckets[len(batch.decode)])
+                return self.model.compute_logits(graphs.run_decode(batch))
             input_ids, positions, meta, sample_rows = self._prepare_decode(batch)
             return self.model.compute_logits(self.model(input_ids, positions, meta)[sample_rows])
         n = batch.num_tokens
         size = next((x for x in self.varlen_sizes if x >= n), None)
-        if size is not None and self.graphs is not None and size in self.graphs.varlen:
+        if size is not None and graphs is not None and (
+                size in graphs.varlen or (self.capture_on_first_use and graphs.ensure("varlen", size))):
             rows = self.varlen.load(batch, size, self.block_size)
-            hidden = self.graphs.replay_varlen(size)
+            hidden = graphs.replay_varlen(size)
         else:  # no graph of this size (yet): eager, on exactly the step's tokens
             input_ids, positions, meta, rows = self.prepare_varlen(batch)
             hidden = self.model(input_ids, positions, meta)
