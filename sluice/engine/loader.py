@@ -149,6 +149,18 @@ class Checkpoint:
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{f.name}: cannot read tensor {name} ({exc})") from None
 
+    def part(self, name: str, index: tuple[slice, ...] | None) -> torch.Tensor:
+        """``name[index]`` read without the rest of the tensor (None: all of it; FP8
+        tensors are read whole, to dequantize them)."""
+        if index is None or self.is_fp8(name) or name in self.staged:
+            t = self.dense(name)
+            return t if index is None else t[index]
+        f = self.location[name][0]
+        try:
+            return self.handles[f].get_slice(name)[index]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{f.name}: cannot read tensor {name} ({exc})") from None
+
     def stager(self, groups: list[list[str]]) -> LayerStager:
         """Parallel page-locked reads of ``groups`` of tensors, one group ahead."""
         extents = {}
@@ -201,8 +213,9 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
     ``stage`` (default: on CUDA) reads each layer into page-locked memory with parallel
     reads while the previous one is copied to the device (engine/staging.py). ``stats``,
     when given, receives the seconds spent waiting for staged reads and the bytes staged.
-    ``shard`` cuts each layer to this rank's part once it is filled (before fp8 quantization):
-    every rank reads whole tensors but holds its shard plus one whole layer at most."""
+    ``shard`` (tensor/expert parallel) cuts each layer to this rank's shapes before it is
+    filled and reads only this rank's part of each tensor (no staging); random weights
+    are drawn whole, alike on every rank, then cut. FP8 quantization comes after."""
     with _default_dtype(dtype), torch.device(device):
         model = CausalLM(cfg, max_positions, build_layers=False).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -216,7 +229,8 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
             (lambda name: _random_(destination(model, name), name, gen))
         fill(top[0])  # embeddings, layers, then the rest: the order of init_random_
         stager = None
-        if ckpt is not None and (stage if stage is not None else torch.device(device).type == "cuda"):
+        sharded = shard is not None and shard.active
+        if ckpt is not None and (stage if stage is not None else torch.device(device).type == "cuda" and not sharded):
             stager = ckpt.stager([[k for k in ckpt.location if k.startswith(f"model.layers.{n}.")]
                                   for n in range(cfg.num_layers)])
             stack.callback(stager.close)
@@ -238,12 +252,17 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
                 if fp8:
                     used = _install_prequantized(layer, prefix, ckpt, device)
                     names = [k for k in names if k not in used]
-                for name in names:
-                    fill(name)
+                if sharded:  # this rank's shapes first, then only its part of each tensor
+                    shard.layer(layer)
+                    for name in names:
+                        shard.read(layer, name[len(prefix):], lambda index, name=name: ckpt.part(name, index))
+                else:
+                    for name in names:
+                        fill(name)
                 if stager is not None:
                     stager.release(n)
                     ckpt.staged = {}
-            if shard is not None:
+            if shard is not None and ckpt is None:
                 shard.layer(layer)
             if fp8:
                 quantize_fp8(layer)

@@ -14,8 +14,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from sluice.engine.config import ModelConfig
 from sluice.engine.errors import ConfigError
 from sluice.engine.llm import LLM
+from sluice.engine.loader import Checkpoint, expected_tensors, load_model
+from sluice.engine.parallel import Group, Sharding
 from sluice.engine.sampling import SamplingParams
 
 PROMPTS = [[1, 415, 2936, 9060, 285, 1142, 28705, 461, 10575], [1, 754, 272, 17898, 3914, 28723, 7, 300, 451, 28705,
@@ -111,3 +114,35 @@ def test_bad_parallel_options_fail_before_waiting_for_peers(tiny_mixtral, monkey
         LLM(tiny_mixtral, parallel="tp", world_size=3, **ENGINE)
     with pytest.raises(ConfigError, match="set RANK, MASTER_ADDR, MASTER_PORT"):
         LLM(tiny_mixtral, parallel="ep", world_size=2, **ENGINE)
+
+
+@pytest.mark.parametrize("mode", ["tp", "ep"])
+def test_each_rank_reads_only_its_part_of_the_checkpoint(tiny_mixtral, mode, monkeypatch):
+    cfg = ModelConfig.from_file(tiny_mixtral)
+    cpu, f32 = torch.device("cpu"), torch.float32
+    full = load_model(cfg, cpu, f32, tiny_mixtral, progress=False)
+    read: list[torch.Tensor] = []
+    part = Checkpoint.part
+    monkeypatch.setattr(Checkpoint, "part", lambda self, name, index: read.append(t := part(self, name, index)) or t)
+    layers = {n: torch.Size(s).numel() * 4 for n, s in expected_tensors(cfg).items() if n.startswith("model.layers.")}
+    replicated = sum(b for n, b in layers.items() if n.endswith(("norm.weight", "block_sparse_moe.gate.weight")))
+    layer_bytes = sum(layers.values())
+    ranks = []
+    for rank in range(2):
+        read.clear()
+        ranks.append(load_model(cfg, cpu, f32, tiny_mixtral, progress=False, shard=Sharding(mode, Group(rank, 2))))
+        # half of every split tensor, all of the norms and routers (top-level tensors: read as before)
+        assert sum(t.numel() * t.element_size() for t in read) == (layer_bytes - replicated) // 2 + replicated
+    for n, layer in enumerate(full.layers):
+        a, b = (m.layers[n] for m in ranks)
+        assert torch.equal(torch.cat([a.self_attn.o_proj.linear.weight, b.self_attn.o_proj.linear.weight], 1),
+                           layer.self_attn.o_proj.weight)
+        q = cfg.num_heads * cfg.head_dim
+        assert torch.equal(torch.cat([a.self_attn.qkv_proj.weight[:q // 2], b.self_attn.qkv_proj.weight[:q // 2]]),
+                           layer.self_attn.qkv_proj.weight[:q])
+        w2 = [m.mlp.experts.experts.w2 for m in (a, b)]
+        if mode == "tp":
+            assert torch.equal(torch.cat(w2, dim=2), layer.mlp.experts.w2)
+        else:
+            assert torch.equal(w2[0], layer.mlp.experts.w2[0::2]) and torch.equal(w2[1], layer.mlp.experts.w2[1::2])
+    assert ranks[0].config.num_kv_heads == 1 and full.config.num_kv_heads == 2

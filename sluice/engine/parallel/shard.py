@@ -21,6 +21,8 @@ same logits and samples the same tokens.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,6 +36,7 @@ from sluice.engine.models.mixtral import CausalLM, DecoderLayer, DenseMLP, SelfA
 from sluice.engine.parallel.group import Group, join as join_group
 
 MODES = ("none", "tp", "ep")
+Index = tuple[slice, ...]  # a part of a checkpoint tensor
 
 
 class RowParallel(nn.Module):
@@ -104,7 +107,8 @@ class Sharding:
         return self.group.world > 1
 
     def layer(self, layer: DecoderLayer) -> None:
-        """Cut ``layer`` (its weights loaded) down to this rank's shard, in place."""
+        """Cut ``layer`` down to this rank's shard, in place: a loaded layer's weights, or
+        an empty layer's shapes before ``read`` fills it."""
         if not self.active:
             return
         self._attention(layer.self_attn)
@@ -133,6 +137,44 @@ class Sharding:
             raise ConfigError(f"intermediate_size {intermediate_size} does not split across {t} ranks")
         if self.mode == "ep" and num_experts and num_experts < t:
             raise ConfigError(f"{num_experts} experts cannot be placed on {t} ranks")
+
+    def read(self, layer: DecoderLayer, rest: str, get: Callable[[Index | None], torch.Tensor]) -> None:
+        """Fill ``layer``, already cut to this rank's shapes, from checkpoint tensor ``rest``
+        (its name inside the layer) reading only this rank's part: ``get(index)`` reads
+        that part of it (None: all of it). Another rank's expert is not read at all."""
+        r, t, attn, mlp = self.group.rank, self.group.world, layer.self_attn, layer.mlp
+
+        def span(n: int) -> slice:  # this rank's n of the checkpoint's t * n
+            return slice(r * n, (r + 1) * n)
+
+        if rest[:10] == "self_attn." and rest[10] in "qkv":
+            rows = attn.qkv_proj.shard_rows("qkv".index(rest[10]))
+            attn.qkv_proj.weight[rows].copy_(get((span(rows.stop - rows.start),)))
+        elif rest == "self_attn.o_proj.weight":
+            w = attn.o_proj.linear.weight  # (D, Hq/t Dh)
+            w.copy_(get((slice(None), span(w.shape[1]))))
+        elif m := re.fullmatch(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight", rest):
+            e, experts = int(m.group(1)), mlp.experts.experts
+            inter = experts.w2.shape[2]  # this rank's I
+            part = span(inter)
+            if self.mode == "ep":
+                if e % t != r:
+                    return
+                e, part = e // t, slice(None)
+            if m.group(2) == "w2":
+                experts.w2[e].copy_(get((slice(None), part)))
+            else:  # w13: w1 rows, then w3 rows
+                dest = experts.w13[e, :inter] if m.group(2) == "w1" else experts.w13[e, inter:]
+                dest.copy_(get((part,)))
+        elif rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+            rows = mlp.gate_up_proj.shard_rows(int(rest == "mlp.up_proj.weight"))
+            mlp.gate_up_proj.weight[rows].copy_(get((span(rows.stop - rows.start),)))
+        elif rest == "mlp.down_proj.weight":
+            w = mlp.down_proj.linear.weight  # (D, I/t)
+            w.copy_(get((slice(None), span(w.shape[1]))))
+        else:  # norms and the router: every rank holds them whole
+            path = rest.replace("block_sparse_moe.", "mlp.").removesuffix(".weight")
+            layer.get_submodule(path).weight.copy_(get(None))
 
     def _span(self, total: int) -> slice:
         n = total // self.group.world
