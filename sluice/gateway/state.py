@@ -195,7 +195,7 @@ def check_backends(settings: Settings) -> None:
     option fails here, as one SettingsError line, before a server starts."""
     plugins = discover(settings.plugins)
     for name, config in settings.backends.items():
-        build_backend(name, config, plugins)
+        build_backend(name, config, plugins, (config.pool.devices or (None,))[0])
 
 
 def _backends(settings: Settings, plugins: dict[str, type[Backend]],
@@ -206,10 +206,10 @@ def _backends(settings: Settings, plugins: dict[str, type[Backend]],
     runtime = Runtime()
     probes: dict[str, Backend] = {}
     for name, config in settings.backends.items():
-        probes[name] = build_backend(name, config, plugins)
+        probes[name] = build_backend(name, config, plugins, (config.pool.devices or (None,))[0])
         registry.add(name, probes[name])
         runtime.add(
-            Pool(name, lambda n=name, c=config: build_backend(n, c, plugins), config.pool)
+            Pool(name, lambda device=None, n=name, c=config: build_backend(n, c, plugins, device), config.pool)
         )
     return registry, runtime, probes
 

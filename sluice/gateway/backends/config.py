@@ -28,6 +28,10 @@ class PoolConfig(BaseModel):
     queue_size: int = Field(256, ge=0)
     queue_timeout_s: float = Field(30.0, gt=0)
     start_timeout_s: float = Field(600.0, gt=0)
+    # Data parallel: one worker per device at most, each started, balanced and scaled to
+    # zero on its own; the backend's factory gets the device (its `device` option). None:
+    # every worker on the backend's own device.
+    devices: tuple[str, ...] | None = Field(None, min_length=1)
 
 
 class BackendConfig(BaseModel):

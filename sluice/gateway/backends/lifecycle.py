@@ -24,7 +24,7 @@ MAX_START_BACKOFF_S = 60.0
 
 
 class WorkerSet:
-    def __init__(self, name: str, factory: Callable[[], Backend], config: PoolConfig,
+    def __init__(self, name: str, factory: Callable[..., Backend], config: PoolConfig,
                  on_change: Callable[[bool], None]) -> None:
         self.name = name
         self.config = config
@@ -63,16 +63,29 @@ class WorkerSet:
         if asleep is not None:  # waking beats a cold start
             asleep.enter(WorkerState.WAKING)
             self._track(self._wake(asleep))
-        elif len(self.workers) < self.config.max_workers and time.monotonic() >= self.retry_at:
+        elif len(self.workers) < self.config.max_workers and time.monotonic() >= self.retry_at \
+                and (self.config.devices is None or self._free_device() is not None):
             self.spawn()  # (workers still stopping count: their memory is not free yet)
 
     # -- transitions ---------------------------------------------------------------------
 
     def spawn(self) -> None:
-        worker = Worker(id=self._next_id, backend=self._factory())
+        """Start a worker; in a data-parallel pool on a free device (none free: none started)."""
+        if self.config.devices is None:
+            backend, device = self._factory(), None
+        elif (device := self._free_device()) is not None:
+            backend = self._factory(device)  # the factory places the backend on it
+        else:
+            return
+        worker = Worker(id=self._next_id, backend=backend, device=device)
         self._next_id += 1
         self.workers.append(worker)
         self._track(self._start(worker))
+
+    def _free_device(self) -> str | None:
+        """The first device no worker holds (a stopping one still holds its memory)."""
+        held = {w.device for w in self.workers}
+        return next((d for d in self.config.devices or () if d not in held), None)
 
     def retire(self, worker: Worker) -> None:
         """Stop a worker; it stays in the set (STOPPING) until its memory is released."""

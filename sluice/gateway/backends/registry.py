@@ -35,15 +35,20 @@ def discover(allowed: tuple[str, ...] | None = None) -> dict[str, type[Backend]]
     return found
 
 
-def build_backend(name: str, config: BackendConfig, plugins: dict[str, type[Backend]]) -> Backend:
+def build_backend(name: str, config: BackendConfig, plugins: dict[str, type[Backend]],
+                  device: str | None = None) -> Backend:
+    """The backend of ``config``; on ``device`` (its ``device`` option) for a data-parallel pool."""
     cls = plugins.get(config.plugin)
     if cls is None:
         known = ", ".join(sorted(plugins)) or "none"
         raise SettingsError(
             f"backend '{name}': unknown plugin '{config.plugin}' (installed: {known})"
         )
+    if device is not None and "device" not in cls.Options.model_fields:
+        raise SettingsError(f"backend '{name}': pool.devices needs a plugin with a device option "
+                            f"('{config.plugin}' has none)")
     try:
-        options = cls.Options.model_validate(config.options)
+        options = cls.Options.model_validate(config.options | ({"device": device} if device else {}))
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])

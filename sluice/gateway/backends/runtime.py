@@ -33,7 +33,9 @@ log = logging.getLogger("sluice.runtime")
 
 
 class Pool:
-    def __init__(self, name: str, factory: Callable[[], Backend], config: PoolConfig) -> None:
+    def __init__(self, name: str, factory: Callable[..., Backend], config: PoolConfig) -> None:
+        """``factory()`` makes a worker's backend; ``factory(device)`` in a pool with
+        ``devices`` (data parallel), one worker per device."""
         self.name = name
         self.config = config
         self.workers = WorkerSet(name, factory, config, self._changed)

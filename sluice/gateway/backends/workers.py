@@ -54,6 +54,7 @@ class Worker:
     cold_start_s: float | None = None
     wake_s: float | None = None
     wake_when_asleep: bool = False  # someone arrived while it was going to sleep
+    device: str | None = None  # its pool's device it holds (data-parallel pools)
 
     def enter(self, state: WorkerState) -> float:
         """Move to ``state``; returns the seconds spent in the previous one."""
@@ -105,6 +106,7 @@ def worker_status(worker: Worker, now: float) -> dict[str, Any]:
     in_transition = worker.state in TRANSITION_OF
     return {
         "id": worker.id,
+        "device": worker.device,
         "state": str(worker.state),
         "state_for_s": round(now - worker.state_since, 3),
         "transition": TRANSITION_OF.get(worker.state) if in_transition else None,
