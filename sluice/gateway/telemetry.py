@@ -163,6 +163,8 @@ class Telemetry:
                                  namespace=ns, registry=reg)  # fmt: skip
         self.pool_workers = Gauge("pool_workers", "Workers by state", ["backend", "state"],
                                   namespace=ns, registry=reg)  # fmt: skip
+        self.device_workers = Gauge("pool_device_workers", "Workers by device and state (data-parallel "
+                                    "pools)", ["backend", "device", "state"], namespace=ns, registry=reg)
         self.cold_starts = Gauge("pool_cold_starts", "Cold starts since the gateway started",
                                  ["backend"], namespace=ns, registry=reg)  # fmt: skip
         self.last_cold_start = Gauge("pool_last_cold_start_seconds", "Duration of the last "
@@ -272,6 +274,9 @@ class Telemetry:
     def set_pool_workers(self, backend: str, state: str, count: int) -> None:
         """``state``: e.g. ``idle``, ``busy``, ``starting``."""
         self.pool_workers.labels(backend=backend, state=state).set(count)
+
+    def set_device_workers(self, backend: str, device: str, state: str, count: int) -> None:
+        self.device_workers.labels(backend=backend, device=device, state=state).set(count)
 
     def set_pool_starts(self, backend: str, *, cold_starts: int, last_cold_start_s: float | None,
                         wakes: int, last_wake_s: float | None) -> None:

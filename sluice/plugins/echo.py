@@ -49,6 +49,7 @@ class EchoBackend(Backend):
         ttft_ms: float = Field(default=0.0, ge=0)  # time to first token
         tokens_per_s: float = Field(default=0.0, ge=0)  # 0: as fast as possible
         max_output_tokens: int = Field(default=256, ge=0)
+        device: str | None = None  # set by a data-parallel pool (any name: nothing runs on it)
         #: Fault injection for crash/recovery tests: raise BackendError mid-stream
         #: once this many completion tokens were streamed (if the answer is that long).
         fail_after_tokens: int | None = Field(default=None, ge=0)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from sluice.gateway.backends.contract import ChatMessage, GenerationRequest, SamplingParams
@@ -12,6 +14,7 @@ from sluice.gateway.backends.runtime import Pool
 from sluice.gateway.errors import SettingsError
 from sluice.gateway.settings import BackendConfig, PoolConfig
 from sluice.plugins.echo import EchoBackend
+from tests.conftest import GatewayServer, echo_settings
 
 DEVICES = ("fake:0", "fake:1")
 
@@ -77,6 +80,40 @@ async def test_at_most_one_worker_per_device() -> None:
 
 
 def test_devices_need_a_plugin_with_a_device_option() -> None:
-    config = BackendConfig(plugin="echo", pool=PoolConfig(devices=DEVICES))
+    from sluice.plugins.openai_upstream import OpenAIUpstreamBackend  # an upstream has no device
+
+    config = BackendConfig(plugin="openai", options={"base_url": "http://127.0.0.1:9"},
+                           pool=PoolConfig(devices=DEVICES))
     with pytest.raises(SettingsError, match="pool.devices needs a plugin with a device option"):
-        build_backend("echo", config, {"echo": EchoBackend}, "fake:0")
+        build_backend("up", config, {"openai": OpenAIUpstreamBackend}, "fake:0")
+
+
+def test_gateway_places_workers_on_devices_and_shows_them(sqlite_url: str) -> None:
+    from sluice.gateway.dashboard.reports import runtime_rows
+    from sluice.gateway.dashboard.web import templates
+
+    pool_config = PoolConfig(max_workers=2, max_concurrency=1, idle_timeout_s=60, queue_size=50, devices=DEVICES)
+    settings = echo_settings(sqlite_url, backends={
+        "echo": BackendConfig(plugin="echo", options={"tokens_per_s": 50}, pool=pool_config)})
+    server = GatewayServer(settings).start()
+    try:
+        key = server.tenant_key()
+
+        def ask(i: int) -> int:
+            return httpx.post(server.base_url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                              json={"model": "echo", "messages": [{"role": "user", "content": f"a b c d {i}"}]},
+                              timeout=30).status_code
+
+        with ThreadPoolExecutor(4) as threads:
+            assert list(threads.map(ask, range(4))) == [200] * 4
+        pool = server.gateway.runtime.pools["echo"]
+        assert sorted(w.device for w in pool.workers.workers) == list(DEVICES)
+        assert all(w.backend.opts.device == w.device for w in pool.workers.workers)  # the plugin's option
+        metrics = httpx.get(server.base_url + "/metrics").text
+        for device in DEVICES:
+            assert f'sluice_pool_device_workers{{backend="echo",device="{device}",state="ready"}} 1.0' in metrics
+        html = templates.env.get_template("runtime.html").render(
+            pools=runtime_rows(server.gateway.runtime.status()), request=None)
+        assert 'data-device="fake:0"' in html and 'data-device="fake:1"' in html and "fake:0, fake:1" in html
+    finally:
+        server.stop()

@@ -45,6 +45,10 @@ async def metrics(request: Request) -> Response:
             counts[worker["state"]] = counts.get(worker["state"], 0) + 1
         for state, count in counts.items():
             telemetry.set_pool_workers(status["backend"], state, count)
+        for device in status["config"].get("devices") or ():  # data-parallel pools: per device
+            on = [w["state"] for w in status["workers"] if w.get("device") == device]
+            for state in counts:
+                telemetry.set_device_workers(status["backend"], device, state, on.count(state))
         telemetry.set_pool_starts(
             status["backend"], cold_starts=status["cold_starts"],
             last_cold_start_s=status["last_cold_start_s"], wakes=status["wakes"],
