@@ -57,14 +57,47 @@ def _rank(rank: int, port: int, mode: str, paths: list[str], out_dir: str) -> No
         parallel.destroy()
 
 
+def _mirrored_rank(rank: int, port: int, mode: str, paths: list[str], out_dir: str) -> None:
+    """Rank 0 serves through a Leader (greedy, sampled, aborted, sleep/wake); rank 1 follows."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from sluice.engine import parallel
+
+    try:
+        llm = LLM(paths[0], parallel=mode, world_size=2, **ENGINE)
+        if rank:
+            result: dict = {"followed": parallel.follow(llm)}
+        else:
+            leader, vocab = parallel.Leader(llm), llm.model.config.vocab_size
+            greedy_out = leader.generate([[t % vocab for t in p] for p in PROMPTS],
+                                         SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+            [sampled] = leader.generate([PROMPTS[0]], SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS,
+                                                                    ignore_eos=True))  # no seed: rank 0's draw
+            cut = leader.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+            while cut.num_completion_tokens < 3:
+                leader.step()
+            leader.abort(cut.seq_id)
+            leader.sleep()
+            leader.wake()
+            again = leader.generate([[t % vocab for t in p] for p in PROMPTS],
+                                    SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+            leader.close()
+            result = {"greedy": [c.token_ids for c in greedy_out], "again": [c.token_ids for c in again],
+                      "all": {c.request_id: c.token_ids for c in greedy_out + [sampled] + again}
+                      | {cut.request_id: cut.completion_token_ids}}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        parallel.destroy()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_two_ranks(mode: str, paths: list[Path], tmp_path: Path) -> list[list[dict]]:
-    ctx = mp.start_processes(_rank, args=(_free_port(), mode, [str(p) for p in paths], str(tmp_path)),
+def run_two_ranks(mode: str, paths: list[Path], tmp_path: Path, fn=_rank) -> list:
+    ctx = mp.start_processes(fn, args=(_free_port(), mode, [str(p) for p in paths], str(tmp_path)),
                              nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
@@ -146,3 +179,11 @@ def test_each_rank_reads_only_its_part_of_the_checkpoint(tiny_mixtral, mode, mon
         else:
             assert torch.equal(w2[0], layer.mlp.experts.w2[0::2]) and torch.equal(w2[1], layer.mlp.experts.w2[1::2])
     assert ranks[0].config.num_kv_heads == 1 and full.config.num_kv_heads == 2
+
+
+def test_rank_zero_leads_and_the_other_rank_follows(single, tiny_mixtral, tmp_path):
+    """Requests arrive at rank 0 only (as a server's would); rank 1 repeats its calls."""
+    leader, follower = run_two_ranks("tp", [tiny_mixtral], tmp_path, fn=_mirrored_rank)
+    assert leader["greedy"] == leader["again"] == single["mixtral"]
+    assert follower["followed"] == leader["all"]  # same tokens on both ranks, sampled and aborted included
+    assert len(leader["all"]) == 2 * len(PROMPTS) + 2

@@ -9,7 +9,8 @@ A caller that has set up its own process group keeps it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,9 @@ from sluice.engine.errors import ConfigError
 class Group:
     rank: int = 0
     world: int = 1
+    # gloo group for rank 0's calls to the others (parallel/mirror.py), beside the default
+    # group the forward pass reduces over (NCCL on GPUs)
+    control: Any = field(default=None, compare=False, repr=False)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over ranks, in place (every rank gets the same tensor back)."""
@@ -44,7 +48,7 @@ def join(world_size: int, device: torch.device) -> Group:
                                 rank=int(os.environ["RANK"]))
     if dist.get_world_size() != world_size:
         raise ConfigError(f"world_size={world_size}, but the process group has {dist.get_world_size()} ranks")
-    return Group(dist.get_rank(), world_size)
+    return Group(dist.get_rank(), world_size, dist.new_group(backend="gloo"))
 
 
 def agree_min(n: int, device: torch.device) -> int:
