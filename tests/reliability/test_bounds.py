@@ -301,3 +301,33 @@ async def test_pooled_sqlite_connections_recover_after_a_read_only_episode(
             assert (await conn.execute(text("SELECT x FROM t"))).scalars().all() == [2]
     finally:
         await engine.dispose()
+
+
+def test_streaming_overload_is_a_503_before_any_byte(sqlite_url: str) -> None:
+    from sluice.gateway.settings import BackendConfig
+
+    backends = {"echo": BackendConfig(plugin="echo", options={"tokens_per_s": 4}, pool={
+        "min_workers": 1, "max_workers": 1, "max_concurrency": 1, "queue_size": 0})}
+    server = GatewayServer(echo_settings(sqlite_url, backends=backends)).start()
+    try:
+        h = {"Authorization": f"Bearer {server.tenant_key('streams')}"}
+        body = {"model": "echo", "stream": True, "max_tokens": 12,
+                "messages": [{"role": "user", "content": "word " * 20}]}
+
+        async def run() -> tuple[int, httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+                async with client.stream("POST", "/v1/chat/completions", headers=h,
+                                         json=body) as first:
+                    async for _ in first.aiter_bytes():  # the only slot is held by this stream
+                        second = await client.post("/v1/chat/completions", headers=h, json={
+                            **body, "messages": [{"role": "user", "content": "another"}]})
+                        break
+                    return first.status_code, second
+
+        first, second = asyncio.run(run())
+    finally:
+        server.stop()
+    assert first == 200
+    assert second.status_code == 503, second.text  # not 200 + an error event
+    assert second.headers.get("retry-after") and "data:" not in second.text
+    assert second.json()["error"]["code"] == "service_unavailable"
