@@ -91,6 +91,8 @@ class LocalEngineBackend(Backend):
         engine, self._engine = self._engine, None
         if engine is not None:
             await asyncio.to_thread(engine.close)
+            if (close_ranks := getattr(engine.llm, "close", None)) is not None:  # a parallel engine's
+                await asyncio.to_thread(close_ranks)
             del engine
             import torch
 
@@ -131,12 +133,13 @@ class LocalEngineBackend(Backend):
         from sluice.engine.async_llm import AsyncLLM
         from sluice.engine.errors import EngineError
         from sluice.engine.llm import LLM
+        from sluice.engine.parallel import launch
 
         if not self.opts.model:
             self._ensure_tiny_model()
         engine = self.opts.model_dump(include=set(ENGINE_FIELDS) - {"model"})
-        try:
-            llm = LLM(self.model_dir, **engine)
+        try:  # world_size > 1: rank 0 here, the other ranks spawned (engine/parallel/launch.py)
+            llm = launch(self.model_dir, engine) if self.opts.world_size > 1 else LLM(self.model_dir, **engine)
         except EngineError as exc:
             raise BackendError(f"local engine: {exc}", status=500) from None
         self._tokenizer = llm.tokenizer

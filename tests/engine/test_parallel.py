@@ -187,3 +187,37 @@ def test_rank_zero_leads_and_the_other_rank_follows(single, tiny_mixtral, tmp_pa
     assert leader["greedy"] == leader["again"] == single["mixtral"]
     assert follower["followed"] == leader["all"]  # same tokens on both ranks, sampled and aborted included
     assert len(leader["all"]) == 2 * len(PROMPTS) + 2
+
+
+def test_local_backend_serves_a_two_rank_engine(tmp_path):
+    """The gateway's local backend with world_size=2: rank 0 in this process, rank 1
+    spawned; same text as one process, across a sleep and wake; stop ends rank 1."""
+    import asyncio
+
+    import torch.distributed as dist
+
+    from sluice.gateway.backends.contract import GenerationRequest
+    from sluice.gateway.backends.contract import SamplingParams as WireParams
+    from sluice.plugins.local_engine import LocalEngineBackend
+
+    request = GenerationRequest("r1", "tiny-mixtral", prompt="Once upon a time",
+                                sampling=WireParams(max_tokens=10, temperature=0))
+
+    async def serve(**options) -> tuple[list[str], list]:
+        backend = LocalEngineBackend(LocalEngineBackend.Options(
+            cache_dir=str(tmp_path), device="cpu", dtype="float32", max_num_seqs=4, num_kv_blocks=64,
+            max_model_len=256, **options))
+        await backend.start()
+        ranks = getattr(backend._engine.llm, "processes", [])
+        texts = ["".join([e.text async for e in backend.generate(request)])]
+        await backend.sleep()
+        await backend.wake()
+        texts.append("".join([e.text async for e in backend.generate(request)]))
+        await backend.stop()
+        return texts, ranks
+
+    single, _ = asyncio.run(serve())
+    both, ranks = asyncio.run(serve(parallel="tp", world_size=2))
+    assert single[0] and both == single == [single[0]] * 2
+    assert len(ranks) == 1 and not ranks[0].is_alive() and ranks[0].exitcode == 0
+    assert not dist.is_initialized()

@@ -15,6 +15,7 @@ constraint (structured outputs) are refused: their parse state does not travel y
 from __future__ import annotations
 
 import contextlib
+from multiprocessing.process import BaseProcess
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Any
 
@@ -41,10 +42,12 @@ class Leader:
     """Rank 0's engine, with the same methods as ``LLM``: calls that change its state
     are repeated by every other rank; everything else is rank 0's engine as is."""
 
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, processes: Seq[BaseProcess] = ()) -> None:
+        """``processes``: the other ranks, when this process started them (launch.py)."""
         if llm.sharding.group.rank != 0:
             raise ValueError("Leader runs on rank 0; the other ranks run follow(llm)")
         self.llm = llm
+        self.processes = list(processes)
 
     def __getattr__(self, name: str) -> Any:  # reads: asleep, has_unfinished, tokenizer, ...
         return getattr(self.llm, name)
@@ -96,9 +99,16 @@ class Leader:
 
         return LLM.generate(self, prompts, params)  # type: ignore[arg-type]  # its calls come back here
 
-    def close(self) -> None:
-        """Let the other ranks' ``follow`` return."""
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Let the other ranks' ``follow`` return; with ``processes``, wait for them and
+        leave the process group."""
         _broadcast(self.llm, (CLOSE,))
+        if self.processes:
+            for p in self.processes:
+                p.join(timeout_s)
+                if p.is_alive():
+                    p.kill()
+            dist.destroy_process_group()
 
 
 def follow(llm: LLM) -> dict[str, list[int]]:
