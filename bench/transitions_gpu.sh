@@ -39,7 +39,7 @@ compile_cache_dir = "$1"
 [backends.mixtral.pool]
 min_workers = 0
 max_workers = 1
-idle_timeout_s = 8
+idle_timeout_s = ${IDLE_S:-8}
 idle_action = "sleep"
 max_concurrency = 128
 queue_size = 256
@@ -65,8 +65,13 @@ stop() {
 }
 E2E="timeout 200 python3 $REPO/bench/e2e_client.py http://127.0.0.1:8400 $KEY mixtral-fp8"
 if serve fresh; then
-  $E2E "$OUT/e2e_fresh.json" --no-sleep > /dev/null 2>>"$OUT/run_log.txt"
-  log "fresh: $(python3 -c "import json;r=json.load(open('$OUT/e2e_fresh.json'));print('first token',r['cold_first_token_s'],'c1',r['c1'].get('chunk_gap_p50_ms'),'c64',r['c64'].get('chunk_gap_p50_ms'),r['c64'].get('chunk_gap_p90_ms'))")"
+  if [ -n "${SHORT:-}" ]; then  # the cold first token only, no batches (a short device run)
+    timeout 60 python3 $REPO/bench/transitions.py http://127.0.0.1:8400 $KEY mixtral-fp8 $ADMIN "$OUT/fresh.json" \
+      --first-token-only 2>>"$OUT/run_log.txt" | tee -a "$OUT/run_log.txt"
+  else
+    $E2E "$OUT/e2e_fresh.json" --no-sleep > /dev/null 2>>"$OUT/run_log.txt"
+    log "fresh: $(python3 -c "import json;r=json.load(open('$OUT/e2e_fresh.json'));print('first token',r['cold_first_token_s'],'c1',r['c1'].get('chunk_gap_p50_ms'),'c64',r['c64'].get('chunk_gap_p50_ms'),r['c64'].get('chunk_gap_p90_ms'))")"
+  fi
   timeout 150 python3 $REPO/bench/transitions.py http://127.0.0.1:8400 $KEY mixtral-fp8 $ADMIN "$OUT/transitions.json" \
     2>>"$OUT/run_log.txt" | grep -v mem_trace | tee -a "$OUT/run_log.txt"
   stop
