@@ -38,16 +38,7 @@ class MixtralTokenizer:
     @cached_property
     def _bytes(self) -> list[bytes]:
         """Each token's UTF-8 bytes; built on first decode (~50 ms), counting never needs it."""
-        return [self._piece_bytes(i) for i in range(self._sp.vocab_size())]
-
-    def _piece_bytes(self, token_id: int) -> bytes:
-        sp = self._sp
-        if sp.is_control(token_id) or sp.is_unknown(token_id):
-            return b""
-        piece = sp.id_to_piece(token_id)
-        if sp.is_byte(token_id):  # "<0xF0>": one raw byte of a UTF-8 sequence
-            return bytes((int(piece[3:5], 16),))
-        return piece.replace("\u2581", " ").encode()
+        return self._chat.token_bytes()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without BOS/EOS (empty text: no tokens)."""
