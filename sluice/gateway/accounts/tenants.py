@@ -218,9 +218,8 @@ class Accounts:
         actor: str = "system",
     ) -> CreatedKey:
         checked(KeySpec, {"name": name, "models": models, "rpm": rpm, "tpm": tpm})
-        if expires_in is not None and not (
-                dt.timedelta(0) < expires_in <= MAX_KEY_LIFETIME):
-            raise InvalidRequest(f"expires_in must be between 1s and {MAX_KEY_LIFETIME.days}d",
+        if expires_in is not None and expires_in > MAX_KEY_LIFETIME:  # (parse_duration: > 0)
+            raise InvalidRequest(f"expires_in must be at most {MAX_KEY_LIFETIME.days}d",
                                  param="expires_in")
         tenant = await self.tenant(tenant_ref)
         secret, prefix = generate_key()
