@@ -108,6 +108,41 @@ async def test_healthz_stays_fast_under_a_1mb_n8_request_and_bad_logins(
     assert p99 < 0.050, f"/healthz p99 {p99 * 1000:.0f} ms under load"
 
 
+async def test_healthz_stays_fast_under_four_concurrent_1mb_chats(
+        tmp_path: Path, sqlite_url: str) -> None:
+    """The second shape of the attack: four 1 MB chat requests at once (2.5 s median
+    /healthz before)."""
+    server = ProcessServer(sqlite_url, tmp_path).wait_ready()
+    try:
+        key = await server.tenant_key("chats")
+        h = {"Authorization": f"Bearer {key}"}
+        text = ("Plain words in one long chat turn, over and over. " * 21_000)[:990_000]
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            warm = await client.post("/v1/chat/completions", headers=h, json={
+                "model": "echo", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+            assert warm.status_code == 200
+            samples: list[float] = []
+            stop = asyncio.Event()
+            probe = asyncio.create_task(_probe(server.base_url, stop, samples))
+            await asyncio.sleep(0.3)
+            baseline = len(samples)
+            chats = [client.post("/v1/chat/completions", headers=h, json={
+                "model": "echo", "max_tokens": 8,
+                "messages": [{"role": "user", "content": f"{i} {text}"}]}) for i in range(4)]
+            responses = await asyncio.gather(*chats)
+            stop.set()
+            await probe
+    finally:
+        server.stop()
+    assert [r.status_code for r in responses] == [200] * 4
+    loaded = samples[baseline:]
+    p99 = _p99(loaded)
+    report("availability_chats", healthz_samples=len(loaded),
+           healthz_p50_ms=round(statistics.median(loaded) * 1000, 1),
+           healthz_p99_ms=round(p99 * 1000, 1), healthz_max_ms=round(max(loaded) * 1000, 1))
+    assert p99 < 0.050, f"/healthz p99 {p99 * 1000:.0f} ms under four 1 MB chats"
+
+
 async def _create_admin(database_url: str) -> None:
     from sluice.gateway.accounts.admins import create_admin
     from sluice.gateway.db.session import create_engine, sessionmaker
