@@ -221,3 +221,33 @@ def test_local_backend_serves_a_two_rank_engine(tmp_path):
     assert single[0] and both == single == [single[0]] * 2
     assert len(ranks) == 1 and not ranks[0].is_alive() and ranks[0].exitcode == 0
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("mode", ["tp", "ep"])
+def test_prequantized_fp8_checkpoint_is_cut_with_its_scales(tiny_mixtral, tmp_path, mode):
+    from sluice.engine.quant.fp8 import Fp8FusedExperts, Fp8Linear
+    from tests.engine.test_fp8 import write_prequantized
+
+    path = write_prequantized(tiny_mixtral, tmp_path / "fp8", "compressed-tensors")
+    cfg = ModelConfig.from_file(path)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    full = load_model(cfg, cpu, bf16, path, fp8=True, progress=False)
+    a, b = (load_model(cfg, cpu, bf16, path, fp8=True, progress=False, shard=Sharding(mode, Group(r, 2)))
+            for r in range(2))
+    bits = lambda t: t.view(torch.uint8)  # noqa: E731 (e4m3 compared bit for bit)
+    for n, layer in enumerate(full.layers):
+        o = [m.layers[n].self_attn.o_proj.linear for m in (a, b)]
+        assert all(isinstance(x, Fp8Linear) for x in o)
+        assert torch.equal(bits(torch.cat([x.weight for x in o], 1)), bits(layer.self_attn.o_proj.weight))
+        assert all(torch.equal(x.weight_scale, layer.self_attn.o_proj.weight_scale) for x in o)
+        q = cfg.num_heads * cfg.head_dim // 2
+        qkv = [m.layers[n].self_attn.qkv_proj for m in (a, b)]
+        assert torch.equal(torch.cat([x.weight_scale[:q] for x in qkv]), layer.self_attn.qkv_proj.weight_scale[:2 * q])
+        ex = [m.layers[n].mlp.experts.experts for m in (a, b)]
+        assert all(isinstance(x, Fp8FusedExperts) for x in ex)
+        if mode == "tp":
+            assert torch.equal(bits(torch.cat([x.w2 for x in ex], 2)), bits(layer.mlp.experts.w2))
+            assert torch.equal(ex[0].w2_scale, layer.mlp.experts.w2_scale)
+        else:
+            assert torch.equal(bits(ex[1].w2), bits(layer.mlp.experts.w2[1::2]))
+            assert torch.equal(ex[1].w13_scale, layer.mlp.experts.w13_scale[1::2])

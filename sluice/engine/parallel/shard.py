@@ -16,7 +16,8 @@ intermediate, E experts.
   no experts: their MLP is split as under "tp".
 
 Embeddings, norms, the router and lm_head are replicated, so every rank computes the
-same logits and samples the same tokens.
+same logits and samples the same tokens. FP8 layers of a pre-quantized checkpoint are
+cut with their per-output-channel scales (rows take theirs; columns keep them all).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from sluice.engine.layers.linear import Linear
 from sluice.engine.layers.moe import Experts, MoE
 from sluice.engine.models.mixtral import CausalLM, DecoderLayer, DenseMLP, SelfAttention
 from sluice.engine.parallel.group import Group, join as join_group
+from sluice.engine.quant.fp8 import Fp8FusedExperts, Fp8Linear
 
 MODES = ("none", "tp", "ep")
 Index = tuple[slice, ...]  # a part of a checkpoint tensor
@@ -79,8 +81,26 @@ def _linear(weight: torch.Tensor, shard_sizes: tuple[int, ...] | None = None) ->
 
 def _plain(module: nn.Module, name: str) -> None:
     if type(module) not in (Linear, Experts):
-        raise ConfigError(f"parallel engines shard 16-bit weights; {name} is {type(module).__name__} "
-                          "(pre-quantized FP8 checkpoints are not sharded yet: load in 16 bits with dtype='fp8')")
+        raise ConfigError(f"parallel engines shard Linear, Fp8Linear and (FP8) experts; {name} is "
+                          f"{type(module).__name__}")
+
+
+def _rows(m: nn.Module, parts: list[slice], shard_sizes: tuple[int, ...], name: str) -> nn.Module:
+    """``m``'s output rows ``parts``, in order (an FP8 layer's per-channel scales with them)."""
+    if isinstance(m, Fp8Linear):
+        return Fp8Linear(torch.cat([m.weight[p] for p in parts]), torch.cat([m.weight_scale[p] for p in parts]),
+                         input_scale=m.input_scale, out_dtype=m.out_dtype)
+    _plain(m, name)
+    return _linear(torch.cat([m.weight[p] for p in parts]), shard_sizes)
+
+
+def _cols(m: nn.Module, cols: slice, name: str) -> nn.Module:
+    """``m``'s input columns ``cols`` (per-output-channel scales hold for any columns: the
+    ranks' partial sums add up to one GPU's output, scale for scale)."""
+    if isinstance(m, Fp8Linear):
+        return Fp8Linear(m.weight[:, cols], m.weight_scale, input_scale=m.input_scale, out_dtype=m.out_dtype)
+    _plain(m, name)
+    return _linear(m.weight[:, cols])
 
 
 @dataclass(frozen=True)
@@ -181,44 +201,46 @@ class Sharding:
         return slice(self.group.rank * n, (self.group.rank + 1) * n)
 
     def _attention(self, attn: SelfAttention) -> None:
-        _plain(attn.qkv_proj, "qkv_proj")
-        _plain(attn.o_proj, "o_proj")
         t, dh = self.group.world, attn.dh
-        q, kv, _ = attn.split
-        w = attn.qkv_proj.weight  # (q + 2 kv, D): q rows, k rows, v rows
+        q, kv, _ = attn.split  # qkv_proj rows: q rows, k rows, v rows
         qs, kvs = self._span(q), self._span(kv)
-        parts = (w[qs], w[q + kvs.start:q + kvs.stop], w[q + kv + kvs.start:q + kv + kvs.stop])
         attn.hq, attn.hkv = attn.hq // t, attn.hkv // t
         attn.split = (attn.hq * dh, attn.hkv * dh, attn.hkv * dh)
-        attn.qkv_proj = _linear(torch.cat(parts), attn.split)
-        attn.o_proj = RowParallel(_linear(attn.o_proj.weight[:, qs]), self.group)  # (D, Hq/t Dh)
+        rows = [qs, slice(q + kvs.start, q + kvs.stop), slice(q + kv + kvs.start, q + kv + kvs.stop)]
+        attn.qkv_proj = _rows(attn.qkv_proj, rows, attn.split, "qkv_proj")
+        attn.o_proj = RowParallel(_cols(attn.o_proj, qs, "o_proj"), self.group)  # (D, Hq/t Dh)
         attn.attn.num_heads, attn.attn.num_kv_heads = attn.hq, attn.hkv
 
     def _experts(self, moe: MoE) -> None:
         full = moe.experts
-        _plain(full, "experts")
-        assert isinstance(full, Experts)
-        _, two_i, D = full.w13.shape
-        inter = two_i // 2  # I
+        if not isinstance(full, Fp8FusedExperts):
+            _plain(full, "experts")
+        inter = full.w13.shape[1] // 2  # I
+        w13, w2 = full.w13, full.w2  # (E, 2I, D), (E, D, I)
+        s13, s2 = (full.w13_scale, full.w2_scale) if isinstance(full, Fp8FusedExperts) else (None, None)
         if self.mode == "ep":
-            w13, w2 = full.w13[self.group.rank::self.group.world], full.w2[self.group.rank::self.group.world]
-            inter_local = inter
+            mine = slice(self.group.rank, None, self.group.world)
+            w13, w2 = w13[mine], w2[mine]
+            s13, s2 = (s13[mine], s2[mine]) if s13 is not None else (None, None)
         else:
             s = self._span(inter)
-            w13 = torch.cat([full.w13[:, s], full.w13[:, inter + s.start:inter + s.stop]], dim=1)  # (E, 2I/t, D)
-            w2, inter_local = full.w2[:, :, s], s.stop - s.start  # (E, D, I/t)
-        with torch.device("meta"):
-            local = Experts(D, inter_local, w13.shape[0], full.top_k)
-        local.w13 = nn.Parameter(w13.contiguous(), requires_grad=False)
-        local.w2 = nn.Parameter(w2.contiguous(), requires_grad=False)
+            rows = [s, slice(inter + s.start, inter + s.stop)]
+            w13, w2 = torch.cat([w13[:, r] for r in rows], dim=1), w2[:, :, s]  # (E, 2I/t, D), (E, D, I/t)
+            if s13 is not None:  # per-channel scales: w13's follow its rows, w2's hold for any columns
+                s13 = torch.cat([s13[:, r] for r in rows], dim=1)
+        if s13 is not None:
+            local: nn.Module = Fp8FusedExperts(w13, s13, w2, s2)
+        else:
+            with torch.device("meta"):
+                local = Experts(w13.shape[2], w2.shape[2], w13.shape[0], full.top_k)
+            local.w13 = nn.Parameter(w13.contiguous(), requires_grad=False)
+            local.w2 = nn.Parameter(w2.contiguous(), requires_grad=False)
         moe.experts = ParallelExperts(local, self.group, expert_parallel=self.mode == "ep")
 
     def _dense(self, mlp: DenseMLP) -> None:
-        _plain(mlp.gate_up_proj, "gate_up_proj")
-        _plain(mlp.down_proj, "down_proj")
-        w = mlp.gate_up_proj.weight  # (2I, D): gate rows, then up rows
-        inter = w.shape[0] // 2
+        inter = mlp.gate_up_proj.weight.shape[0] // 2  # gate rows, then up rows
         s = self._span(inter)
         n = s.stop - s.start
-        mlp.gate_up_proj = _linear(torch.cat([w[s], w[inter + s.start:inter + s.stop]]), (n, n))
-        mlp.down_proj = RowParallel(_linear(mlp.down_proj.weight[:, s]), self.group)
+        mlp.gate_up_proj = _rows(mlp.gate_up_proj, [s, slice(inter + s.start, inter + s.stop)], (n, n),
+                                 "gate_up_proj")
+        mlp.down_proj = RowParallel(_cols(mlp.down_proj, s, "down_proj"), self.group)
