@@ -22,6 +22,7 @@ from typing import Any
 
 from sluice.engine.llm import LLM
 from sluice.engine.output import RequestOutput
+from sluice.engine.parallel.group import use_device
 from sluice.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class AsyncLLM:
                 self.llm.abort(arg)
 
     def _run(self) -> None:
+        use_device(self.llm.runner.device)  # triton launches on the thread's current device
         while not self._stopped:
             self._wake.wait()
             self._wake.clear()

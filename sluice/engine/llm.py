@@ -23,6 +23,7 @@ from sluice.engine.model_runner import ModelRunner
 from sluice.engine.models.mixtral import CausalLM
 from sluice.engine.output import Completion, RequestOutput, TextState
 from sluice.engine.parallel import Sharding
+from sluice.engine.parallel.group import use_device
 from sluice.engine.sampling import SamplingParams, sample
 from sluice.engine.scheduler import ScheduledBatch, Scheduler
 from sluice.engine.sequence import Sequence
@@ -47,6 +48,7 @@ class LLM:
             raise ConfigError("LLM needs a checkpoint path or a model_config")
         cfg = model_config.with_experts_per_tok(self.config.num_experts_per_tok)
         device = self.config.resolve_device()
+        use_device(device)  # this thread's CUDA device (a data-parallel worker's GPU)
         dtype = self.config.resolve_dtype(cfg, device)
         self.fp8 = self.config.wants_fp8(cfg, device)
         self.sharding = Sharding.join(self.config.parallel, self.config.world_size, device, cfg)

@@ -61,6 +61,13 @@ def agree_min(n: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the calling thread's current CUDA device when it names one (triton
+    launches on the current device: an engine on ``cuda:1`` beside one on ``cuda:0``)."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
