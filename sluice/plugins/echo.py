@@ -16,6 +16,7 @@ only together form one UTF-8 character are sent as one event (``tokens`` > 1).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Sequence
 from typing import ClassVar
 
@@ -62,8 +63,12 @@ class EchoBackend(Backend):
             raise TypeError(f"EchoBackend needs EchoBackend.Options, got {type(options).__name__}")
         super().__init__(options)
         self.opts = options
-        self.tokenizer = MixtralTokenizer()
         self.asleep = False
+        _tokenizer()  # loaded once per process, when the first backend is built (start-up)
+
+    @property
+    def tokenizer(self) -> MixtralTokenizer:
+        return _tokenizer()
 
     def models(self) -> list[ModelCard]:
         return [ModelCard(id=self.opts.model)]
@@ -131,6 +136,17 @@ class EchoBackend(Backend):
             finish_reason=finish,
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion),
         )
+
+
+@functools.cache
+def _tokenizer() -> MixtralTokenizer:
+    """One tokenizer for every echo backend of the process (it is read-only, and
+    SentencePiece encodes from several threads at once). Loading it is ~0.26 s of mostly
+    Python work holding the GIL: done when the first backend is built at start-up, never
+    again when a pool scaled to zero cold-starts a worker while requests are served."""
+    tokenizer = MixtralTokenizer()
+    tokenizer.token_bytes(0)  # the byte table too
+    return tokenizer
 
 
 def _answer_text(request: GenerationRequest) -> str:
