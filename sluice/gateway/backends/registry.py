@@ -99,14 +99,5 @@ class ModelRegistry:
         """Whether a key with these model scopes (None: any model) may see `model`."""
         return model in scopes if scopes is not None else model not in self._hidden
 
-    def hide(self, model: str) -> None:
-        """Keep `model` (the guard model) from tenants: listed and callable only by keys
-        scoped to it."""
-        self._hidden.add(model)
-
-    def visible(self, model: str, scopes: frozenset[str] | None) -> bool:
-        """Whether a key with these model scopes (None: any model) may see `model`."""
-        return model in scopes if scopes is not None else model not in self._hidden
-
     def cards(self) -> list[ModelCard]:
         return [routes[0].card for routes in self._routes.values()]
