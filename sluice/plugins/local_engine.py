@@ -11,10 +11,12 @@ sluice backend).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
@@ -37,6 +39,22 @@ from sluice.gateway.backends.contract import (
 log = logging.getLogger(__name__)
 
 TINY_NAME = "tiny-mixtral"
+
+
+@functools.cache
+def preload_engine() -> None:
+    """Import the engine (torch, triton, the kernels' modules) in a background thread, once
+    per process, as soon as a local backend is configured: several seconds that would
+    otherwise sit on the first cold start's path, in front of the waiting request."""
+
+    def run() -> None:
+        try:
+            import sluice.engine.async_llm  # noqa: F401
+            import sluice.engine.llm  # noqa: F401
+        except Exception:  # the cold start will import (and report) it again
+            log.exception("preloading the engine failed")
+
+    threading.Thread(target=run, name="engine-preload", daemon=True).start()
 
 
 def default_cache_dir() -> Path:
@@ -68,6 +86,7 @@ class LocalEngineBackend(Backend):
         self._tokenizer = None
         self._grammars = None  # engine.structured.Grammars, built on the first constrained request
         self.wake_source = ""  # where the last wake took the weights from: "host" or "checkpoint"
+        preload_engine()
 
     # ---- lifecycle ------------------------------------------------------
 
