@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from sluice.engine.kernels.varlen_attention import paged_varlen_attention
+from sluice.engine.layers.attention import AttentionKernels
+from sluice.engine.layers.attention import paged_decode_attention as reference_decode
 from sluice.engine.layers.attention import paged_varlen_attention as reference
 from sluice.engine.llm import LLM
 
@@ -88,11 +90,9 @@ def test_kernel_inside_the_model_matches_reference(mixtral_d16):
     llm = LLM(mixtral_d16, dtype="float32", device=DEVICE, block_size=4, num_kv_blocks=64, max_num_seqs=6,
               max_num_batched_tokens=24, progress=False)
     batch = mixed_batch(llm)
-    for attn in llm.model.attention_layers():
-        attn.varlen_fn = reference
+    llm.runner.varlen.kernels = AttentionKernels(decode=reference_decode, varlen=reference)  # passed in the metadata
     want = step_logits(llm, batch, batch.num_tokens)
-    for attn in llm.model.attention_layers():
-        attn.varlen_fn = paged_varlen_attention
+    llm.runner.varlen.kernels = AttentionKernels(decode=reference_decode, varlen=paged_varlen_attention)
     got = step_logits(llm, batch, 24)
     assert not torch.isnan(got).any()
     assert ((got - want).norm() / want.norm()).item() < 1e-4
