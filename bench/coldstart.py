@@ -7,8 +7,9 @@ Writes a random checkpoint the way published FP8 Mixtral checkpoints are stored 
 weights with per-output-channel ``weight_scale``; router, norms, embeddings and lm_head in
 bf16; one safetensors shard per layer plus ``model.safetensors.index.json``), leaves it in
 the page cache, then times what the runtime's cold start does twice: build the engine
-(load, KV sizing, kernel compiles, CUDA-graph capture) and produce the first token. The
-second start finds triton's on-disk kernel cache warm, as a restart on the same host does.
+(load, KV sizing and the kernel compiles it needs) and produce the first token (CUDA graphs
+are captured after it). The second start finds the kernel cache (engine/kernel_cache.py)
+warm, as a restart on the same host does.
 """
 
 from __future__ import annotations
