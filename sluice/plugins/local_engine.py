@@ -152,12 +152,12 @@ class LocalEngineBackend(Backend):
         from sluice.engine.async_llm import AsyncLLM
         from sluice.engine.errors import EngineError
         from sluice.engine.llm import LLM
-        from sluice.engine.parallel import launch
+        from sluice.engine.ranks import launch
 
         if not self.opts.model:
             self._ensure_tiny_model()
         engine = self.opts.model_dump(include=set(ENGINE_FIELDS) - {"model"})
-        try:  # world_size > 1: rank 0 here, the other ranks spawned (engine/parallel/launch.py)
+        try:  # world_size > 1: rank 0 here, the other ranks spawned (engine/ranks/launch.py)
             llm = launch(self.model_dir, engine) if self.opts.world_size > 1 else LLM(self.model_dir, **engine)
         except EngineError as exc:
             raise BackendError(f"local engine: {exc}", status=500) from None

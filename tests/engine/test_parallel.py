@@ -61,14 +61,14 @@ def _mirrored_rank(rank: int, port: int, mode: str, paths: list[str], out_dir: s
     """Rank 0 serves through a Leader (greedy, sampled, aborted, sleep/wake); rank 1 follows."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from sluice.engine import parallel
+    from sluice.engine import parallel, ranks
 
     try:
         llm = LLM(paths[0], parallel=mode, world_size=2, **ENGINE)
         if rank:
-            result: dict = {"followed": parallel.follow(llm)}
+            result: dict = {"followed": ranks.follow(llm)}
         else:
-            leader, vocab = parallel.Leader(llm), llm.model.config.vocab_size
+            leader, vocab = ranks.Leader(llm), llm.model.config.vocab_size
             greedy_out = leader.generate([[t % vocab for t in p] for p in PROMPTS],
                                          SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
             [sampled] = leader.generate([PROMPTS[0]], SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS,

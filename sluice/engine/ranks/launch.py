@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from sluice.engine.config import EngineConfig
 from sluice.engine.parallel.group import destroy
-from sluice.engine.parallel.mirror import Leader, follow
+from sluice.engine.ranks.mirror import Leader, follow
 
 RENDEZVOUS_TIMEOUT = timedelta(minutes=10)  # every rank loads its shard before the first collective
 
