@@ -81,3 +81,30 @@ def test_warm_up_waits_for_a_first_token(tiny_mixtral):
     greedy(llm)
     llm.warm_step()
     assert llm.runner.parking._thread is not None
+
+
+def test_the_async_engine_parks_its_weights_while_idle_after_a_request(tiny_mixtral):
+    import asyncio
+    import time
+
+    from sluice.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM(LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False))
+    parking = engine.llm.runner.parking
+
+    async def ask() -> list[int]:
+        ids = []
+        async for out in engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)):
+            ids += out.token_ids
+        return ids
+
+    time.sleep(0.2)
+    assert parking._thread is None  # nothing is warmed before a first token
+    before = asyncio.run(ask())
+    deadline = time.monotonic() + 10
+    while not parking.complete:  # the engine thread started the copy once idle
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    engine.sleep()
+    assert engine.wake() == "host" and asyncio.run(ask()) == before
+    engine.close()
