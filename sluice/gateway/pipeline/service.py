@@ -37,6 +37,7 @@ from sluice.gateway.pipeline.intake import Intake
 from sluice.gateway.pipeline.spend import Spend
 from sluice.gateway.pipeline.stages import Authenticator, Guardrails, RateLimitStage, violation
 from sluice.gateway.telemetry import Telemetry
+from sluice.gateway.workers import estimate_prompt_tokens
 from sluice.gateway.workers import CpuPool, TenantSlots
 
 
@@ -76,8 +77,8 @@ class Pipeline:
             if self.guardrails.enabled:  # no guard span when guardrails are off
                 with self._span(call, "guard.input"):
                     await self.guardrails.check_input(call)
-            if self.workers is not None:  # the exact count, on a worker thread
-                call.prompt_tokens = await self.workers.run(call.count_prompt)
+            if self.workers is not None and not _small(call):
+                call.prompt_tokens = await self.workers.run(call.count_prompt)  # off the loop
             with self._span(call, "spend"):
                 await self.spend.admit(call)  # budgets reserved; the response cache asked
             await self.recorder.open(call)  # write-ahead usage record: no crash loses it
@@ -190,3 +191,14 @@ class Pipeline:
             return contextlib.nullcontext()
         return self.telemetry.tracer.start_as_current_span(
             name, context=trace.set_span_in_context(call.span))
+
+
+# Prompts up to this many estimated tokens are counted on the event loop (well under a
+# millisecond); a hop to a worker thread would cost more than the count. Larger ones are
+# counted on the worker pool, so no request can hold the loop.
+INLINE_COUNT_TOKENS = 256
+
+
+def _small(call: Call) -> bool:
+    return (len(call.requests) > 0
+            and estimate_prompt_tokens(call.requests[0]) <= INLINE_COUNT_TOKENS)
