@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterator, Sequence
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,10 @@ TOKENIZER_PATH = Path(mistral_common.__file__).parent / "data" / "tokenizer.mode
 BOS_ID = 1
 EOS_ID = 2
 _DUMMY_PREFIX = b" "  # SentencePiece's "▁" at the very start of a text
+# Conversations counted through the cache: at most this many, each at most this many
+# characters of content (so the cache holds at most ~16 M characters).
+COUNT_CACHE_ENTRIES = 2048
+COUNT_CACHE_MAX_CHARS = 8192
 
 
 class MixtralTokenizer:
@@ -34,6 +38,11 @@ class MixtralTokenizer:
         self._chat = SentencePieceTokenizer(path)
         self._sp: sentencepiece.SentencePieceProcessor = self._chat.sp
         self._encode = self._sp.encode  # a bound method: skips an attribute lookup per call
+        # Prompt counts by conversation: a chat is counted twice per request (admission,
+        # then the backend), and clients resend the same system prompts and conversations.
+        # The key holds every field the encoding reads, and the count is computed from the
+        # key alone, so a hit is the count mistral-common gives for that conversation.
+        self._count_key = lru_cache(maxsize=COUNT_CACHE_ENTRIES)(self._count_conversation)
 
     @cached_property
     def _bytes(self) -> list[bytes]:
@@ -58,10 +67,34 @@ class MixtralTokenizer:
         """Prompt tokens by the chat encoding; a conversation Mistral's format refuses (an
         upstream may well accept it: assistant first, system after assistant) is estimated
         as BOS plus each message's text, since a count must never fail a request."""
+        messages = request.messages
+        if messages is not None and not request.tools \
+                and sum(len(m.content) for m in messages) <= COUNT_CACHE_MAX_CHARS:
+            return self._count_key(tuple(
+                (m.role, m.content, m.name, tuple((c.id, c.name, c.arguments) for c in m.tool_calls),
+                 m.tool_call_id) for m in messages))
         try:
             return len(self.prompt_ids(request))
         except ChatEncodingError:
-            return 1 + sum(len(self.encode(m.content)) for m in request.messages or ())
+            return 1 + sum(len(self.encode(m.content)) for m in messages or ())
+
+    def _count_conversation(self, key: tuple[tuple[Any, ...], ...]) -> int:
+        """count_prompt of a tool-less chat from its cache key (the fields chat_messages reads)."""
+        out: list[dict[str, Any]] = []
+        for role, content, name, calls, call_id in key:
+            d: dict[str, Any] = {"role": role, "content": content}
+            if name is not None:
+                d["name"] = name
+            if calls:
+                d["tool_calls"] = [{"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+                                   for i, n, a in calls]
+            if call_id is not None:
+                d["tool_call_id"] = call_id
+            out.append(d)
+        try:
+            return len(self._chat.apply_chat_template(out, None))
+        except ChatEncodingError:
+            return 1 + sum(len(self.encode(content)) for _, content, *_ in key)
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id]
