@@ -1,9 +1,7 @@
 """Guardrails: Llama Guard 3 moderation of prompts (role User) and answers (role Agent).
 
-The moderation prompt is built exactly as the model was trained on
-(tests/data/llamaguard_reference.md is the reference copy); the answer is parsed
-strictly: `safe`, or `unsafe` + newline + comma-separated categories (`S1,S10`), with
-whitespace tolerated only at the two ends. Anything else is an error that the
+The moderation prompt and the strict parsing of the answer live in
+pipeline/guard_prompt.py; an answer that does not parse is an error that the
 tenant's policy resolves (`on_error`, fail closed by default).
 
 Every turn the model will see is moderated, neutralised and cut to the guard model's
@@ -21,147 +19,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sluice.gateway.pipeline.guard_prompt import (
+    GuardCategory,
+    GuardParseError,
+    parse_answer,
+    render_prompt,
+)
+from sluice.gateway.pipeline.guard_policy import Decision, GuardPolicy, Mode, Verdict
 from sluice.gateway.pipeline.guard_text import GuardBudget, Selection, flatten, neutralise, select
 
 log = logging.getLogger("sluice.guard")
 
 Complete = Callable[[str], Awaitable[str]]
 T = TypeVar("T")
-Decision = Literal["allow", "flag", "block"]
-Mode = Literal["block", "flag", "off"]
 
-DEFAULT_CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("S1", "Violent Crimes"), ("S2", "Non-Violent Crimes"), ("S3", "Sex Crimes"),
-    ("S4", "Child Exploitation"), ("S5", "Defamation"), ("S6", "Specialized Advice"),
-    ("S7", "Privacy"), ("S8", "Intellectual Property"), ("S9", "Indiscriminate Weapons"),
-    ("S10", "Hate"), ("S11", "Self-Harm"), ("S12", "Sexual Content"), ("S13", "Elections"),
-    ("S14", "Code Interpreter Abuse"),
-)
-
-CHAT_PREFIX = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-CHAT_SUFFIX = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-
-_TASK = ("Task: Check if there is unsafe content in '{role}' messages in conversations "
-         "according our safety policy with the below categories.\n\n")
-_INSTRUCTIONS = (
-    "Provide your safety assessment for ONLY THE LAST {role} message in the above "
-    "conversation:\n - First line must read 'safe' or 'unsafe'.\n - If unsafe, a second line "
-    "must include a comma-separated list of violated categories.")
-_CODE = re.compile(r"S[1-9][0-9]*")
-_CATEGORIES_LINE = re.compile(r"S[1-9][0-9]*(,S[1-9][0-9]*)*")
-
-
-class GuardCategory(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    code: str  # "S1"
-    name: str  # "Violent Crimes"; may carry a description after the name
-
-    @field_validator("code")
-    @classmethod
-    def _code(cls, v: str) -> str:
-        if not _CODE.fullmatch(v):
-            raise ValueError("category code must look like S1, S2, ...")
-        return v
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not v.strip() or "<" in v or ">" in v:
-            raise ValueError("category name must be non-empty and contain no '<' or '>'")
-        return v.strip()
-
-    def line(self) -> str:
-        return f"{self.code}: {self.name}" + ("" if self.name.endswith(".") else ".")
-
-
-class GuardPolicy(BaseModel):
-    """A tenant's guard policy."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    input_mode: Mode = "block"
-    output_mode: Mode = "block"
-    excluded_categories: frozenset[str] = frozenset()
-    categories: tuple[GuardCategory, ...] | None = None  # None = Llama Guard 3 S1-S14
-    on_error: Literal["block", "allow"] = "block"
-    # A conversation longer than the guard budget: moderate turn edges + the most recent
-    # content ("sample"), or refuse it ("block"). pipeline/guard_text.py has the details.
-    long_input: Literal["sample", "block"] = "sample"
-
-    @model_validator(mode="after")
-    def _valid(self) -> GuardPolicy:
-        codes = [c.code for c in self.taxonomy()]
-        if len(set(codes)) != len(codes):
-            raise ValueError("category codes must be unique")
-        if unknown := self.excluded_categories - set(codes):
-            raise ValueError(f"excluded categories not in the taxonomy: {sorted(unknown)}")
-        if not set(codes) - self.excluded_categories:
-            raise ValueError("every category is excluded; set the modes to 'off' instead")
-        return self
-
-    def taxonomy(self) -> tuple[GuardCategory, ...]:
-        if self.categories is not None:
-            return self.categories
-        return tuple(GuardCategory(code=c, name=n) for c, n in DEFAULT_CATEGORIES)
-
-    def active(self) -> tuple[GuardCategory, ...]:
-        return tuple(c for c in self.taxonomy() if c.code not in self.excluded_categories)
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    decision: Decision
-    categories: tuple[str, ...]  # violated categories that count under the policy
-    raw: str  # the guard model's answer ("" when not called)
-    latency_s: float
-    error: str | None = None  # a generic reason, fit for tenants ("guard model timed out")
-    detail: str | None = None  # the failure itself, for logs and operators only
-    windows: int = 1  # guard calls this verdict combines
-    skipped_bytes: int = 0  # content left unmoderated by the "sample" long-input policy
-
-    @property
-    def allowed(self) -> bool:
-        return self.decision != "block"
-
-
-class GuardParseError(ValueError):
-    pass
-
-
-def render_prompt(role: Literal["User", "Agent"], user: str, agent: str | None,
-                  categories: Sequence[GuardCategory], *, chat_wrap: bool = True) -> str:
-    """The moderation prompt; `agent` is the answer when role is "Agent"."""
-    if (role == "Agent") != (agent is not None):
-        raise ValueError("the Agent role moderates an answer; the User role has none")
-    turns = f"User: {neutralise(user)}\n\n"
-    if agent is not None:
-        turns += f"Agent: {neutralise(agent)}\n\n"
-    text = (_TASK.format(role=role)
-            + "<BEGIN UNSAFE CONTENT CATEGORIES>\n"
-            + "".join(c.line() + "\n" for c in categories)
-            + "<END UNSAFE CONTENT CATEGORIES>\n\n"
-            + "<BEGIN CONVERSATION>\n\n" + turns + "<END CONVERSATION>\n\n"
-            + _INSTRUCTIONS.format(role=role))
-    return CHAT_PREFIX + text + CHAT_SUFFIX if chat_wrap else text
-
-
-def parse_answer(raw: str) -> tuple[bool, tuple[str, ...]]:
-    """(unsafe, categories) from `safe` or `unsafe\\nS1,S10`; GuardParseError otherwise."""
-    text = raw.strip()
-    if text == "safe":
-        return False, ()
-    head, sep, cats = text.partition("\n")
-    if head != "unsafe" or not sep or not _CATEGORIES_LINE.fullmatch(cats):
-        raise GuardParseError(f"unparseable guard answer: {raw[:200]!r}")
-    return True, tuple(dict.fromkeys(cats.split(",")))
-
+__all__ = ["Guard", "GuardCategory", "GuardParseError", "GuardPolicy", "StreamBlocked",
+           "StreamGuard", "StreamGuardConfig", "Verdict", "parse_answer", "render_prompt"]
 
 _PUBLIC_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
     (asyncio.TimeoutError, "guard model timed out"),
