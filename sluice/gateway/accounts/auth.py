@@ -1,4 +1,4 @@
-"""API-key authentication (tenants' callers) and admin JWTs (operators).
+"""API-key authentication (tenants' callers); admin JWTs (operators) are in admin_jwt.py.
 
 API keys look like ``sk-<12-char prefix><40-char secret>``. The prefix is public and
 indexes the row; only the SHA-256 of the whole key is stored. A key has ~238 bits of
@@ -22,11 +22,19 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+# Admin JWTs live in accounts/admin_jwt.py; importable from here as before.
+from sluice.gateway.accounts.admin_jwt import (  # noqa: F401
+    ADMIN_AUDIENCE,
+    ADMIN_ISSUER,
+    MAX_ADMIN_TOKEN_TTL_S,
+    check_jwt_secret,
+    issue_admin_token,
+    verify_admin_token,
+)
 from sluice.gateway.db.models import ApiKey, Tenant, utcnow
 from sluice.gateway.errors import (
     AuthenticationFailed,
@@ -48,12 +56,6 @@ STALE_IF_ERROR_S = 600.0
 # Bounds of the in-memory key cache (least recently used go first).
 MAX_KNOWN_PREFIXES = 100_000
 MAX_UNKNOWN_PREFIXES = 10_000
-
-ADMIN_AUDIENCE = "sluice-admin"
-ADMIN_ISSUER = "sluice"
-ADMIN_ALGORITHM = "HS256"
-MAX_ADMIN_TOKEN_TTL_S = 7 * 86400  # an admin token, however issued, lives at most a week
-MIN_JWT_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key of at least the hash's size
 
 
 def generate_key() -> tuple[str, str]:
@@ -274,62 +276,3 @@ def _entry_from_json(data: dict[str, Any]) -> _Entry:
     return _Entry(secret_hash=data["secret_hash"], principal=Principal(**principal),
                   expires_at=None if expires is None else dt.datetime.fromisoformat(expires),
                   revoked=data["revoked"], disabled=data["disabled"])  # fmt: skip
-
-
-def issue_admin_token(secret: str, subject: str, ttl_s: int) -> str:
-    """A signed admin token; its lifetime is capped at MAX_ADMIN_TOKEN_TTL_S. Each carries
-    a random ``jti`` by which it can be revoked before it expires."""
-    check_jwt_secret(secret)
-    now = int(time.time())
-    claims = {
-        "sub": subject,
-        "aud": ADMIN_AUDIENCE,
-        "iss": ADMIN_ISSUER,
-        "iat": now,
-        "exp": now + min(int(ttl_s), MAX_ADMIN_TOKEN_TTL_S),
-        "jti": secrets.token_urlsafe(16),
-    }
-    return jwt.encode(claims, secret, algorithm=ADMIN_ALGORITHM)
-
-
-def check_jwt_secret(secret: str) -> None:
-    """A signing secret short enough to guess is refused (HS256 is only as strong as it)."""
-    if len(secret.encode()) < MIN_JWT_SECRET_BYTES:
-        raise ValueError(f"the admin JWT secret must be at least {MIN_JWT_SECRET_BYTES} bytes "
-                         f"(got {len(secret.encode())}); generate one with "
-                         "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`")
-
-
-def verify_admin_token(token: str, secret: str) -> dict[str, Any]:
-    """Claims of a valid admin token; AuthenticationFailed otherwise.
-
-    The algorithm is pinned (no ``none``, no key confusion); exp/iat/aud/iss/jti are
-    required, and a token that claims a lifetime over MAX_ADMIN_TOKEN_TTL_S is refused
-    even when its signature is good. Revocation (the jti denylist) is checked by the caller,
-    which has the database.
-    """
-    if len(secret.encode()) < MIN_JWT_SECRET_BYTES:  # unset or guessable: nothing verifies
-        raise AuthenticationFailed("invalid admin token", code="invalid_token")
-    claims = _decode_admin(token, secret)
-    if claims["exp"] - claims["iat"] > MAX_ADMIN_TOKEN_TTL_S or claims["iat"] > time.time() + 60:
-        raise AuthenticationFailed("admin token lifetime exceeds the maximum",
-                                   code="invalid_token")
-    if not isinstance(claims["jti"], str) or not 8 <= len(claims["jti"]) <= 64:
-        raise AuthenticationFailed("invalid admin token", code="invalid_token")
-    return claims
-
-
-def _decode_admin(token: str, secret: str) -> dict[str, Any]:
-    try:
-        return jwt.decode(
-            token,
-            secret,
-            algorithms=[ADMIN_ALGORITHM],
-            audience=ADMIN_AUDIENCE,
-            issuer=ADMIN_ISSUER,
-            options={"require": ["exp", "iat", "sub", "aud", "iss", "jti"]},
-        )
-    except jwt.ExpiredSignatureError:
-        raise AuthenticationFailed("admin token has expired", code="token_expired") from None
-    except jwt.InvalidTokenError:
-        raise AuthenticationFailed("invalid admin token", code="invalid_token") from None
