@@ -1,21 +1,16 @@
-"""/admin/api: tenants, keys, usage and runtime, for operators holding an admin JWT."""
+"""/admin/api: tenants and keys, the OpenAPI document and the route table, for operators
+holding an admin JWT. The gate is routes/admin_access.py; usage, runtime and admin-token
+routes are routes/admin_ops.py."""
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
-import logging
-import time
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from sluice.gateway.accounts.admins import revoke_session, session_revoked
 from sluice.gateway.accounts.tenants import (
     KeySpec,
     Limit,
@@ -24,18 +19,15 @@ from sluice.gateway.accounts.tenants import (
     parse_duration,
     tenant_dict,
 )
-from sluice.gateway.accounts.auth import MAX_ADMIN_TOKEN_TTL_S, verify_admin_token
-from sluice.gateway.ledger.exports import iter_usage_export
-from sluice.gateway.pipeline.guard import GuardPolicy
-from sluice.gateway.db.accounting import USAGE_GROUPS, usage_by_group
-from sluice.gateway.db.models import to_utc
-from sluice.gateway.errors import AuthenticationFailed, InvalidRequest, ServiceUnavailable
-from sluice.gateway.routes.openai import parse
-from sluice.gateway.state import AppState, app_state
 from sluice.gateway.http.streaming import read_json
+from sluice.gateway.pipeline.guard import GuardPolicy
+from sluice.gateway.routes.admin_access import actor, admin, admin_checked
+from sluice.gateway.routes.admin_access import guarded as _guarded
+from sluice.gateway.routes.admin_ops import TokenRevoke, revoke_token, runtime, usage, usage_export
+from sluice.gateway.routes.openai import parse
 from sluice.gateway.util import json_response
 
-log = logging.getLogger("sluice.admin")
+__all__ = ["actor", "admin", "admin_checked", "openapi", "routes"]
 
 
 class TenantCreate(BaseModel):
@@ -56,30 +48,6 @@ class TenantUpdate(TenantChanges):
         if value is not None:
             GuardPolicy.model_validate(value)
         return value
-
-
-def admin(request: Request) -> AppState:
-    """The gateway's state, once the caller has shown a valid admin token (signature,
-    audience, issuer, lifetime; revocation is checked by :func:`admin_checked`)."""
-    gateway = app_state(request)
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationFailed("admin API requires 'Authorization: Bearer <admin JWT>'")
-    request.state.admin = verify_admin_token(token.strip(), gateway.settings.admin_jwt_secret)
-    return gateway
-
-
-async def admin_checked(request: Request) -> AppState:
-    """:func:`admin`, and the token's ``jti`` not revoked."""
-    gateway = admin(request)
-    if await session_revoked(gateway.sessions, request.state.admin["jti"]):
-        raise AuthenticationFailed("admin token has been revoked", code="token_revoked")
-    return gateway
-
-
-def actor(request: Request) -> str:
-    return f"admin:{request.state.admin['sub']}"
 
 
 async def list_tenants(request: Request) -> Response:
@@ -137,123 +105,6 @@ async def revoke_key(request: Request) -> Response:
     key = await gateway.accounts.revoke_key(request.path_params["key"], actor=actor(request))
     gateway.keys.invalidate(key.prefix)
     return json_response(key_dict(key))
-
-
-def _day(value: str | None, default: dt.date) -> dt.date:
-    if not value:
-        return default
-    try:
-        return dt.date.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequest(f"invalid date '{value}' (use YYYY-MM-DD)") from None
-
-
-async def usage(request: Request) -> Response:
-    """Daily usage from the rollup, grouped by tenant, key or model."""
-    gateway = await admin_checked(request)
-    q = request.query_params
-    today = dt.datetime.now(dt.UTC).date()
-    start = _day(q.get("from"), today - dt.timedelta(days=30))
-    end = _day(q.get("to"), today)
-    group = q.get("group_by", "tenant")
-    if group not in USAGE_GROUPS:
-        raise InvalidRequest("group_by must be one of tenant, key, model", param="group_by")
-    tenant = (await gateway.accounts.tenant(q["tenant"])).id if q.get("tenant") else None
-    query = usage_by_group(start=start, end=end, group_by=group, tenant_id=tenant, per_day=True)
-    async with gateway.sessions() as session:
-        rows = (await session.execute(query)).all()
-    return json_response(
-        {
-            "from": start.isoformat(),
-            "to": end.isoformat(),
-            "group_by": group,
-            "data": [
-                {
-                    "day": day.isoformat(),
-                    group: name,
-                    "requests": int(n),
-                    "prompt_tokens": int(p),
-                    "completion_tokens": int(c),
-                }
-                for day, name, n, p, c in rows
-            ],
-        }
-    )
-
-
-def _instant(value: str | None, default: dt.datetime) -> dt.datetime:
-    if not value:
-        return default
-    try:
-        parsed = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequest(f"invalid time '{value}' (use ISO 8601)") from None
-    return to_utc(parsed)
-
-
-async def usage_export(request: Request) -> Response:
-    """Usage events as CSV or JSON lines, streamed in constant memory."""
-    gateway = await admin_checked(request)
-    q = request.query_params
-    now = dt.datetime.now(dt.UTC)
-    start = _instant(q.get("from"), now - dt.timedelta(days=30))
-    end = _instant(q.get("to"), now)
-    fmt = q.get("format", "csv")
-    if fmt not in ("csv", "jsonl"):
-        raise InvalidRequest("format must be csv or jsonl", param="format")
-    tenant = (await gateway.accounts.tenant(q["tenant"])).id if q.get("tenant") else None
-    await gateway.audit.record(actor(request), "usage.export", tenant or "*", decision="allow",
-                               details={"from": start.isoformat(), "to": end.isoformat(),
-                                        "format": fmt})
-    body = iter_usage_export(gateway.db, start=start, end=end, tenant=tenant,
-                             fmt=fmt)  # type: ignore[arg-type]
-    media = "text/csv" if fmt == "csv" else "application/x-ndjson"
-    name = f"usage-{start.date()}-{end.date()}.{fmt}"
-    return StreamingResponse(body, media_type=media,
-                             headers={"content-disposition": f'attachment; filename="{name}"'})
-
-
-class TokenRevoke(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    jti: Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] | None = None
-    expires_at: Annotated[int, Field(ge=0, le=2**40)] | None = None
-
-
-async def revoke_token(request: Request) -> Response:
-    """Revoke an admin token by its ``jti`` (the presented token itself when the body has
-    none). Kept on the denylist until the token would have expired (at most a week)."""
-    gateway = await admin_checked(request)
-    body = parse(TokenRevoke, await read_json(request, 4096))
-    claims = request.state.admin
-    jti = body.jti or claims["jti"]
-    own = jti == claims["jti"]
-    expires = claims["exp"] if own else (body.expires_at or
-                                         int(time.time()) + MAX_ADMIN_TOKEN_TTL_S)
-    await revoke_session(gateway.sessions, jti, min(expires, int(time.time()) + MAX_ADMIN_TOKEN_TTL_S))
-    await gateway.audit.record(actor(request), "admin.token_revoke", jti, decision="allow")
-    return json_response({"jti": jti, "revoked": True})
-
-
-async def runtime(request: Request) -> Response:
-    gateway = await admin_checked(request)
-    return json_response({"backends": gateway.runtime.status()})
-
-
-def _guarded(endpoint: Callable[[Request], Awaitable[Response]],
-             ) -> Callable[[Request], Awaitable[Response]]:
-    """The database failing mid-request is a 503 (retry), never a 500."""
-
-    @functools.wraps(endpoint)
-    async def guarded(request: Request) -> Response:
-        try:
-            return await endpoint(request)
-        except (SQLAlchemyError, OSError) as exc:
-            log.warning("admin API %s %s: database error (%s)", request.method,
-                        request.url.path, type(exc).__name__)
-            raise ServiceUnavailable("the database is unavailable; try again shortly",
-                                     retry_after_s=2) from None
-
-    return guarded
 
 
 def openapi() -> dict[str, Any]:
