@@ -17,7 +17,7 @@ is the parent of the request span and goes on upstream (:func:`trace_headers`).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from opentelemetry import trace
@@ -138,6 +138,24 @@ class Telemetry(Metrics):
         merged = {k: v for k, v in {**(attributes or {}), **attrs}.items() if v is not None}
         with self.tracer.start_as_current_span(name, attributes=merged) as span:
             yield span
+
+    def request_span(self, name: str, headers: Any) -> trace.Span:
+        """A request's root span, child of the client's ``traceparent``; not current yet, and
+        ended by whoever finishes the request. ``INVALID_SPAN`` (a no-op) when not tracing."""
+        if not self.tracing:
+            return trace.INVALID_SPAN
+        return self.tracer.start_span(name, context=incoming_context(headers))
+
+    @contextmanager
+    def opening(self, span: trace.Span) -> Iterator[None]:
+        """A request's opening (auth, parse, route) as the current span's work; if it fails,
+        the failure is recorded on ``span`` and the span ends."""
+        try:
+            with trace.use_span(span, end_on_exit=False) if self.tracing else nullcontext():
+                yield
+        except BaseException:
+            span.end()
+            raise
 
     def shutdown(self) -> None:
         """Flush and stop exporting (app shutdown)."""

@@ -9,7 +9,7 @@ events for the non-streamed answer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sluice.gateway.backends.contract import GenerationEvent, TokenLogprob, Usage
@@ -68,6 +68,15 @@ def _text_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
         "token_logprobs": [lp.logprob for lp in items],
         "top_logprobs": [dict(lp.top) for lp in items],
     }
+
+
+def _choice(index: int, field: str, value: Any, logprobs: list[TokenLogprob] | None,
+            render: Callable[[list[TokenLogprob]], dict[str, Any]],
+            finish: str | None) -> dict[str, Any]:
+    """One choice of a response or chunk: ``field`` is message, delta or text."""
+    return {"index": index, field: value,
+            "logprobs": render(logprobs) if logprobs is not None else None,
+            "finish_reason": finish}
 
 
 class MessageParts:
@@ -143,22 +152,11 @@ class ChatFormat:
                 message["reasoning_content"] = "".join(parts.reasoning)
             for key, value in parts.extra.items():
                 message.setdefault(key, value)
-        return {
-            "index": index,
-            "message": message,
-            "logprobs": _chat_logprobs(logprobs) if logprobs is not None else None,
-            "finish_reason": finish,
-        }
+        return _choice(index, "message", message, logprobs, _chat_logprobs, finish)
 
-    def delta(
-        self,
-        index: int,
-        text: str | None,
-        finish: str | None,
-        logprobs: list[TokenLogprob] | None,
-        first: bool,
-        event: GenerationEvent | None = None,
-    ) -> dict[str, Any]:
+    def delta(self, index: int, text: str | None, finish: str | None,
+              logprobs: list[TokenLogprob] | None, first: bool,
+              event: GenerationEvent | None = None) -> dict[str, Any]:
         delta: dict[str, Any] = {}
         if first:
             delta["role"] = "assistant"
@@ -174,12 +172,7 @@ class ChatFormat:
             if event.extra:
                 for key, value in event.extra.items():
                     delta.setdefault(key, value)
-        return {
-            "index": index,
-            "delta": delta,
-            "logprobs": _chat_logprobs(logprobs) if logprobs is not None else None,
-            "finish_reason": finish,
-        }
+        return _choice(index, "delta", delta, logprobs, _chat_logprobs, finish)
 
 
 def _tool_call_delta(piece: Any) -> dict[str, Any]:
@@ -209,20 +202,9 @@ class TextFormat:
         self, index: int, text: str, finish: str | None, logprobs: list[TokenLogprob] | None,
         parts: MessageParts | None = None,
     ) -> dict[str, Any]:
-        return {
-            "index": index,
-            "text": text,
-            "logprobs": _text_logprobs(logprobs) if logprobs is not None else None,
-            "finish_reason": finish,
-        }
+        return _choice(index, "text", text, logprobs, _text_logprobs, finish)
 
-    def delta(
-        self,
-        index: int,
-        text: str | None,
-        finish: str | None,
-        logprobs: list[TokenLogprob] | None,
-        first: bool,
-        event: GenerationEvent | None = None,
-    ) -> dict[str, Any]:
+    def delta(self, index: int, text: str | None, finish: str | None,
+              logprobs: list[TokenLogprob] | None, first: bool,
+              event: GenerationEvent | None = None) -> dict[str, Any]:
         return self.choice(index, text or "", finish, logprobs)

@@ -7,10 +7,8 @@ requests, so the rate limiter, the meter and telemetry treat it like any other.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
-from opentelemetry import trace
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -22,7 +20,7 @@ from sluice.gateway.http.streaming import read_body
 from sluice.gateway.pipeline.call import Call
 from sluice.gateway.pipeline.dispatch import as_sluice_error
 from sluice.gateway.state import app_state
-from sluice.gateway.telemetry import gen_ai_attributes, incoming_context, trace_headers
+from sluice.gateway.telemetry import gen_ai_attributes, trace_headers
 from sluice.gateway.util import json_response
 
 
@@ -46,27 +44,21 @@ async def embeddings(request: Request) -> Response:
     pipeline = state.pipeline
     request_id = request.state.request_id
     tracing = state.telemetry.tracing
-    span = (state.telemetry.tracer.start_span(f"POST {request.url.path}",
-                                              context=incoming_context(request.headers))
-            if tracing else trace.INVALID_SPAN)
-    try:
-        with trace.use_span(span, end_on_exit=False) if tracing else contextlib.nullcontext():
-            principal = await pipeline.auth.authenticate(
-                request.headers.get("authorization"),
-                request.client.host if request.client else "-", request_id)
-            data, raw = await read_body(request, state.settings.max_body_bytes)
-            body = EmbeddingRequestBody.model_validate(data, raw)
-            route = state.registry.get(body.model)
-            if route is None:
-                raise NotFound(f"The model '{body.model}' does not exist", param="model",
-                               code="model_not_found")
-            principal.check_model(body.model)
-            if not route.card.serves("embeddings"):
-                raise InvalidRequest(f"The model '{body.model}' does not support embeddings.",
-                                     param="model", code="unsupported_parameter")
-    except BaseException:
-        span.end()
-        raise
+    span = state.telemetry.request_span(f"POST {request.url.path}", request.headers)
+    with state.telemetry.opening(span):
+        principal = await pipeline.auth.authenticate(
+            request.headers.get("authorization"),
+            request.client.host if request.client else "-", request_id)
+        data, raw = await read_body(request, state.settings.max_body_bytes)
+        body = EmbeddingRequestBody.model_validate(data, raw)
+        route = state.registry.get(body.model)
+        if route is None:
+            raise NotFound(f"The model '{body.model}' does not exist", param="model",
+                           code="model_not_found")
+        principal.check_model(body.model)
+        if not route.card.serves("embeddings"):
+            raise InvalidRequest(f"The model '{body.model}' does not support embeddings.",
+                                 param="model", code="unsupported_parameter")
     span.set_attributes(gen_ai_attributes(model=body.model, operation="embeddings",
                                           provider=route.card.provider))
     texts = _texts(body.input)

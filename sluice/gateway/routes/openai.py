@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
-from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -20,7 +19,7 @@ from sluice.gateway.http.schemas import ChatCompletionRequest, CompletionRequest
 from sluice.gateway.http.streaming import read_body
 from sluice.gateway.routes.embeddings import embeddings
 from sluice.gateway.state import AppState, app_state
-from sluice.gateway.telemetry import incoming_context, trace_headers
+from sluice.gateway.telemetry import trace_headers
 from sluice.gateway.util import json_response
 
 M = TypeVar("M", bound=BaseModel)
@@ -66,25 +65,19 @@ async def serve(request: Request, endpoint: str,
     state = app_state(request)
     request_id = request.state.request_id
     tracing = state.telemetry.tracing
-    span = (state.telemetry.tracer.start_span(f"POST {request.url.path}",
-                                              context=incoming_context(request.headers))
-            if tracing else trace.INVALID_SPAN)
-    try:
-        with trace.use_span(span, end_on_exit=False) if tracing else contextlib.nullcontext():
-            with state.telemetry.span("auth") if tracing else contextlib.nullcontext():
-                principal = await authenticate(state, request)
-            data, raw = await read_body(request, state.settings.max_body_bytes)
-            body = schema.model_validate(data, raw)
-            body.trace_headers = trace_headers(request.headers, span if tracing else None)
-            if isinstance(body, ChatCompletionRequest):
-                call = state.pipeline.chat_call(request_id, principal, body, span)
-            else:
-                call = state.pipeline.completion_call(request_id, principal, body, span)
-            call.cache_control = request.headers.get("cache-control", "")
-            check_serves(state.registry.routes(call.model)[0].card, body)
-    except BaseException:
-        span.end()
-        raise
+    span = state.telemetry.request_span(f"POST {request.url.path}", request.headers)
+    with state.telemetry.opening(span):
+        with state.telemetry.span("auth") if tracing else contextlib.nullcontext():
+            principal = await authenticate(state, request)
+        data, raw = await read_body(request, state.settings.max_body_bytes)
+        body = schema.model_validate(data, raw)
+        body.trace_headers = trace_headers(request.headers, span if tracing else None)
+        if isinstance(body, ChatCompletionRequest):
+            call = state.pipeline.chat_call(request_id, principal, body, span)
+        else:
+            call = state.pipeline.completion_call(request_id, principal, body, span)
+        call.cache_control = request.headers.get("cache-control", "")
+        check_serves(state.registry.routes(call.model)[0].card, body)
     try:
         await state.pipeline.admit(call)
     except SluiceError as exc:
