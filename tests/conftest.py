@@ -250,8 +250,15 @@ class GatewayServer:
         return str(self.run(make()))
 
 
+# One audit key for the whole run, as every replica of a deployment shares one: gateways of
+# different tests append to the same chains on the session's Postgres database.
+AUDIT_KEY = "test-audit-key-" + secrets.token_hex(16)
+
+
 def echo_settings(database_url: str, **overrides: Any) -> Any:
     from sluice.gateway.settings import BackendConfig, Settings
+
+    overrides.setdefault("audit_key", AUDIT_KEY)
 
     backends = overrides.pop(
         "backends",
@@ -317,6 +324,7 @@ class ProcessServer:
             "SLUICE_DATABASE_URL": database_url,
             "SLUICE_CONFIG": str(tmp / "sluice.toml"),
             "SLUICE_ADMIN_JWT_SECRET": "test-secret-" + secrets.token_hex(16),
+            "SLUICE_AUDIT_KEY": AUDIT_KEY,
             "SLUICE_LOG_LEVEL": "warning",
             "SLUICE_SPOOL_DIR": str(tmp / "spool"),
             **(env or {}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import httpx
@@ -122,28 +123,40 @@ def test_an_admin_change_commits_with_its_audit_record_or_not_at_all(
     token = issue_admin_token(server.settings.admin_jwt_secret, "ops", 60)
     admin = {"Authorization": f"Bearer {token}"}
     base = server.base_url + "/admin/api"
-    assert httpx.post(base + "/tenants", headers=admin, json={"name": "audited"}).status_code == 201
+    name = f"audited-{secrets.token_hex(3)}"
 
-    async def admin_chain() -> list[tuple[str, str]]:
+    async def admin_chain(after: int) -> list[tuple[str, str]]:
+        """The "admin" chain's records after seq ``after`` (the chain is shared: earlier
+        tests on the session's database appended to it too), as (action, actor)."""
         async with server.gateway.sessions() as session:
             rows = await session.scalars(select(AuditRecord).where(
-                AuditRecord.instance_id == "admin").order_by(AuditRecord.seq))
+                AuditRecord.instance_id == "admin", AuditRecord.seq > after)
+                .order_by(AuditRecord.seq))
             return [(r.action, r.actor) for r in rows]
 
+    async def last_seq() -> int:
+        async with server.gateway.sessions() as session:
+            seqs = await session.scalars(select(AuditRecord.seq).where(
+                AuditRecord.instance_id == "admin").order_by(AuditRecord.seq.desc()).limit(1))
+            return next(iter(seqs), 0)
+
+    start = server.run(last_seq())
+    assert httpx.post(base + "/tenants", headers=admin, json={"name": name}).status_code == 201
+
     # the record is in the database when the response arrives: same transaction, no buffer
-    assert server.run(admin_chain()) == [("tenant.create", "admin:ops")]
+    assert server.run(admin_chain(start)) == [("tenant.create", "admin:ops")]
 
     async def failing_store(self: AuditLog, conn: object, batch: object) -> None:
         raise OperationalError("INSERT INTO audit_log", {}, Exception("disk full"))
 
     monkeypatch.setattr(AuditLog, "_store", failing_store)
-    r = httpx.patch(base + "/tenants/audited", headers=admin, json={"rpm": 7})
+    r = httpx.patch(base + f"/tenants/{name}", headers=admin, json={"rpm": 7})
     assert r.status_code == 503, r.text  # the database failed: retry later, not a 500
     monkeypatch.undo()
-    tenant = httpx.get(base + "/tenants/audited", headers=admin).json()
+    tenant = httpx.get(base + f"/tenants/{name}", headers=admin).json()
     assert tenant["rpm"] is None  # the change rolled back with its audit record
-    assert httpx.patch(base + "/tenants/audited", headers=admin, json={"rpm": 7}).status_code == 200
-    assert server.run(admin_chain()) == [("tenant.create", "admin:ops"),
+    assert httpx.patch(base + f"/tenants/{name}", headers=admin, json={"rpm": 7}).status_code == 200
+    assert server.run(admin_chain(start)) == [("tenant.create", "admin:ops"),
                                          ("tenant.update", "admin:ops")]
     report = server.run(server.gateway.audit.verify())
     assert report.ok, report
