@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sluice.gateway.pipeline.entropy import EntropyConfig
+from sluice.gateway.pipeline.entropy_config import EntropyConfig
 
 @dataclass(frozen=True, slots=True)
 class Limits:
