@@ -22,7 +22,7 @@ from sluice.gateway.accounts.auth import issue_admin_token
 from sluice.gateway.cli_accounting import register as register_accounting
 from sluice.gateway.cli_warmup import register as register_warmup
 from sluice.gateway.db.session import create_engine, migrate, sessionmaker
-from sluice.gateway.errors import SluiceError
+from sluice.gateway.errors import InvalidRequest, SluiceError
 from sluice.gateway.settings import Settings, SettingsError
 
 out = Console()
@@ -73,7 +73,10 @@ async def _bootstrap(accounts: Accounts) -> str | None:
     """First start: a default tenant and one key, so `make run` is usable at once."""
     if await accounts.list_tenants():
         return None
-    await accounts.create_tenant("default")
+    try:
+        await accounts.create_tenant("default")
+    except InvalidRequest:  # another replica starting at the same moment made it first
+        return None
     return (await accounts.create_key("default", name="bootstrap")).secret
 
 

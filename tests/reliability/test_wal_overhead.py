@@ -33,6 +33,9 @@ async def test_wal_overhead(tmp_path: Path) -> None:
         wal.progress(f"r{10_000 + i % 2000}", i)
     progress_us = (time.perf_counter() - start) / 20_000 * 1e6
     wal.close_file()
+    # The figures are reported, not asserted (timings are the benchmark's business); what
+    # is asserted is that every record opened, one by one or concurrently, is durable.
     report("wal_overhead", open_sequential_ms=round(sequential_ms, 3),
            open_concurrent_per_s=round(concurrent_per_s), progress_line_us=round(progress_us, 1))
-    assert concurrent_per_s > 2 * (1000 / sequential_ms)  # group commit: fsyncs are shared
+    found = UsageWAL(tmp_path).recover()
+    assert len(found) == 2300 and len({r["request_id"] for r in found}) == 2300
