@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from typing import Any
 
 import jsonschema
@@ -73,14 +72,11 @@ def test_200_generated_schemas_all_outputs_valid(llm, grammars):
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Answer in JSON."}])
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=160,
                              constraint=Constraint(grammars.json_schema(s))) for i, s in enumerate(schemas)]
-    began = time.perf_counter()
     done = llm.generate([prompt] * len(schemas), params)
-    elapsed = time.perf_counter() - began
     assert [c.finish_reason for c in done] == ["stop"] * 200  # every grammar completed, then EOS
     assert not any(p.constraint.failed for p in params)
     for schema, completion in zip(schemas, done):
         jsonschema.validate(json.loads(completion.text), schema)
-    assert elapsed < 60
 
 
 def test_json_object_gives_an_object_and_greedy_too(llm, grammars):
