@@ -99,6 +99,15 @@ def postgres_url() -> Iterator[str]:
     drop_postgres_database(url)
 
 
+@pytest.fixture(scope="module")
+def own_db() -> Iterator[str]:
+    """A migrated Postgres database of the test module's own, for modules whose rows must
+    not show in other modules' counts on the session's shared database."""
+    url = make_postgres_database("sluice_mod")
+    yield url
+    drop_postgres_database(url)
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     from sluice.gateway.db.session import migrate

@@ -3,7 +3,6 @@ under 200 concurrent requests the tenant overspends by at most one request's res
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import asyncio
 import datetime as dt
@@ -11,7 +10,6 @@ import secrets
 from pathlib import Path
 
 import httpx
-import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -21,8 +19,6 @@ from sluice.gateway.economics.tables import Budget
 from tests.conftest import (
     ECHO_CONFIG,
     ProcessServer,
-    drop_postgres_database,
-    make_postgres_database,
 )
 
 # micro-units per million tokens: prompt at 1 unit/Mtok, completion at 2 units/Mtok
@@ -34,14 +30,6 @@ output = 2000000
 MAX_TOKENS = 50
 LIMIT_MICROS = 3_000
 
-
-@pytest.fixture(scope="module")
-def own_db() -> Iterator[str]:
-    """A Postgres database of this module's own: the usage rows written here must not show
-    in other modules' counts (they share the session's database)."""
-    url = make_postgres_database("sluice_spend")
-    yield url
-    drop_postgres_database(url)
 
 
 async def test_two_replicas_hold_a_hard_budget(own_db: str, redis_url: str,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import asyncio
 import datetime as dt
@@ -28,18 +27,9 @@ from sluice.gateway.economics.prices import (
 from sluice.gateway.economics.spend_store import MemorySpendStore, RedisSpendStore
 from sluice.gateway.economics.tables import Budget
 from sluice.gateway.ledger.metering import UsageRecord, write_usage
-from tests.conftest import drop_postgres_database, make_postgres_database
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
-
-@pytest.fixture(scope="module")
-def own_db() -> Iterator[str]:
-    """A Postgres database of this module's own: the usage rows written here must not show
-    in other modules' counts (they share the session's database)."""
-    url = make_postgres_database("sluice_spend")
-    yield url
-    drop_postgres_database(url)
 
 
 def test_cost_is_exact_integer_arithmetic() -> None:

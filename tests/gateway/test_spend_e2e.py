@@ -21,22 +21,12 @@ from sluice.gateway.pipeline.cache import CacheConfig
 from sluice.gateway.settings import BackendConfig
 from tests.conftest import (
     GatewayServer,
-    drop_postgres_database,
     echo_settings,
-    make_postgres_database,
 )
 from tests.gateway.faulty_upstream import MODES, FaultyUpstream
 
 PRICE = PriceConfig(input=7_000, output=13_000)  # micro-units per million tokens
 
-
-@pytest.fixture(scope="module")
-def own_db() -> Iterator[str]:
-    """A Postgres database of this module's own: the usage rows written here must not show
-    in other modules' counts (they share the session's database)."""
-    url = make_postgres_database("sluice_spend")
-    yield url
-    drop_postgres_database(url)
 
 
 @pytest.fixture(scope="module")
