@@ -90,7 +90,7 @@ async def _run_choice(call: Call, index: int) -> AsyncIterator[GenerationEvent]:
                 yield event
         except BackendError as exc:
             delay = None if sent or plan is None else plan.delay_before_next(exc)
-            if plan is not None:
+            if plan is not None and exc.retryable:  # a refused request says nothing of health
                 plan.router.failed(pool.name, plan.group)
                 call.span.add_event("attempt", {"backend": pool.name, "error": str(exc)[:200]})
             if delay is None:
