@@ -129,7 +129,7 @@ async def open_state(settings: Settings, stack: contextlib.AsyncExitStack, *,
     registry, runtime, probes = _backends(settings, plugins)
     guard = _guard(settings, registry, runtime, plugins)
     router = Router(registry, RoutingConfig(groups=settings.groups, aliases=settings.aliases),
-                    pools=runtime.pools, busy=lambda name: _busy(runtime.pools[name]))
+                    pools=runtime.pools, busy=lambda name: runtime.pools[name].load())
     check_routing(router.config, registry)
     spend = await _spend(settings, db, audit, telemetry, stack, prices)
     await runtime.start()
@@ -234,12 +234,6 @@ def _guard(settings: Settings, registry: ModelRegistry, runtime: Runtime,
         runtime.add(pool)
     log.info("guardrails: on, LlamaGuard model %s", model)
     return Guard(pool_completer(pool, model))
-
-
-def _busy(pool: Pool) -> int:
-    """Requests a pool holds now, running or queued (least-busy balancing)."""
-    status = pool.status()
-    return int(status["queue_depth"]) + sum(int(w["inflight"]) for w in status["workers"])
 
 
 async def _periodic_last_used(keys: KeyStore) -> None:

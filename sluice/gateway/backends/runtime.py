@@ -176,6 +176,10 @@ class Pool:
     def ready(self) -> bool:
         return not (self.workers.failures and not self.workers.workers)
 
+    def load(self) -> int:
+        """Requests this pool holds now, running or queued (least-busy balancing)."""
+        return len(self._waiters) + sum(w.inflight for w in self.workers.workers)
+
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         t = self.workers.transitions
