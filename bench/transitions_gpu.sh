@@ -9,7 +9,7 @@
 # 3. `sluice warmup` into a new empty kernel cache, then a start on it -> cold first token.
 set -u
 OUT=${1:?OUT dir}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 SLUICE_LOG_COMPILES=1  # each kernel compile in the serve logs
 CKPT=/tmp/mixtral-fp8
 log() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/run_log.txt"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -35,6 +35,7 @@ model = "$CKPT"
 served_model_name = "mixtral-fp8"
 dtype = "fp8"
 max_num_seqs = 64
+max_num_batched_tokens = ${MBT:-4096}
 compile_cache_dir = "$1"
 [backends.mixtral.pool]
 min_workers = 0
@@ -70,7 +71,7 @@ if serve fresh; then
       --first-token-only 2>>"$OUT/run_log.txt" | tee -a "$OUT/run_log.txt"
   else
     $E2E "$OUT/e2e_fresh.json" --no-sleep > /dev/null 2>>"$OUT/run_log.txt"
-    log "fresh: $(python3 -c "import json;r=json.load(open('$OUT/e2e_fresh.json'));print('first token',r['cold_first_token_s'],'c1',r['c1'].get('chunk_gap_p50_ms'),'c64',r['c64'].get('chunk_gap_p50_ms'),r['c64'].get('chunk_gap_p90_ms'))")"
+    log "fresh: $(python3 -c "import json;r=json.load(open('$OUT/e2e_fresh.json'));print('first token',r['cold_first_token_s'],'c1',r['c1'].get('chunk_gap_p50_ms'),'c64',r['c64'].get('chunk_gap_p50_ms'),r['c64'].get('chunk_gap_p90_ms'),'c1_json',r['c1_json'].get('chunk_gap_p50_ms'),'c64_json',r['c64_json'].get('chunk_gap_p50_ms'),'burst req/s',r['burst_1k_50x64'].get('req_s'))")"
   fi
   timeout 150 python3 $REPO/bench/transitions.py http://127.0.0.1:8400 $KEY mixtral-fp8 $ADMIN "$OUT/transitions.json" \
     2>>"$OUT/run_log.txt" | grep -v mem_trace | tee -a "$OUT/run_log.txt"

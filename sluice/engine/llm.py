@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sluice.engine.config import EngineConfig, ModelConfig
-from sluice.engine.kernel_cache import use_kernel_cache
+from sluice.engine.kernel_cache import COMPILES, use_kernel_cache
 from sluice.engine.errors import ConfigError, RequestError
 from sluice.engine.kv_cache import BlockManager
 from sluice.engine.loader import load_model
@@ -73,6 +73,7 @@ class LLM:
         if not self.config.warm_in_background:
             self.runner.warm_up()
         self.timings.update(self.runner.timings)
+        self.timings.update(COMPILES.as_timings())
         self.steps = 0  # steps run since the start or the last wake
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
@@ -81,8 +82,9 @@ class LLM:
         self.asleep = False
         self.sequences: dict[int, Sequence] = {}
         self._text: dict[int, TextState] = {}
-        log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens", cfg.architecture, device,
-                 dtype, ", fp8 weights" if self.fp8 else "", self.runner.num_blocks, self.config.block_size)
+        log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens; %d kernels compiled in %.1fs",
+                 cfg.architecture, device, dtype, ", fp8 weights" if self.fp8 else "", self.runner.num_blocks,
+                 self.config.block_size, COMPILES.kernels, COMPILES.seconds)
 
     # ---- sleep ----------------------------------------------------------
 
@@ -123,6 +125,7 @@ class LLM:
         """Every CUDA graph now (what `sluice warmup` and benchmarks call)."""
         self.runner.warm_up()
         self.timings.update(self.runner.timings)
+        self.timings.update(COMPILES.as_timings())
 
     # ---- requests -------------------------------------------------------
 
@@ -170,7 +173,7 @@ class LLM:
         logits = self.runner.run(batch)
         self.steps += 1
         samplers = self._sampling_sequences(batch)
-        tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
+        tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers], samplers)
         return self._postprocess(batch, dict(zip(samplers, tokens)))
 
     def _sampling_sequences(self, batch: ScheduledBatch) -> list[Sequence]:
