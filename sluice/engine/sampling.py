@@ -8,16 +8,26 @@ whatever else shares its batch.
 A request with a ``constraint`` (engine/structured.py: JSON, a JSON Schema, forced tool
 calls) has what its grammar forbids masked out of its logits row first: one bitmask for
 the whole batch, applied to the logits the model returned (outside any CUDA graph).
+``logit_bias`` and the presence/frequency penalties (engine/penalties.py) are added before
+that mask, so a bias can never make a forbidden token possible.
+
+Logprobs are those of the distribution the token is drawn from before temperature, top-k
+and top-p: the model's logits after bias, penalties and the grammar mask (a token the
+grammar forbids has -inf). OpenAI does not document which it reports; vLLM's default is
+the raw model's, ours says what could actually have been sampled, and greedy and seeded
+requests of the same params report the same numbers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from sluice.engine.errors import RequestError
+from sluice.engine.penalties import Generated, apply_penalties
 
 if TYPE_CHECKING:
     from sluice.engine.structured import Constraint
@@ -35,6 +45,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    #: OpenAI's penalties (-2..2) on tokens of the completion so far, and (token id, bias)
+    #: pairs (-100..100) added to the logits (engine/penalties.py).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     #: Decoding constraint (engine/structured.py); it holds the request's parse state, so
     #: a SamplingParams with one belongs to one request.
     constraint: Constraint | None = field(default=None, compare=False, repr=False)
@@ -50,10 +65,30 @@ class SamplingParams:
             raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.top_logprobs < 0:
             raise RequestError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise SamplingError(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
+        for token, bias in self.logit_bias:
+            if token < 0 or not -100 <= bias <= 100:
+                raise SamplingError(f"logit_bias: token {token} bias {bias}: token ids are >= 0 and "
+                                    "biases in [-100, 100]", "logit_bias")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether bias or penalties change this request's logits."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+class SamplingError(RequestError):
+    """A sampling knob out of range (``param`` names the request field)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -63,11 +98,15 @@ class SampledToken:
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[SampledToken]:
-    """logits (S, V) fp32, one row per sequence -> one token each."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           sequences: Sequence[Generated] = ()) -> list[SampledToken]:
+    """logits (S, V) fp32, one row per sequence -> one token each. ``sequences`` (one per
+    row) are read only for rows with penalties."""
     S, V = logits.shape
     if S == 0:
         return []
+    if any(p.adjusts_logits for p in params):
+        apply_penalties(logits, params, sequences)
     constraints = [p.constraint for p in params]
     if any(c is not None for c in constraints):
         from sluice.engine.structured import accept_tokens, apply_constraints

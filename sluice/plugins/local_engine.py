@@ -222,13 +222,18 @@ class LocalEngineBackend(Backend):
         constraint = None
         if request.response_format is not None or request.tools:
             constraint = constraint_for(request, self.tokenizer, await asyncio.to_thread(self.grammars))
+        vocab = self._engine.llm.model.config.vocab_size
+        if any(token >= vocab for token, _ in s.logit_bias):
+            raise BackendError(f"logit_bias names a token id outside the vocabulary [0, {vocab})",
+                               status=400, param="logit_bias")
         try:
             params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                     max_tokens=s.max_tokens, seed=s.seed, stop=tuple(s.stop),
                                     logprobs=s.logprobs or s.top_logprobs > 0, top_logprobs=s.top_logprobs,
-                                    constraint=constraint)
+                                    presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                                    logit_bias=s.logit_bias, constraint=constraint)
         except EngineError as exc:
-            raise BackendError(str(exc), status=400) from None
+            raise BackendError(str(exc), status=400, param=getattr(exc, "param", None)) from None
         stream = self._engine.generate(ids, params, request_id=request.request_id)
         tools = ToolCallReader(self.tokenizer, request)
         completion = 0

@@ -265,6 +265,22 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def _logit_bias(bias: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
+    """``{"token id": bias}`` as (id, bias) pairs; ids are non-negative integers and biases
+    in [-100, 100], as OpenAI's API reference says."""
+    pairs = []
+    for token, value in bias.items():
+        if not (token.isascii() and token.isdigit()):
+            raise InvalidRequest(f"Invalid value for 'logit_bias': key {token!r} is not a token id",
+                                 param="logit_bias", code="invalid_value")
+        if not -100 <= value <= 100:
+            raise InvalidRequest(f"Invalid value for 'logit_bias': the bias of token {token} is "
+                                 f"{value}; biases are from -100 to 100", param="logit_bias",
+                                 code="invalid_value")
+        pairs.append((int(token), float(value)))
+    return tuple(pairs)
+
+
 def _int(value: Any) -> int | None:
     return None if value is None else int(value)  # JSON Schema counts 2.0 as an integer
 
@@ -297,12 +313,8 @@ class _Request:
         return _stop_list(self.stop)
 
     def logit_bias(self) -> tuple[tuple[int, float], ...]:
-        bias = self.data.get("logit_bias") or {}
-        try:
-            return tuple((int(token), float(value)) for token, value in bias.items())
-        except ValueError:
-            raise InvalidRequest("Invalid value for 'logit_bias': keys must be token ids",
-                                 param="logit_bias") from None
+        bias = self.data.get("logit_bias")
+        return _logit_bias(bias) if bias else ()
 
     def sampling(self, logprobs: bool, top_logprobs: int, choice: int = 0) -> SamplingParams:
         """Effective sampling values for choice ``choice`` of ``n`` (seeds differ)."""
