@@ -72,36 +72,227 @@ def _tool_constraint(request: GenerationRequest, tokenizer: Tokenizer, grammars:
 
 class ToolCallReader:
     """Watches a generation: when its first token is ``[TOOL_CALLS]``, the text after it is
-    held back and parsed as the model's tool calls when the generation ends."""
+    read as the model's ``[{"name": ..., "arguments": {...}}, ...]`` as it arrives and turned
+    into OpenAI's streamed tool calls: each call's first piece (index, id, name, arguments
+    "") once its name is known, then its arguments as the model writes them. The fragments
+    of a call add up to the model's own argument text (a call without arguments gets
+    ``{}``), so a streamed and a whole answer carry the same calls.
+
+    Text that stops being a call list is content from there on (all of it when no call
+    had been opened)."""
 
     def __init__(self, tokenizer: Tokenizer, request: GenerationRequest) -> None:
         self.token = tokenizer.tool_calls_id if request.tools else None
         self.active = False
         self.started = False
-        self.text = ""
+        self.scanner = _CallScanner()
 
-    def feed(self, token_ids: list[int], text: str) -> bool:
-        """True when this piece belongs to a tool call (and must not be shown as content)."""
+    def feed(self, token_ids: list[int], text: str) -> tuple[str, tuple[ToolCallDelta, ...]]:
+        """The content and tool-call pieces this piece of output adds."""
         if not self.started and token_ids:
             self.started = True
             self.active = self.token is not None and token_ids[0] == self.token
-        if self.active:
-            self.text += text
-        return self.active
+        if not self.active:
+            return text, ()
+        return self.scanner.feed(text)
 
-    def calls(self) -> tuple[ToolCallDelta, ...] | None:
-        """The parsed calls, or None when the text is not a complete call list."""
-        try:
-            parsed: Any = json.loads(self.text)
-        except ValueError:
-            return None
-        if isinstance(parsed, dict):
-            parsed = [parsed]
-        if not isinstance(parsed, list) or not all(isinstance(c, dict) and "name" in c for c in parsed):
-            return None
-        return tuple(ToolCallDelta(index=i, id=_call_id(c.get("id")), name=str(c["name"]),
-                                   arguments=json.dumps(c.get("arguments", {}), ensure_ascii=False))
-                     for i, c in enumerate(parsed))
+    def leftover(self) -> str:
+        """At the end: the text held back for a call list that never opened a call (content)."""
+        scanner = self.scanner
+        return scanner.held if self.active and not scanner.calls and scanner.state != "broken" else ""
+
+    @property
+    def called(self) -> bool:
+        """Whether the answer opened at least one tool call."""
+        return bool(self.scanner.calls)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every call the answer opened was closed, with nothing after the list."""
+        return self.called and self.scanner.state == "done"
+
+
+class _Call:
+    __slots__ = ("index", "id", "name", "pending", "opened", "has_arguments")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.id: str | None = None
+        self.name: str | None = None
+        self.pending = ""  # arguments written before the name (sent once it is known)
+        self.opened = False  # its first piece (id, name) has been sent
+        self.has_arguments = False
+
+
+_WS = " \t\r\n"
+
+
+class _CallScanner:
+    """An incremental reader of a JSON list of ``{"name", "arguments"[, "id"]}`` objects (or
+    one such object), one character at a time. States: ``start`` (before ``[``), ``list``
+    (between calls), ``key`` (in a call, before a key), ``colon``, ``value`` (before a value),
+    ``string`` (a key or name/id string), ``raw`` (inside the arguments or an unknown value),
+    ``after`` (after a value), ``done`` and ``broken``."""
+
+    def __init__(self) -> None:
+        self.state = "start"
+        self.single = False  # one object, not a list
+        self.calls: list[_Call] = []
+        self.call: _Call | None = None
+        self.held = ""  # the text before any call opened (content if the list breaks then)
+        self.string = ""  # the string being read (raw, escapes kept)
+        self.string_role = ""  # "key", "name" or "id"
+        self.escaped = False
+        self.key = ""
+        self.value_key = ""  # the key whose raw value is being read
+        self.depth = 0  # brackets open in a raw value
+        self.in_string = False  # a raw value's own strings
+        self.primitive = False  # a raw value that is a number, true, false or null
+
+    def feed(self, text: str) -> tuple[str, tuple[ToolCallDelta, ...]]:
+        """The content (text that is not a call list) and call pieces ``text`` adds."""
+        if self.state == "broken":
+            return text, ()
+        out: list[ToolCallDelta] = []
+        args: list[str] = []  # the current call's argument characters from this piece
+        content = ""
+        for i, ch in enumerate(text):
+            while not self._step(ch, out, args):
+                pass  # read again in the state it led to
+            if self.state == "broken":
+                content = text[i:] if self.calls else self.held + text
+                break
+        self._flush(out, args)
+        if not self.calls:
+            self.held += text
+        return content, tuple(out)
+
+    def _step(self, ch: str, out: list[ToolCallDelta], args: list[str]) -> bool:
+        """Advance by ``ch``; False when ``ch`` must be read again in the new state."""
+        state = self.state
+        if state == "raw":
+            return self._raw(ch, out, args)
+        if state == "string":
+            self._string(ch, out, args)
+            return True
+        if ch in _WS:
+            return True
+        if state == "start" and ch in "[{":
+            self.single = ch == "{"
+            self.state = "list"
+            return ch == "["
+        if state == "list" and ch == "{":
+            self._flush(out, args)
+            self.call = _Call(len(self.calls))
+            self.calls.append(self.call)
+            self.state = "key"
+        elif state == "list" and ch == "," and self.calls:
+            pass
+        elif state == "list" and ch == "]":
+            self.state = "done"
+        elif state == "key" and ch == '"':
+            self.state, self.string_role, self.string = "string", "key", ""
+        elif state == "colon" and ch == ":":
+            self.state = "value"
+        elif state == "value":
+            return self._value(ch, args)
+        elif state == "after" and ch == ",":
+            self.state = "key"
+        elif state == "after" and ch == "}":
+            self._close_call(out, args)
+        else:
+            self.state = "broken"
+        return True
+
+    def _value(self, ch: str, args: list[str]) -> bool:
+        if self.key in ("name", "id") and ch == '"':
+            self.state, self.string_role, self.string = "string", self.key, ""
+            return True
+        self.state, self.value_key, self.depth, self.in_string = "raw", self.key, 0, False
+        self.primitive = ch not in '{["'
+        return False
+
+    def _string(self, ch: str, out: list[ToolCallDelta], args: list[str]) -> None:
+        if self.escaped:
+            self.escaped = False
+        elif ch == "\\":
+            self.escaped = True
+        elif ch == '"':
+            try:
+                value = json.loads(f'"{self.string}"')
+            except ValueError:
+                self.state = "broken"
+                return
+            role, self.state = self.string_role, "after"
+            if role == "key":
+                self.key, self.state = value, "colon"
+            elif self.call is not None:
+                setattr(self.call, role, value)
+                if role == "name":
+                    self._open(out, args)
+            return
+        self.string += ch
+
+    def _raw(self, ch: str, out: list[ToolCallDelta], args: list[str]) -> bool:
+        """A value read as text (the arguments, streamed; any other key's, skipped)."""
+        if self.primitive and (ch in ",}" or ch in _WS):
+            self.state = "after"
+            return False
+        if self.in_string:
+            if self.escaped:
+                self.escaped = False
+            elif ch == "\\":
+                self.escaped = True
+            elif ch == '"':
+                self.in_string = False
+        elif ch == '"':
+            self.in_string = True
+        elif ch in "{[":
+            self.depth += 1
+        elif ch in "}]":
+            self.depth -= 1
+        if self.value_key == "arguments" and self.call is not None:
+            self.call.has_arguments = True
+            args.append(ch)
+        if not self.primitive and not self.in_string and self.depth == 0:
+            self.state = "after"  # the closing bracket or quote was the value's last character
+        return True
+
+    def _open(self, out: list[ToolCallDelta], args: list[str]) -> None:
+        call = self.call
+        if call is None or call.opened or call.name is None:
+            return
+        call.opened = True
+        out.append(ToolCallDelta(index=call.index, id=_call_id(call.id), name=call.name, arguments=""))
+        if call.pending:
+            out.append(ToolCallDelta(index=call.index, id=None, name=None, arguments=call.pending, type=None))
+            call.pending = ""
+
+    def _flush(self, out: list[ToolCallDelta], args: list[str]) -> None:
+        """The current call's argument characters of this piece, as one fragment."""
+        if not args or self.call is None:
+            return
+        text = "".join(args)
+        args.clear()
+        if self.call.opened:
+            out.append(ToolCallDelta(index=self.call.index, id=None, name=None, arguments=text, type=None))
+        else:
+            self.call.pending += text
+
+    def _close_call(self, out: list[ToolCallDelta], args: list[str]) -> None:
+        call = self.call
+        self._flush(out, args)
+        if call is None or call.name is None:
+            self.state = "broken"  # a call without a name
+            return
+        if not call.has_arguments:
+            call.pending += "{}"
+        self._open(out, args)
+        if call.pending:
+            out.append(ToolCallDelta(index=call.index, id=None, name=None, arguments=call.pending, type=None))
+            call.pending = ""
+        self.call = None
+        self.state = "done" if self.single else "list"
 
 
 def _call_id(given: Any) -> str:

@@ -242,19 +242,17 @@ class LocalEngineBackend(Backend):
                 counted = len(out.token_ids) - (out.stop_token_id is not None)
                 completion += counted
                 logprobs = self._logprobs(out, s.logprobs)
-                held = tools.feed(out.token_ids, out.text)  # a tool call: parsed at the end
+                text, calls = tools.feed(out.token_ids, out.text)  # tool calls stream as they are read
                 if not out.finished:
-                    yield GenerationEvent(text="" if held else out.text, tokens=counted, logprobs=logprobs)
+                    yield GenerationEvent(text=text, tokens=counted, logprobs=logprobs, tool_calls=calls)
                     continue
+                text += tools.leftover()
                 usage = Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=completion)
                 reason = "stop" if out.finish_reason == "stop" else "length"
-                calls = tools.calls() if held and reason == "stop" else None
-                if calls is not None:
-                    yield GenerationEvent(tokens=counted, logprobs=logprobs, tool_calls=calls,
-                                          finish_reason="tool_calls", usage=usage)
-                else:  # plain text, or a tool call cut short: shown as the text it is
-                    yield GenerationEvent(text=tools.text if held else out.text, tokens=counted,
-                                          logprobs=logprobs, finish_reason=reason, usage=usage)
+                if reason == "stop" and tools.complete:
+                    reason = "tool_calls"  # a call cut short keeps "length", as OpenAI's does
+                yield GenerationEvent(text=text, tokens=counted, logprobs=logprobs, tool_calls=calls,
+                                      finish_reason=reason, usage=usage)
         except EngineError as exc:  # e.g. the prompt does not fit the context
             raise BackendError(str(exc), status=400) from None
         finally:

@@ -137,6 +137,19 @@ def ask(backend: LocalEngineBackend, *messages: ChatMessage, **kw) -> list:  # t
     return asyncio.run(run())
 
 
+def assemble(events: list) -> list[tuple[str, str, str]]:  # type: ignore[type-arg]
+    """(id, name, arguments) of each call, from its streamed pieces."""
+    calls: dict[int, list[str]] = {}
+    for piece in (p for e in events for p in e.tool_calls):
+        if piece.index not in calls:
+            assert piece.id and piece.name and piece.arguments == ""  # the first piece opens the call
+            calls[piece.index] = [piece.id, piece.name, ""]
+        else:
+            assert piece.id is None and piece.name is None
+        calls[piece.index][2] += piece.arguments
+    return [tuple(calls[i]) for i in sorted(calls)]  # type: ignore[misc]
+
+
 def test_v3_model_card_says_tools(v3_backend: LocalEngineBackend) -> None:
     assert v3_backend.models()[0].serves("tools") and v3_backend.models()[0].serves("json_schema")
 
@@ -147,20 +160,22 @@ def test_tool_choice_required_gives_valid_tool_calls(v3_backend: LocalEngineBack
     events = ask(v3_backend, ChatMessage("user", "Weather in Paris?"), tool_choice="required", seed=seed,
                  parallel_tool_calls=False)
     last = events[-1]
-    assert last.finish_reason == "tool_calls" and last.tool_calls
+    calls = assemble(events)
+    assert last.finish_reason == "tool_calls" and calls
     schemas = {t.name: t.parameters for t in (WEATHER, TIME)}
-    for call in last.tool_calls:
-        jsonschema.validate(json.loads(call.arguments), schemas[call.name])
-        assert call.id and len(call.id) == 9
+    for call_id, name, arguments in calls:
+        jsonschema.validate(json.loads(arguments), schemas[name])
+        assert len(call_id) == 9
+    assert sum(1 for e in events if any(p.arguments for p in e.tool_calls)) > 1  # streamed, not whole
     assert not "".join(e.text for e in events)  # a tool call is no content
     assert last.usage.completion_tokens == sum(e.tokens for e in events)
 
 
 def test_named_tool_choice_calls_that_function_once(v3_backend: LocalEngineBackend) -> None:
     events = ask(v3_backend, ChatMessage("user", "Time?"), tool_choice=NamedToolChoice("get_time"), seed=3)
-    [call] = events[-1].tool_calls
-    assert call.name == "get_time" and events[-1].finish_reason == "tool_calls"
-    jsonschema.validate(json.loads(call.arguments), TIME.parameters)
+    [(_, name, arguments)] = assemble(events)
+    assert name == "get_time" and events[-1].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(arguments), TIME.parameters)
 
 
 def test_tool_choice_none_never_calls(v3_backend: LocalEngineBackend) -> None:
@@ -176,12 +191,11 @@ def test_a_named_tool_not_in_tools_is_a_400(v3_backend: LocalEngineBackend) -> N
 
 
 def test_full_tool_round_trip_encodes_and_answers(v3_backend: LocalEngineBackend) -> None:
-    first = ask(v3_backend, ChatMessage("user", "Weather in Paris?"), tool_choice="required",
-                parallel_tool_calls=False)[-1]
-    call = first.tool_calls[0]
+    [(call_id, name, arguments)] = assemble(ask(v3_backend, ChatMessage("user", "Weather in Paris?"),
+                                                tool_choice="required", parallel_tool_calls=False))
     follow = (ChatMessage("user", "Weather in Paris?"),
-              ChatMessage("assistant", tool_calls=(ToolCall(call.id, call.name, call.arguments),)),
-              ChatMessage("tool", '{"temp": 21}', tool_call_id=call.id),)
+              ChatMessage("assistant", tool_calls=(ToolCall(call_id, name, arguments),)),
+              ChatMessage("tool", '{"temp": 21}', tool_call_id=call_id),)
     events = ask(v3_backend, *follow, tool_choice="none",
                  response_format=ResponseFormat("json_schema", schema=PERSON))
     assert events[-1].finish_reason == "stop"
@@ -191,14 +205,10 @@ def test_full_tool_round_trip_encodes_and_answers(v3_backend: LocalEngineBackend
     assert probe.count_tokens(request) == len(v3_backend.prompt_ids(request))
 
 
-def test_tool_calls_reach_the_openai_client_streamed_and_whole(v3_dir: Path, tmp_path: Path) -> None:
-    from sluice.gateway.db.session import migrate
-
-    url = f"sqlite+aiosqlite:///{tmp_path / 'sluice.db'}"
-    migrate(url)
+def test_tool_calls_reach_the_openai_client_streamed_and_whole(v3_dir: Path, own_db: str) -> None:
     backends = {"local": BackendConfig(plugin="local", options={
         "model": str(v3_dir), "served_model_name": "tiny-v3", "device": "cpu", "num_kv_blocks": 256})}
-    server = GatewayServer(echo_settings(url, backends=backends)).start()
+    server = GatewayServer(echo_settings(own_db, backends=backends)).start()
     try:
         api = client(server)
         tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
@@ -212,12 +222,36 @@ def test_tool_calls_reach_the_openai_client_streamed_and_whole(v3_dir: Path, tmp
         jsonschema.validate(json.loads(call.function.arguments), {t.name: t.parameters for t in (WEATHER, TIME)}
                             [call.function.name])
         stream = api.chat.completions.create(model="tiny-v3", messages=messages, tools=tools, max_tokens=120,
-                                             tool_choice="required", parallel_tool_calls=False, seed=1, stream=True)
-        chunks = [c for c in stream if c.choices]
-        deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
-        assert deltas[0].id and deltas[0].function.name == call.function.name  # ids are fresh per answer
-        assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
-        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+                                             tool_choice="required", parallel_tool_calls=False, seed=1, stream=True,
+                                             stream_options={"include_usage": True})
+        chunks = list(stream)
+        deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        # OpenAI's shape: the call opens with index, id, type and name and empty arguments ...
+        assert deltas[0].index == 0 and deltas[0].id and deltas[0].type == "function"
+        assert deltas[0].function.name == call.function.name and deltas[0].function.arguments == ""
+        # ... then its arguments arrive in pieces, in several chunks, as the model writes them
+        fragments = [d.function.arguments for d in deltas[1:]]
+        assert len(fragments) > 1 and all(d.id is None and d.function.name is None for d in deltas[1:])
+        assert "".join(fragments) == call.function.arguments  # the same text the whole answer has
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens  # metered alike
+        # several calls in one answer: each its own index, its own arguments, each valid
+        for seed in range(8):  # the random model calls one tool or several, depending on the seed
+            several = api.chat.completions.create(model="tiny-v3", messages=messages, tools=tools,
+                                                  max_tokens=200, tool_choice="required", seed=seed, stream=True)
+            calls: dict[int, list[str]] = {}
+            finish = None
+            for c in several:
+                for d in c.choices[0].delta.tool_calls or []:
+                    calls.setdefault(d.index, [d.function.name or "", ""])[1] += d.function.arguments or ""
+                finish = c.choices[0].finish_reason or finish
+            if finish == "tool_calls" and len(calls) > 1:
+                break
+        else:
+            pytest.fail("no seed gave an answer with several tool calls")
+        assert sorted(calls) == list(range(len(calls)))
+        for name, arguments in calls.values():
+            jsonschema.validate(json.loads(arguments), {t.name: t.parameters for t in (WEATHER, TIME)}[name])
         # the round trip: the assistant's call and the tool's result go back in
         follow = messages + [choice.message.model_dump(exclude_none=True),
                              {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
