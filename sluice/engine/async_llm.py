@@ -4,7 +4,9 @@
     async for out in engine.generate(prompt_ids, SamplingParams(max_tokens=64)):
         print(out.text, end="")
 
-Requests and aborts reach the engine thread as commands, applied between steps.
+Requests and aborts reach the engine thread as commands, applied between steps. A step's
+outputs go back in one hand-over per event loop (one ``call_soon_threadsafe``, however
+many requests are streaming), so the loop wakes once per step rather than once per token.
 Closing a stream early aborts its sequence: at once when the engine is between
 steps, otherwise right after the current step; either way its blocks are freed
 before the next step is scheduled. While it has nothing to do (after its first token)
@@ -33,7 +35,7 @@ class AsyncLLM:
         self.llm = llm
         self._lock = threading.Lock()  # held while the LLM's state is touched
         self._commands: deque[tuple[str, Any]] = deque()  # ("add", Sequence) | ("abort", seq_id)
-        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[int, _Stream] = {}
         self._wake = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
@@ -45,13 +47,14 @@ class AsyncLLM:
         if self._stopped:
             raise RuntimeError("AsyncLLM is closed")
         seq = self.llm.make_sequence(prompt, params, request_id)  # raises RequestError here
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[seq.seq_id] = (asyncio.get_running_loop(), queue)
+        stream = self._streams[seq.seq_id] = _Stream(seq.seq_id, asyncio.get_running_loop())
         self._send("add", seq)
         finished = False
         try:
             while not finished:
-                item = await queue.get()
+                if not stream.items:
+                    await stream.wait()
+                item = stream.items.popleft()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -118,8 +121,7 @@ class AsyncLLM:
                     log.exception("engine step failed")
                     self._fail_all(exc)
                     break
-                for out in outputs:
-                    self._deliver(out.seq_id, out)
+                self._deliver([(out.seq_id, out) for out in outputs])
             self._warm_while_idle()
 
     def _warm_while_idle(self) -> None:
@@ -134,24 +136,56 @@ class AsyncLLM:
                 log.exception("background warm-up failed")
                 return
 
-    def _deliver(self, seq_id: int, item: RequestOutput | BaseException) -> None:
-        stream = self._streams.get(seq_id)
-        if stream is None:
-            return
-        loop, queue = stream
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the consumer's event loop is gone
-            self._send("abort", seq_id)
+    def _deliver(self, items: list[tuple[int, RequestOutput | BaseException]]) -> None:
+        """Hand a step's outputs to their streams: one callback per consumers' event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
+        for seq_id, item in items:
+            stream = self._streams.get(seq_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_hand_over, batch)
+            except RuntimeError:  # the consumers' event loop is gone
+                for stream, _ in batch:
+                    self._send("abort", stream.seq_id)
 
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:
             for seq_id in list(self.llm.sequences):
                 self.llm.abort(seq_id)
-        for seq_id in list(self._streams):
-            self._deliver(seq_id, exc)
+        self._deliver([(seq_id, exc) for seq_id in list(self._streams)])
 
     @property
     def num_free_blocks(self) -> int:
         return self.llm.block_manager.num_free_blocks
+
+
+class _Stream:
+    """One request's outputs on their way to its consumer (touched on the consumer's loop only)."""
+
+    __slots__ = ("seq_id", "loop", "items", "waiter")
+
+    def __init__(self, seq_id: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.seq_id = seq_id
+        self.loop = loop
+        self.items: deque[RequestOutput | BaseException] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    async def wait(self) -> None:
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+def _hand_over(batch: list[tuple[_Stream, Any]]) -> None:
+    for stream, item in batch:
+        stream.put(item)
 

@@ -1,0 +1,326 @@
+"""The gateway's per-streamed-token cost: the engine alone against ``sluice serve``.
+
+    python -m loadtests.bench_stream [--streams 64] [--tokens 128] [--rounds 3]
+                                     [--out bench_results/stream] [--py-spy PREFIX]
+
+The tiny random Mixtral (the tests' model, written once into a temporary directory)
+decodes ``--streams`` concurrent greedy chat requests of ``--tokens`` output tokens
+three ways, in alternating rounds so that a change in the machine's load hits all three:
+
+``engine step``   ``LLM.step()`` in a loop, nothing else (the engine's own speed)
+``engine async``  ``AsyncLLM``: the step loop in its thread, one asyncio consumer per
+                  request in this process (what the local plugin sits on)
+``gateway``       ``sluice serve`` (a subprocess, the local backend, auth and metering on)
+                  over HTTP, streamed (``stream_options.include_usage``), read by a small
+                  raw-socket client in this process (cheaper per chunk than httpx)
+
+Per mode: the median gap between a stream's consecutive content chunks (for the engine:
+outputs that carry text, the first or the last, which are the ones the gateway sends),
+completion tokens per second over the round's wall time, and the first-token time.
+The ratios gateway / engine are what issue 16 asks to bring within 3% at batch 64.
+CPU time per token is the process's (user + system, every thread) over the round: this
+process for the engine, the gateway's process for the gateway (the client's is not in it).
+``--py-spy PREFIX`` records the gateway during its rounds (PREFIX.txt, collapsed stacks
+per thread: ``py-spy record --format raw --threads``) to show where its time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from loadtests.bench_gateway import Stack, environment, free_port
+
+MODEL = "tiny-mixtral"
+WORDS = ("the quick brown fox jumps over a lazy dog while engineers measure latency and "
+         "throughput of a mixture of experts model served behind a multi tenant gateway").split()
+
+CONFIG = """\
+[backends.local]
+plugin = "local"
+[backends.local.options]
+model = "{model}"
+served_model_name = "{name}"
+device = "cpu"
+max_num_seqs = {streams}
+num_kv_blocks = {blocks}
+max_model_len = 1024
+[backends.local.pool]
+max_concurrency = {concurrency}
+queue_size = {concurrency}
+"""
+
+
+def prompt(i: int) -> str:
+    return f"[{i}] " + " ".join(WORDS[(k * 7 + i) % len(WORDS)] for k in range(20))
+
+
+@dataclass
+class Stream:
+    started: float
+    times: list[float]  # arrival of each content chunk
+    tokens: int = 0  # completion tokens (the usage chunk; the engine's count)
+
+
+@dataclass
+class Round:
+    mode: str
+    gap_p50_ms: float
+    gap_p90_ms: float
+    tok_s: float
+    ttft_p50_ms: float
+    cpu_us_per_token: float
+    loop_us_per_token: float  # the event loop's thread alone (the GIL's other contender)
+    tokens: int
+    wall_s: float
+
+
+def summarize(mode: str, streams: list[Stream], wall: float, cpu_s: float,
+              loop_s: float) -> Round:
+    gaps = [b - a for s in streams for a, b in zip(s.times, s.times[1:])]
+    tokens = sum(s.tokens for s in streams)
+    return Round(mode, 1e3 * statistics.median(gaps), 1e3 * statistics.quantiles(gaps, n=10)[8],
+                 tokens / wall, 1e3 * statistics.median(s.times[0] - s.started for s in streams),
+                 1e6 * cpu_s / tokens, 1e6 * loop_s / tokens, tokens, wall)
+
+
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process (all its threads), or of one of its threads."""
+    stat = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---- the engine alone ------------------------------------------------------------------
+
+def engine_step(llm: Any, prompts: list[list[int]], params: Any) -> Round:
+    """LLM.step() in a loop: every output's time is its step's end."""
+    began, cpu, loop = time.perf_counter(), time.process_time(), time.thread_time()
+    seqs = {llm.add_request(ids, params).seq_id: Stream(began, []) for ids in prompts}
+    while llm.has_unfinished():
+        outputs = llm.step()
+        now = time.perf_counter()
+        for out in outputs:
+            s = seqs[out.seq_id]
+            if out.text or not s.times or out.finished:
+                s.times.append(now)
+            s.tokens = out.num_completion_tokens
+    return summarize("engine step", list(seqs.values()), time.perf_counter() - began,
+                     time.process_time() - cpu, time.thread_time() - loop)
+
+
+async def engine_async(engine: Any, prompts: list[list[int]], params: Any) -> Round:
+    """AsyncLLM, one consumer per request on this event loop."""
+
+    async def one(ids: list[int]) -> Stream:
+        s = Stream(time.perf_counter(), [])
+        async for out in engine.generate(ids, params):
+            if out.text or not s.times or out.finished:
+                s.times.append(time.perf_counter())
+            s.tokens = out.num_completion_tokens
+        return s
+
+    began, cpu, loop = time.perf_counter(), time.process_time(), time.thread_time()
+    streams = await asyncio.gather(*(one(ids) for ids in prompts))
+    return summarize("engine async", streams, time.perf_counter() - began,
+                     time.process_time() - cpu, time.thread_time() - loop)
+
+
+# ---- through the gateway ---------------------------------------------------------------
+
+async def http_stream(port: int, key: str, text: str, tokens: int) -> Stream:
+    """One streamed chat completion over a raw HTTP/1.1 connection (chunked body)."""
+    body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": text}],
+                         "max_tokens": tokens, "temperature": 0, "stream": True,
+                         "stream_options": {"include_usage": True}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    s = Stream(time.perf_counter(), [])
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\n"
+                 b"content-type: application/json\r\nauthorization: Bearer " + key.encode()
+                 + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"gateway answered {head[:200]!r}: {await reader.read(500)!r}")
+    pending = b""
+    while True:
+        size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+        data = await reader.readexactly(size + 2)
+        if size == 0:
+            break
+        now = time.perf_counter()
+        pending += data[:-2]
+        *events, pending = pending.split(b"\n\n")
+        for event in events:
+            if event == b"data: [DONE]":
+                continue
+            chunk = orjson.loads(event[6:])
+            if chunk.get("usage"):
+                s.tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"]:
+                s.times.append(now)
+    writer.close()
+    return s
+
+
+async def gateway_round(gateway: Gateway, streams: int, tokens: int) -> Round:
+    pid, port, key = gateway.pid, gateway.gateway_port, gateway.key
+    began, cpu, loop = time.perf_counter(), cpu_s(pid), cpu_s(pid, pid)  # uvicorn: loop in main
+    runs = await asyncio.gather(*(http_stream(port, key, prompt(i), tokens) for i in range(streams)))
+    return summarize("gateway", runs, time.perf_counter() - began, cpu_s(pid) - cpu,
+                     cpu_s(pid, pid) - loop)
+
+
+class Gateway(Stack):
+    """``sluice serve`` with the local backend on the tiny checkpoint (no mock upstream)."""
+
+    def __init__(self, workdir: Path, config: str) -> None:
+        super().__init__(workdir, free_port(), free_port())
+        self.config = config
+
+    def start(self) -> None:
+        (self.workdir / "config.toml").write_text(self.config)
+        self.cli("migrate")
+        self.cli("tenants", "create", "bench", "--rpm", "1000000", "--tpm", "1000000000")
+        self.key = json.loads(self.cli("keys", "create", "--tenant", "bench", "--json"))["key"]
+        self.gateway = self.spawn("gateway", "sluice.gateway.cli", "serve", "--host", "127.0.0.1",
+                                  "--port", str(self.gateway_port))
+        self.wait_ready(f"{self.gateway_url}/readyz", self.gateway, "gateway")
+
+    @property
+    def pid(self) -> int:
+        assert self.gateway is not None
+        return self.gateway.pid
+
+
+# ---- the run ---------------------------------------------------------------------------
+
+def render(rounds: list[Round]) -> tuple[dict[str, dict[str, float]], str]:
+    """Per mode the median over rounds, and the gateway's ratios to the engine."""
+    modes: dict[str, dict[str, float]] = {}
+    for mode in dict.fromkeys(r.mode for r in rounds):
+        mine = [asdict(r) for r in rounds if r.mode == mode]
+        modes[mode] = {k: statistics.median(r[k] for r in mine)
+                       for k in ("gap_p50_ms", "gap_p90_ms", "tok_s", "ttft_p50_ms",
+                                 "cpu_us_per_token", "loop_us_per_token")}
+    lines = ["| mode | gap p50 ms | gap p90 ms | tokens/s | first token p50 ms | CPU us/token "
+             "| loop thread CPU us/token |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {v['gap_p50_ms']:.2f} | {v['gap_p90_ms']:.2f} | {v['tok_s']:,.0f} | "
+              f"{v['ttft_p50_ms']:.0f} | {v['cpu_us_per_token']:.0f} | "
+              f"{v['loop_us_per_token']:.1f} |" for m, v in modes.items()]
+    g = modes.get("gateway")
+    for base in ("engine step", "engine async"):
+        if g and base in modes:
+            e = modes[base]
+            lines.append(f"\ngateway / {base}: gap x{g['gap_p50_ms'] / e['gap_p50_ms']:.3f}, "
+                         f"tokens/s x{g['tok_s'] / e['tok_s']:.3f}")
+    return modes, "\n".join(lines) + "\n"
+
+
+async def measure(args: argparse.Namespace, llms: tuple[Any, Any], gateway: Gateway,
+                  prompts: list[list[int]], params: Any) -> list[Round]:
+    from sluice.engine.async_llm import AsyncLLM
+
+    llm, engine = llms[0], AsyncLLM(llms[1])  # one each: AsyncLLM's thread owns its LLM
+    try:
+        await gateway_round(gateway, args.streams, 16)  # cold start and warm-up
+        await engine_async(engine, prompts, params)
+        rounds: list[Round] = []
+        spy = None
+        for i in range(args.rounds):
+            rounds.append(engine_step(llm, prompts, params))
+            rounds.append(await engine_async(engine, prompts, params))
+            if args.py_spy and spy is None:
+                spy = subprocess.Popen(
+                    [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                     str(gateway.pid), "--rate", "200", "--nonblocking", "--format", "raw", "--threads",
+                     "--output", f"{args.py_spy}.txt"], stdout=subprocess.DEVNULL)
+                await asyncio.sleep(1)
+            rounds.append(await gateway_round(gateway, args.streams, args.tokens))
+            for r in rounds[-3:]:
+                print(f"round {i}: {r.mode:12} gap p50 {r.gap_p50_ms:6.2f} ms  "
+                      f"{r.tok_s:7,.0f} tok/s  CPU {r.cpu_us_per_token:4.0f} us/token, loop "
+                      f"{r.loop_us_per_token:5.1f}  "
+                      f"({r.tokens} tokens)", flush=True)
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait(timeout=60)
+        return rounds
+    finally:
+        engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="per-streamed-token cost of the gateway")
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=128, help="max_tokens per request")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default="bench_results/stream", help="path prefix: .json, .md")
+    parser.add_argument("--py-spy", help="record the gateway with py-spy to PREFIX.txt")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+
+    import uvloop
+
+    from sluice.engine.config import PRESETS
+    from sluice.engine.llm import LLM
+    from sluice.engine.random_checkpoint import write_random_checkpoint
+    from sluice.engine.sampling import SamplingParams
+    from sluice.gateway.backends.contract import ChatMessage, GenerationRequest
+    from sluice.plugins.local_engine import LocalEngineBackend
+
+    env = environment()
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-stream-"))
+    model_dir = write_random_checkpoint(workdir / MODEL, PRESETS[MODEL], seed=0)
+    engine_opts = {"device": "cpu", "max_num_seqs": args.streams, "max_model_len": 1024,
+                   "num_kv_blocks": args.streams * (1024 // 16)}
+    gateway = Gateway(workdir, CONFIG.format(model=model_dir, name=MODEL, streams=args.streams,
+                                             blocks=engine_opts["num_kv_blocks"],
+                                             concurrency=2 * args.streams))
+    try:
+        # The same prompt ids the gateway runs (the local backend's chat encoding).
+        backend = LocalEngineBackend(LocalEngineBackend.Options(model=str(model_dir), **engine_opts))
+        prompts = [backend.prompt_ids(GenerationRequest(f"r{i}", MODEL, messages=(
+            ChatMessage("user", prompt(i)),))) for i in range(args.streams)]
+        llms = (LLM(model_dir, progress=False, **engine_opts), LLM(model_dir, progress=False, **engine_opts))
+        params = SamplingParams(temperature=0, max_tokens=args.tokens)
+        gateway.start()
+        rounds = uvloop.run(measure(args, llms, gateway, prompts, params))
+    except BaseException:
+        print(gateway.log_tail("gateway"), file=sys.stderr)
+        raise
+    finally:
+        gateway.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    modes, markdown = render(rounds)
+    command = "python -m loadtests.bench_stream " + " ".join(sys.argv[1:])
+    head = (f"Command: `{command.strip()}` at commit {env['commit']} on {env['cpus']} CPUs "
+            f"({env['cpu']}), load average before {env['loadavg_before'][0]:.2f} and after "
+            f"{os.getloadavg()[0]:.2f}; {args.streams} streams x {args.tokens} tokens, "
+            f"median of {args.rounds} rounds.\n\n")
+    print(head + markdown)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"command": command.strip(), "environment": env, "streams": args.streams,
+         "tokens": args.tokens, "modes": modes, "rounds": [asdict(r) for r in rounds]}, indent=2))
+    out.with_suffix(".md").write_text(head + markdown)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
