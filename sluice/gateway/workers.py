@@ -56,6 +56,8 @@ def estimate_prompt_tokens(request: GenerationRequest) -> int:
 
     Linear in the prompt's length with a tiny constant (``str.encode`` is C); used to
     check rate limits before anything is tokenized."""
+    if request.prompt_ids is not None:
+        return len(request.prompt_ids)
     if request.messages is None:
         return 1 + math.ceil(_utf8_len(request.prompt or "") / BYTES_PER_TOKEN)
     total = 1

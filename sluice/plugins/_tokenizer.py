@@ -59,6 +59,8 @@ class MixtralTokenizer:
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The prompt exactly as Mixtral sees it: mistral-common's chat encoding, or BOS + text.
         Raises engine.tokenizer.ChatEncodingError for a chat the format cannot encode."""
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
         if request.messages is None:
             return [BOS_ID, *self.encode(request.prompt or "")]
         return self._chat.apply_chat_template(chat_messages(request.messages), chat_tools(request))

@@ -99,7 +99,8 @@ class LocalEngineBackend(Backend):
     def models(self) -> list[ModelCard]:
         name = self.opts.served_model_name or (self.model_dir.name if self.opts.model else TINY_NAME)
         # JSON is enforced by grammar; tools only where the tokenizer has them (Mistral v2+)
-        capabilities = TEXT_CAPABILITIES | {"json_schema"} | ({"tools"} if self.tokenizer.supports_tools else set())
+        capabilities = TEXT_CAPABILITIES | {"json_schema", "token_prompts"} | (
+            {"tools"} if self.tokenizer.supports_tools else set())
         return [ModelCard(id=name, context_length=self.opts.max_model_len, capabilities=frozenset(capabilities))]
 
     async def start(self) -> None:
@@ -199,6 +200,8 @@ class LocalEngineBackend(Backend):
         from sluice.engine.tokenizer import ChatEncodingError
         from sluice.plugins._tokenizer import chat_messages, chat_tools
 
+        if request.prompt_ids is not None:  # token ids go to the engine as they are
+            return list(request.prompt_ids)
         if request.messages is None:
             return self.tokenizer.encode(request.prompt or "")
         try:
@@ -223,9 +226,10 @@ class LocalEngineBackend(Backend):
         if request.response_format is not None or request.tools:
             constraint = constraint_for(request, self.tokenizer, await asyncio.to_thread(self.grammars))
         vocab = self._engine.llm.model.config.vocab_size
-        if any(token >= vocab for token, _ in s.logit_bias):
-            raise BackendError(f"logit_bias names a token id outside the vocabulary [0, {vocab})",
-                               status=400, param="logit_bias")
+        for param, tokens in (("prompt", request.prompt_ids or ()), ("logit_bias", (t for t, _ in s.logit_bias))):
+            if any(token >= vocab for token in tokens):
+                raise BackendError(f"{param} holds a token id outside the vocabulary [0, {vocab})",
+                                   status=400, param=param)
         try:
             params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                     max_tokens=s.max_tokens, seed=s.seed, stop=tuple(s.stop),

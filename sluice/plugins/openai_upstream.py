@@ -147,6 +147,8 @@ class OpenAIUpstreamBackend(Backend):
     def count_tokens(self, request: GenerationRequest) -> int:
         if self.tokenizer is not None:
             return self.tokenizer.count_prompt(request)
+        if request.prompt_ids is not None:
+            return len(request.prompt_ids)
         if request.messages is None:
             text_bytes = len((request.prompt or "").encode())
         else:
@@ -338,6 +340,9 @@ def _forwarded_body(request: GenerationRequest, upstream_model: str) -> tuple[by
     drop: tuple[str, ...] = ()
     if body.get("model") != upstream_model:
         changes["model"] = upstream_model
+    if request.messages is None and _several_prompts(body.get("prompt")):
+        # a list of prompts is fanned out as n is: each call takes its own, as sent
+        changes["prompt"] = request.prompt if request.prompt_ids is None else list(request.prompt_ids)
     if request.n_choices > 1:
         drop = ("n",)
         if body.get("seed") is not None:
@@ -350,6 +355,11 @@ def _forwarded_body(request: GenerationRequest, upstream_model: str) -> tuple[by
     out = {k: v for k, v in body.items() if k not in drop}
     out.update(changes)
     return orjson.dumps(out), stream
+
+
+def _several_prompts(prompt: Any) -> bool:
+    """A /v1/completions ``prompt`` of more than one prompt (strings or token-id lists)."""
+    return isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int)
 
 
 def _with_model(body: Mapping[str, Any], raw: bytes | None, upstream_model: str) -> bytes:
@@ -375,7 +385,7 @@ def _request_body(request: GenerationRequest, upstream_model: str) -> dict[str, 
             body["logprobs"] = True
             body["top_logprobs"] = s.top_logprobs
     else:
-        body["prompt"] = request.prompt
+        body["prompt"] = request.prompt if request.prompt_ids is None else list(request.prompt_ids)
         if s.logprobs:
             body["logprobs"] = s.top_logprobs  # legacy completions: an int
     if s.max_tokens is not None:

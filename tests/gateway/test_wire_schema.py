@@ -75,8 +75,16 @@ def test_a_large_invalid_body_is_explained_cheaply() -> None:
     assert error.param == "messages[5000].content[0]"
 
 
-def test_completions_take_one_string_prompt() -> None:
-    assert CompletionRequest.model_validate({"model": "m", "prompt": ["x"]}).prompt_text() == "x"
-    with pytest.raises(InvalidRequest) as caught:
-        CompletionRequest.model_validate({"model": "m", "prompt": ["x", "y"]})
-    assert caught.value.param == "prompt"
+def test_completions_take_each_of_openais_prompt_forms() -> None:
+    def prompts(prompt: object) -> list:  # type: ignore[type-arg]
+        return CompletionRequest.model_validate({"model": "m", "prompt": prompt}).prompts
+
+    assert prompts("x") == ["x"] and prompts(["x"]) == ["x"] and prompts(["x", "y"]) == ["x", "y"]
+    assert prompts([1, 2]) == [(1, 2)] and prompts([[1], [2, 3]]) == [(1,), (2, 3)]
+    body = CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"], "n": 2, "seed": 5})
+    requests = body.generation_requests("r")
+    assert [(r.prompt, r.sampling.seed) for r in requests] == [("a", 5), ("a", 6), ("b", 5), ("b", 6)]
+    for bad in ([], [[]], [[1, -1]], [1, "a"], [[1], "a"]):
+        with pytest.raises(InvalidRequest) as caught:
+            CompletionRequest.model_validate({"model": "m", "prompt": bad})
+        assert caught.value.param == "prompt"

@@ -12,6 +12,7 @@ import pytest
 from sluice.gateway.settings import BackendConfig, PoolConfig
 from sluice.plugins.local_engine import LocalEngineBackend
 from tests.conftest import GatewayServer, echo_settings
+from tests.contract.conftest import usage_row
 
 MODEL = "tiny-mixtral"
 PROMPT = "Once upon a time"
@@ -89,3 +90,86 @@ def test_out_of_range_values_are_a_400_naming_the_field(api: openai.OpenAI, fiel
                                     **{field: value})
     # a wrong type is the schema's answer, naming the key ("logit_bias.1234")
     assert err.value.body["param"].split(".")[0] == field and err.value.body["type"] == "invalid_request_error"
+
+
+# ---- /v1/completions prompt forms ---------------------------------------------------------
+
+def complete(api: openai.OpenAI, prompt: object, **kw: object):  # type: ignore[no-untyped-def]
+    return api.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, **kw)  # type: ignore[arg-type]
+
+
+def test_each_prompt_form_is_served_in_openai_order(server: GatewayServer, api: openai.OpenAI,  # type: ignore[no-untyped-def]
+                                                    tokenizer) -> None:  # type: ignore[no-untyped-def]
+    texts = [PROMPT, "The weather today", "Hello"]
+    alone = [complete(api, t) for t in texts]
+    raw = api.completions.with_raw_response.create(model=MODEL, prompt=texts, n=2, max_tokens=6, temperature=0)
+    together = raw.parse()
+    assert [c.index for c in together.choices] == list(range(6))
+    for p, single in enumerate(alone):  # choice index = prompt * n + choice
+        assert [c.text for c in together.choices[2 * p:2 * p + 2]] == [single.choices[0].text] * 2
+    # usage: every prompt once, every choice's completion
+    assert together.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert together.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    row = usage_row(server, raw.headers["x-request-id"])  # and metered so
+    assert (row.prompt_tokens, row.completion_tokens) == (together.usage.prompt_tokens,
+                                                          together.usage.completion_tokens)
+
+    ids = [tokenizer.encode(t) for t in texts]  # what the engine runs for each text (BOS first)
+    assert [len(i) for i in ids] == [a.usage.prompt_tokens for a in alone]
+    one = complete(api, ids[0])  # a list of token ids is one prompt, straight to the engine
+    assert one.choices[0].text == alone[0].choices[0].text and one.usage.prompt_tokens == len(ids[0])
+    many = complete(api, ids)  # a list of token-id lists: one choice each
+    assert [c.text for c in many.choices] == [a.choices[0].text for a in alone]
+    assert many.usage.prompt_tokens == sum(map(len, ids))
+    assert [c.text for c in complete(api, [texts[1]]).choices] == [alone[1].choices[0].text]
+
+
+def test_several_prompts_stream_with_their_index(api: openai.OpenAI, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    prompts = [tokenizer.encode(PROMPT), tokenizer.encode("Hello")]
+    whole = complete(api, prompts, n=2)
+    texts = [""] * 4
+    finished = set()
+    usage = None
+    for chunk in complete(api, prompts, n=2, stream=True, stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finished.add(c.index)
+        usage = chunk.usage or usage
+    assert texts == [c.text for c in whole.choices] and finished == {0, 1, 2, 3}
+    assert usage is not None and usage.prompt_tokens == whole.usage.prompt_tokens == sum(map(len, prompts))
+
+
+@pytest.mark.parametrize("prompt", [[], [[]], [[1, -3]], [[1, 999999]], ["a"] * 5])
+def test_a_prompt_the_model_cannot_take_is_a_400_naming_prompt(api: openai.OpenAI, prompt: object) -> None:
+    with pytest.raises(openai.BadRequestError) as err:  # 5 prompts of n=2: over max_n (8)
+        complete(api, prompt, n=2)
+    assert err.value.body["param"] == "prompt"
+
+
+def test_token_ids_to_a_backend_without_them_are_a_400_naming_prompt(api: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        api.completions.create(model="echo", prompt=[1, 2, 3], max_tokens=2)
+    assert err.value.body["param"] == "prompt" and "token ids" in err.value.body["message"]
+    texts = api.completions.create(model="echo", prompt=["one", "two"], max_tokens=2)  # text: served
+    assert [c.index for c in texts.choices] == [0, 1] and texts.choices[0].text != texts.choices[1].text
+    card = api.models.retrieve(MODEL).model_extra["capabilities"]
+    assert "token_prompts" in card and "token_prompts" not in api.models.retrieve("echo").model_extra["capabilities"]
+
+
+def test_the_input_guard_reads_every_prompt_and_refuses_token_ids(server: GatewayServer, api: openai.OpenAI) -> None:
+    from sluice.gateway.pipeline.guard import Guard
+
+    async def guard_model(prompt: str) -> str:  # stands in for LlamaGuard
+        return "unsafe\nS1" if "BADWORD" in prompt else "safe"
+
+    server.gateway.pipeline.guardrails.guard = Guard(guard_model)
+    try:
+        assert len(complete(api, ["fine", "also fine"]).choices) == 2
+        with pytest.raises(openai.BadRequestError):  # the second prompt is read too
+            complete(api, ["fine", "say BADWORD"])
+        with pytest.raises(openai.BadRequestError) as err:  # ids cannot be read: refused, not waved through
+            complete(api, [1, 415, 2936])
+        assert err.value.body["param"] == "prompt"
+    finally:
+        server.gateway.pipeline.guardrails.guard = None

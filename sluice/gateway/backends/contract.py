@@ -58,7 +58,8 @@ Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 FinishReason = Literal[
     "stop", "length", "content_filter", "tool_calls", "function_call", "error", "cancelled"
 ]
-Capability = Literal["chat", "completions", "embeddings", "tools", "json_schema", "vision"]
+Capability = Literal["chat", "completions", "embeddings", "tools", "json_schema", "vision",
+                     "token_prompts"]
 TEXT_CAPABILITIES: frozenset[Capability] = frozenset({"chat", "completions"})
 
 _EMPTY: Mapping[str, Any] = {}
@@ -77,7 +78,8 @@ class ModelCard:
     context_length: int | None = None
     #: What the model serves. ``tools``: tool definitions and tool messages are honoured;
     #: ``json_schema``: ``response_format`` json_object/json_schema is enforced; ``vision``:
-    #: image content parts are understood.
+    #: image content parts are understood; ``token_prompts``: a /v1/completions ``prompt``
+    #: of token ids is served (``GenerationRequest.prompt_ids``).
     capabilities: frozenset[Capability] = TEXT_CAPABILITIES
     #: ``gen_ai.provider.name`` of the model's server (OpenTelemetry's GenAI conventions).
     provider: str = "sluice"
@@ -180,7 +182,9 @@ class SamplingParams:
 class GenerationRequest:
     """One completion to produce (the gateway fans `n > 1` out into n requests).
 
-    Exactly one of ``messages`` (chat) and ``prompt`` (plain completion) is set.
+    Exactly one of ``messages`` (chat), ``prompt`` (plain completion) and ``prompt_ids`` (a
+    completion from token ids, only to models whose card says ``token_prompts``) is set. A
+    /v1/completions body with several prompts is one request per prompt and choice.
     """
 
     request_id: str
@@ -188,6 +192,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice | None = None  # None: not sent (OpenAI: "auto" with tools)
     parallel_tool_calls: bool | None = None
@@ -207,8 +212,8 @@ class GenerationRequest:
     trace_headers: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("exactly one of messages and prompt must be set")
+        if (self.messages is not None) + (self.prompt is not None) + (self.prompt_ids is not None) != 1:
+            raise ValueError("exactly one of messages, prompt and prompt_ids must be set")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,8 @@ def check_serves(card: ModelCard, body: ChatCompletionRequest | CompletionReques
     if isinstance(body, CompletionRequest):
         if not card.serves("completions"):
             raise _unsupported(card, "model", "text completions (use /v1/chat/completions)")
+        if body.token_prompts and not card.serves("token_prompts"):
+            raise _unsupported(card, "prompt", "prompts of token ids (send text)")
         return
     if not card.serves("chat"):
         raise _unsupported(card, "model", "chat completions (use /v1/completions)")

@@ -393,20 +393,14 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    """A validated ``/v1/completions`` body (one prompt per request)."""
+    """A validated ``/v1/completions`` body. ``prompt`` comes in OpenAI's four forms: a string,
+    strings, token ids, or lists of token ids; each prompt is its own ``n`` choices."""
 
     schema = TEXT
 
     def __init__(self, data: dict[str, Any], raw: bytes | None = None) -> None:
         super().__init__(data, raw)
-        prompt = data["prompt"]
-        if isinstance(prompt, list) and not (len(prompt) == 1 and isinstance(prompt[0], str)):
-            raise InvalidRequest("Invalid value for 'prompt': exactly one prompt (a string) "
-                                 "per request is supported", param="prompt")
-        if not isinstance(prompt, (str, list)):
-            raise InvalidRequest("Invalid value for 'prompt': expected a string",
-                                 param="prompt")
-        self.prompt: str | list[str] = prompt
+        self.prompts: list[str | tuple[int, ...]] = _prompts(data["prompt"])
         self.max_tokens: int | None = _int(data["max_tokens"]) if "max_tokens" in data else 16
         self.logprobs: int | None = _int(data.get("logprobs"))
         self.extra = {k: v for k, v in data.items() if k not in _CHAT_TYPED and k != "prompt"}
@@ -416,24 +410,59 @@ class CompletionRequest(_Request):
         TEXT.check(data)
         return cls(data, raw)
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    @property
+    def token_prompts(self) -> bool:
+        """Whether the prompts are token ids (then the gateway cannot read them as text)."""
+        return not isinstance(self.prompts[0], str)
+
+    def prompt_texts(self) -> list[str]:
+        """The text prompts (none when they are token ids)."""
+        return [p for p in self.prompts if isinstance(p, str)]
 
     def token_limit(self) -> int | None:
         return self.max_tokens
 
     def generation_requests(self, request_id: str) -> list[GenerationRequest]:
-        """One backend request per choice of ``n``."""
+        """One backend request per prompt and choice of ``n``, in OpenAI's order (choice
+        ``index`` = prompt * n + choice); each prompt's choices are seeded as a request with
+        that prompt alone would be."""
         logprobs = self.logprobs is not None
+        many = len(self.prompts) * self.n > 1
         return [
             GenerationRequest(
-                request_id if self.n == 1 else f"{request_id}-{i}", self.model,
-                self.sampling(logprobs, self.logprobs or 0, i), prompt=self.prompt_text(),
+                f"{request_id}-{p * self.n + i}" if many else request_id, self.model,
+                self.sampling(logprobs, self.logprobs or 0, i),
+                prompt=prompt if isinstance(prompt, str) else None,
+                prompt_ids=None if isinstance(prompt, str) else prompt,
                 user=self.user, extra=self.extra, body=self.data, raw=self.raw,
                 choice_index=i, n_choices=self.n, trace_headers=self.trace_headers,
             )
+            for p, prompt in enumerate(self.prompts)
             for i in range(self.n)
         ]
+
+
+def _prompts(prompt: Any) -> list[str | tuple[int, ...]]:
+    """OpenAI's ``prompt`` (schema-checked: a string or a list of strings, of ids or of id
+    lists) as a list of prompts: strings, or tuples of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequest("Invalid value for 'prompt': at least one prompt is required",
+                             param="prompt", code="invalid_value")
+    if isinstance(prompt[0], str):
+        return list(prompt)
+    if isinstance(prompt[0], int):
+        return [_ids(prompt)]
+    return [_ids(ids) for ids in prompt]
+
+
+def _ids(ids: list[int]) -> tuple[int, ...]:
+    if not ids or min(ids) < 0:
+        raise InvalidRequest("Invalid value for 'prompt': a token-id prompt is a non-empty "
+                             "list of token ids (integers >= 0)", param="prompt",
+                             code="invalid_value")
+    return tuple(int(t) for t in ids)  # JSON Schema counts 2.0 as an integer
 
 
 class EmbeddingRequestBody:

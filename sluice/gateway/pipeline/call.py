@@ -61,6 +61,7 @@ class Call:
     want_logprobs: bool = False
     provider: str = "sluice"  # gen_ai.provider.name of the model's server
     prompt_per_choice: bool = False  # n fanned out to a proxy: each choice bills its prompt
+    prompts: int = 1  # /v1/completions with several prompts: choice i has prompt i // n
     error: Any = None  # the SluiceError the call failed with (its status and headers)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
@@ -93,6 +94,22 @@ class Call:
     @prompt_tokens.setter
     def prompt_tokens(self, value: int) -> None:
         self._prompt_tokens = value
+
+    def reported_prompt_tokens(self, usage: Usage) -> int:
+        """The prompt tokens to bill once a backend reported ``usage`` for a choice: every
+        choice's own prompt for a proxy that ran each choice as its own call; otherwise each
+        prompt once, the backends' numbers once every prompt has one (until then the count
+        stands)."""
+        if self.prompt_per_choice:
+            return sum(c.usage.prompt_tokens for c in self.choices if c.usage)
+        if self.prompts == 1:
+            return usage.prompt_tokens
+        n = len(self.choices) // self.prompts
+        reported: dict[int, int] = {}
+        for i, c in enumerate(self.choices):
+            if c.usage is not None:
+                reported.setdefault(i // n, c.usage.prompt_tokens)
+        return sum(reported.values()) if len(reported) == self.prompts else self.prompt_tokens
 
     @property
     def completion_tokens(self) -> int:

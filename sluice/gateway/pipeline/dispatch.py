@@ -127,8 +127,7 @@ def _account(call: Call, choice: Choice, event: GenerationEvent) -> None:
         # from our estimate).
         choice.tokens = event.usage.completion_tokens
         choice.usage = event.usage
-        call.prompt_tokens = (sum(c.usage.prompt_tokens for c in call.choices if c.usage)
-                              if call.prompt_per_choice else event.usage.prompt_tokens)
+        call.prompt_tokens = call.reported_prompt_tokens(event.usage)
 
 
 async def _generate(call: Call, choice: Choice, pool: Pool,

@@ -8,7 +8,7 @@ import functools
 from typing import Any
 
 from sluice.gateway.accounts.auth import Principal
-from sluice.gateway.backends.contract import Backend
+from sluice.gateway.backends.contract import Backend, GenerationRequest
 from sluice.gateway.backends.registry import ModelRegistry
 from sluice.gateway.backends.routing import Router
 from sluice.gateway.backends.runtime import Runtime
@@ -45,9 +45,10 @@ class Intake:
 
     def completion(self, request_id: str, principal: Principal, body: CompletionRequest,
                    span: Any) -> Call:
-        prompt = body.prompt_text()
+        texts = body.prompt_texts()  # none for token ids (the route refuses them to the guard)
         return self._open(request_id, principal, body, span, endpoint="completions",
-                          fmt=TextFormat(), prompt_text=prompt, conversation=[("user", prompt)],
+                          fmt=TextFormat(), prompt_text="\n".join(texts),
+                          conversation=[("user", t) for t in texts],
                           logprobs=body.logprobs is not None)
 
     def _open(self, request_id: str, principal: Principal,
@@ -67,6 +68,8 @@ class Intake:
         if not self.meter.accepting or (self.refuse_without_db and not self.meter.healthy):
             raise ServiceUnavailable("usage cannot be recorded right now; try again shortly")
         requests = body.generation_requests(request_id)
+        if len(requests) > self.max_n:  # several prompts: each has its n choices
+            raise InvalidRequest(f"prompts times n must be at most {self.max_n}", param="prompt")
         if model != body.model:
             requests = [dataclasses.replace(r, model=model) for r in requests]
         reserve = (body.token_limit() or route.card.context_length
@@ -82,8 +85,9 @@ class Intake:
             plan=self.router.plan(model) if model in self.router.config.groups else None,
             body=body.data,
             requests=requests,
-            count_prompt=functools.partial(self.probes[route.backend_name].count_tokens,
-                                           requests[0]),
+            count_prompt=functools.partial(_count_prompts, self.probes[route.backend_name],
+                                           requests[::body.n]),
+            prompts=len(requests) // body.n,
             prompt_text=prompt_text,
             conversation=conversation,
             reserve_tokens=reserve,
@@ -96,3 +100,10 @@ class Intake:
             prompt_per_choice=route.card.prompt_per_choice,
             choices=[Choice(logprobs=[] if logprobs else None) for _ in requests],
         )
+
+
+def _count_prompts(probe: Backend, firsts: list[GenerationRequest]) -> int:
+    """Prompt tokens of a call: each prompt once (the first choice of each)."""
+    if len(firsts) == 1:
+        return probe.count_tokens(firsts[0])
+    return sum(probe.count_tokens(r) for r in firsts)

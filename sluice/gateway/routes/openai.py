@@ -75,6 +75,10 @@ async def serve(request: Request, endpoint: str,
         if isinstance(body, ChatCompletionRequest):
             call = state.pipeline.chat_call(request_id, principal, body, span)
         else:
+            if body.token_prompts and state.pipeline.guardrails.enabled:
+                raise InvalidRequest("Invalid value for 'prompt': token-id prompts cannot be "
+                                     "checked by the input guard; send the prompt as text",
+                                     param="prompt", code="unsupported_parameter")
             call = state.pipeline.completion_call(request_id, principal, body, span)
         call.cache_control = request.headers.get("cache-control", "")
         check_serves(state.registry.routes(call.model)[0].card, body)
