@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,31 +85,41 @@ class Round:
     ttft_p50_ms: float
     cpu_us_per_token: float
     loop_us_per_token: float  # the event loop's thread alone (the GIL's other contender)
+    loop_sys_us_per_token: float  # of which in the kernel (socket and file writes)
     tokens: int
     wall_s: float
 
 
 def summarize(mode: str, streams: list[Stream], wall: float, cpu_s: float,
-              loop_s: float) -> Round:
+              loop_s: tuple[float, float]) -> Round:
     gaps = [b - a for s in streams for a, b in zip(s.times, s.times[1:])]
     tokens = sum(s.tokens for s in streams)
     return Round(mode, 1e3 * statistics.median(gaps), 1e3 * statistics.quantiles(gaps, n=10)[8],
                  tokens / wall, 1e3 * statistics.median(s.times[0] - s.started for s in streams),
-                 1e6 * cpu_s / tokens, 1e6 * loop_s / tokens, tokens, wall)
+                 1e6 * cpu_s / tokens, 1e6 * sum(loop_s) / tokens, 1e6 * loop_s[1] / tokens,
+                 tokens, wall)
 
 
-def cpu_s(pid: int, tid: int | None = None) -> float:
-    """User + system CPU seconds of a process (all its threads), or of one of its threads."""
+def cpu_s(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """User and system CPU seconds of a process (all its threads), or of one of its threads."""
     stat = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
     fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
+def since(before: tuple[float, float], now: tuple[float, float]) -> tuple[float, float]:
+    return now[0] - before[0], now[1] - before[1]
+
+
+def this_thread_cpu_s() -> tuple[float, float]:
+    return cpu_s(os.getpid(), threading.get_native_id())
 
 
 # ---- the engine alone ------------------------------------------------------------------
 
 def engine_step(llm: Any, prompts: list[list[int]], params: Any) -> Round:
     """LLM.step() in a loop: every output's time is its step's end."""
-    began, cpu, loop = time.perf_counter(), time.process_time(), time.thread_time()
+    began, cpu, loop = time.perf_counter(), time.process_time(), this_thread_cpu_s()
     seqs = {llm.add_request(ids, params).seq_id: Stream(began, []) for ids in prompts}
     while llm.has_unfinished():
         outputs = llm.step()
@@ -119,7 +130,7 @@ def engine_step(llm: Any, prompts: list[list[int]], params: Any) -> Round:
                 s.times.append(now)
             s.tokens = out.num_completion_tokens
     return summarize("engine step", list(seqs.values()), time.perf_counter() - began,
-                     time.process_time() - cpu, time.thread_time() - loop)
+                     time.process_time() - cpu, since(loop, this_thread_cpu_s()))
 
 
 async def engine_async(engine: Any, prompts: list[list[int]], params: Any) -> Round:
@@ -133,10 +144,10 @@ async def engine_async(engine: Any, prompts: list[list[int]], params: Any) -> Ro
             s.tokens = out.num_completion_tokens
         return s
 
-    began, cpu, loop = time.perf_counter(), time.process_time(), time.thread_time()
+    began, cpu, loop = time.perf_counter(), time.process_time(), this_thread_cpu_s()
     streams = await asyncio.gather(*(one(ids) for ids in prompts))
     return summarize("engine async", streams, time.perf_counter() - began,
-                     time.process_time() - cpu, time.thread_time() - loop)
+                     time.process_time() - cpu, since(loop, this_thread_cpu_s()))
 
 
 # ---- through the gateway ---------------------------------------------------------------
@@ -179,8 +190,8 @@ async def gateway_round(gateway: Gateway, streams: int, tokens: int) -> Round:
     pid, port, key = gateway.pid, gateway.gateway_port, gateway.key
     began, cpu, loop = time.perf_counter(), cpu_s(pid), cpu_s(pid, pid)  # uvicorn: loop in main
     runs = await asyncio.gather(*(http_stream(port, key, prompt(i), tokens) for i in range(streams)))
-    return summarize("gateway", runs, time.perf_counter() - began, cpu_s(pid) - cpu,
-                     cpu_s(pid, pid) - loop)
+    return summarize("gateway", runs, time.perf_counter() - began, sum(since(cpu, cpu_s(pid))),
+                     since(loop, cpu_s(pid, pid)))
 
 
 class Gateway(Stack):
@@ -214,12 +225,13 @@ def render(rounds: list[Round]) -> tuple[dict[str, dict[str, float]], str]:
         mine = [asdict(r) for r in rounds if r.mode == mode]
         modes[mode] = {k: statistics.median(r[k] for r in mine)
                        for k in ("gap_p50_ms", "gap_p90_ms", "tok_s", "ttft_p50_ms",
-                                 "cpu_us_per_token", "loop_us_per_token")}
+                                 "cpu_us_per_token", "loop_us_per_token", "loop_sys_us_per_token")}
     lines = ["| mode | gap p50 ms | gap p90 ms | tokens/s | first token p50 ms | CPU us/token "
-             "| loop thread CPU us/token |", "|---|---|---|---|---|---|---|"]
+             "| loop thread CPU us/token (system) |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {m} | {v['gap_p50_ms']:.2f} | {v['gap_p90_ms']:.2f} | {v['tok_s']:,.0f} | "
               f"{v['ttft_p50_ms']:.0f} | {v['cpu_us_per_token']:.0f} | "
-              f"{v['loop_us_per_token']:.1f} |" for m, v in modes.items()]
+              f"{v['loop_us_per_token']:.1f} ({v['loop_sys_us_per_token']:.1f}) |"
+              for m, v in modes.items()]
     g = modes.get("gateway")
     for base in ("engine step", "engine async"):
         if g and base in modes:
@@ -252,7 +264,7 @@ async def measure(args: argparse.Namespace, llms: tuple[Any, Any], gateway: Gate
             for r in rounds[-3:]:
                 print(f"round {i}: {r.mode:12} gap p50 {r.gap_p50_ms:6.2f} ms  "
                       f"{r.tok_s:7,.0f} tok/s  CPU {r.cpu_us_per_token:4.0f} us/token, loop "
-                      f"{r.loop_us_per_token:5.1f}  "
+                      f"{r.loop_us_per_token:5.1f} (sys {r.loop_sys_us_per_token:4.1f})  "
                       f"({r.tokens} tokens)", flush=True)
         if spy is not None:
             spy.send_signal(2)

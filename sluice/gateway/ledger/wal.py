@@ -30,9 +30,12 @@ import fcntl
 import logging
 import os
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from sluice.gateway.ledger.spool import decode_line, encode_line
 
@@ -64,7 +67,7 @@ class UsageWAL:
         (disk full, I/O error): the caller must not serve the request."""
         self._open[record["request_id"]] = dict(record)
         try:
-            self._append({"o": record})
+            self._append(_encode({"o": record}))
             await self._sync()
         except OSError:
             self._open.pop(record["request_id"], None)
@@ -75,20 +78,19 @@ class UsageWAL:
         if state is None or state["completion_tokens"] == completion_tokens:
             return
         state["completion_tokens"] = completion_tokens
-        self._append_quietly({"p": [request_id, completion_tokens]})
+        self._append_quietly(_progress_line(request_id, completion_tokens))
 
     def close(self, record: dict[str, Any]) -> None:
         if self._open.pop(record["request_id"], None) is not None:
-            self._append_quietly({"c": record})
+            self._append_quietly(_encode({"c": record}))
 
-    def _append_quietly(self, entry: dict[str, Any]) -> None:
+    def _append_quietly(self, line: bytes) -> None:
         with contextlib.suppress(OSError):  # logged by _append; self.ok refuses new work
-            self._append(entry)
+            self._append(line)
 
-    def _append(self, entry: dict[str, Any]) -> None:
+    def _append(self, line: bytes) -> None:
         if not self.ok:  # after a failed or short write the segment's tail is suspect
             raise OSError(errno.EIO, f"usage WAL {self._path} is failed until rotated")
-        line = _encode(entry)
         try:
             written = os.write(self._fd, line)
             if written != len(line):
@@ -232,6 +234,13 @@ def _read_segment(path: Path) -> list[dict[str, Any]]:
 
 def _encode(entry: dict[str, Any]) -> bytes:
     return encode_line(entry)
+
+
+def _progress_line(request_id: str, completion_tokens: int) -> bytes:
+    """``encode_line({"p": [request_id, completion_tokens]})``, written once per streamed
+    chunk: orjson for this one shape (a fifth of json.dumps' time), the same line format."""
+    body = orjson.dumps({"p": [request_id, completion_tokens]})
+    return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
 def _decode(line: bytes) -> dict[str, Any] | None:

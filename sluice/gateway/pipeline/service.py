@@ -25,11 +25,11 @@ from typing import Any
 from opentelemetry import trace
 
 from sluice.gateway.accounts.auth import Principal
-from sluice.gateway.backends.contract import GenerationEvent, TokenLogprob
 from sluice.gateway.http.formats import has_content, response_fields
 from sluice.gateway.http.schemas import ChatCompletionRequest, CompletionRequest
 from sluice.gateway.http.streaming import DONE, sse
 from sluice.gateway.pipeline.call import CLIENT_CLOSED, Call
+from sluice.gateway.pipeline.chunks import ChunkEncoder
 from sluice.gateway.pipeline.dispatch import as_sluice_error, dispatch
 from sluice.gateway.pipeline.finish import Recorder
 from sluice.gateway.pipeline.guard import StreamBlocked
@@ -124,24 +124,9 @@ class Pipeline:
         """The SSE body. Tokens are counted as they are handed to the transport, so a
         client that goes away is billed for what it was sent. With the output guard on,
         text is released once a rolling-window check has covered it."""
-        head = {"id": call.response_id, "object": call.fmt.chunk_object, "created": call.created,
-                "model": call.model, "system_fingerprint": None}
-        first = [True] * len(call.requests)
+        chunks = ChunkEncoder(call)
+        first = chunks.first
         guards = [self.guardrails.stream(call) for _ in call.requests]
-
-        def chunk(index: int, text: str | None, finish: str | None,
-                  lps: list[TokenLogprob] | None, event: GenerationEvent) -> bytes:
-            if event.system_fingerprint:
-                head["system_fingerprint"] = event.system_fingerprint
-            if event.response_extra:
-                head.update(event.response_extra)
-            body = {**head, "choices": [call.fmt.delta(index, text, finish, lps, first[index],
-                                                       event)]}
-            if call.include_usage:
-                body["usage"] = None
-            first[index] = False
-            return sse(body)
-
         try:
             async for index, event in dispatch(call):
                 text: str | None = event.text
@@ -152,11 +137,11 @@ class Pipeline:
                         text += await guard.finish()
                 lps = list(event.logprobs) if call.want_logprobs else None
                 if text or first[index] or event.finish_reason or has_content(event):
-                    yield chunk(index, text if text or first[index] else None,
-                                event.finish_reason, lps, event)
+                    yield chunks.chunk(index, text if text or first[index] else None,
+                                       event.finish_reason, lps, event)
                     self.recorder.progress(call)  # the transport took it: billed on a crash
             if call.include_usage:
-                yield sse({**head, "choices": [], "usage": call.usage()})
+                yield chunks.usage()
             yield DONE
         except (asyncio.CancelledError, GeneratorExit):
             call.status = CLIENT_CLOSED
