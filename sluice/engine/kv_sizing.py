@@ -2,7 +2,8 @@
 
 On CUDA the number of blocks is what ``memory_fraction`` of the device holds once the
 weights and the activations of the largest step are counted; the activations are
-measured by running a prefill of that many tokens against a throwaway cache.
+measured by running a prefill of that many tokens against a throwaway cache, or taken
+from an earlier start's record (engine/kernel_warm.py).
 """
 
 from __future__ import annotations
@@ -37,21 +38,23 @@ def allocate_cache(model: CausalLM, num_blocks: int, block_size: int) -> torch.T
 
 
 def auto_num_blocks(model: CausalLM, engine: EngineConfig, max_blocks_per_seq: int, graph_tokens: list[int],
-                    kernels: AttentionKernels | None) -> int:
+                    kernels: AttentionKernels | None, activations: int | None = None) -> tuple[int, int]:
     """How many KV blocks to allocate: a CPU default, or what fits on the GPU beside the
-    weights, a full step's activations and the CUDA graphs' pool."""
+    weights, a full step's activations and the CUDA graphs' pool. ``activations``: the
+    bytes a full step takes beyond the weights, as measured by an earlier start of the
+    same model and configuration (engine/kernel_warm.py keeps it); None measures it.
+    Returns (blocks, activations)."""
     device = next(model.parameters()).device
     per_block = block_bytes(model, engine.block_size)
     if device.type != "cuda":
         # CPU: room for every sequence at full length, capped at 2 GiB of cache
-        return max(max_blocks_per_seq, min(engine.max_num_seqs * max_blocks_per_seq, (2 << 30) // per_block))
+        return max(max_blocks_per_seq, min(engine.max_num_seqs * max_blocks_per_seq, (2 << 30) // per_block)), 0
     limit = max_blocks_per_seq * engine.block_size
-    # (The other sizes' kernel variants compile in the background, when each varlen graph
-    # size is first run for its capture: not here, on the way to the first token.)
-    peak = measure_peak(model, min(engine.max_num_batched_tokens, limit), engine.block_size, kernels)
+    if activations is None:
+        peak = measure_peak(model, min(engine.max_num_batched_tokens, limit), engine.block_size, kernels)
+        activations = max(0, peak - torch.cuda.memory_allocated(device))
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
-    activations = max(0, peak - torch.cuda.memory_allocated(device))
     # Eager steps need a full step's activations; the graphs' pool keeps its own for good.
     # Graphs are captured in the background in order of size, and after a wake in order
     # of first use, and a capture cannot reuse smaller blocks freed by earlier ones: at
@@ -62,15 +65,18 @@ def auto_num_blocks(model: CausalLM, engine: EngineConfig, max_blocks_per_seq: i
     if blocks < max_blocks_per_seq:
         raise ConfigError(f"only {blocks} KV blocks fit in memory_fraction={engine.memory_fraction}; "
                           f"one sequence of max_model_len needs {max_blocks_per_seq}")
-    return blocks
+    return blocks, activations
 
 
 def measure_peak(model: CausalLM, num_tokens: int, block_size: int, kernels: AttentionKernels | None) -> int:
-    """Peak device memory of a prefill of ``num_tokens`` tokens, with a throwaway cache."""
+    """Peak device memory of a prefill of ``num_tokens`` tokens, with a throwaway cache
+    (0 off CUDA, where the prefill still runs: engine/kernel_warm.py's twin on the CPU)."""
     device = next(model.parameters()).device
+    cuda = device.type == "cuda"
     nblocks = -(-num_tokens // block_size)
     allocate_cache(model, nblocks, block_size)
-    torch.cuda.reset_peak_memory_stats(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     meta = AttentionMetadata(
         slot_mapping=torch.arange(num_tokens, device=device),
         query_start=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
@@ -79,7 +85,9 @@ def measure_peak(model: CausalLM, num_tokens: int, block_size: int, kernels: Att
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     with torch.inference_mode():
         model.compute_logits(model(ids, torch.arange(num_tokens, device=device), meta)[-1:])
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
+    peak = 0
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
     allocate_cache(model, 0, block_size)
     return peak

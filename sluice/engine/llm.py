@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from sluice.engine.config import EngineConfig, ModelConfig
 from sluice.engine.kernel_cache import COMPILES, use_kernel_cache
+from sluice.engine.kernel_warm import KernelTwin, WarmRecord, warm_key
 from sluice.engine.errors import ConfigError, RequestError
 from sluice.engine.kv_cache import BlockManager
 from sluice.engine.loader import load_model
@@ -55,6 +56,7 @@ class LLM:
         self.max_model_len = min(self.config.max_model_len or 8192, cfg.max_position_embeddings)
         began = time.perf_counter()
         self.timings: dict[str, float] = {}
+        record, twin = self._kernel_warmth(cfg, device, dtype, model)
         net = load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
                          max_positions=self.max_model_len, progress=progress, stats=self.timings,
                          shard=self.sharding)
@@ -68,7 +70,16 @@ class LLM:
             return load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
                               max_positions=self.max_model_len, progress=False, shard=self.sharding)
 
-        self.runner = ModelRunner(net, self.config, self.max_model_len, reload)
+        if twin is not None:
+            waited = time.perf_counter()
+            twin.join()  # its kernels compiled, its memory freed, before KV sizing
+            self.timings["twin_wait_s"] = time.perf_counter() - waited
+            self.timings["twin_s"] = twin.seconds
+            began = time.perf_counter()
+        self.runner = ModelRunner(net, self.config, self.max_model_len, reload,
+                                  record.activations() if record is not None else None)
+        if record is not None and self.runner.activations is not None and (twin is None or twin.error is None):
+            record.write(self.runner.activations)
         self.timings["runner_s"] = time.perf_counter() - began  # KV sizing
         if not self.config.warm_in_background:
             self.runner.warm_up()
@@ -85,6 +96,21 @@ class LLM:
         log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens; %d kernels compiled in %.1fs",
                  cfg.architecture, device, dtype, ", fp8 weights" if self.fp8 else "", self.runner.num_blocks,
                  self.config.block_size, COMPILES.kernels, COMPILES.seconds)
+
+    def _kernel_warmth(self, cfg: ModelConfig, device: Any, dtype: Any, model: str | Path | None
+                       ) -> tuple[WarmRecord | None, KernelTwin | None]:
+        """On CUDA: this model's warm record in the kernel cache and, when there is none
+        yet (kernels never compiled here), a one-layer twin compiling the first steps'
+        kernels while the weights load (engine/kernel_warm.py). Not for sharded engines."""
+        if device.type != "cuda" or self.sharding.active or not self.config.kernel_twin:
+            return None, None
+        record = WarmRecord(self.kernel_cache, warm_key(cfg, self.config, dtype, self.fp8, device,
+                                                         Path(model) if model else None))
+        if record.activations() is not None:
+            return record, None
+        twin = KernelTwin(cfg, self.config, device, dtype, self.fp8, Path(model) if model else None,
+                          self.max_model_len)
+        return record, twin.start()
 
     # ---- sleep ----------------------------------------------------------
 

@@ -44,7 +44,9 @@ def attention_kernels(engine: EngineConfig, model: ModelConfig, device: torch.de
 
 class ModelRunner:
     def __init__(self, model: CausalLM, engine: EngineConfig, max_model_len: int,
-                 reload: Callable[[], torch.nn.Module]) -> None:
+                 reload: Callable[[], torch.nn.Module], activations: int | None = None) -> None:
+        """``activations``: a full step's activation bytes from an earlier start (skips
+        measuring them, engine/kv_sizing.py)."""
         self.model = model
         self.config: ModelConfig = model.config
         self.device = next(model.parameters()).device
@@ -58,8 +60,12 @@ class ModelRunner:
             if cuda_graphs and self.kernels else []
         self.timings: dict[str, float] = {}  # start-up phases, seconds
         began = time.perf_counter()
-        self.num_blocks = engine.num_kv_blocks or auto_num_blocks(
-            model, engine, self.max_blocks_per_seq, self.varlen_sizes, self.kernels)
+        self.activations = activations  # bytes; what auto sizing measured (or was given)
+        if engine.num_kv_blocks:
+            self.num_blocks = engine.num_kv_blocks
+        else:
+            self.num_blocks, self.activations = auto_num_blocks(
+                model, engine, self.max_blocks_per_seq, self.varlen_sizes, self.kernels, activations)
         self.num_blocks = agree_min(self.num_blocks, self.device)  # ranks schedule alike only on equal caches
         self.timings["kv_profile_s"] = time.perf_counter() - began
         self.kv_cache = allocate_cache(model, self.num_blocks + 1, self.block_size)

@@ -132,6 +132,9 @@ async def open_state(settings: Settings, stack: contextlib.AsyncExitStack, *,
                     pools=runtime.pools, busy=lambda name: runtime.pools[name].load())
     check_routing(router.config, registry)
     spend = await _spend(settings, db, audit, telemetry, stack, prices)
+    # Before taking requests, what each backend can ready without holding its accelerator
+    # (the local engine's imports): seconds that would otherwise fall on a first request.
+    await asyncio.gather(*(prepare() for b in probes.values() if (prepare := getattr(b, "prepare", None))))
     await runtime.start()
     stack.push_async_callback(runtime.close)  # drains in-flight requests first
 

@@ -42,19 +42,29 @@ TINY_NAME = "tiny-mixtral"
 
 
 @functools.cache
-def preload_engine() -> None:
-    """Import the engine (torch, triton, the kernels' modules) in a background thread, once
-    per process, as soon as a local backend is configured: several seconds that would
-    otherwise sit on the first cold start's path, in front of the waiting request."""
+def preload_engine() -> threading.Thread:
+    """Import the engine (torch, triton, the kernels' modules) and initialise CUDA and
+    triton's driver in a background thread, once per process, as soon as a local backend
+    is configured: several seconds that would otherwise sit on the first cold start's
+    path, in front of the waiting request. ``LocalEngineBackend.prepare`` waits for it."""
 
     def run() -> None:
         try:
             import sluice.engine.async_llm  # noqa: F401
             import sluice.engine.llm  # noqa: F401
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.init()
+                from triton.runtime import driver
+
+                driver.active.get_current_target()  # loads (on a fresh host: builds) its launcher utils
         except Exception:  # the cold start will import (and report) it again
             log.exception("preloading the engine failed")
 
-    threading.Thread(target=run, name="engine-preload", daemon=True).start()
+    thread = threading.Thread(target=run, name="engine-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def default_cache_dir() -> Path:
@@ -102,6 +112,11 @@ class LocalEngineBackend(Backend):
         capabilities = TEXT_CAPABILITIES | {"json_schema", "token_prompts"} | (
             {"tools"} if self.tokenizer.supports_tools else set())
         return [ModelCard(id=name, context_length=self.opts.max_model_len, capabilities=frozenset(capabilities))]
+
+    async def prepare(self) -> None:
+        """At gateway start: wait for the engine's imports (preload_engine), so that the
+        gateway takes requests once a cold start no longer has to import anything."""
+        await asyncio.to_thread(preload_engine().join)
 
     async def start(self) -> None:
         if self._engine is None:

@@ -61,10 +61,20 @@ def test_wake_takes_the_host_copy_once_parked_and_the_checkpoint_before(tiny_mix
 def test_a_sleep_during_the_host_copy_stops_it_and_the_wake_reads_the_checkpoint(tiny_mixtral, monkeypatch):
     from sluice.engine import offload
 
-    monkeypatch.setattr(offload, "CHUNK", 1)  # one tensor a chunk: the copy is still running when sleep comes
+    monkeypatch.setattr(offload, "CHUNK", 1)  # one tensor a chunk
     llm = LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False)
     before = greedy(llm)
-    llm.runner.parking.park_in_background()
+    parking = llm.runner.parking
+    layout, calls = offload.packed_layout, []
+
+    def second_chunk_waits_for_the_sleep(sizes):  # the copy is still running when sleep comes
+        calls.append(1)
+        if len(calls) == 2:
+            parking._cancel.wait(10)
+        return layout(sizes)
+
+    monkeypatch.setattr(offload, "packed_layout", second_chunk_waits_for_the_sleep)
+    parking.park_in_background()
     llm.sleep()  # waits for one chunk at most, never for the whole copy
     parked = len(llm.runner.parking._chunks)
     assert not llm.runner.parking.complete and parked < len(list(llm.model.parameters()))

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -96,7 +95,12 @@ def paged_varlen_attention(
         k = k.repeat_interleave(groups, dim=1).transpose(0, 1)[None]  # (1, Hq, ctx, D)
         v = v.repeat_interleave(groups, dim=1).transpose(0, 1)[None]
         qs = q[a:b].transpose(0, 1)[None]  # (1, Hq, T, D)
-        mask = {"is_causal": True} if T == ctx else {"attn_mask": causal_lower_right(T, ctx)}
+        if T == ctx:
+            mask = {"is_causal": True}
+        else:  # imported here: torch.nn.attention.bias imports torch._dynamo (~2 s at start-up)
+            from torch.nn.attention.bias import causal_lower_right
+
+            mask = {"attn_mask": causal_lower_right(T, ctx)}
         o = F.scaled_dot_product_attention(qs, k, v, scale=scale, **mask)
         out[a:b] = o[0].transpose(0, 1)
     return out
