@@ -55,10 +55,15 @@ $S migrate >> "$OUT/run_log.txt" 2>&1
 $S tenants create bench --rpm 1000000 --tpm 1000000000 >> "$OUT/run_log.txt" 2>&1
 KEY=$($S keys create --tenant bench --json 2>>"$OUT/run_log.txt" | python3 -c 'import json,sys;print(json.load(sys.stdin)["key"])')
 ADMIN=$($S admin-token --ttl 7200 2>>"$OUT/run_log.txt")
-serve() {  # label
+serve() {  # label; logs the process start -> /healthz time (the engine's imports are in it)
+  local t=$(date +%s.%N)
   $S serve --port 8400 > "$OUT/serve_$1.txt" 2>&1 &
   SPID=$!
-  for _ in $(seq 60); do python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8400/healthz')" 2>/dev/null && return 0; sleep 0.5; done
+  for _ in $(seq 120); do
+    python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8400/healthz')" 2>/dev/null && {
+      log "gateway $1 up in $(python3 -c "print(round($(date +%s.%N)-$t,2))") s"; return 0; }
+    sleep 0.25
+  done
   log "gateway $1 did not come up"; tail -n 20 "$OUT/serve_$1.txt"; return 1
 }
 stop() {
