@@ -4,11 +4,11 @@ On an empty kernel cache a cold start compiles about twenty triton kernels on it
 the first token: the KV-sizing prefill's (2.6 s on the H200 host), then the first
 request's prefill and decode (about 4 s more). Which kernels, and which variants of
 them, depend on a layer's shapes and on the checkpoint's quantization, not on how many
-layers there are. So a one-layer twin of the model, read from the same checkpoint (its
-first layer and the embeddings), runs those steps in a thread while the main thread
-loads every layer: loading is parallel reads and copies that leave the interpreter free,
-compiling is mostly Python and LLVM, and the two overlap. The twin's memory is freed
-before the KV cache is sized.
+layers there are. So one-layer twins of the model, read from the same checkpoint (its
+first layer and the embeddings), run those steps in processes of their own, one part
+each, while the engine loads every layer; the kernels they compile land in the shared
+kernel cache, where the engine finds them. Their memory is back before the KV cache is
+sized.
 
 A small record per model, configuration and kernel source (``warm/<key>.json`` in the
 kernel cache) says that its kernels are compiled, and keeps the activation bytes that KV
@@ -20,14 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
+import subprocess
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from sluice.engine.config import EngineConfig, ModelConfig
+from sluice.engine.config import ENGINE_FIELDS, EngineConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,70 +78,111 @@ class WarmRecord:
         tmp.replace(self.path)
 
 
+#: The steps of a cold start that compile kernels, each run by its own twin process:
+#: KV sizing's prefill of a full step, a first request's prefill (token counts on either
+#: side of the kernels' size buckets) and its first decode step.
+PARTS = ("profile", "prefill", "decode")
+
+
 class KernelTwin:
-    """A one-layer twin of the model that compiles the first token's kernels in a thread.
+    """One-layer twins of the model, one process per part of a cold start (PARTS), that
+    compile its kernels into the shared kernel cache while this process loads the weights.
 
-    ``start()`` before loading the weights, ``join()`` once they are loaded (before the
-    KV cache is sized). Any failure only costs the overlap: the main thread then compiles
-    what it needs, as it would have without the twin."""
+    Compiling holds the interpreter's lock, so twins are processes, not threads: three
+    of them compile side by side, each paying its own imports and CUDA context (a few
+    seconds, overlapped with the load). ``start()`` before loading the weights, ``join()``
+    once they are loaded (before the KV cache is sized, when the twins' memory is back).
+    A twin that fails costs only the overlap: the engine then compiles for itself."""
 
-    def __init__(self, cfg: ModelConfig, engine: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 fp8: bool, checkpoint: Path | None, max_model_len: int) -> None:
-        self.cfg, self.engine, self.device, self.dtype, self.fp8 = cfg, engine, device, dtype, fp8
-        self.checkpoint, self.max_model_len = checkpoint, max_model_len
+    def __init__(self, checkpoint: Path, engine: EngineConfig, device: torch.device, fp8: bool,
+                 max_model_len: int, parts: tuple[str, ...] = PARTS) -> None:
+        self.spec = {"checkpoint": str(checkpoint), "device": str(device), "fp8": fp8,
+                     "max_model_len": max_model_len,
+                     "engine": {k: getattr(engine, k) for k in ENGINE_FIELDS}}
+        self.parts = parts
         self.seconds = 0.0
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="kernel-twin", daemon=True)
+        self.error: str | None = None
+        self.results: dict[str, dict] = {}
+        self._procs: list[tuple[str, subprocess.Popen[str]]] = []
+        self._began = 0.0
 
     def start(self) -> KernelTwin:
-        self._thread.start()
+        self._began = time.perf_counter()
+        for part in self.parts:
+            spec = json.dumps({**self.spec, "part": part}, default=str)
+            self._procs.append((part, subprocess.Popen(
+                [sys.executable, "-m", "sluice.engine.kernel_warm", spec],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         return self
 
-    def join(self) -> None:
-        self._thread.join()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    def join(self, timeout_s: float = 300.0) -> None:
+        errors = []
+        for part, proc in self._procs:
+            try:
+                out, err = proc.communicate(timeout=max(1.0, timeout_s - (time.perf_counter() - self._began)))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            lines = out.strip().splitlines()
+            if proc.returncode == 0 and lines:
+                self.results[part] = json.loads(lines[-1])
+            else:
+                tail = (err.strip().splitlines() or ["no output"])[-1]
+                errors.append(f"{part}: exit {proc.returncode}: {tail}")
+        self._procs = []
+        self.seconds = time.perf_counter() - self._began
+        self.error = "; ".join(errors) or None
         if self.error is not None:
-            log.warning("kernel twin failed (%s: %s); the start compiles its kernels itself",
-                        type(self.error).__name__, self.error)
+            log.warning("kernel twin failed (%s); the start compiles what it lacks itself", self.error)
         else:
-            log.info("kernels of the first steps compiled by a one-layer twin in %.1fs", self.seconds)
+            log.info("the first steps' kernels compiled by one-layer twins in %.1fs (%s)", self.seconds,
+                     ", ".join(f"{p} {r['kernels']} in {r['compile_s']:.1f}s" for p, r in self.results.items()))
 
-    def _run(self) -> None:
-        began = time.perf_counter()
-        try:
-            self._steps()
-        except BaseException as exc:  # noqa: BLE001 - reported by join(); never fatal
-            self.error = exc
-        self.seconds = time.perf_counter() - began
 
-    @torch.inference_mode()
-    def _steps(self) -> None:
-        from sluice.engine.kv_sizing import allocate_cache, measure_peak
-        from sluice.engine.layers.attention import AttentionMetadata
-        from sluice.engine.loader import load_model
-        from sluice.engine.model_runner import attention_kernels
-        from sluice.engine.parallel.group import use_device
+@torch.inference_mode()
+def run_part(spec: dict) -> dict:
+    """In a twin process: load the first layer of the checkpoint and run one part of a
+    cold start. Returns what it compiled."""
+    from sluice.engine.kernel_cache import COMPILES, count_compiles
+    from sluice.engine.kv_sizing import allocate_cache, measure_peak
+    from sluice.engine.layers.attention import AttentionMetadata
+    from sluice.engine.loader import load_model
+    from sluice.engine.model_runner import attention_kernels
+    from sluice.engine.parallel.group import use_device
 
-        use_device(self.device)
-        cfg = replace(self.cfg, num_layers=1)
-        model = load_model(cfg, self.device, self.dtype, self.checkpoint, fp8=self.fp8, seed=self.engine.seed,
-                           max_positions=self.max_model_len, progress=False, stage=False, partial=True)
-        kernels = attention_kernels(self.engine, cfg, self.device)
-        block = self.engine.block_size
-        limit = -(-self.max_model_len // block) * block
-        # The steps of a cold start, in its order: KV sizing's prefill of a full step,
-        # then a first request's prefill (token counts on either side of the kernels'
-        # size buckets) and its decode at batch 1.
-        for tokens in (min(self.engine.max_num_batched_tokens, limit), 40, 13):
+    count_compiles()
+    engine = EngineConfig(**spec["engine"])
+    device = torch.device(spec["device"])
+    use_device(device)
+    checkpoint = Path(spec["checkpoint"])
+    cfg = ModelConfig.from_file(checkpoint).with_experts_per_tok(engine.num_experts_per_tok)
+    dtype = engine.resolve_dtype(cfg, device)
+    cfg = replace(cfg, num_layers=1)
+    model = load_model(cfg, device, dtype, checkpoint, fp8=spec["fp8"], seed=engine.seed,
+                       max_positions=spec["max_model_len"], progress=False, stage=False, partial=True)
+    kernels = attention_kernels(engine, cfg, device)
+    block = engine.block_size
+    part = spec["part"]
+    if part == "profile":
+        limit = -(-spec["max_model_len"] // block) * block
+        measure_peak(model, min(engine.max_num_batched_tokens, limit), block, kernels)
+    elif part == "prefill":
+        for tokens in (40, 13):
             measure_peak(model, tokens, block, kernels)
+    elif part == "decode":
         allocate_cache(model, 4, block)
-        one = torch.ones(1, dtype=torch.int32, device=self.device)
-        meta = AttentionMetadata(slot_mapping=torch.zeros(1, dtype=torch.int64, device=self.device),
-                                 decode_block_tables=torch.zeros((1, 4), dtype=torch.int32, device=self.device),
-                                 decode_context_lens=one * 20, kernels=kernels)
-        ids = torch.zeros(1, dtype=torch.int64, device=self.device)
+        meta = AttentionMetadata(slot_mapping=torch.zeros(1, dtype=torch.int64, device=device),
+                                 decode_block_tables=torch.zeros((1, 4), dtype=torch.int32, device=device),
+                                 decode_context_lens=torch.full((1,), 20, dtype=torch.int32, device=device),
+                                 kernels=kernels)
+        ids = torch.zeros(1, dtype=torch.int64, device=device)
         model.compute_logits(model(ids, ids + 19, meta))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        allocate_cache(model, 0, block)
+    else:
+        raise ValueError(f"unknown part {part!r}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"part": part, "kernels": COMPILES.kernels, "compile_s": round(COMPILES.seconds, 3)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_part(json.loads(sys.argv[1]))))

@@ -100,17 +100,15 @@ class LLM:
     def _kernel_warmth(self, cfg: ModelConfig, device: Any, dtype: Any, model: str | Path | None
                        ) -> tuple[WarmRecord | None, KernelTwin | None]:
         """On CUDA: this model's warm record in the kernel cache and, when there is none
-        yet (kernels never compiled here), a one-layer twin compiling the first steps'
+        yet (kernels never compiled here), one-layer twins compiling the first steps'
         kernels while the weights load (engine/kernel_warm.py). Not for sharded engines."""
-        if device.type != "cuda" or self.sharding.active or not self.config.kernel_twin:
+        if device.type != "cuda" or self.sharding.active:
             return None, None
         record = WarmRecord(self.kernel_cache, warm_key(cfg, self.config, dtype, self.fp8, device,
                                                          Path(model) if model else None))
-        if record.activations() is not None:
+        if record.activations() is not None or not self.config.kernel_twin or model is None:
             return record, None
-        twin = KernelTwin(cfg, self.config, device, dtype, self.fp8, Path(model) if model else None,
-                          self.max_model_len)
-        return record, twin.start()
+        return record, KernelTwin(Path(model), self.config, device, self.fp8, self.max_model_len).start()
 
     # ---- sleep ----------------------------------------------------------
 

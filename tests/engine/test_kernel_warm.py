@@ -1,8 +1,9 @@
-"""The one-layer twin that compiles a cold start's kernels while the weights load, and
-the warm record that lets the next start skip it (engine/kernel_warm.py).
+"""The one-layer twins that compile a cold start's kernels while the weights load, and
+the warm record that lets the next start skip them (engine/kernel_warm.py).
 
-On the CPU nothing compiles; these check that the twin reads the right part of the
-checkpoint and runs the steps a cold start runs, and that the record works."""
+On the CPU nothing compiles; these check that a twin reads the right part of the
+checkpoint and runs the steps a cold start runs in its own process, and that the record
+works."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from sluice.engine.config import EngineConfig, ModelConfig
-from sluice.engine.kernel_warm import KernelTwin, WarmRecord, warm_key
+from sluice.engine.kernel_warm import PARTS, KernelTwin, WarmRecord, warm_key
 from sluice.engine.llm import LLM
 from sluice.engine.loader import load_model
 from sluice.engine.sampling import SamplingParams
@@ -29,20 +30,21 @@ def test_a_partial_load_reads_the_first_layer_of_the_checkpoint(tiny_mixtral):
     assert torch.equal(one.embed_tokens.weight, full.embed_tokens.weight)
 
 
-def test_the_twin_runs_a_cold_starts_steps(tiny_mixtral):
-    cfg = ModelConfig.from_file(tiny_mixtral)
-    engine = EngineConfig(model=str(tiny_mixtral), max_num_batched_tokens=64)
-    twin = KernelTwin(cfg, engine, torch.device("cpu"), torch.float32, False, tiny_mixtral, 256).start()
+def test_the_twins_run_a_cold_starts_steps_in_processes_of_their_own(tiny_mixtral):
+    engine = EngineConfig(model=str(tiny_mixtral), max_num_batched_tokens=64, device="cpu", dtype="float32")
+    twin = KernelTwin(tiny_mixtral, engine, torch.device("cpu"), False, 256).start()
+    assert len(twin._procs) == len(PARTS)
     twin.join()
-    assert twin.error is None and twin.seconds > 0
+    assert twin.error is None, twin.error
+    assert set(twin.results) == set(PARTS)  # each part ran to its end (nothing compiles on the CPU)
+    assert all(r["kernels"] == 0 for r in twin.results.values())
 
 
 def test_a_failing_twin_costs_nothing_but_its_overlap(tiny_mixtral, tmp_path):
-    cfg = ModelConfig.from_file(tiny_mixtral)
-    engine = EngineConfig(model=str(tiny_mixtral))
-    twin = KernelTwin(cfg, engine, torch.device("cpu"), torch.float32, False, tmp_path / "missing", 256).start()
+    engine = EngineConfig(model=str(tiny_mixtral), device="cpu", dtype="float32")
+    twin = KernelTwin(tmp_path / "missing", engine, torch.device("cpu"), False, 256, parts=("decode",)).start()
     twin.join()  # no exception here: the start goes on and compiles for itself
-    assert twin.error is not None
+    assert twin.error is not None and "decode: exit" in twin.error
 
 
 def test_the_warm_record_keeps_a_steps_activations_per_model_and_configuration(tiny_mixtral, tmp_path):
