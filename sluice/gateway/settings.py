@@ -118,12 +118,14 @@ class Settings(BaseModel):
     # Connection bounds (edge, issue 18): a request's headers must arrive within
     # header_timeout_s of its first byte, its body within body_timeout_s (and no gap
     # between body chunks over body_idle_s); an idle keep-alive connection is closed after
-    # idle_timeout_s. X-Forwarded-For/-Proto are honoured only from trusted_proxies
+    # idle_timeout_s: longer than clients keep idle connections (httpx and the openai SDK:
+    # 5 s; load balancers: 60 s), as nginx's 75 s, so that the gateway never closes one a
+    # client is reusing at that moment. X-Forwarded-For/-Proto are honoured only from trusted_proxies
     # (comma-separated addresses or CIDRs; "" trusts nobody, "*" everybody).
     header_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(60.0, gt=0)
     body_idle_s: float = Field(15.0, gt=0)
-    idle_timeout_s: int = Field(5, ge=1)
+    idle_timeout_s: int = Field(75, ge=1)
     trusted_proxies: str = ""
     # Requests of one tenant in flight at once (0: no bound); beyond it, 429.
     tenant_max_concurrency: int = Field(64, ge=0)

@@ -3,9 +3,12 @@
 uvicorn bounds an idle keep-alive connection (``timeout_keep_alive``) but not one that
 sends its headers slowly: any byte cancels the keep-alive timer, so a client dripping a
 header line every few seconds (slow-loris) holds its connection forever. These protocol
-classes arm a deadline when a connection opens and after each response; it is cancelled
-once a request's headers are complete. A connection still without a full request head at
-the deadline is closed (one DEBUG line; a 408 would only feed the attacker).
+classes arm a deadline when a connection opens, and on a kept-alive connection when the
+next request's first bytes arrive; it is cancelled once a request's headers are complete.
+A connection still without a full request head at the deadline is closed (one DEBUG line;
+a 408 would only feed the attacker). An idle kept-alive connection is left to uvicorn's
+keep-alive timeout: closing it sooner, while a client is about to reuse it, is what
+makes clients see connection resets.
 
 Bodies are bounded in the ASGI layer (:class:`sluice.gateway.http.middleware.BodyTimeout`),
 where the request is known and a 408 can be answered.
@@ -39,11 +42,8 @@ class _HeaderDeadline:
         super().data_received(data)  # type: ignore[misc]
         if self._in_request():
             self._disarm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()  # type: ignore[misc]
-        if not self._transport().is_closing():
-            self._arm()  # the next request on this connection gets its own deadline
+        elif self._deadline is None:
+            self._arm()  # the first bytes of the next request on a kept-alive connection
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
