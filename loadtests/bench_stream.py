@@ -2,6 +2,7 @@
 
     python -m loadtests.bench_stream [--streams 64] [--tokens 128] [--rounds 3]
                                      [--out bench_results/stream] [--py-spy PREFIX]
+                                     [--baseline SOURCE_DIR] [--http h11|httptools]
 
 The tiny random Mixtral (the tests' model, written once into a temporary directory)
 decodes ``--streams`` concurrent greedy chat requests of ``--tokens`` output tokens
@@ -14,12 +15,19 @@ three ways, in alternating rounds so that a change in the machine's load hits al
                   over HTTP, streamed (``stream_options.include_usage``), read by a small
                   raw-socket client in this process (cheaper per chunk than httpx)
 
+``--baseline DIR`` adds a fourth mode, ``baseline``: a second ``sluice serve`` run from
+another source tree (``git archive <commit> | tar -x -C DIR``), so that a change is
+measured against the code before it under the same load, round by round.
+
 Per mode: the median gap between a stream's consecutive content chunks (for the engine:
 outputs that carry text, the first or the last, which are the ones the gateway sends),
 completion tokens per second over the round's wall time, and the first-token time.
 The ratios gateway / engine are what issue 16 asks to bring within 3% at batch 64.
 CPU time per token is the process's (user + system, every thread) over the round: this
-process for the engine, the gateway's process for the gateway (the client's is not in it).
+process for the engine, the gateway's process for the gateway (the client's is not in it:
+its own is reported as ``client``). The event loop's thread is reported on its own (for
+the gateway and ``engine async``; for ``engine step`` it is the thread that steps): it is
+what competes with the engine's thread for the GIL, and on a small CPU for the cores.
 ``--py-spy PREFIX`` records the gateway during its rounds (PREFIX.txt, collapsed stacks
 per thread: ``py-spy record --format raw --threads``) to show where its time goes.
 """
@@ -43,7 +51,7 @@ from typing import Any
 
 import orjson
 
-from loadtests.bench_gateway import Stack, environment, free_port
+from loadtests.bench_gateway import REPO, Stack, environment, free_port
 
 MODEL = "tiny-mixtral"
 WORDS = ("the quick brown fox jumps over a lazy dog while engineers measure latency and "
@@ -88,6 +96,7 @@ class Round:
     loop_sys_us_per_token: float  # of which in the kernel (socket and file writes)
     tokens: int
     wall_s: float
+    client_us_per_token: float = 0.0  # this process reading the streams (gateway modes)
 
 
 def summarize(mode: str, streams: list[Stream], wall: float, cpu_s: float,
@@ -152,62 +161,101 @@ async def engine_async(engine: Any, prompts: list[list[int]], params: Any) -> Ro
 
 # ---- through the gateway ---------------------------------------------------------------
 
+class StreamReader(asyncio.Protocol):
+    """One streamed chat completion read as it arrives (a protocol, not a StreamReader: no
+    await per chunk, so the client takes little of a small machine's CPU). Every SSE event
+    with choices is a content chunk; only the usage chunk is parsed."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.buffer = b""
+        self.head = True
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        self.buffer += data
+        if self.head:
+            head, sep, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            if not sep:
+                self.buffer = head
+                return
+            if not head.startswith(b"HTTP/1.1 200"):
+                self.fail(RuntimeError(f"gateway answered {head[:300]!r}"))
+                return
+            self.head = False
+        while (cut := self.buffer.find(b"\r\n")) >= 0:  # chunked framing: size, data, CRLF
+            size = int(self.buffer[:cut], 16)
+            if len(self.buffer) < cut + 2 + size + 2:
+                return
+            chunk, self.buffer = self.buffer[cut + 2:cut + 2 + size], self.buffer[cut + 4 + size:]
+            if size == 0:
+                if not self.done.done():
+                    self.done.set_result(None)
+                return
+            for event in chunk.split(b"\n\n"):
+                if not event.startswith(b"data: {"):
+                    continue
+                if b'"usage":{' in event:
+                    self.stream.tokens = orjson.loads(event[6:])["usage"]["completion_tokens"]
+                if b'"choices":[]' not in event:
+                    self.stream.times.append(now)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(exc or ConnectionError("the gateway closed the connection mid-stream"))
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
 async def http_stream(port: int, key: str, text: str, tokens: int) -> Stream:
     """One streamed chat completion over a raw HTTP/1.1 connection (chunked body)."""
     body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": text}],
                          "max_tokens": tokens, "temperature": 0, "stream": True,
                          "stream_options": {"include_usage": True}})
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     s = Stream(time.perf_counter(), [])
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\n"
-                 b"content-type: application/json\r\nauthorization: Bearer " + key.encode()
-                 + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(f"gateway answered {head[:200]!r}: {await reader.read(500)!r}")
-    pending = b""
-    while True:
-        size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
-        data = await reader.readexactly(size + 2)
-        if size == 0:
-            break
-        now = time.perf_counter()
-        pending += data[:-2]
-        *events, pending = pending.split(b"\n\n")
-        for event in events:
-            if event == b"data: [DONE]":
-                continue
-            chunk = orjson.loads(event[6:])
-            if chunk.get("usage"):
-                s.tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"]:
-                s.times.append(now)
-    writer.close()
+    transport, reader = await asyncio.get_running_loop().create_connection(
+        lambda: StreamReader(s), "127.0.0.1", port)
+    transport.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\n"
+                    b"content-type: application/json\r\nauthorization: Bearer " + key.encode()
+                    + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    try:
+        await reader.done
+    finally:
+        transport.close()
     return s
 
 
 async def gateway_round(gateway: Gateway, streams: int, tokens: int) -> Round:
     pid, port, key = gateway.pid, gateway.gateway_port, gateway.key
     began, cpu, loop = time.perf_counter(), cpu_s(pid), cpu_s(pid, pid)  # uvicorn: loop in main
+    client = time.process_time()
     runs = await asyncio.gather(*(http_stream(port, key, prompt(i), tokens) for i in range(streams)))
-    return summarize("gateway", runs, time.perf_counter() - began, sum(since(cpu, cpu_s(pid))),
-                     since(loop, cpu_s(pid, pid)))
+    r = summarize(gateway.name, runs, time.perf_counter() - began, sum(since(cpu, cpu_s(pid))),
+                  since(loop, cpu_s(pid, pid)))
+    r.client_us_per_token = 1e6 * (time.process_time() - client) / r.tokens
+    return r
 
 
 class Gateway(Stack):
-    """``sluice serve`` with the local backend on the tiny checkpoint (no mock upstream)."""
+    """``sluice serve`` with the local backend on the tiny checkpoint (no mock upstream),
+    from this checkout or, for a baseline, from another source tree."""
 
-    def __init__(self, workdir: Path, config: str) -> None:
-        super().__init__(workdir, free_port(), free_port())
-        self.config = config
+    def __init__(self, name: str, workdir: Path, config: str, http: str | None,
+                 source: Path = REPO) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(workdir, free_port(), free_port(), http)
+        self.name, self.config = name, config
+        self.env["PYTHONPATH"] = str(source) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
     def start(self) -> None:
         (self.workdir / "config.toml").write_text(self.config)
         self.cli("migrate")
         self.cli("tenants", "create", "bench", "--rpm", "1000000", "--tpm", "1000000000")
         self.key = json.loads(self.cli("keys", "create", "--tenant", "bench", "--json"))["key"]
-        self.gateway = self.spawn("gateway", "sluice.gateway.cli", "serve", "--host", "127.0.0.1",
-                                  "--port", str(self.gateway_port))
+        serve = ["sluice.gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(self.gateway_port)]
+        self.gateway = self.spawn("gateway", *serve, *(["--http", self.http] if self.http else []))
         self.wait_ready(f"{self.gateway_url}/readyz", self.gateway, "gateway")
 
     @property
@@ -225,47 +273,58 @@ def render(rounds: list[Round]) -> tuple[dict[str, dict[str, float]], str]:
         mine = [asdict(r) for r in rounds if r.mode == mode]
         modes[mode] = {k: statistics.median(r[k] for r in mine)
                        for k in ("gap_p50_ms", "gap_p90_ms", "tok_s", "ttft_p50_ms",
-                                 "cpu_us_per_token", "loop_us_per_token", "loop_sys_us_per_token")}
+                                 "cpu_us_per_token", "loop_us_per_token", "loop_sys_us_per_token",
+                                 "client_us_per_token")}
     lines = ["| mode | gap p50 ms | gap p90 ms | tokens/s | first token p50 ms | CPU us/token "
-             "| loop thread CPU us/token (system) |", "|---|---|---|---|---|---|---|"]
+             "| loop thread CPU us/token (system) | client CPU us/token |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {m} | {v['gap_p50_ms']:.2f} | {v['gap_p90_ms']:.2f} | {v['tok_s']:,.0f} | "
               f"{v['ttft_p50_ms']:.0f} | {v['cpu_us_per_token']:.0f} | "
-              f"{v['loop_us_per_token']:.1f} ({v['loop_sys_us_per_token']:.1f}) |"
-              for m, v in modes.items()]
-    g = modes.get("gateway")
-    for base in ("engine step", "engine async"):
-        if g and base in modes:
-            e = modes[base]
-            lines.append(f"\ngateway / {base}: gap x{g['gap_p50_ms'] / e['gap_p50_ms']:.3f}, "
-                         f"tokens/s x{g['tok_s'] / e['tok_s']:.3f}")
+              f"{v['loop_us_per_token']:.1f} ({v['loop_sys_us_per_token']:.1f}) | "
+              f"{v['client_us_per_token']:.1f} |" for m, v in modes.items()]
+    lines.append("")
+    for g in ("gateway", "baseline"):
+        for base in ("engine step", "engine async"):
+            if g in modes and base in modes:
+                a, b = modes[g], modes[base]
+                lines.append(f"{g} / {base}: gap x{a['gap_p50_ms'] / b['gap_p50_ms']:.3f}, "
+                             f"tokens/s x{a['tok_s'] / b['tok_s']:.3f}  ")
     return modes, "\n".join(lines) + "\n"
 
 
-async def measure(args: argparse.Namespace, llms: tuple[Any, Any], gateway: Gateway,
+async def measure(args: argparse.Namespace, llms: tuple[Any, Any], gateways: list[Gateway],
                   prompts: list[list[int]], params: Any) -> list[Round]:
     from sluice.engine.async_llm import AsyncLLM
 
     llm, engine = llms[0], AsyncLLM(llms[1])  # one each: AsyncLLM's thread owns its LLM
+
+    async def engine_rounds() -> list[Round]:
+        return [engine_step(llm, prompts, params), await engine_async(engine, prompts, params)]
+
     try:
-        await gateway_round(gateway, args.streams, 16)  # cold start and warm-up
+        for gateway in gateways:
+            await gateway_round(gateway, args.streams, 16)  # cold start and warm-up
         await engine_async(engine, prompts, params)
         rounds: list[Round] = []
         spy = None
+        if args.py_spy:
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                 str(gateways[0].pid), "--rate", "200", "--format", "raw", "--threads",
+                 "--output", f"{args.py_spy}.txt"], stdout=subprocess.DEVNULL)
+            await asyncio.sleep(1)
         for i in range(args.rounds):
-            rounds.append(engine_step(llm, prompts, params))
-            rounds.append(await engine_async(engine, prompts, params))
-            if args.py_spy and spy is None:
-                spy = subprocess.Popen(
-                    [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
-                     str(gateway.pid), "--rate", "200", "--nonblocking", "--format", "raw", "--threads",
-                     "--output", f"{args.py_spy}.txt"], stdout=subprocess.DEVNULL)
-                await asyncio.sleep(1)
-            rounds.append(await gateway_round(gateway, args.streams, args.tokens))
-            for r in rounds[-3:]:
-                print(f"round {i}: {r.mode:12} gap p50 {r.gap_p50_ms:6.2f} ms  "
-                      f"{r.tok_s:7,.0f} tok/s  CPU {r.cpu_us_per_token:4.0f} us/token, loop "
-                      f"{r.loop_us_per_token:5.1f} (sys {r.loop_sys_us_per_token:4.1f})  "
-                      f"({r.tokens} tokens)", flush=True)
+            # the order turns every round, so that a drift in the machine's load is shared
+            order: list[Gateway | None] = [None, *gateways]
+            for mode in order if i % 2 == 0 else order[::-1]:
+                done = await (engine_rounds() if mode is None
+                              else gateway_round(mode, args.streams, args.tokens))
+                for r in done if isinstance(done, list) else [done]:
+                    rounds.append(r)
+                    print(f"round {i}: {r.mode:12} gap p50 {r.gap_p50_ms:6.2f} ms  "
+                          f"{r.tok_s:7,.0f} tok/s  CPU {r.cpu_us_per_token:4.0f} us/token, loop "
+                          f"{r.loop_us_per_token:5.1f} (sys {r.loop_sys_us_per_token:4.1f})  "
+                          f"({r.tokens} tokens)", flush=True)
         if spy is not None:
             spy.send_signal(2)
             spy.wait(timeout=60)
@@ -282,6 +341,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results/stream", help="path prefix: .json, .md")
     parser.add_argument("--py-spy", help="record the gateway with py-spy to PREFIX.txt")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--http", choices=["h11", "httptools"],
+                        help="the gateway's HTTP parser (`sluice serve --http`; default: its own)")
+    parser.add_argument("--baseline", type=Path,
+                        help="a source tree to run a second gateway from, measured alongside")
     args = parser.parse_args()
 
     import uvloop
@@ -298,9 +361,12 @@ def main() -> None:
     model_dir = write_random_checkpoint(workdir / MODEL, PRESETS[MODEL], seed=0)
     engine_opts = {"device": "cpu", "max_num_seqs": args.streams, "max_model_len": 1024,
                    "num_kv_blocks": args.streams * (1024 // 16)}
-    gateway = Gateway(workdir, CONFIG.format(model=model_dir, name=MODEL, streams=args.streams,
-                                             blocks=engine_opts["num_kv_blocks"],
-                                             concurrency=2 * args.streams))
+    config = CONFIG.format(model=model_dir, name=MODEL, streams=args.streams,
+                           blocks=engine_opts["num_kv_blocks"], concurrency=2 * args.streams)
+    gateways = [Gateway("gateway", workdir / "gateway", config, args.http)]
+    if args.baseline:
+        gateways.append(Gateway("baseline", workdir / "baseline", config, args.http,
+                                args.baseline.resolve()))
     try:
         # The same prompt ids the gateway runs (the local backend's chat encoding).
         backend = LocalEngineBackend(LocalEngineBackend.Options(model=str(model_dir), **engine_opts))
@@ -308,13 +374,16 @@ def main() -> None:
             ChatMessage("user", prompt(i)),))) for i in range(args.streams)]
         llms = (LLM(model_dir, progress=False, **engine_opts), LLM(model_dir, progress=False, **engine_opts))
         params = SamplingParams(temperature=0, max_tokens=args.tokens)
-        gateway.start()
-        rounds = uvloop.run(measure(args, llms, gateway, prompts, params))
+        for gateway in gateways:
+            gateway.start()
+        rounds = uvloop.run(measure(args, llms, gateways, prompts, params))
     except BaseException:
-        print(gateway.log_tail("gateway"), file=sys.stderr)
+        for gateway in gateways:
+            print(gateway.log_tail("gateway"), file=sys.stderr)
         raise
     finally:
-        gateway.stop()
+        for gateway in gateways:
+            gateway.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -323,7 +392,8 @@ def main() -> None:
     head = (f"Command: `{command.strip()}` at commit {env['commit']} on {env['cpus']} CPUs "
             f"({env['cpu']}), load average before {env['loadavg_before'][0]:.2f} and after "
             f"{os.getloadavg()[0]:.2f}; {args.streams} streams x {args.tokens} tokens, "
-            f"median of {args.rounds} rounds.\n\n")
+            f"median of {args.rounds} rounds"
+            + (f"; baseline from {args.baseline}" if args.baseline else "") + ".\n\n")
     print(head + markdown)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
