@@ -173,3 +173,20 @@ def test_the_input_guard_reads_every_prompt_and_refuses_token_ids(server: Gatewa
         assert err.value.body["param"] == "prompt"
     finally:
         server.gateway.pipeline.guardrails.guard = None
+
+
+def test_every_prompt_counts_against_a_tokens_per_minute_limit(server: GatewayServer) -> None:
+    api = openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.tenant_key(tpm=200), max_retries=0)
+    prompts = [  # ~60 tokens each by the byte estimate; four are over 200 before any is run
+        "The committee met on Tuesday to review the budget for next year and agreed to postpone "
+        "the decision on the new library until the engineers report on the foundations.",
+        "Our cat spends most afternoons asleep on the windowsill, waking only when a delivery van "
+        "stops outside or when somebody opens the drawer where the treats are kept.",
+        "During the storm the ferry stayed in the harbour, so the travellers drank tea in the "
+        "station cafe and compared stories about journeys that had gone wrong before.",
+        "She planted tomatoes, beans and a row of sunflowers along the fence, then wrote the date "
+        "of each sowing in a notebook that already held eleven summers of careful records.",
+    ]
+    assert len(api.completions.create(model="echo", prompt=prompts[0], max_tokens=4).choices) == 1
+    with pytest.raises(openai.RateLimitError):
+        api.completions.create(model="echo", prompt=prompts, max_tokens=4)

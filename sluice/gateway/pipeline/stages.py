@@ -103,7 +103,7 @@ class RateLimitStage:
                 key_limits=Limits(p.key_rpm, p.key_tpm),
                 tenant_limits=Limits(p.tenant_rpm, p.tenant_tpm),
                 prompt=call.conversation,
-                prompt_tokens=estimate_prompt_tokens(call.requests[0]),  # nothing tokenized
+                prompt_tokens=_estimate_prompts(call),  # nothing tokenized
                 max_tokens=call.reserve_tokens * len(call.requests),
             )
         except RateLimited as exc:
@@ -140,6 +140,13 @@ def pool_completer(pool: Pool, model: str, max_tokens: int = 24) -> Complete:
             return "".join([event.text async for event in worker.backend.generate(request)])
 
     return complete
+
+
+def _estimate_prompts(call: Call) -> int:
+    """The prompt tokens a call will be billed, estimated: each of its prompts once."""
+    if call.prompts == 1:
+        return estimate_prompt_tokens(call.requests[0])
+    return sum(estimate_prompt_tokens(r) for r in call.requests[::len(call.requests) // call.prompts])
 
 
 class Guardrails:
