@@ -16,6 +16,7 @@ from sluice.gateway.backends.contract import GenerationEvent, GenerationRequest,
 from sluice.gateway.backends.runtime import Pool
 from sluice.gateway.http.formats import ChatFormat, MessageParts, TextFormat, merge_details, usage_dict
 from sluice.gateway.pipeline.ratelimit import Admission
+from sluice.gateway.workers import estimate_prompt_tokens
 
 if TYPE_CHECKING:
     from sluice.gateway.backends.routing import Plan
@@ -94,6 +95,13 @@ class Call:
     @prompt_tokens.setter
     def prompt_tokens(self, value: int) -> None:
         self._prompt_tokens = value
+
+    def estimated_prompt_tokens(self) -> int:
+        """The prompt tokens the call will be billed, by the byte estimate (nothing tokenized):
+        each of its prompts once."""
+        if self.prompts == 1:
+            return estimate_prompt_tokens(self.requests[0])
+        return sum(estimate_prompt_tokens(r) for r in self.requests[::len(self.requests) // self.prompts])
 
     def reported_prompt_tokens(self, usage: Usage) -> int:
         """The prompt tokens to bill once a backend reported ``usage`` for a choice: every

@@ -32,7 +32,6 @@ from sluice.gateway.pipeline.call import Call
 from sluice.gateway.pipeline.ratelimit import LimiterError, Limits, RateLimited, RateLimiter
 from sluice.gateway.backends.runtime import Pool
 from sluice.gateway.telemetry import Telemetry
-from sluice.gateway.workers import estimate_prompt_tokens
 
 log = logging.getLogger("sluice.stages")
 
@@ -103,7 +102,7 @@ class RateLimitStage:
                 key_limits=Limits(p.key_rpm, p.key_tpm),
                 tenant_limits=Limits(p.tenant_rpm, p.tenant_tpm),
                 prompt=call.conversation,
-                prompt_tokens=_estimate_prompts(call),  # nothing tokenized
+                prompt_tokens=call.estimated_prompt_tokens(),  # nothing tokenized
                 max_tokens=call.reserve_tokens * len(call.requests),
             )
         except RateLimited as exc:
@@ -140,13 +139,6 @@ def pool_completer(pool: Pool, model: str, max_tokens: int = 24) -> Complete:
             return "".join([event.text async for event in worker.backend.generate(request)])
 
     return complete
-
-
-def _estimate_prompts(call: Call) -> int:
-    """The prompt tokens a call will be billed, estimated: each of its prompts once."""
-    if call.prompts == 1:
-        return estimate_prompt_tokens(call.requests[0])
-    return sum(estimate_prompt_tokens(r) for r in call.requests[::len(call.requests) // call.prompts])
 
 
 class Guardrails:
