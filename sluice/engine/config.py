@@ -186,9 +186,6 @@ class EngineConfig:
     # after its first token, so that a start serves before everything is warm. False:
     # all of it up front (benchmarks that must not measure a warming engine).
     warm_in_background: bool = True
-    # On an empty kernel cache, compile the first steps' kernels on a one-layer twin of
-    # the model while the weights load (engine/kernel_warm.py).
-    kernel_twin: bool = True
     attention: AttentionName = "auto"  # auto: the triton kernels on CUDA, the torch reference elsewhere
     # Where compiled triton kernels persist across restarts (TRITON_CACHE_DIR); None:
     # $TRITON_CACHE_DIR when set, else ~/.cache/sluice/kernels.

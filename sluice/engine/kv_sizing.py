@@ -3,7 +3,7 @@
 On CUDA the number of blocks is what ``memory_fraction`` of the device holds once the
 weights and the activations of the largest step are counted; the activations are
 measured by running a prefill of that many tokens against a throwaway cache, or taken
-from an earlier start's record (engine/kernel_warm.py).
+from an earlier start's record (engine/warm_record.py).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def auto_num_blocks(model: CausalLM, engine: EngineConfig, max_blocks_per_seq: i
     """How many KV blocks to allocate: a CPU default, or what fits on the GPU beside the
     weights, a full step's activations and the CUDA graphs' pool. ``activations``: the
     bytes a full step takes beyond the weights, as measured by an earlier start of the
-    same model and configuration (engine/kernel_warm.py keeps it); None measures it.
+    same model and configuration (engine/warm_record.py keeps it); None measures it.
     Returns (blocks, activations)."""
     device = next(model.parameters()).device
     per_block = block_bytes(model, engine.block_size)
@@ -70,7 +70,7 @@ def auto_num_blocks(model: CausalLM, engine: EngineConfig, max_blocks_per_seq: i
 
 def measure_peak(model: CausalLM, num_tokens: int, block_size: int, kernels: AttentionKernels | None) -> int:
     """Peak device memory of a prefill of ``num_tokens`` tokens, with a throwaway cache
-    (0 off CUDA, where the prefill still runs: engine/kernel_warm.py's twin on the CPU)."""
+    (0 off CUDA, where the prefill still runs)."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     nblocks = -(-num_tokens // block_size)

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from sluice.engine.config import EngineConfig, ModelConfig
 from sluice.engine.kernel_cache import COMPILES, use_kernel_cache
-from sluice.engine.kernel_warm import KernelTwin, WarmRecord, warm_key
+from sluice.engine.warm_record import WarmRecord, warm_key
 from sluice.engine.errors import ConfigError, RequestError
 from sluice.engine.kv_cache import BlockManager
 from sluice.engine.loader import load_model
@@ -56,7 +56,7 @@ class LLM:
         self.max_model_len = min(self.config.max_model_len or 8192, cfg.max_position_embeddings)
         began = time.perf_counter()
         self.timings: dict[str, float] = {}
-        record, twin = self._kernel_warmth(cfg, device, dtype, model)
+        record = self._warm_record(cfg, device, dtype, model)
         net = load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
                          max_positions=self.max_model_len, progress=progress, stats=self.timings,
                          shard=self.sharding)
@@ -70,15 +70,9 @@ class LLM:
             return load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
                               max_positions=self.max_model_len, progress=False, shard=self.sharding)
 
-        if twin is not None:
-            waited = time.perf_counter()
-            twin.join()  # its kernels compiled, its memory freed, before KV sizing
-            self.timings["twin_wait_s"] = time.perf_counter() - waited
-            self.timings["twin_s"] = twin.seconds
-            began = time.perf_counter()
         self.runner = ModelRunner(net, self.config, self.max_model_len, reload,
                                   record.activations() if record is not None else None)
-        if record is not None and self.runner.activations is not None and (twin is None or twin.error is None):
+        if record is not None and self.runner.activations is not None:
             record.write(self.runner.activations)
         self.timings["runner_s"] = time.perf_counter() - began  # KV sizing
         if not self.config.warm_in_background:
@@ -97,18 +91,13 @@ class LLM:
                  cfg.architecture, device, dtype, ", fp8 weights" if self.fp8 else "", self.runner.num_blocks,
                  self.config.block_size, COMPILES.kernels, COMPILES.seconds)
 
-    def _kernel_warmth(self, cfg: ModelConfig, device: Any, dtype: Any, model: str | Path | None
-                       ) -> tuple[WarmRecord | None, KernelTwin | None]:
-        """On CUDA: this model's warm record in the kernel cache and, when there is none
-        yet (kernels never compiled here), one-layer twins compiling the first steps'
-        kernels while the weights load (engine/kernel_warm.py). Not for sharded engines."""
+    def _warm_record(self, cfg: ModelConfig, device: Any, dtype: Any, model: str | Path | None) -> WarmRecord | None:
+        """On CUDA, this model's warm record beside the kernel cache (engine/warm_record.py):
+        an earlier start's activation bytes, so KV sizing skips its prefill."""
         if device.type != "cuda" or self.sharding.active:
-            return None, None
-        record = WarmRecord(self.kernel_cache, warm_key(cfg, self.config, dtype, self.fp8, device,
-                                                         Path(model) if model else None))
-        if record.activations() is not None or not self.config.kernel_twin or model is None:
-            return record, None
-        return record, KernelTwin(Path(model), self.config, device, self.fp8, self.max_model_len).start()
+            return None
+        return WarmRecord(self.kernel_cache, warm_key(cfg, self.config, dtype, self.fp8, device,
+                                                       Path(model) if model else None))
 
     # ---- sleep ----------------------------------------------------------
 

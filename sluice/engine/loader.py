@@ -122,13 +122,10 @@ class Checkpoint:
             except (SafetensorError, OSError, ValueError) as exc:
                 raise CheckpointError(f"{f}: corrupt safetensors file ({exc})") from None
 
-    def validate(self, expected: dict[str, tuple[int, ...]], tied_head: bool, partial: bool = False) -> None:
+    def validate(self, expected: dict[str, tuple[int, ...]], tied_head: bool) -> None:
         """Every expected tensor present with its shape; nothing else but FP8 scales
-        (``X.weight_scale``, ``X.input_scale`` beside an expected ``X.weight``).
-        ``partial``: the model reads the first layers only; the rest are not unexpected."""
+        (``X.weight_scale``, ``X.input_scale`` beside an expected ``X.weight``)."""
         for name, (f, shape, _) in self.location.items():
-            if partial:
-                break
             base = name.rsplit(".", 1)[0]
             scale_of_expected = name.endswith((".weight_scale", ".input_scale")) and f"{base}.weight" in expected
             if name not in expected and not scale_of_expected and not IGNORED.match(name) \
@@ -208,7 +205,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path: str | Path | None = None, *,
                fp8: bool = False, seed: int = 0, max_positions: int | None = None,
                progress: bool = True, stage: bool | None = None, stats: dict | None = None,
-               shard: Sharding | None = None, partial: bool = False) -> CausalLM:
+               shard: Sharding | None = None) -> CausalLM:
     """Build the model on ``device`` one decoder layer at a time, each filled from the
     checkpoint at ``path`` (random weights when None) and, with ``fp8``, quantized
     before the next is built: peak memory is the FP8 model plus one 16-bit layer.
@@ -218,9 +215,7 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
     when given, receives the seconds spent waiting for staged reads and the bytes staged.
     ``shard`` (tensor/expert parallel) cuts each layer to this rank's shapes before it is
     filled and reads only this rank's part of each tensor (no staging); random weights
-    are drawn whole, alike on every rank, then cut. FP8 quantization comes after.
-    ``partial``: ``cfg`` has fewer layers than the checkpoint, whose first ones are read
-    (engine/kernel_warm.py's one-layer twin)."""
+    are drawn whole, alike on every rank, then cut. FP8 quantization comes after."""
     with _default_dtype(dtype), torch.device(device):
         model = CausalLM(cfg, max_positions, build_layers=False).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -229,7 +224,7 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
         ckpt = None
         if path is not None:
             ckpt = Checkpoint(Path(path), stack)
-            ckpt.validate(expected_tensors(cfg), cfg.tie_word_embeddings, partial)
+            ckpt.validate(expected_tensors(cfg), cfg.tie_word_embeddings)
         fill = (lambda name: destination(model, name).copy_(ckpt.dense(name))) if ckpt else \
             (lambda name: _random_(destination(model, name), name, gen))
         fill(top[0])  # embeddings, layers, then the rest: the order of init_random_
