@@ -3,9 +3,10 @@
     python -m loadtests.bench_stream [--streams 64] [--tokens 128] [--rounds 3]
                                      [--out bench_results/stream] [--py-spy PREFIX]
                                      [--baseline SOURCE_DIR] [--http h11|httptools]
+                                     [--model DIR --device cuda --dtype fp8]
 
-The tiny random Mixtral (the tests' model, written once into a temporary directory)
-decodes ``--streams`` concurrent greedy chat requests of ``--tokens`` output tokens
+The tiny random Mixtral (the tests' model, written once into a temporary directory), or
+the checkpoint ``--model`` names on ``--device``, decodes ``--streams`` concurrent greedy chat requests of ``--tokens`` output tokens
 three ways, in alternating rounds so that a change in the machine's load hits all three:
 
 ``engine step``   ``LLM.step()`` in a loop, nothing else (the engine's own speed)
@@ -14,6 +15,10 @@ three ways, in alternating rounds so that a change in the machine's load hits al
 ``gateway``       ``sluice serve`` (a subprocess, the local backend, auth and metering on)
                   over HTTP, streamed (``stream_options.include_usage``), read by a small
                   raw-socket client in this process (cheaper per chunk than httpx)
+
+The engine modes share one ``LLM`` (``engine step`` runs with the ``AsyncLLM`` thread
+held off); each gateway loads its own. On a GPU that is two (three with ``--baseline``)
+copies of the weights.
 
 ``--baseline DIR`` adds a fourth mode, ``baseline``: a second ``sluice serve`` run from
 another source tree (``git archive <commit> | tar -x -C DIR``), so that a change is
@@ -53,7 +58,7 @@ import orjson
 
 from loadtests.bench_gateway import REPO, Stack, environment, free_port
 
-MODEL = "tiny-mixtral"
+SERVED = "bench"  # the model's name in the gateway
 WORDS = ("the quick brown fox jumps over a lazy dog while engineers measure latency and "
          "throughput of a mixture of experts model served behind a multi tenant gateway").split()
 
@@ -63,7 +68,8 @@ plugin = "local"
 [backends.local.options]
 model = "{model}"
 served_model_name = "{name}"
-device = "cpu"
+device = "{device}"
+dtype = "{dtype}"
 max_num_seqs = {streams}
 num_kv_blocks = {blocks}
 max_model_len = 1024
@@ -211,7 +217,7 @@ class StreamReader(asyncio.Protocol):
 
 async def http_stream(port: int, key: str, text: str, tokens: int) -> Stream:
     """One streamed chat completion over a raw HTTP/1.1 connection (chunked body)."""
-    body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": text}],
+    body = orjson.dumps({"model": SERVED, "messages": [{"role": "user", "content": text}],
                          "max_tokens": tokens, "temperature": 0, "stream": True,
                          "stream_options": {"include_usage": True}})
     s = Stream(time.perf_counter(), [])
@@ -292,14 +298,16 @@ def render(rounds: list[Round]) -> tuple[dict[str, dict[str, float]], str]:
     return modes, "\n".join(lines) + "\n"
 
 
-async def measure(args: argparse.Namespace, llms: tuple[Any, Any], gateways: list[Gateway],
+async def measure(args: argparse.Namespace, llm: Any, gateways: list[Gateway],
                   prompts: list[list[int]], params: Any) -> list[Round]:
     from sluice.engine.async_llm import AsyncLLM
 
-    llm, engine = llms[0], AsyncLLM(llms[1])  # one each: AsyncLLM's thread owns its LLM
+    engine = AsyncLLM(llm)
 
     async def engine_rounds() -> list[Round]:
-        return [engine_step(llm, prompts, params), await engine_async(engine, prompts, params)]
+        with engine._lock:  # the step loop's thread idle (no warm-up) while we step by hand
+            step = engine_step(llm, prompts, params)
+        return [step, await engine_async(engine, prompts, params)]
 
     try:
         for gateway in gateways:
@@ -345,6 +353,10 @@ def main() -> None:
                         help="the gateway's HTTP parser (`sluice serve --http`; default: its own)")
     parser.add_argument("--baseline", type=Path,
                         help="a source tree to run a second gateway from, measured alongside")
+    parser.add_argument("--model", type=Path,
+                        help="a checkpoint directory (default: the tiny random Mixtral, written here)")
+    parser.add_argument("--device", default="cpu", help="the engine's device (cpu, cuda)")
+    parser.add_argument("--dtype", default="auto", help="the engine's dtype (auto, bfloat16, fp8, ...)")
     args = parser.parse_args()
 
     import uvloop
@@ -358,11 +370,13 @@ def main() -> None:
 
     env = environment()
     workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-stream-"))
-    model_dir = write_random_checkpoint(workdir / MODEL, PRESETS[MODEL], seed=0)
-    engine_opts = {"device": "cpu", "max_num_seqs": args.streams, "max_model_len": 1024,
-                   "num_kv_blocks": args.streams * (1024 // 16)}
-    config = CONFIG.format(model=model_dir, name=MODEL, streams=args.streams,
-                           blocks=engine_opts["num_kv_blocks"], concurrency=2 * args.streams)
+    model_dir = args.model or write_random_checkpoint(workdir / "tiny-mixtral",
+                                                      PRESETS["tiny-mixtral"], seed=0)
+    engine_opts = {"device": args.device, "dtype": args.dtype, "max_num_seqs": args.streams,
+                   "max_model_len": 1024, "num_kv_blocks": args.streams * (1024 // 16)}
+    config = CONFIG.format(model=model_dir, name=SERVED, streams=args.streams, device=args.device,
+                           dtype=args.dtype, blocks=engine_opts["num_kv_blocks"],
+                           concurrency=2 * args.streams)
     gateways = [Gateway("gateway", workdir / "gateway", config, args.http)]
     if args.baseline:
         gateways.append(Gateway("baseline", workdir / "baseline", config, args.http,
@@ -370,13 +384,13 @@ def main() -> None:
     try:
         # The same prompt ids the gateway runs (the local backend's chat encoding).
         backend = LocalEngineBackend(LocalEngineBackend.Options(model=str(model_dir), **engine_opts))
-        prompts = [backend.prompt_ids(GenerationRequest(f"r{i}", MODEL, messages=(
+        prompts = [backend.prompt_ids(GenerationRequest(f"r{i}", SERVED, messages=(
             ChatMessage("user", prompt(i)),))) for i in range(args.streams)]
-        llms = (LLM(model_dir, progress=False, **engine_opts), LLM(model_dir, progress=False, **engine_opts))
+        llm = LLM(model_dir, progress=False, **engine_opts)
         params = SamplingParams(temperature=0, max_tokens=args.tokens)
         for gateway in gateways:
             gateway.start()
-        rounds = uvloop.run(measure(args, llms, gateways, prompts, params))
+        rounds = uvloop.run(measure(args, llm, gateways, prompts, params))
     except BaseException:
         for gateway in gateways:
             print(gateway.log_tail("gateway"), file=sys.stderr)
