@@ -7,6 +7,11 @@
 Requests and aborts reach the engine thread as commands, applied between steps. A step's
 outputs go back in one hand-over per event loop (one ``call_soon_threadsafe``, however
 many requests are streaming), so the loop wakes once per step rather than once per token.
+On a GPU they go back once the next step's forward is enqueued (``LLM.on_launch``): the
+consumers' Python (detokenized text, SSE chunks, metering) then runs while the GPU
+computes, instead of competing for the GIL with the thread preparing that step. That
+delays each token by the next step's preparation (well under a millisecond); with no
+next step they go at once.
 Closing a stream early aborts its sequence: at once when the engine is between
 steps, otherwise right after the current step; either way its blocks are freed
 before the next step is scheduled. While it has nothing to do (after its first token)
@@ -31,8 +36,15 @@ log = logging.getLogger(__name__)
 
 
 class AsyncLLM:
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, deliver_after_launch: bool | None = None) -> None:
+        """``deliver_after_launch``: hand a step's outputs over once the next step is
+        launched (default: on CUDA, where launching returns before the step is done)."""
         self.llm = llm
+        if deliver_after_launch is None:
+            deliver_after_launch = llm.runner.device.type == "cuda"
+        self._held: list[tuple[int, RequestOutput | BaseException]] = []  # outputs awaiting the next launch
+        if deliver_after_launch:
+            llm.on_launch = self._release_held
         self._lock = threading.Lock()  # held while the LLM's state is touched
         self._commands: deque[tuple[str, Any]] = deque()  # ("add", Sequence) | ("abort", seq_id)
         self._streams: dict[int, _Stream] = {}
@@ -119,10 +131,22 @@ class AsyncLLM:
                         outputs = self.llm.step()
                 except Exception as exc:  # a failed step fails every request in flight
                     log.exception("engine step failed")
+                    self._release_held()
                     self._fail_all(exc)
                     break
-                self._deliver([(out.seq_id, out) for out in outputs])
+                items = [(out.seq_id, out) for out in outputs]
+                if self.llm.on_launch is not None and items:
+                    self._held.extend(items)  # handed over when the next step is launched
+                else:
+                    self._release_held()  # (a step that launched nothing releases them too)
+                    self._deliver(items)
+            self._release_held()  # no next step: at once
             self._warm_while_idle()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        if held:
+            self._deliver(held)
 
     def _warm_while_idle(self) -> None:
         """Background warm-up (CUDA graphs, the weights' host copy), one piece at a time

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,9 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.scheduler.token_buckets = tuple(self.runner.varlen_sizes)
         self.asleep = False
+        #: Called in step() once the forward is enqueued, before sampling waits for it
+        #: (AsyncLLM hands the previous step's outputs over there).
+        self.on_launch: Callable[[], None] | None = None
         self.sequences: dict[int, Sequence] = {}
         self._text: dict[int, TextState] = {}
         log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens; %d kernels compiled in %.1fs",
@@ -184,6 +188,8 @@ class LLM:
             return []
         self.runner.capture_on_first_use = self.steps > 0
         logits = self.runner.run(batch)
+        if self.on_launch is not None:  # the forward is enqueued; the GPU is busy for a while
+            self.on_launch()
         self.steps += 1
         samplers = self._sampling_sequences(batch)
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers], samplers)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from multiprocessing.process import BaseProcess
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,14 @@ class Leader:
 
     def __getattr__(self, name: str) -> Any:  # reads: asleep, has_unfinished, tokenizer, ...
         return getattr(self.llm, name)
+
+    @property
+    def on_launch(self) -> Callable[[], None] | None:  # rank 0's step calls it (AsyncLLM)
+        return self.llm.on_launch
+
+    @on_launch.setter
+    def on_launch(self, hook: Callable[[], None] | None) -> None:
+        self.llm.on_launch = hook
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
                       request_id: str | None = None) -> Sequence:
