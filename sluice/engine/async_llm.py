@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -40,8 +41,9 @@ class AsyncLLM:
         """``deliver_after_launch``: hand a step's outputs over once the next step is
         launched (default: on CUDA, where launching returns before the step is done)."""
         self.llm = llm
-        if deliver_after_launch is None:
-            deliver_after_launch = llm.runner.device.type == "cuda"
+        if deliver_after_launch is None:  # SLUICE_DELIVER_AFTER_LAUNCH=0: at once (A/B runs)
+            deliver_after_launch = llm.runner.device.type == "cuda" and \
+                os.environ.get("SLUICE_DELIVER_AFTER_LAUNCH", "1") != "0"
         self._held: list[tuple[int, RequestOutput | BaseException]] = []  # outputs awaiting the next launch
         if deliver_after_launch:
             llm.on_launch = self._release_held
