@@ -8,8 +8,10 @@ definition; the prompt does not count):
 applied in place to the rows that ask for any of the three, before the grammar mask
 (engine/structured.py) and before temperature, top-k and top-p; rows that ask for none are
 not touched and a batch without any costs one check per row. The counts are rebuilt from
-each row's completion ids every step (as vLLM does): one padded id matrix copied to the
-device and one scatter, so nothing per request lives between steps.
+each row's completion ids every step (as vLLM does), so nothing per request lives between
+steps: the ids are counted on the host and each distinct token's penalty is subtracted on
+the device in one indexed update; the work is the completions' length, not the
+vocabulary's.
 """
 
 from __future__ import annotations
@@ -40,41 +42,55 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
         return
     S, V = logits.shape
     device = logits.device
-    every = len(rows) == S
-    index = None if every else torch.tensor(rows, device=device)
+    in_place = len(rows) == S and logits.is_contiguous()  # else a contiguous copy of the rows
+    index = None if in_place else torch.tensor(rows, device=device)
     sub = logits if index is None else logits.index_select(0, index)  # (R, V)
     chosen = [params[i] for i in rows]
     _add_bias(sub, chosen)
-    penalized = [p.presence_penalty or p.frequency_penalty for p in chosen]
-    if any(penalized):
+    penalized = [i for i, p in zip(rows, chosen) if p.presence_penalty or p.frequency_penalty]
+    if penalized:
         if len(sequences) != S:
             raise ValueError("penalties need every row's sequence (its completion so far)")
-        counts = _counts([sequences[i].completion_token_ids if pen else () for i, pen in zip(rows, penalized)],
-                         V, device)  # (R, V)
-        freq = torch.tensor([p.frequency_penalty for p in chosen], device=device)[:, None]  # (R, 1)
-        pres = torch.tensor([p.presence_penalty for p in chosen], device=device)[:, None]
-        sub -= freq * counts + pres * (counts > 0)
+        where = [r for r, p in enumerate(chosen) if p.presence_penalty or p.frequency_penalty]
+        _subtract_penalties(sub, where, [params[i] for i in penalized],
+                            [sequences[i].completion_token_ids for i in penalized])
     if index is not None:
         logits.index_copy_(0, index, sub)
 
 
 def _add_bias(sub: torch.Tensor, chosen: list[SamplingParams]) -> None:
+    """Row r of ``sub`` (contiguous) gets its params' logit_bias added."""
     pairs = [(r, token, bias) for r, p in enumerate(chosen) for token, bias in p.logit_bias]
     if not pairs:
         return
-    r, token, bias = zip(*pairs)
-    device = sub.device
-    where = (torch.tensor(r, device=device), torch.tensor(token, device=device))
-    sub.index_put_(where, torch.tensor(bias, dtype=sub.dtype, device=device), accumulate=True)
+    V = sub.shape[1]
+    at = torch.tensor([r * V + token for r, token, _ in pairs], device=sub.device)
+    sub.view(-1).index_add_(0, at, torch.tensor([b for _, _, b in pairs], dtype=sub.dtype, device=sub.device))
 
 
-def _counts(completions: list[Sequence[int]], V: int, device: torch.device) -> torch.Tensor:
-    """How often each token occurs in each row's completion: (R, V) float32."""
+def _subtract_penalties(sub: torch.Tensor, where: list[int], params: list[SamplingParams],
+                        completions: list[list[int]]) -> None:
+    """Rows ``where`` of ``sub`` lose ``frequency_penalty * count + presence_penalty`` at each
+    token their completion holds. The counts come from the ids sorted on the host (numpy: a
+    run of equal ids is one token), so the device sees one (row, token, penalty) triple per
+    distinct token, added exactly once: no pass over the vocabulary, and no atomic sums
+    whose order could change a logit's last bit between runs."""
+    P, V = len(where), sub.shape[1]
     width = max(1, max(len(c) for c in completions))
-    ids = np.full((len(completions), width), V, dtype=np.int64)  # V: padding, counted in a spare column
+    ids = np.full((P, width), V, dtype=np.int64)  # V: padding, sorted last
     for r, c in enumerate(completions):
         ids[r, :len(c)] = c
-    ids_dev = torch.from_numpy(ids).to(device)  # (R, L)
-    counts = torch.zeros((len(completions), V + 1), device=device)
-    counts.scatter_add_(1, ids_dev, torch.ones(ids_dev.shape, device=device))
-    return counts[:, :V]
+    ids.sort(axis=1)
+    first = np.ones(ids.shape, dtype=bool)  # the first of each run of equal ids (each row starts one)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    flat = ids.ravel()
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.append(starts, flat.size))
+    real = flat[starts] < V
+    starts, counts = starts[real], counts[real]
+    row = starts // width
+    freq = np.array([p.frequency_penalty for p in params])
+    pres = np.array([p.presence_penalty for p in params])
+    penalty = freq[row] * counts + pres[row]  # (T,) one per distinct (row, token)
+    at = torch.from_numpy(np.asarray(where, dtype=np.int64)[row] * V + flat[starts]).to(sub.device)
+    sub.view(-1).index_add_(0, at, torch.from_numpy(penalty).to(sub.device, sub.dtype), alpha=-1)

@@ -132,3 +132,13 @@ def test_out_of_range_values_name_their_field(field: str, value: object) -> None
     with pytest.raises(SamplingError) as err:
         SamplingParams(**{field: value})
     assert err.value.param == field
+
+
+def test_a_non_contiguous_logits_view_is_updated_in_place() -> None:
+    params, seqs = random_batch(4, 50, 7)
+    params = [SamplingParams(frequency_penalty=1.0, presence_penalty=0.5, logit_bias=((3, 9.0),))] * 4
+    buffer = torch.randn(4, 64)
+    logits = buffer[:, :50]  # e.g. a padded vocabulary's first columns
+    want = reference(logits.clone(), params, seqs)
+    apply_penalties(logits, params, seqs)
+    torch.testing.assert_close(buffer[:, :50], want, rtol=0, atol=1e-4)
