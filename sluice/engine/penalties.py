@@ -17,13 +17,25 @@ vocabulary's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from sluice.engine.sampling import SamplingParams
+class Adjustments(Protocol):
+    """What is read of a row's SamplingParams (engine/sampling.py imports this module)."""
+
+    @property
+    def adjusts_logits(self) -> bool: ...
+
+    @property
+    def logit_bias(self) -> tuple[tuple[int, float], ...]: ...
+
+    @property
+    def presence_penalty(self) -> float: ...
+
+    @property
+    def frequency_penalty(self) -> float: ...
 
 
 class Generated(Protocol):
@@ -34,7 +46,7 @@ class Generated(Protocol):
 
 
 @torch.inference_mode()  # the model's logits are inference tensors
-def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
+def apply_penalties(logits: torch.Tensor, params: Sequence[Adjustments],
                     sequences: Sequence[Generated]) -> None:
     """logits (S, V) fp32, in place; ``sequences[i]`` is row i's (read for penalized rows only)."""
     rows = [i for i, p in enumerate(params) if p.adjusts_logits]
@@ -58,7 +70,7 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
         logits.index_copy_(0, index, sub)
 
 
-def _add_bias(sub: torch.Tensor, chosen: list[SamplingParams]) -> None:
+def _add_bias(sub: torch.Tensor, chosen: list[Adjustments]) -> None:
     """Row r of ``sub`` (contiguous) gets its params' logit_bias added."""
     pairs = [(r, token, bias) for r, p in enumerate(chosen) for token, bias in p.logit_bias]
     if not pairs:
@@ -68,7 +80,7 @@ def _add_bias(sub: torch.Tensor, chosen: list[SamplingParams]) -> None:
     sub.view(-1).index_add_(0, at, torch.tensor([b for _, _, b in pairs], dtype=sub.dtype, device=sub.device))
 
 
-def _subtract_penalties(sub: torch.Tensor, where: list[int], params: list[SamplingParams],
+def _subtract_penalties(sub: torch.Tensor, where: list[int], params: list[Adjustments],
                         completions: list[list[int]]) -> None:
     """Rows ``where`` of ``sub`` lose ``frequency_penalty * count + presence_penalty`` at each
     token their completion holds. The counts come from the ids sorted on the host (numpy: a
