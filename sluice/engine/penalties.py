@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+
 class Adjustments(Protocol):
     """What is read of a row's SamplingParams (engine/sampling.py imports this module)."""
 
