@@ -3,7 +3,7 @@
 # (SLUICE_DELIVER_AFTER_LAUNCH=1, the default on CUDA) against at once (=0), through
 # `sluice serve` on a random FP8 Mixtral-8x7B of LAYERS layers (default 8: a short device
 # run; the loop's share of a step is larger than at 32), then the engine alone:
-#   bash bench/delivery_ab.sh $OUT        (repo root on the GPU host, wheels in .whl)
+#   bash bench/delivery_ab.sh $OUT        (repo root on the GPU host, wheels in .whl: bench/gpu_wheels.sh)
 set -u
 OUT=${1:?OUT dir}; LAYERS=${LAYERS:-8}
 export PYTHONUNBUFFERED=1

@@ -12,7 +12,7 @@ OUT=${1:?OUT dir}; PARTS=${2:-moe,gateway,engine}
 export PYTHONUNBUFFERED=1
 CKPT=/tmp/mixtral-fp8
 log() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/run_log.txt"; }
-# the engine imports pydantic (config) and the gateway its own deps: wheels from .whl (../shared/bench/README.md)
+# the engine imports pydantic (config) and the gateway its own deps: wheels from .whl (bench/gpu_wheels.sh)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 [ -d .whl/site ] && cp -r .whl/site/. /tmp/site/  # unpacked extras (pycountry without its translations)
 mkdir -p /tmp/site/sluice-0.1.0.dist-info

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's device run, in one call (repo root on the GPU host; OUT = results folder):
 #   bash bench/transitions_gpu.sh $OUT
-# Needs the gateway's wheels in .whl (carried). Writes the random FP8 Mixtral-8x7B (44 GB)
+# Needs the gateway's wheels in .whl (bench/gpu_wheels.sh; carried). Writes the random FP8 Mixtral-8x7B (44 GB)
 # to /tmp/mixtral-fp8, then, through `sluice serve` and HTTP as ../shared/bench/README.md:
 # 1. fresh host: empty kernel cache, pool at zero -> e2e_client.py --no-sleep (cold first
 #    token), then bench/transitions.py (first sleep, wake, requests during and 3 s into a sleep);
