@@ -34,7 +34,8 @@ its own is reported as ``client``). The event loop's thread is reported on its o
 the gateway and ``engine async``; for ``engine step`` it is the thread that steps): it is
 what competes with the engine's thread for the GIL, and on a small CPU for the cores.
 ``--py-spy PREFIX`` records the gateway during its rounds (PREFIX.txt, collapsed stacks
-per thread: ``py-spy record --format raw --threads``) to show where its time goes.
+per thread: ``py-spy record --format raw --threads``; with ``BENCH_SPY_NATIVE=1`` C frames
+too, at a large cost in speed) to show where its time goes.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import orjson
 from loadtests.bench_gateway import REPO, Stack, environment, free_port
 
 SERVED = "bench"  # the model's name in the gateway
+NATIVE = ["--native"] if os.environ.get("BENCH_SPY_NATIVE") else []  # C frames too (slow)
 WORDS = ("the quick brown fox jumps over a lazy dog while engineers measure latency and "
          "throughput of a mixture of experts model served behind a multi tenant gateway").split()
 
@@ -318,7 +320,7 @@ async def measure(args: argparse.Namespace, llm: Any, gateways: list[Gateway],
         if args.py_spy:
             spy = subprocess.Popen(
                 [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
-                 str(gateways[0].pid), "--rate", "200", "--format", "raw", "--threads",
+                 str(gateways[0].pid), "--rate", "200", "--format", "raw", "--threads", *NATIVE,
                  "--output", f"{args.py_spy}.txt"], stdout=subprocess.DEVNULL)
             await asyncio.sleep(1)
         for i in range(args.rounds):

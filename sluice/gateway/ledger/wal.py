@@ -85,8 +85,10 @@ class UsageWAL:
             self._append_quietly(_encode({"c": record}))
 
     def _append_quietly(self, line: bytes) -> None:
-        with contextlib.suppress(OSError):  # logged by _append; self.ok refuses new work
+        try:  # (not contextlib.suppress: this runs once per streamed chunk)
             self._append(line)
+        except OSError:  # logged by _append; self.ok refuses new work
+            pass
 
     def _append(self, line: bytes) -> None:
         if not self.ok:  # after a failed or short write the segment's tail is suspect

@@ -121,9 +121,10 @@ class Pipeline:
         }
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
-        """The SSE body. Tokens are counted as they are handed to the transport, so a
-        client that goes away is billed for what it was sent. With the output guard on,
-        text is released once a rolling-window check has covered it."""
+        """The SSE body. Tokens are counted as they are handed to the transport (the usage
+        WAL's progress line just before), so a client that goes away is billed for what it
+        was sent. With the output guard on, text is released once a rolling-window check
+        has covered it."""
         chunks = ChunkEncoder(call)
         first = chunks.first
         guards = [self.guardrails.stream(call) for _ in call.requests]
@@ -137,9 +138,12 @@ class Pipeline:
                         text += await guard.finish()
                 lps = list(event.logprobs) if call.want_logprobs else None
                 if text or first[index] or event.finish_reason or has_content(event):
-                    yield chunks.chunk(index, text if text or first[index] else None,
-                                       event.finish_reason, lps, event)
-                    self.recorder.progress(call)  # the transport took it: billed on a crash
+                    chunk = chunks.chunk(index, text if text or first[index] else None,
+                                         event.finish_reason, lps, event)
+                    # Logged before the send: a kill -9 between the two bills the one chunk
+                    # the client may not have got, never less than it got.
+                    self.recorder.progress(call)
+                    yield chunk
             if call.include_usage:
                 yield chunks.usage()
             yield DONE
