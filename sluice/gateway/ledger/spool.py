@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 log = logging.getLogger(__name__)
 
 HEADER = b"#sluice-spool "
@@ -184,7 +186,10 @@ class Spool:
 def encode_line(value: Any) -> bytes:
     """One checksummed line: ``<crc32 hex> <json>\\n`` (the spool's and the WAL's format).
     Raises ``TypeError`` for values that are not JSON-serialisable."""
-    body = json.dumps(value, separators=(",", ":"), default=_json_default).encode()
+    try:  # orjson: a usage record in a tenth of json.dumps' time (two per request)
+        body = orjson.dumps(value)
+    except TypeError:  # what orjson refuses (an int over 64 bits, a non-str key): as before
+        body = json.dumps(value, separators=(",", ":"), default=_json_default).encode()
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
