@@ -65,7 +65,8 @@ async def serve(request: Request, endpoint: str,
     state = app_state(request)
     request_id = request.state.request_id
     tracing = state.telemetry.tracing
-    span = state.telemetry.request_span(f"POST {request.url.path}", request.headers)
+    # request.url.path without request.url, which rebuilds the whole URL (~4% of a call)
+    span = state.telemetry.request_span(f"POST {request.scope['path']}", request.headers)
     with state.telemetry.opening(span):
         with state.telemetry.span("auth") if tracing else contextlib.nullcontext():
             principal = await authenticate(state, request)
