@@ -109,6 +109,7 @@ class Budgets:
         self._ttl = cache_ttl_s
         self._prefix = key_prefix
         self._rules: dict[str, tuple[float, list[BudgetRule]]] = {}
+        self._loading: dict[str, asyncio.Future[list[BudgetRule]]] = {}  # tenant -> query
         self._seeded: set[str] = set()
         self._alert_sink = alert_sink
         self._retries = webhook_retries
@@ -126,18 +127,37 @@ class Budgets:
     async def rules_for(self, tenant_id: str, key_id: str) -> list[BudgetRule]:
         cached = self._rules.get(tenant_id)
         if cached is None or cached[0] < time.monotonic():
-            try:
-                async with self._engine.connect() as conn:
-                    rows = (await conn.execute(
-                        select(Budget).where(Budget.tenant_id == tenant_id))).all()  # fmt: skip
-            except (SQLAlchemyError, OSError) as exc:
-                # Database unreachable (SLUICE_DB_OUTAGE=serve keeps serving): the last rules
-                # known, else none enforced until it is back; never a 500 (ledger, issue 18).
-                log.warning("budget rules for %s unavailable (%s)", tenant_id, exc)
-                return [r for r in (cached[1] if cached else []) if r.key_id in (None, key_id)]
-            cached = (time.monotonic() + self._ttl, [BudgetRule.from_row(r) for r in rows])
-            self._rules[tenant_id] = cached
-        return [r for r in cached[1] if r.key_id is None or r.key_id == key_id]
+            # One query per tenant at a time: when the cache expires under load, every call
+            # in flight would otherwise open a connection and ask the same question.
+            loading = self._loading.get(tenant_id)
+            if loading is None:
+                loading = asyncio.ensure_future(self._load(tenant_id))
+                self._loading[tenant_id] = loading
+                loading.add_done_callback(lambda t: self._loaded(tenant_id, t))
+            rules = await asyncio.shield(loading)
+        else:
+            rules = cached[1]
+        return [r for r in rules if r.key_id is None or r.key_id == key_id]
+
+    async def _load(self, tenant_id: str) -> list[BudgetRule]:
+        cached = self._rules.get(tenant_id)
+        try:
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(
+                    select(Budget).where(Budget.tenant_id == tenant_id))).all()  # fmt: skip
+        except (SQLAlchemyError, OSError) as exc:
+            # Database unreachable (SLUICE_DB_OUTAGE=serve keeps serving): the last rules
+            # known, else none enforced until it is back; never a 500 (ledger, issue 18).
+            log.warning("budget rules for %s unavailable (%s)", tenant_id, exc)
+            return cached[1] if cached else []
+        rules = [BudgetRule.from_row(r) for r in rows]
+        if self._loading.get(tenant_id) is asyncio.current_task():  # not invalidated since
+            self._rules[tenant_id] = (time.monotonic() + self._ttl, rules)
+        return rules
+
+    def _loaded(self, tenant_id: str, task: asyncio.Future[list[BudgetRule]]) -> None:
+        if self._loading.get(tenant_id) is task:
+            del self._loading[tenant_id]
 
     async def spent(self, rule: BudgetRule, label: str) -> int | None:
         """Micro-units spent in the period ``label`` (None: nothing counted yet here)."""
@@ -146,8 +166,10 @@ class Budgets:
     def invalidate(self, tenant_id: str | None = None) -> None:
         if tenant_id is None:
             self._rules.clear()
+            self._loading.clear()  # a query begun before the change must not be shared
         else:
             self._rules.pop(tenant_id, None)
+            self._loading.pop(tenant_id, None)
 
     def _key(self, rule: BudgetRule, label: str) -> str:
         return f"{self._prefix}{{{rule.tenant_id}}}:{rule.id}:{label}"
