@@ -30,12 +30,9 @@ import fcntl
 import logging
 import os
 import uuid
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from sluice.gateway.ledger.spool import decode_line, encode_line
 
@@ -78,7 +75,7 @@ class UsageWAL:
         if state is None or state["completion_tokens"] == completion_tokens:
             return
         state["completion_tokens"] = completion_tokens
-        self._append_quietly(_progress_line(request_id, completion_tokens))
+        self._append_quietly(_encode({"p": [request_id, completion_tokens]}))
 
     def close(self, record: dict[str, Any]) -> None:
         if self._open.pop(record["request_id"], None) is not None:
@@ -236,13 +233,6 @@ def _read_segment(path: Path) -> list[dict[str, Any]]:
 
 def _encode(entry: dict[str, Any]) -> bytes:
     return encode_line(entry)
-
-
-def _progress_line(request_id: str, completion_tokens: int) -> bytes:
-    """``encode_line({"p": [request_id, completion_tokens]})``, written once per streamed
-    chunk: orjson for this one shape (a fifth of json.dumps' time), the same line format."""
-    body = orjson.dumps({"p": [request_id, completion_tokens]})
-    return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
 def _decode(line: bytes) -> dict[str, Any] | None:
