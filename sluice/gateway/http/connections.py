@@ -36,6 +36,7 @@ class _HeaderDeadline:
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
+        self.transport = CoalescingTransport(transport)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -78,6 +79,54 @@ class _HeaderDeadline:
             log.debug("closing connection from %s: no complete request head within %.0f s",
                       client[0] if client else "?", self.header_timeout_s)
             transport.close()
+
+
+class CoalescingTransport:
+    """The connection's transport, with the writes of one event-loop step sent as one.
+
+    uvicorn writes a response's head and its body separately; a plain response is both in
+    one step, so they leave in one ``send`` (one TCP segment, one wake-up of the client)
+    instead of two. Bytes written are sent at the end of the step (``call_soon``), before
+    any ``close``; a streamed chunk is not held longer than that. Everything else is the
+    transport's own."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append(bytes(data))
+
+    def writelines(self, lines: Any) -> None:
+        for data in lines:
+            self.write(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:  # is_closing, get_extra_info, set_protocol...
+        return getattr(self._transport, name)
 
 
 class GuardedH11Protocol(_HeaderDeadline, H11Protocol):
