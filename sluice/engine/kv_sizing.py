@@ -51,6 +51,8 @@ def auto_num_blocks(model: CausalLM, engine: EngineConfig, max_blocks_per_seq: i
         return max(max_blocks_per_seq, min(engine.max_num_seqs * max_blocks_per_seq, (2 << 30) // per_block)), 0
     limit = max_blocks_per_seq * engine.block_size
     if activations is None:
+        # (The other sizes' kernel variants compile in the background, when each varlen graph
+        # size is first run for its capture: not here, on the way to the first token.)
         peak = measure_peak(model, min(engine.max_num_batched_tokens, limit), engine.block_size, kernels)
         activations = max(0, peak - torch.cuda.memory_allocated(device))
     free, total = torch.cuda.mem_get_info(device)
@@ -69,14 +71,11 @@ def auto_num_blocks(model: CausalLM, engine: EngineConfig, max_blocks_per_seq: i
 
 
 def measure_peak(model: CausalLM, num_tokens: int, block_size: int, kernels: AttentionKernels | None) -> int:
-    """Peak device memory of a prefill of ``num_tokens`` tokens, with a throwaway cache
-    (0 off CUDA, where the prefill still runs)."""
+    """Peak device memory of a prefill of ``num_tokens`` tokens, with a throwaway cache."""
     device = next(model.parameters()).device
-    cuda = device.type == "cuda"
     nblocks = -(-num_tokens // block_size)
     allocate_cache(model, nblocks, block_size)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    torch.cuda.reset_peak_memory_stats(device)
     meta = AttentionMetadata(
         slot_mapping=torch.arange(num_tokens, device=device),
         query_start=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
@@ -85,9 +84,7 @@ def measure_peak(model: CausalLM, num_tokens: int, block_size: int, kernels: Att
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     with torch.inference_mode():
         model.compute_logits(model(ids, torch.arange(num_tokens, device=device), meta)[-1:])
-    peak = 0
-    if cuda:
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
     allocate_cache(model, 0, block_size)
     return peak

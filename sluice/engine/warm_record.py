@@ -39,7 +39,7 @@ def warm_key(cfg: ModelConfig, engine: EngineConfig, dtype: torch.dtype, fp8: bo
     h.update(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
     h.update(json.dumps({k: getattr(engine, k, None) for k in (
         "max_num_batched_tokens", "max_num_seqs", "block_size", "max_model_len", "attention",
-        "num_experts_per_tok", "kv_cache_dtype")}, sort_keys=True, default=str).encode())
+        "num_experts_per_tok")}, sort_keys=True, default=str).encode())
     h.update(f"{dtype}|{fp8}|{torch.__version__}|{triton.__version__}".encode())
     if device.type == "cuda":
         h.update(torch.cuda.get_device_name(device).encode())
