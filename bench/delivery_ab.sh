@@ -9,12 +9,8 @@ OUT=${1:?OUT dir}; LAYERS=${LAYERS:-8}
 export PYTHONUNBUFFERED=1
 CKPT=/tmp/mixtral-fp8-$LAYERS
 log() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/run_log.txt"; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-[ -d .whl/site ] && cp -r .whl/site/. /tmp/site/
-mkdir -p /tmp/site/sluice-0.1.0.dist-info
-printf 'Metadata-Version: 2.1\nName: sluice\nVersion: 0.1.0\n' > /tmp/site/sluice-0.1.0.dist-info/METADATA
-printf '[sluice.plugins]\nlocal = sluice.plugins.local_engine:LocalEngineBackend\n' > /tmp/site/sluice-0.1.0.dist-info/entry_points.txt
-export PYTHONPATH=/tmp/site:$PWD TRITON_CACHE_DIR=/tmp/kc-ab/triton
+. bench/gpu_site.sh
+export TRITON_CACHE_DIR=/tmp/kc-ab/triton
 log "commit $(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null), $LAYERS layers"
 [ -f $CKPT/config.json ] || python3 bench/make_random_fp8_mixtral.py $CKPT --layers $LAYERS > /dev/null
 log "checkpoint ready"

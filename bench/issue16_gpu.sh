@@ -13,12 +13,7 @@ export PYTHONUNBUFFERED=1
 CKPT=/tmp/mixtral-fp8
 log() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/run_log.txt"; }
 # the engine imports pydantic (config) and the gateway its own deps: wheels from .whl (bench/gpu_wheels.sh)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-[ -d .whl/site ] && cp -r .whl/site/. /tmp/site/  # unpacked extras (pycountry without its translations)
-mkdir -p /tmp/site/sluice-0.1.0.dist-info
-printf 'Metadata-Version: 2.1\nName: sluice\nVersion: 0.1.0\n' > /tmp/site/sluice-0.1.0.dist-info/METADATA
-printf '[console_scripts]\nsluice = sluice.gateway.cli:main\n\n[sluice.plugins]\necho = sluice.plugins.echo:EchoBackend\nopenai_upstream = sluice.plugins.openai_upstream:OpenAIUpstreamBackend\nlocal = sluice.plugins.local_engine:LocalEngineBackend\n' > /tmp/site/sluice-0.1.0.dist-info/entry_points.txt
-export PYTHONPATH=/tmp/site:$PWD
+. bench/gpu_site.sh
 log "$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv,noheader)"
 log "$(python3 -c 'import torch,triton;print("torch",torch.__version__,"triton",triton.__version__,"cuda",torch.version.cuda)')"
 GMIN=${SLUICE_MOE_GROUPED_MIN_TOKENS:-}

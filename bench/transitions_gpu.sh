@@ -12,14 +12,7 @@ OUT=${1:?OUT dir}
 export PYTHONUNBUFFERED=1 SLUICE_LOG_COMPILES=1  # each kernel compile in the serve logs
 CKPT=/tmp/mixtral-fp8
 log() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/run_log.txt"; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-[ -d .whl/site ] && cp -r .whl/site/. /tmp/site/  # unpacked extras (pycountry without its translations)
-mkdir -p /tmp/site/sluice-0.1.0.dist-info
-printf 'Metadata-Version: 2.1\nName: sluice\nVersion: 0.1.0\n' > /tmp/site/sluice-0.1.0.dist-info/METADATA
-printf '[sluice.plugins]\necho = sluice.plugins.echo:EchoBackend\nlocal = sluice.plugins.local_engine:LocalEngineBackend\n' \
-  > /tmp/site/sluice-0.1.0.dist-info/entry_points.txt
-export PYTHONPATH=/tmp/site:$PWD
+. bench/gpu_site.sh
 log "$(nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader)"
 log "$(python3 -c 'import torch,triton;print("torch",torch.__version__,"triton",triton.__version__)')"
 log "commit $(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null)"  # COMMIT: a `git archive` snapshot run from .snap/
