@@ -37,6 +37,11 @@ def allocate_cache(model: CausalLM, num_blocks: int, block_size: int) -> torch.T
     return cache
 
 
+def profile_tokens(engine: EngineConfig, max_blocks_per_seq: int) -> int:
+    """The token count of the prefill that measures a full step's activations."""
+    return min(engine.max_num_batched_tokens, max_blocks_per_seq * engine.block_size)
+
+
 def auto_num_blocks(model: CausalLM, engine: EngineConfig, max_blocks_per_seq: int, graph_tokens: list[int],
                     kernels: AttentionKernels | None, activations: int | None = None) -> tuple[int, int]:
     """How many KV blocks to allocate: a CPU default, or what fits on the GPU beside the
@@ -49,11 +54,10 @@ def auto_num_blocks(model: CausalLM, engine: EngineConfig, max_blocks_per_seq: i
     if device.type != "cuda":
         # CPU: room for every sequence at full length, capped at 2 GiB of cache
         return max(max_blocks_per_seq, min(engine.max_num_seqs * max_blocks_per_seq, (2 << 30) // per_block)), 0
-    limit = max_blocks_per_seq * engine.block_size
     if activations is None:
-        # (The other sizes' kernel variants compile in the background, when each varlen graph
-        # size is first run for its capture: not here, on the way to the first token.)
-        peak = measure_peak(model, min(engine.max_num_batched_tokens, limit), engine.block_size, kernels)
+        # (On an empty kernel cache its kernels were compiled while the weights loaded:
+        # engine/precompile.py.)
+        peak = measure_peak(model, profile_tokens(engine, max_blocks_per_seq), engine.block_size, kernels)
         activations = max(0, peak - torch.cuda.memory_allocated(device))
     free, total = torch.cuda.mem_get_info(device)
     used = total - free

@@ -20,12 +20,14 @@ from sluice.engine.kernel_cache import COMPILES, use_kernel_cache
 from sluice.engine.warm_record import WarmRecord, warm_key
 from sluice.engine.errors import ConfigError, RequestError
 from sluice.engine.kv_cache import BlockManager
+from sluice.engine.kv_sizing import profile_tokens
 from sluice.engine.loader import load_model
-from sluice.engine.model_runner import ModelRunner
+from sluice.engine.model_runner import ModelRunner, attention_kernels
 from sluice.engine.models.mixtral import CausalLM
 from sluice.engine.output import Completion, RequestOutput, TextState
 from sluice.engine.parallel import Sharding
 from sluice.engine.parallel.group import use_device
+from sluice.engine.precompile import Precompile, start_precompile
 from sluice.engine.sampling import SamplingParams, sample
 from sluice.engine.scheduler import ScheduledBatch, Scheduler
 from sluice.engine.sequence import Sequence
@@ -58,6 +60,8 @@ class LLM:
         began = time.perf_counter()
         self.timings: dict[str, float] = {}
         record = self._warm_record(cfg, device, dtype, model)
+        known = record.activations() if record is not None else None
+        self.precompile = self._precompile(cfg, device, dtype, model, known)
         net = load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
                          max_positions=self.max_model_len, progress=progress, stats=self.timings,
                          shard=self.sharding)
@@ -71,7 +75,6 @@ class LLM:
             return load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
                               max_positions=self.max_model_len, progress=False, shard=self.sharding)
 
-        known = record.activations() if record is not None else None
         self.runner = ModelRunner(net, self.config, self.max_model_len, reload, known)
         if record is not None and known is None and self.runner.activations is not None:
             record.write(self.runner.activations)  # measured by this start: the next one skips it
@@ -80,6 +83,8 @@ class LLM:
             self.runner.warm_up()
         self.timings.update(self.runner.timings)
         self.timings.update(COMPILES.as_timings())
+        if self.precompile is not None:
+            self.timings.update(self.precompile.timings())
         self.steps = 0  # steps run since the start or the last wake
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
@@ -91,9 +96,22 @@ class LLM:
         self.on_launch: Callable[[], None] | None = None
         self.sequences: dict[int, Sequence] = {}
         self._text: dict[int, TextState] = {}
-        log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens; %d kernels compiled in %.1fs",
-                 cfg.architecture, device, dtype, ", fp8 weights" if self.fp8 else "", self.runner.num_blocks,
-                 self.config.block_size, COMPILES.kernels, COMPILES.seconds)
+        pending = f", {self.precompile.pending()} still compiling" if self.precompile is not None else ""
+        log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens; %d kernels compiled (%.1fs of "
+                 "compiler time%s)", cfg.architecture, device, dtype, ", fp8 weights" if self.fp8 else "",
+                 self.runner.num_blocks, self.config.block_size, COMPILES.kernels, COMPILES.seconds, pending)
+
+    def _precompile(self, cfg: ModelConfig, device: Any, dtype: Any, model: str | Path | None,
+                    activations: int | None) -> Precompile | None:
+        """On CUDA (one GPU per engine), compile the start's kernels on a thread pool while
+        the weights load (engine/precompile.py); this thread's launches share that pool."""
+        if device.type != "cuda" or self.sharding.active:
+            return None
+        max_blocks = -(-self.max_model_len // self.config.block_size)
+        profile = profile_tokens(self.config, max_blocks) if activations is None and not self.config.num_kv_blocks \
+            else None
+        return start_precompile(cfg, self.config, device, dtype, model, self.fp8, self.max_model_len,
+                                attention_kernels(self.config, cfg, device), profile)
 
     def _warm_record(self, cfg: ModelConfig, device: Any, dtype: Any, model: str | Path | None) -> WarmRecord | None:
         """On CUDA, this model's warm record beside the kernel cache (engine/warm_record.py):
@@ -136,6 +154,8 @@ class LLM:
         start or wake, and only between requests. False when there is nothing to do now."""
         if self.asleep or self.steps == 0 or self.has_unfinished():
             return False
+        if self.precompile is not None:
+            self.precompile.attach()
         return self.runner.warm_step()
 
     def warm_up(self) -> None:
@@ -186,6 +206,8 @@ class LLM:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        if self.precompile is not None:  # a kernel still compiling is waited for, not compiled again
+            self.precompile.attach()
         self.runner.capture_on_first_use = self.steps > 0
         logits = self.runner.run(batch)
         if self.on_launch is not None:  # the forward is enqueued; the GPU is busy for a while

@@ -192,6 +192,28 @@ class Checkpoint:
         return t.float() * self.weight_scale(name)[:, None] if self.is_fp8(name) else t
 
 
+_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+           "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class LayoutCheckpoint(Checkpoint):
+    """A checkpoint's layout without its data: every tensor read as zeros of its stored
+    shape and dtype, made on ``device``. A model built from it has the real one's
+    modules, shapes, dtypes and quantization (engine/precompile.py's twin) and costs no
+    read of the file beyond its header."""
+
+    def __init__(self, path: Path, stack: contextlib.ExitStack, device: torch.device) -> None:
+        super().__init__(path, stack)
+        self.device = device
+
+    def get(self, name: str) -> torch.Tensor:
+        f, shape, dtype = self.location[name]
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{f.name}: tensor {name} has dtype {dtype}, which sluice does not read")
+        return torch.zeros(shape, dtype=_DTYPES[dtype], device=self.device)
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     old = torch.get_default_dtype()
@@ -205,7 +227,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path: str | Path | None = None, *,
                fp8: bool = False, seed: int = 0, max_positions: int | None = None,
                progress: bool = True, stage: bool | None = None, stats: dict | None = None,
-               shard: Sharding | None = None) -> CausalLM:
+               shard: Sharding | None = None, layout_only: bool = False) -> CausalLM:
     """Build the model on ``device`` one decoder layer at a time, each filled from the
     checkpoint at ``path`` (random weights when None) and, with ``fp8``, quantized
     before the next is built: peak memory is the FP8 model plus one 16-bit layer.
@@ -215,14 +237,19 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
     when given, receives the seconds spent waiting for staged reads and the bytes staged.
     ``shard`` (tensor/expert parallel) cuts each layer to this rank's shapes before it is
     filled and reads only this rank's part of each tensor (no staging); random weights
-    are drawn whole, alike on every rank, then cut. FP8 quantization comes after."""
+    are drawn whole, alike on every rank, then cut. FP8 quantization comes after.
+    ``layout_only``: the checkpoint's tensors as zeros of their stored shapes and dtypes
+    (nothing read, nothing validated): a model laid out like the real one, for
+    ``cfg.num_layers`` (fewer than the checkpoint's) layers; see LayoutCheckpoint."""
     with _default_dtype(dtype), torch.device(device):
         model = CausalLM(cfg, max_positions, build_layers=False).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     top = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
     with contextlib.ExitStack() as stack, torch.no_grad():
         ckpt = None
-        if path is not None:
+        if path is not None and layout_only:
+            ckpt = LayoutCheckpoint(Path(path), stack, torch.device(device))
+        elif path is not None:
             ckpt = Checkpoint(Path(path), stack)
             ckpt.validate(expected_tensors(cfg), cfg.tie_word_embeddings)
         fill = (lambda name: destination(model, name).copy_(ckpt.dense(name))) if ckpt else \
@@ -230,7 +257,8 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
         fill(top[0])  # embeddings, layers, then the rest: the order of init_random_
         stager = None
         sharded = shard is not None and shard.active
-        if ckpt is not None and (stage if stage is not None else torch.device(device).type == "cuda" and not sharded):
+        if ckpt is not None and not layout_only and \
+                (stage if stage is not None else torch.device(device).type == "cuda" and not sharded):
             stager = ckpt.stager([[k for k in ckpt.location if k.startswith(f"model.layers.{n}.")]
                                   for n in range(cfg.num_layers)])
             stack.callback(stager.close)

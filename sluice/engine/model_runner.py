@@ -101,7 +101,11 @@ class ModelRunner:
                 size in graphs.varlen or (self.capture_on_first_use and graphs.ensure("varlen", size))):
             rows = self.varlen.load(batch, size, self.block_size)
             hidden = graphs.replay_varlen(size)
-        else:  # no graph of this size (yet): eager, on exactly the step's tokens
+        elif size is not None:  # no graph of this size yet: eager on the same padded inputs,
+            # so that its kernels are the ones precompiled for that size (engine/precompile.py)
+            rows = self.varlen.load(batch, size, self.block_size)
+            hidden = self.model(*self.varlen.views(size))
+        else:  # eager, on exactly the step's tokens
             input_ids, positions, meta, rows = self.prepare_varlen(batch)
             hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[rows])

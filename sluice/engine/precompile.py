@@ -1,0 +1,226 @@
+"""Compile a start's triton kernels side by side, while the weights load.
+
+On an empty kernel cache a start used to compile its kernels one after another on the
+way to the first token: about twenty on the H200 host (6.9 s), between the load and the
+first token. Compiling a triton kernel mostly runs outside the interpreter lock (the
+MLIR and LLVM passes, ptxas and the C compiler that builds its launcher are native code
+or subprocesses), so N threads compile N kernels in about the time of one.
+
+Which kernels a start needs depends on a layer's shapes, dtypes and quantization and on
+the step sizes, not on how many layers there are. So, before the weights load:
+
+1. a one-layer *twin* of the model is built from the checkpoint's layout (zeros of each
+   tensor's stored shape and dtype, nothing read: ``load_model(layout_only=True)``);
+2. the twin runs every step size a start and its first requests use (KV sizing's
+   prefill, each decode batch bucket, each varlen token bucket: the sizes the CUDA
+   graphs are captured at) in *record* mode: each triton launch is bound, which picks
+   the kernel's specialization exactly as the real model's launch will, and its compile
+   goes to a thread pool (triton's AsyncCompileMode); nothing is launched on the GPU
+   (the tensor arguments of each skipped kernel are zeroed, so the torch ops between
+   them read valid indices);
+3. the twin is dropped and the weights load while the pool compiles; each compiled
+   kernel's launcher is built and its binary loaded in the pool too.
+
+Threads that run the model ``attach()`` to the pool: a launch whose kernel is still
+compiling waits for that compile instead of starting its own. Compiles reach triton's
+cache directory as before (engine/kernel_cache.py), so a restart compiles nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sluice.engine.config import EngineConfig, ModelConfig
+from sluice.engine.cuda_graphs import GRAPH_BATCH_SIZES, varlen_graph_sizes
+from sluice.engine.kv_sizing import allocate_cache, measure_peak
+from sluice.engine.layers.attention import AttentionKernels
+from sluice.engine.loader import load_model
+from sluice.engine.models.mixtral import CausalLM
+from sluice.engine.parallel.group import use_device
+from sluice.engine.step_inputs import DecodeInputs, VarlenInputs
+
+log = logging.getLogger(__name__)
+
+_recording = threading.local()  # .on: this thread's triton launches only compile
+_patch_lock = threading.Lock()
+_patched = False
+
+
+def _record_launches() -> None:
+    """Wrap triton's JITFunction.run once per process: on a thread that is recording, a
+    launch binds its arguments and compiles (asynchronously under AsyncCompileMode) but
+    never runs; its tensor arguments are zeroed instead (they stand for its outputs)."""
+    global _patched
+    with _patch_lock:
+        if _patched:
+            return
+        from triton.runtime.jit import JITFunction
+
+        original = JITFunction.run
+
+        def run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+            if getattr(_recording, "on", False):
+                for a in (*args, *kwargs.values()):
+                    if isinstance(a, torch.Tensor) and a.is_cuda:
+                        a.zero_()
+                return original(self, *args, grid=grid, warmup=True, **kwargs)
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        JITFunction.run = run
+        _patched = True
+
+
+class _LoadingPool(ThreadPoolExecutor):
+    """Compiles, then builds the compiled kernel's launcher and loads its binary on the
+    pool's device, so that its first launch finds it ready."""
+
+    def __init__(self, workers: int, device: torch.device) -> None:
+        super().__init__(workers, thread_name_prefix="triton-compile", initializer=use_device, initargs=(device,))
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        def compile_and_load() -> Any:
+            kernel = fn(*args, **kwargs)
+            init = getattr(kernel, "_init_handles", None)
+            if init is not None:
+                try:
+                    init()
+                except Exception:  # the launch that needs it builds it again and raises there
+                    if getattr(kernel, "module", None) is None:
+                        kernel._run = None
+            return kernel
+
+        return super().submit(compile_and_load)
+
+
+def available(device: torch.device) -> bool:
+    """Whether this triton has what precompiling uses (AsyncCompileMode) and the device is CUDA."""
+    if device.type != "cuda":
+        return False
+    try:
+        from triton.runtime import _async_compile
+    except ImportError:
+        return False
+    return hasattr(_async_compile, "AsyncCompileMode") and hasattr(_async_compile, "active_mode")
+
+
+class Precompile:
+    """A pool compiling the kernels a twin's steps recorded (see the module doc)."""
+
+    def __init__(self, device: torch.device, workers: int | None = None) -> None:
+        from triton.runtime import _async_compile
+
+        self.device = device
+        self.workers = workers or max(1, (os.cpu_count() or 2) - 1)
+        self._active = _async_compile.active_mode
+        self.mode = _async_compile.AsyncCompileMode(_LoadingPool(self.workers, device))
+        self.began = time.perf_counter()
+        self.record_s = 0.0  # building the twin and recording its steps
+        self.kernels = 0  # compiles the twin's steps submitted
+        self.done_s: float | None = None  # from the start until the last of them was compiled
+        self._finisher: threading.Thread | None = None
+        _record_launches()
+
+    def attach(self) -> None:
+        """Make the calling thread's launches share the pool: a kernel compiling there is
+        waited for, a new one is compiled there (cheap to call again)."""
+        if self._active.get() is not self.mode:
+            self._active.set(self.mode)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        self.attach()
+        _recording.on = True
+        try:
+            yield
+        finally:
+            _recording.on = False
+
+    @torch.inference_mode()
+    def record(self, twin: CausalLM, engine: EngineConfig, max_model_len: int, kernels: AttentionKernels | None,
+               profile_tokens: int | None) -> None:
+        """Run the twin at every step size a start uses, in record mode: KV sizing's
+        prefill of ``profile_tokens`` (None: skipped, a warm record has its bytes), a
+        decode step of one sequence, every varlen token bucket, the other decode buckets."""
+        block = engine.block_size
+        max_blocks = -(-max_model_len // block)
+        sizes = varlen_graph_sizes(twin, engine.max_num_batched_tokens) if kernels is not None else []
+        with self.recording():
+            if profile_tokens:
+                measure_peak(twin, profile_tokens, block, kernels)
+            nblocks = -(-max(sizes + [block]) // block) + 1
+            allocate_cache(twin, nblocks + 1, block)
+            scratch = nblocks * block
+            decode = DecodeInputs(min(engine.max_num_seqs, 64), max_blocks, scratch, self.device, kernels)
+            decode.reset()
+            varlen = VarlenInputs(engine.max_num_batched_tokens, engine.max_num_seqs, max_blocks, scratch,
+                                  self.device, kernels)
+            varlen.reset()
+            buckets = [b for b in GRAPH_BATCH_SIZES if b <= decode.max_bs]
+            steps = [("decode", buckets[0])] + [("varlen", n) for n in sizes] + [("decode", b) for b in buckets[1:]]
+            for kind, n in steps:
+                hidden = twin(*(decode.args(n) if kind == "decode" else varlen.views(n)))
+                twin.compute_logits(hidden[:1])
+            allocate_cache(twin, 0, block)
+        self.kernels = len(self.mode.raw_futures)
+        self.record_s = time.perf_counter() - self.began
+        futures = list(self.mode.raw_futures)
+        self._finisher = threading.Thread(target=self._finish, args=(futures,), name="triton-compile-finish",
+                                          daemon=True)
+        self._finisher.start()
+
+    def _finish(self, futures: list[Future]) -> None:
+        """Put each compiled kernel into its JIT cache as soon as it is ready (any thread's
+        launch finds it there, attached or not); time the lot."""
+        for f in as_completed(futures):
+            kernel = self.mode.future_kernels.get(getattr(f, "_key", None))
+            if kernel is not None:
+                kernel.result(ignore_errors=True)  # a failed compile is raised by the launch that needs it
+        self.done_s = time.perf_counter() - self.began
+        log.info("%d kernels compiled by %d threads in %.1fs", self.kernels, self.workers, self.done_s)
+
+    def pending(self) -> int:
+        return sum(not f.done() for f in self.mode.raw_futures)
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._finisher is not None:
+            self._finisher.join(timeout)
+
+    def timings(self) -> dict[str, float]:
+        out = {"precompile_kernels": float(self.kernels), "precompile_record_s": round(self.record_s, 3)}
+        if self.done_s is not None:
+            out["precompile_s"] = round(self.done_s, 3)
+        return out
+
+
+def start_precompile(cfg: ModelConfig, engine: EngineConfig, device: torch.device, dtype: torch.dtype,
+                     checkpoint: str | Path | None, fp8: bool, max_model_len: int,
+                     kernels: AttentionKernels | None, profile_tokens: int | None) -> Precompile | None:
+    """Build the one-layer twin, record its steps, drop it; the pool goes on compiling.
+    None when precompiling does not apply (not CUDA, an older triton) or the twin
+    fails, in which case the start compiles as it goes, as before."""
+    if not available(device):
+        return None
+    pre = Precompile(device)
+    try:
+        twin = load_model(replace(cfg, num_layers=1), device, dtype, checkpoint, fp8=fp8, seed=engine.seed,
+                          max_positions=max_model_len, progress=False, layout_only=checkpoint is not None)
+        pre.record(twin, engine, max_model_len, kernels, profile_tokens)
+    except Exception as exc:  # noqa: BLE001: only the head start is lost
+        log.warning("kernel precompile skipped (%s: %s); kernels compile on first use", type(exc).__name__, exc)
+        return None
+    finally:
+        twin = None  # noqa: F841: the twin's memory is back before the weights load
+    log.info("twin recorded %d kernels to compile in %.2fs; compiling on %d threads", pre.kernels, pre.record_s,
+             pre.workers)
+    return pre
