@@ -31,6 +31,7 @@ dtype = "fp8"
 max_num_seqs = 64
 max_num_batched_tokens = ${MBT:-4096}
 compile_cache_dir = "$1"
+${COMPILE_THREADS:+compile_threads = $COMPILE_THREADS}
 [backends.mixtral.pool]
 min_workers = 0
 max_workers = 1
@@ -76,13 +77,22 @@ if serve fresh; then
     2>>"$OUT/run_log.txt" | grep -v mem_trace | tee -a "$OUT/run_log.txt"
   stop
 fi
-grep -E "ready in|awake in|asleep in|parked|CUDA graphs captured|ERROR|Traceback" "$OUT/serve_fresh.txt" | tail -n 20 | tee -a "$OUT/run_log.txt"
+grep -E "ready in|engine ready|twin recorded|kernels compiled by|awake in|asleep in|parked|CUDA graphs captured|ERROR|Traceback" "$OUT/serve_fresh.txt" | tail -n 20 | tee -a "$OUT/run_log.txt"
 if serve restart; then  # the cold first token only (the batches were measured on the fresh start)
   timeout 60 python3 $REPO/bench/transitions.py http://127.0.0.1:8400 $KEY mixtral-fp8 $ADMIN "$OUT/restart.json" \
     --first-token-only 2>>"$OUT/run_log.txt" | tee -a "$OUT/run_log.txt"
   stop
 fi
-grep -E "ready in|ERROR|Traceback" "$OUT/serve_restart.txt" | tail -n 5 | tee -a "$OUT/run_log.txt"
+grep -E "ready in|engine ready|twin recorded|kernels compiled by|ERROR|Traceback" "$OUT/serve_restart.txt" | tail -n 5 | tee -a "$OUT/run_log.txt"
+if [ -n "${FRESH2:-}" ]; then  # a second fresh start: another empty kernel cache, the cold first token
+  config /tmp/kc3
+  if serve fresh2; then
+    timeout 60 python3 $REPO/bench/transitions.py http://127.0.0.1:8400 $KEY mixtral-fp8 $ADMIN "$OUT/fresh2.json" \
+      --first-token-only 2>>"$OUT/run_log.txt" | tee -a "$OUT/run_log.txt"
+    stop
+  fi
+  grep -E "ready in|engine ready|twin recorded|kernels compiled by|compiled .* in|ERROR|Traceback" "$OUT/serve_fresh2.txt" | tail -n 40 | tee -a "$OUT/run_log.txt"
+fi
 if [ -z "${SKIP_WARMUP:-}" ]; then
   config /tmp/kc2
   t0=$(date +%s.%N); timeout 240 $S warmup --json > "$OUT/warmup.json" 2>>"$OUT/run_log.txt"

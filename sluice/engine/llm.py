@@ -105,13 +105,13 @@ class LLM:
                     activations: int | None) -> Precompile | None:
         """On CUDA (one GPU per engine), compile the start's kernels on a thread pool while
         the weights load (engine/precompile.py); this thread's launches share that pool."""
-        if device.type != "cuda" or self.sharding.active:
+        if device.type != "cuda" or self.sharding.active or self.config.compile_threads == 0:
             return None
         max_blocks = -(-self.max_model_len // self.config.block_size)
         profile = profile_tokens(self.config, max_blocks) if activations is None and not self.config.num_kv_blocks \
             else None
         return start_precompile(cfg, self.config, device, dtype, model, self.fp8, self.max_model_len,
-                                attention_kernels(self.config, cfg, device), profile)
+                                attention_kernels(self.config, cfg, device), profile, self.config.compile_threads)
 
     def _warm_record(self, cfg: ModelConfig, device: Any, dtype: Any, model: str | Path | None) -> WarmRecord | None:
         """On CUDA, this model's warm record beside the kernel cache (engine/warm_record.py):

@@ -154,7 +154,9 @@ class Precompile:
         decode step of one sequence, every varlen token bucket, the other decode buckets."""
         block = engine.block_size
         max_blocks = -(-max_model_len // block)
-        sizes = varlen_graph_sizes(twin, engine.max_num_batched_tokens) if kernels is not None else []
+        # the runner's buckets (engine/model_runner.py): eager steps are padded to them too
+        sizes = varlen_graph_sizes(twin, engine.max_num_batched_tokens) \
+            if kernels is not None and not engine.enforce_eager else []
         with self.recording():
             if profile_tokens:
                 measure_peak(twin, profile_tokens, block, kernels)
@@ -205,13 +207,14 @@ class Precompile:
 
 def start_precompile(cfg: ModelConfig, engine: EngineConfig, device: torch.device, dtype: torch.dtype,
                      checkpoint: str | Path | None, fp8: bool, max_model_len: int,
-                     kernels: AttentionKernels | None, profile_tokens: int | None) -> Precompile | None:
+                     kernels: AttentionKernels | None, profile_tokens: int | None,
+                     workers: int | None = None) -> Precompile | None:
     """Build the one-layer twin, record its steps, drop it; the pool goes on compiling.
     None when precompiling does not apply (not CUDA, an older triton) or the twin
     fails, in which case the start compiles as it goes, as before."""
     if not available(device):
         return None
-    pre = Precompile(device)
+    pre = Precompile(device, workers)
     try:
         twin = load_model(replace(cfg, num_layers=1), device, dtype, checkpoint, fp8=fp8, seed=engine.seed,
                           max_positions=max_model_len, progress=False, layout_only=checkpoint is not None)
