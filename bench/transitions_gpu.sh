@@ -85,7 +85,7 @@ if serve restart; then  # the cold first token only (the batches were measured o
 fi
 grep -E "ready in|engine ready|twin recorded|kernels compiled by|ERROR|Traceback" "$OUT/serve_restart.txt" | tail -n 5 | tee -a "$OUT/run_log.txt"
 if [ -n "${FRESH2:-}" ]; then  # a second fresh start: another empty kernel cache, the cold first token
-  config /tmp/kc3
+  COMPILE_THREADS=${COMPILE_THREADS2:-${COMPILE_THREADS:-}} config /tmp/kc3  # COMPILE_THREADS2=0: a control without precompile
   if serve fresh2; then
     timeout 60 python3 $REPO/bench/transitions.py http://127.0.0.1:8400 $KEY mixtral-fp8 $ADMIN "$OUT/fresh2.json" \
       --first-token-only 2>>"$OUT/run_log.txt" | tee -a "$OUT/run_log.txt"
