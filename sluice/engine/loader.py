@@ -11,10 +11,11 @@ read as stored. Every problem is a one-line CheckpointError naming the file or t
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,18 @@ from sluice.engine.quant.fp8 import (
 from sluice.engine.staging import LayerStager, read_header
 
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_PARTS: contextvars.ContextVar[Collection[str] | None] = contextvars.ContextVar("load_parts", default=None)
+
+
+@contextlib.contextmanager
+def reading_only(parts: Collection[str]) -> Iterator[None]:
+    """``load_model`` calls inside the block load only ``parts`` (see its ``parts``): how a
+    wake asks a reload callable that takes no arguments for part of the model."""
+    token = _PARTS.set(parts)
+    try:
+        yield
+    finally:
+        _PARTS.reset(token)
 
 
 def expected_tensors(cfg: ModelConfig, layers: list[int] | None = None) -> dict[str, tuple[int, ...]]:
@@ -227,7 +240,8 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path: str | Path | None = None, *,
                fp8: bool = False, seed: int = 0, max_positions: int | None = None,
                progress: bool = True, stage: bool | None = None, stats: dict | None = None,
-               shard: Sharding | None = None, layout_only: bool = False) -> CausalLM:
+               shard: Sharding | None = None, layout_only: bool = False,
+               parts: Collection[str] | None = None) -> CausalLM:
     """Build the model on ``device`` one decoder layer at a time, each filled from the
     checkpoint at ``path`` (random weights when None) and, with ``fp8``, quantized
     before the next is built: peak memory is the FP8 model plus one 16-bit layer.
@@ -240,11 +254,18 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
     are drawn whole, alike on every rank, then cut. FP8 quantization comes after.
     ``layout_only``: the checkpoint's tensors as zeros of their stored shapes and dtypes
     (nothing read, nothing validated): a model laid out like the real one, for
-    ``cfg.num_layers`` (fewer than the checkpoint's) layers; see LayoutCheckpoint."""
+    ``cfg.num_layers`` (fewer than the checkpoint's) layers; see LayoutCheckpoint.
+    ``parts`` (default: all, or those of an enclosing ``reading_only``): the modules to
+    load, by name (``embed_tokens``, ``layers.N``, ``norm``, ``lm_head``); the others are
+    placeholders on the meta device and nothing of them is read (random weights are drawn
+    all the same, so that the parts loaded equal a full load's)."""
+    parts = _PARTS.get() if parts is None else parts
+    wanted = (lambda part: True) if parts is None else (lambda part: part in parts)
     with _default_dtype(dtype), torch.device(device):
         model = CausalLM(cfg, max_positions, build_layers=False).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     top = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    top_part = {"model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
     with contextlib.ExitStack() as stack, torch.no_grad():
         ckpt = None
         if path is not None and layout_only:
@@ -254,16 +275,20 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
             ckpt.validate(expected_tensors(cfg), cfg.tie_word_embeddings)
         fill = (lambda name: destination(model, name).copy_(ckpt.dense(name))) if ckpt else \
             (lambda name: _random_(destination(model, name), name, gen))
-        fill(top[0])  # embeddings, layers, then the rest: the order of init_random_
+        if ckpt is None or wanted(top_part[top[0]]):
+            fill(top[0])  # embeddings, layers, then the rest: the order of init_random_
         stager = None
         sharded = shard is not None and shard.active
+        read = [n for n in range(cfg.num_layers) if ckpt is None or wanted(f"layers.{n}")]
         if ckpt is not None and not layout_only and \
                 (stage if stage is not None else torch.device(device).type == "cuda" and not sharded):
-            stager = ckpt.stager([[k for k in ckpt.location if k.startswith(f"model.layers.{n}.")]
-                                  for n in range(cfg.num_layers)])
+            stager = ckpt.stager([[k for k in ckpt.location if k.startswith(f"model.layers.{n}.")] for n in read])
             stack.callback(stager.close)
         desc = "loading weights" + (" + fp8 quantization" if fp8 else "")
         for n in tqdm(range(cfg.num_layers), desc=desc, unit="layer", disable=not progress or None):
+            if ckpt is not None and not wanted(f"layers.{n}"):
+                model.layers.append(_placeholder(model, dtype))
+                continue
             with _default_dtype(dtype), torch.device(device):
                 model.layers.append(layer := model.new_layer())
             prefix = f"model.layers.{n}."
@@ -273,7 +298,7 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
             else:
                 if stager is not None:
                     waited = time.perf_counter()
-                    ckpt.staged = stager.take(n)
+                    ckpt.staged = stager.take(read.index(n))
                     if stats is not None:
                         stats["read_wait_s"] = stats.get("read_wait_s", 0.0) + time.perf_counter() - waited
                 names = [k for k in expected_tensors(cfg, layers=[n]) if k.startswith(prefix)]
@@ -288,19 +313,34 @@ def load_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, path:
                     for name in names:
                         fill(name)
                 if stager is not None:
-                    stager.release(n)
+                    stager.release(read.index(n))
                     ckpt.staged = {}
             if shard is not None and ckpt is None:
                 shard.layer(layer)
             if fp8:
                 quantize_fp8(layer)
+            if not wanted(f"layers.{n}"):  # drawn, to keep the draws of the layers after it
+                model.layers[n] = _placeholder(model, dtype)
         for name in top[1:]:
-            fill(name)
+            if ckpt is None or wanted(top_part[name]):
+                fill(name)
+        for name in top:
+            if not wanted(top_part[name]):
+                module = getattr(model, top_part[name])
+                module.weight = nn.Parameter(module.weight.to("meta"), requires_grad=False)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
         if shard is not None:
             shard.finish(model)
         if stager is not None and stats is not None:
             stats["staged_GB"] = stager.bytes_read / 1e9
     return model
+
+
+def _placeholder(model: CausalLM, dtype: torch.dtype) -> nn.Module:
+    """A decoder layer that holds no memory, in place of one not loaded."""
+    with _default_dtype(dtype), torch.device("meta"):
+        return model.new_layer()
 
 
 _PACKED = {  # our module -> the checkpoint linears packed into it, in row order

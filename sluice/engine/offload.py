@@ -7,8 +7,11 @@ once, in a background thread, while the engine serves: the weights never change,
 the thread copies them chunk by chunk into page-locked host buffers on its own CUDA
 stream. A sleep then frees the device memory at once, and a wake copies the chunks back
 into one device allocation. A sleep that comes before the copy is complete stops it
-and frees the memory all the same; that wake reads the checkpoint again instead
-(``reload``; its pages are normally still in the page cache).
+and frees the memory all the same; that wake copies back what was parked and reads
+only the rest from the checkpoint (``reload`` inside loader.reading_only; its pages are
+normally still in the page cache). Weights are parked in the order of the model:
+embeddings, decoder layer 0, 1, ..., then the rest, so what a cut-short copy holds is
+whole layers but for the last one it reached.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from sluice.engine.loader import reading_only
 from sluice.engine.staging import packed_layout, pinned_buffer
 
 log = logging.getLogger(__name__)
@@ -29,8 +33,21 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 30  # bytes of host memory taken at a time: how long a sleep may wait for the thread
 
 
-def _weights(model: nn.Module) -> list[torch.Tensor]:
-    return list(model.parameters()) + list(model.buffers())
+def _part(name: str) -> str:
+    """The module a weight belongs to, as load_model's ``parts`` names it: ``layers.N``
+    for a decoder layer's, else the top-level module (``embed_tokens``, ``lm_head``, ...)."""
+    head, _, rest = name.partition(".")
+    return f"{head}.{rest.partition('.')[0]}" if head == "layers" else head
+
+
+def _order(name: str) -> int:
+    part = _part(name)
+    return -1 if part == "embed_tokens" else int(part[7:]) if part.startswith("layers.") else 1 << 30
+
+
+def _weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer by name: embeddings, each decoder layer's, then the rest."""
+    return sorted([*model.named_parameters(), *model.named_buffers()], key=lambda item: _order(item[0]))
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -40,7 +57,7 @@ def _nbytes(t: torch.Tensor) -> int:
 class WeightParking:
     def __init__(self, model: nn.Module, reload: Callable[[], nn.Module]) -> None:
         self.model = model
-        self.reload = reload  # builds the model again from its checkpoint
+        self.reload = reload  # builds the model again from its checkpoint (load_model)
         self.device = next(model.parameters()).device
         self._chunks: list[tuple[torch.Tensor, list[int], list[int]]] = []  # (host bytes, tensor ids, offsets)
         self._shapes: list[tuple[torch.Size, torch.dtype]] = []
@@ -48,7 +65,7 @@ class WeightParking:
         self._cancel = threading.Event()
         self.complete = False  # every weight has its host copy
         self.released = False
-        self.timings: dict[str, float] = {}  # park_s, release_s, restore_s
+        self.timings: dict[str, float] = {}  # park_s, release_s, restore_s, restore_{host,checkpoint}_bytes
 
     # ---- parking -------------------------------------------------------------
 
@@ -64,8 +81,7 @@ class WeightParking:
         """Copy every weight into host memory, CHUNK bytes at a time (stops early when
         a sleep cancels it; the next call goes on from there)."""
         began = time.perf_counter()
-        weights = _weights(self.model)
-        self._shapes = [(t.shape, t.dtype) for t in weights]
+        weights = [t for _, t in _weights(self.model)]
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
         if stream is not None:
@@ -109,35 +125,52 @@ class WeightParking:
         self._cancel.set()
         if self._thread is not None:
             self._thread.join()
-        for t in _weights(self.model):
+        weights = [t for _, t in _weights(self.model)]
+        self._shapes = [(t.shape, t.dtype) for t in weights]
+        for t in weights:
             t.data = torch.empty(0, dtype=t.dtype, device=self.device)
         self.released = True
         self.timings["release_s"] = time.perf_counter() - began
 
     def restore(self) -> str:
         """Weights back on the device; returns where from: "host" (the parked copy, one
-        device allocation) or "checkpoint" (parking was not complete)."""
+        device allocation), "checkpoint" (nothing was parked) or "host+checkpoint" (the
+        parked weights from host, the modules holding the others read again)."""
         began = time.perf_counter()
         weights = _weights(self.model)
-        if self.complete:
-            source = "host"
-            arena = torch.empty(sum(c[0].numel() for c in self._chunks), dtype=torch.uint8, device=self.device)
+        parked = {i for _, ids, _ in self._chunks for i in ids}
+        missing = [i for i in range(len(weights)) if i not in parked]
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda and self._chunks else None
+        arena = torch.empty(sum(c[0].numel() for c in self._chunks), dtype=torch.uint8, device=self.device)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        # its own stream: these copies run while the checkpoint's reads below go on
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             base = 0
             for host, ids, offsets in self._chunks:
                 arena[base:base + host.numel()].copy_(host, non_blocking=True)
                 for i, off in zip(ids, offsets):
                     shape, dtype = self._shapes[i]
                     start = base + off
-                    weights[i].data = arena[start:start + shape.numel() * dtype.itemsize].view(dtype).view(shape)
+                    weights[i][1].data = arena[start:start + shape.numel() * dtype.itemsize].view(dtype).view(shape)
                 base += host.numel()
-        else:
-            source = "checkpoint"
-            fresh = _weights(self.reload())
-            for t, new in zip(weights, fresh, strict=True):
+        read = 0
+        if missing:
+            with reading_only({_part(weights[i][0]) for i in missing}):
+                fresh = dict(_weights(self.reload()))
+            for i in missing:
+                name, t = weights[i]
+                new = fresh[name]
+                if (new.shape, new.dtype) != self._shapes[i]:
+                    raise RuntimeError(f"reloaded {name} is {new.dtype} {list(new.shape)}, not as before the sleep")
                 t.data = new.data
-        if self.device.type == "cuda":
+                read += _nbytes(new)
+        if cuda:
             torch.cuda.synchronize(self.device)
         self.released = False
         self._cancel.clear()
         self.timings["restore_s"] = time.perf_counter() - began
-        return source
+        self.timings["restore_host_bytes"] = float(arena.numel())
+        self.timings["restore_checkpoint_bytes"] = float(read)
+        return "checkpoint" if not parked else "host+checkpoint" if missing else "host"

@@ -58,7 +58,7 @@ def test_wake_takes_the_host_copy_once_parked_and_the_checkpoint_before(tiny_mix
     assert llm.wake() == "host" and greedy(llm) == before
 
 
-def test_a_sleep_during_the_host_copy_stops_it_and_the_wake_reads_the_checkpoint(tiny_mixtral, monkeypatch):
+def test_a_sleep_during_the_host_copy_stops_it_and_the_wake_reads_the_rest_from_the_checkpoint(tiny_mixtral, monkeypatch):
     from sluice.engine import offload
 
     monkeypatch.setattr(offload, "CHUNK", 1)  # one tensor a chunk
@@ -78,7 +78,7 @@ def test_a_sleep_during_the_host_copy_stops_it_and_the_wake_reads_the_checkpoint
     llm.sleep()  # waits for one chunk at most, never for the whole copy
     parked = len(llm.runner.parking._chunks)
     assert not llm.runner.parking.complete and parked < len(list(llm.model.parameters()))
-    assert llm.wake() == "checkpoint" and greedy(llm) == before
+    assert llm.wake() == "host+checkpoint" and greedy(llm) == before
     llm.runner.parking.park()  # goes on from where it stopped
     assert llm.runner.parking.complete
     llm.sleep()
