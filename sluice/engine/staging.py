@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
 import weakref
@@ -37,6 +38,7 @@ DTYPES = {
 }
 CHUNK = 8 << 20  # bytes per read: big tensors are split across threads (8 MB read fastest on an H200 host)
 ALIGN = 256
+PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,15 @@ def packed_layout(sizes: list[int], align: int = ALIGN) -> tuple[list[int], int]
 
 def pinned_buffer(nbytes: int) -> torch.Tensor:
     """Host bytes page-locked with cudaHostRegister for full-speed copies (torch's pinned
-    allocator would round a 47 GB request up to 64 GB). Pageable where that fails."""
-    host = torch.empty(nbytes, dtype=torch.uint8)
+    allocator would round a 47 GB request up to 64 GB). Pageable where that fails.
+    ``SLUICE_PINNING=mmap[:N]`` takes the bytes as anonymous memory advised to use huge
+    pages and faulted in by N threads (default 8) before they are registered, instead of
+    leaving the faults to cudaHostRegister (bench/pinning.py measures both)."""
+    method, _, threads = os.environ.get("SLUICE_PINNING", "register").partition(":")
+    if method == "mmap" and nbytes:
+        host = _mapped(nbytes, int(threads or 8))
+    else:
+        host = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes and torch.cuda.is_available():
         cudart = torch.cuda.cudart()
         err = cudart.cudaHostRegister(host.data_ptr(), nbytes, 0)
@@ -91,6 +100,19 @@ def pinned_buffer(nbytes: int) -> torch.Tensor:
             log.warning("cudaHostRegister failed (%s): host buffer stays pageable", err)
         else:
             weakref.finalize(host, cudart.cudaHostUnregister, host.data_ptr())
+    return host
+
+
+def _mapped(nbytes: int, threads: int) -> torch.Tensor:
+    """Zeroed anonymous memory on transparent huge pages where the kernel allows, every
+    page faulted in by ``threads`` threads (unmapped once the tensor and its views are gone)."""
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    host = torch.frombuffer(mm, dtype=torch.uint8)  # holds mm
+    step = -(-nbytes // max(1, threads) // PAGE) * PAGE
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="pin") as pool:  # torch writes without the GIL
+        list(pool.map(lambda start: host[start:start + step:PAGE].zero_(), range(0, nbytes, step)))
     return host
 
 

@@ -101,3 +101,23 @@ def test_prequantized_load_reads_each_tensor_once(three_layers, tmp_path, monkey
     cfg = ModelConfig.from_file(path)
     load_model(cfg, torch.device("cpu"), torch.float32, path, fp8=True, progress=False, stage=True)
     assert reads and max(reads.values()) == 1, reads.most_common(3)
+
+
+def test_mmap_pinning_gives_zeroed_writable_bytes(monkeypatch, tmp_path):
+    """SLUICE_PINNING=mmap (huge pages, faulted in by threads): the same buffer as the
+    default's, and a stager on it reads as stored."""
+    monkeypatch.setenv("SLUICE_PINNING", "mmap:3")
+    buf = staging.pinned_buffer(5 * 4096 + 7)
+    assert buf.numel() == 5 * 4096 + 7 and buf.dtype == torch.uint8 and not buf.any()
+    buf.fill_(3)
+    assert int(buf.sum()) == 3 * buf.numel()
+    tensors = {"a.weight": torch.randn(40, 30), "b.weight": torch.randn(7, 3).to(torch.bfloat16)}
+    save_file(tensors, tmp_path / "one.safetensors")
+    stager = LayerStager(read_header(tmp_path / "one.safetensors"), [["a.weight"], ["b.weight", "a.weight"]])
+    try:
+        for n in range(2):
+            for name, got in stager.take(n).items():
+                assert torch.equal(got.view(torch.uint8), tensors[name].view(torch.uint8)), name
+            stager.release(n)
+    finally:
+        stager.close()
