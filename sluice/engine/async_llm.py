@@ -21,11 +21,12 @@ the thread warms the engine up one piece at a time (``LLM.warm_step``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from sluice.engine.llm import LLM
@@ -48,6 +49,8 @@ class AsyncLLM:
         if deliver_after_launch:
             llm.on_launch = self._release_held
         self._lock = threading.Lock()  # held while the LLM's state is touched
+        self._priority = 0  # callers waiting for the lock that the background warm-up yields to
+        self._priority_lock = threading.Lock()
         self._commands: deque[tuple[str, Any]] = deque()  # ("add", Sequence) | ("abort", seq_id)
         self._streams: dict[int, _Stream] = {}
         self._wake = threading.Event()
@@ -90,15 +93,28 @@ class AsyncLLM:
     def sleep(self) -> None:
         """LLM.sleep() between steps (call from a worker thread in async code; waits at
         most for the step or the one CUDA graph capture under way)."""
-        with self._lock:
+        with self._first_in_line():
             self._apply_commands()
             self.llm.sleep()
 
     def wake(self) -> str:
-        with self._lock:
+        with self._first_in_line():
             source = self.llm.wake()
         self._wake.set()  # requests queued while asleep run now
         return source
+
+    @contextlib.contextmanager
+    def _first_in_line(self) -> Iterator[None]:
+        """The lock, taken ahead of the background warm-up (which would otherwise take it
+        back piece after piece: a lock is not fair) once its current piece is done."""
+        with self._priority_lock:
+            self._priority += 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._priority_lock:
+                self._priority -= 1
 
     def close(self) -> None:
         self._stopped = True
@@ -153,10 +169,10 @@ class AsyncLLM:
     def _warm_while_idle(self) -> None:
         """Background warm-up (CUDA graphs, the weights' host copy), one piece at a time
         while no command is waiting: a request that arrives waits for one piece at most."""
-        while not self._stopped and not self._commands:
+        while not self._stopped and not self._commands and not self._priority:
             try:
                 with self._lock:
-                    if self._commands or not self.llm.warm_step():
+                    if self._commands or self._priority or not self.llm.warm_step():
                         return
             except Exception:  # warming is an optimisation: the engine serves without it
                 log.exception("background warm-up failed")

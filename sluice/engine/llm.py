@@ -104,12 +104,14 @@ class LLM:
     def _precompile(self, cfg: ModelConfig, device: Any, dtype: Any, model: str | Path | None,
                     activations: int | None) -> Precompile | None:
         """On CUDA (one GPU per engine), compile the start's kernels on a thread pool while
-        the weights load (engine/precompile.py); this thread's launches share that pool."""
-        if device.type != "cuda" or self.sharding.active or self.config.compile_threads == 0:
+        the weights load (engine/precompile.py); this thread's launches share that pool.
+        Not on a restart: a warm record (``activations``) comes from a start that compiled
+        them into this kernel cache already, and reading them back is quick."""
+        if device.type != "cuda" or self.sharding.active or self.config.compile_threads == 0 \
+                or activations is not None:
             return None
         max_blocks = -(-self.max_model_len // self.config.block_size)
-        profile = profile_tokens(self.config, max_blocks) if activations is None and not self.config.num_kv_blocks \
-            else None
+        profile = None if self.config.num_kv_blocks else profile_tokens(self.config, max_blocks)
         return start_precompile(cfg, self.config, device, dtype, model, self.fp8, self.max_model_len,
                                 attention_kernels(self.config, cfg, device), profile, self.config.compile_threads)
 

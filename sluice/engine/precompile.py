@@ -85,11 +85,13 @@ class _LoadingPool(ThreadPoolExecutor):
     """Compiles, then builds the compiled kernel's launcher and loads its binary on the
     pool's device, so that its first launch finds it ready."""
 
-    def __init__(self, workers: int, device: torch.device) -> None:
+    def __init__(self, workers: int, device: torch.device, go: threading.Event) -> None:
         super().__init__(workers, thread_name_prefix="triton-compile", initializer=use_device, initargs=(device,))
+        self.go = go
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
         def compile_and_load() -> Any:
+            self.go.wait()  # not while the twin records: compiling's Python would slow it down
             kernel = fn(*args, **kwargs)
             init = getattr(kernel, "_init_handles", None)
             if init is not None:
@@ -123,9 +125,11 @@ class Precompile:
         self.device = device
         self.workers = workers or max(1, (os.cpu_count() or 2) - 1)
         self._active = _async_compile.active_mode
-        self.mode = _async_compile.AsyncCompileMode(_LoadingPool(self.workers, device))
+        self._go = threading.Event()
+        self.mode = _async_compile.AsyncCompileMode(_LoadingPool(self.workers, device, self._go))
         self.began = time.perf_counter()
-        self.record_s = 0.0  # building the twin and recording its steps
+        self.twin_s = 0.0  # building the twin
+        self.record_s = 0.0  # recording its steps
         self.kernels = 0  # compiles the twin's steps submitted
         self.done_s: float | None = None  # from the start until the last of them was compiled
         self._finisher: threading.Thread | None = None
@@ -152,6 +156,7 @@ class Precompile:
         """Run the twin at every step size a start uses, in record mode: KV sizing's
         prefill of ``profile_tokens`` (None: skipped, a warm record has its bytes), a
         decode step of one sequence, every varlen token bucket, the other decode buckets."""
+        began = time.perf_counter()
         block = engine.block_size
         max_blocks = -(-max_model_len // block)
         # the runner's buckets (engine/model_runner.py): eager steps are padded to them too
@@ -175,11 +180,16 @@ class Precompile:
                 twin.compute_logits(hidden[:1])
             allocate_cache(twin, 0, block)
         self.kernels = len(self.mode.raw_futures)
-        self.record_s = time.perf_counter() - self.began
+        self.record_s = time.perf_counter() - began
+        self.start()
         futures = list(self.mode.raw_futures)
         self._finisher = threading.Thread(target=self._finish, args=(futures,), name="triton-compile-finish",
                                           daemon=True)
         self._finisher.start()
+
+    def start(self) -> None:
+        """Let the pool compile (what was recorded, and whatever comes next)."""
+        self._go.set()
 
     def _finish(self, futures: list[Future]) -> None:
         """Put each compiled kernel into its JIT cache as soon as it is ready (any thread's
@@ -199,7 +209,8 @@ class Precompile:
             self._finisher.join(timeout)
 
     def timings(self) -> dict[str, float]:
-        out = {"precompile_kernels": float(self.kernels), "precompile_record_s": round(self.record_s, 3)}
+        out = {"precompile_kernels": float(self.kernels), "precompile_twin_s": round(self.twin_s, 3),
+               "precompile_record_s": round(self.record_s, 3)}
         if self.done_s is not None:
             out["precompile_s"] = round(self.done_s, 3)
         return out
@@ -218,12 +229,14 @@ def start_precompile(cfg: ModelConfig, engine: EngineConfig, device: torch.devic
     try:
         twin = load_model(replace(cfg, num_layers=1), device, dtype, checkpoint, fp8=fp8, seed=engine.seed,
                           max_positions=max_model_len, progress=False, layout_only=checkpoint is not None)
+        pre.twin_s = time.perf_counter() - pre.began
         pre.record(twin, engine, max_model_len, kernels, profile_tokens)
     except Exception as exc:  # noqa: BLE001: only the head start is lost
         log.warning("kernel precompile skipped (%s: %s); kernels compile on first use", type(exc).__name__, exc)
         return None
     finally:
+        pre.start()  # whatever was recorded compiles, and launches attached to the pool never wait on it
         twin = None  # noqa: F841: the twin's memory is back before the weights load
-    log.info("twin recorded %d kernels to compile in %.2fs; compiling on %d threads", pre.kernels, pre.record_s,
-             pre.workers)
+    log.info("twin built in %.2fs recorded %d kernels in %.2fs; compiling on %d threads", pre.twin_s, pre.kernels,
+             pre.record_s, pre.workers)
     return pre

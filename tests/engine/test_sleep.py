@@ -118,3 +118,37 @@ def test_the_async_engine_parks_its_weights_while_idle_after_a_request(tiny_mixt
     engine.sleep()
     assert engine.wake() == "host" and asyncio.run(ask()) == before
     engine.close()
+
+
+def test_a_sleep_goes_ahead_of_the_background_warm_up(tiny_mixtral):
+    """The warm-up takes the engine's lock one piece at a time; a sleep asked for meanwhile
+    gets it after the piece under way, not after the whole warm-up (a lock is not fair)."""
+    import asyncio
+    import threading
+    import time
+
+    from sluice.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM(LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False))
+    pieces = []
+    started = threading.Event()
+
+    def endless_piece() -> bool:  # a warm-up that never runs out of work
+        pieces.append(time.monotonic())
+        started.set()
+        time.sleep(0.005)
+        return True
+
+    engine.llm.warm_step = endless_piece
+
+    async def ask() -> None:
+        async for _ in engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2)):
+            pass
+
+    asyncio.run(ask())
+    assert started.wait(10)
+    asked = len(pieces)
+    engine.sleep()
+    assert engine.llm.asleep and len(pieces) <= asked + 1  # at most the piece under way
+    engine.wake()
+    engine.close()
