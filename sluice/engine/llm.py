@@ -57,11 +57,11 @@ class LLM:
         self.fp8 = self.config.wants_fp8(cfg, device)
         self.sharding = Sharding.join(self.config.parallel, self.config.world_size, device, cfg)
         self.max_model_len = min(self.config.max_model_len or 8192, cfg.max_position_embeddings)
-        began = time.perf_counter()
         self.timings: dict[str, float] = {}
         record = self._warm_record(cfg, device, dtype, model)
         known = record.activations() if record is not None else None
         self.precompile = self._precompile(cfg, device, dtype, model, known)
+        began = time.perf_counter()
         net = load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
                          max_positions=self.max_model_len, progress=progress, stats=self.timings,
                          shard=self.sharding)
@@ -97,9 +97,10 @@ class LLM:
         self.sequences: dict[int, Sequence] = {}
         self._text: dict[int, TextState] = {}
         pending = f", {self.precompile.pending()} still compiling" if self.precompile is not None else ""
-        log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens; %d kernels compiled (%.1fs of "
-                 "compiler time%s)", cfg.architecture, device, dtype, ", fp8 weights" if self.fp8 else "",
-                 self.runner.num_blocks, self.config.block_size, COMPILES.kernels, COMPILES.seconds, pending)
+        log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens; loaded in %.2fs, KV cache sized in "
+                 "%.2fs; %d kernels compiled (%.1fs of compiler time%s)", cfg.architecture, device, dtype,
+                 ", fp8 weights" if self.fp8 else "", self.runner.num_blocks, self.config.block_size,
+                 self.timings["load_s"], self.timings["runner_s"], COMPILES.kernels, COMPILES.seconds, pending)
 
     def _precompile(self, cfg: ModelConfig, device: Any, dtype: Any, model: str | Path | None,
                     activations: int | None) -> Precompile | None:

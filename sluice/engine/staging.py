@@ -85,10 +85,13 @@ def packed_layout(sizes: list[int], align: int = ALIGN) -> tuple[list[int], int]
 def pinned_buffer(nbytes: int) -> torch.Tensor:
     """Host bytes page-locked with cudaHostRegister for full-speed copies (torch's pinned
     allocator would round a 47 GB request up to 64 GB). Pageable where that fails.
-    ``SLUICE_PINNING=mmap[:N]`` takes the bytes as anonymous memory advised to use huge
-    pages and faulted in by N threads (default 8) before they are registered, instead of
-    leaving the faults to cudaHostRegister (bench/pinning.py measures both)."""
-    method, _, threads = os.environ.get("SLUICE_PINNING", "register").partition(":")
+    The bytes are anonymous memory advised to use huge pages and faulted in by 8 threads
+    before they are registered: 19.1 GB/s on the H200 host against 3.6 GB/s for
+    registering malloc'd memory, which leaves every fault to cudaHostRegister
+    (bench/pinning.py, docs/performance.md). ``SLUICE_PINNING=register`` does the latter;
+    ``mmap:N`` sets the threads."""
+    cuda = torch.cuda.is_available()
+    method, _, threads = os.environ.get("SLUICE_PINNING", "mmap:8" if cuda else "register").partition(":")
     if method == "mmap" and nbytes:
         host = _mapped(nbytes, int(threads or 8))
     else:
