@@ -77,13 +77,13 @@ if serve fresh; then
     2>>"$OUT/run_log.txt" | grep -v mem_trace | tee -a "$OUT/run_log.txt"
   stop
 fi
-grep -E "ready in|engine ready|twin recorded|kernels compiled by|awake in|asleep in|parked|CUDA graphs captured|ERROR|Traceback" "$OUT/serve_fresh.txt" | tail -n 20 | tee -a "$OUT/run_log.txt"
+grep -E "ready in|engine ready|twin built|kernels compiled by|awake in|asleep in|parked|CUDA graphs captured|ERROR|Traceback" "$OUT/serve_fresh.txt" | tail -n 20 | tee -a "$OUT/run_log.txt"
 if serve restart; then  # the cold first token only (the batches were measured on the fresh start)
   timeout 60 python3 $REPO/bench/transitions.py http://127.0.0.1:8400 $KEY mixtral-fp8 $ADMIN "$OUT/restart.json" \
     --first-token-only 2>>"$OUT/run_log.txt" | tee -a "$OUT/run_log.txt"
   stop
 fi
-grep -E "ready in|engine ready|twin recorded|kernels compiled by|ERROR|Traceback" "$OUT/serve_restart.txt" | tail -n 5 | tee -a "$OUT/run_log.txt"
+grep -E "ready in|engine ready|twin built|kernels compiled by|ERROR|Traceback" "$OUT/serve_restart.txt" | tail -n 5 | tee -a "$OUT/run_log.txt"
 if [ -n "${FRESH2:-}" ]; then  # a second fresh start: another empty kernel cache, the cold first token
   COMPILE_THREADS=${COMPILE_THREADS2:-${COMPILE_THREADS:-}} config /tmp/kc3  # COMPILE_THREADS2=0: a control without precompile
   if serve fresh2; then
@@ -91,7 +91,7 @@ if [ -n "${FRESH2:-}" ]; then  # a second fresh start: another empty kernel cach
       --first-token-only 2>>"$OUT/run_log.txt" | tee -a "$OUT/run_log.txt"
     stop
   fi
-  grep -E "ready in|engine ready|twin recorded|kernels compiled by|compiled .* in|ERROR|Traceback" "$OUT/serve_fresh2.txt" | tail -n 40 | tee -a "$OUT/run_log.txt"
+  grep -E "ready in|engine ready|twin built|kernels compiled by|compiled .* in|ERROR|Traceback" "$OUT/serve_fresh2.txt" | tail -n 40 | tee -a "$OUT/run_log.txt"
 fi
 if [ -z "${SKIP_WARMUP:-}" ]; then
   config /tmp/kc2
@@ -99,3 +99,6 @@ if [ -z "${SKIP_WARMUP:-}" ]; then
   log "sluice warmup (empty cache) took $(python3 -c "print(round($(date +%s.%N)-$t0,1))") s: $(tr -d '\n ' < "$OUT/warmup.json" | head -c 400)"
 fi
 log done
+# the device returns at most eight files: the serve logs (request lines dropped) in one archive
+(cd "$OUT" && for f in serve_*.txt; do grep -v '"POST \|"GET ' "$f" > "$f.tmp" && mv "$f.tmp" "$f"; done \
+  && tar czf serve_logs.tgz serve_*.txt && rm serve_*.txt)
