@@ -191,7 +191,7 @@ class EngineConfig:
     # $TRITON_CACHE_DIR when set, else ~/.cache/sluice/kernels.
     compile_cache_dir: str | None = None
     # Threads that compile a start's kernels while the weights load (engine/precompile.py);
-    # None: one per CPU core but one; 0: none, each kernel compiles at its first launch.
+    # None: 8 (at most one per CPU core but one); 0: none, each kernel compiles at its first launch.
     compile_threads: int | None = Field(None, ge=0)
     num_experts_per_tok: int | None = Field(None, ge=1)
     seed: int = 0
