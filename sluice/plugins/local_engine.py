@@ -95,7 +95,7 @@ class LocalEngineBackend(Backend):
         self._engine = None  # engine.async_llm.AsyncLLM once started
         self._tokenizer = None
         self._grammars = None  # engine.structured.Grammars, built on the first constrained request
-        self.wake_source = ""  # where the last wake took the weights from: "host" or "checkpoint"
+        self.wake_source = ""  # where the last wake took the weights from: "host", "host+checkpoint", "checkpoint"
         preload_engine()
 
     # ---- lifecycle ------------------------------------------------------
@@ -147,6 +147,9 @@ class LocalEngineBackend(Backend):
         if self._engine is None:
             raise BackendError("local engine is not started", status=503, retryable=True)
         self.wake_source = await asyncio.to_thread(self._engine_call, "wake")
+        timings = self._engine.llm.runner.parking.timings
+        log.info("weights back from %s (%.1f GB from host, %.1f GB read again)", self.wake_source,
+                 timings.get("restore_host_bytes", 0.0) / 1e9, timings.get("restore_checkpoint_bytes", 0.0) / 1e9)
 
     async def warmup(self) -> dict[str, float]:
         """Start, then compile and capture everything a start would otherwise leave to the
