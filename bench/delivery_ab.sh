@@ -37,16 +37,24 @@ S="python3 -m sluice.gateway.cli"
 $S migrate > /dev/null 2>&1
 $S tenants create ab --rpm 1000000 --tpm 1000000000 > /dev/null 2>&1
 KEY=$($S keys create --tenant ab --json 2>>"$OUT/run_log.txt" | python3 -c 'import json,sys;print(json.load(sys.stdin)["key"])')
-for mode in ${MODES:-1 0}; do
-  SLUICE_DELIVER_AFTER_LAUNCH=$mode $S serve --port 8401 > "$OUT/serve_$mode.txt" 2>&1 &
+# VARIANTS: "deliver:switch" pairs, e.g. "1:0.005 1:0.0005 0:0.005": the hand-over mode
+# and the interpreter's GIL switch interval (sys.setswitchinterval, default 0.005 s), set
+# through a sitecustomize on PYTHONPATH for that serve only
+SITE=/tmp/gwab/swi && mkdir -p $SITE
+printf 'import os, sys\nif os.environ.get("SWI"):\n    sys.setswitchinterval(float(os.environ["SWI"]))\n' > $SITE/sitecustomize.py
+n=0
+for v in ${VARIANTS:-${MODES:-1 0}}; do
+  mode=${v%%:*}; swi=$([ "$v" != "${v#*:}" ] && echo "${v#*:}" || echo ""); n=$((n+1)); tag="$n-$mode${swi:+-$swi}"
+  SWI=$swi PYTHONPATH=$SITE:$PYTHONPATH SLUICE_DELIVER_AFTER_LAUNCH=$mode $S serve --port 8401 > "$OUT/serve_$tag.txt" 2>&1 &
   SPID=$!
   for _ in $(seq 120); do python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8401/healthz')" 2>/dev/null && break; sleep 0.25; done
-  timeout 90 python3 $REPO/bench/e2e_client.py http://127.0.0.1:8401 "$KEY" mixtral-ab "$OUT/e2e_$mode.json" \
-    --no-sleep --phases c1,c64 > /dev/null 2>>"$OUT/run_log.txt"
-  log "after_launch=$mode: $(python3 -c "import json;r=json.load(open('$OUT/e2e_$mode.json'));print('c1 gap p50',round(r['c1']['chunk_gap_p50_ms'],3),'c64 gap p50',round(r['c64']['chunk_gap_p50_ms'],3),'p90',round(r['c64']['chunk_gap_p90_ms'],3))")"
+  timeout 90 python3 $REPO/bench/e2e_client.py http://127.0.0.1:8401 "$KEY" mixtral-ab "$OUT/e2e_$tag.json" \
+    --no-sleep --settle ${SETTLE_S:-4} --phases ${PHASES:-c1,c64} > /dev/null 2>>"$OUT/run_log.txt"
+  log "$tag after_launch=$mode switch=${swi:-default}: $(python3 -c "import json;r=json.load(open('$OUT/e2e_$tag.json'));print({p:(round(r[p]['chunk_gap_p50_ms'],3),round(r[p]['chunk_gap_p90_ms'],3)) for p in ('c1','c64') if p in r and 'chunk_gap_p50_ms' in r[p]})")"
   kill $SPID; wait $SPID 2>/dev/null
 done
 cd "$REPO"
+[ "${ENGINE:-1}" = 0 ] && { log done; exit 0; }
 timeout 60 python3 -m bench.throughput --model $CKPT --dtype fp8 --batch-sizes 1,64 --prompt-len 32 --decode-len 256 \
   --json > "$OUT/engine.json" 2>>"$OUT/run_log.txt"
 log "engine alone: $(python3 -c "import json;r=json.load(open('$OUT/engine.json'))['results'];print([(x['batch_size'],round(1e3*x['batch_size']/x['decode_tok_s'],3)) for x in r])") ms a step"
