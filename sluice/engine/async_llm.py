@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -42,6 +43,9 @@ class AsyncLLM:
         """``deliver_after_launch``: hand a step's outputs over once the next step is
         launched (default: on CUDA, where launching returns before the step is done)."""
         self.llm = llm
+        self._switch_interval = sys.getswitchinterval()  # put back by close()
+        if llm.config.gil_switch_interval_s is not None:  # process-wide: see EngineConfig
+            sys.setswitchinterval(llm.config.gil_switch_interval_s)
         if deliver_after_launch is None:  # SLUICE_DELIVER_AFTER_LAUNCH=0: at once (A/B runs)
             deliver_after_launch = llm.runner.device.type == "cuda" and \
                 os.environ.get("SLUICE_DELIVER_AFTER_LAUNCH", "1") != "0"
@@ -120,6 +124,7 @@ class AsyncLLM:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=30)
+        sys.setswitchinterval(self._switch_interval)
 
     # ---- engine thread --------------------------------------------------
 

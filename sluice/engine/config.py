@@ -193,6 +193,11 @@ class EngineConfig:
     # Threads that compile a start's kernels while the weights load (engine/precompile.py);
     # None: 8 (at most one per CPU core but one); 0: none, each kernel compiles at its first launch.
     compile_threads: int | None = Field(None, ge=0)
+    # The interpreter's GIL switch interval (sys.setswitchinterval) while an AsyncLLM runs
+    # in the process: the step thread gets the GIL back from the event loop's token
+    # delivery sooner (H200, 8 layers, 64 streams: median token gap 5.19 ms at 0.0005 s
+    # against 5.74-6.46 ms at Python's default 0.005 s; engine alone 5.01 ms). None: leave it.
+    gil_switch_interval_s: float | None = Field(0.0005, gt=0)
     num_experts_per_tok: int | None = Field(None, ge=1)
     seed: int = 0
     # Across world_size processes, one LLM per rank on the same requests (engine/parallel/):

@@ -48,3 +48,17 @@ def test_every_stream_gets_every_token_in_order(llm, after_launch):
         engine.close()
     assert got == expected
     assert alone == expected[0][:4]
+
+
+def test_the_async_engine_shortens_the_gil_switch_interval_while_it_runs(tiny_mixtral):
+    import sys
+
+    before = sys.getswitchinterval()
+    engine = AsyncLLM(LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False))
+    assert sys.getswitchinterval() == 0.0005
+    engine.close()
+    assert sys.getswitchinterval() == before
+    kept = AsyncLLM(LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False,
+                        gil_switch_interval_s=None))
+    assert sys.getswitchinterval() == before
+    kept.close()
