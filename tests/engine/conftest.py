@@ -46,3 +46,21 @@ def tiny_llama(tmp_path_factory) -> Path:
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
         bos_token_id=1, eos_token_id=2)
     return _save(LlamaForCausalLM, config, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """Counts each checkpoint tensor the loader reads (Checkpoint.get), by name."""
+    from collections import Counter
+
+    from sluice.engine.loader import Checkpoint
+
+    reads: Counter[str] = Counter()
+    original = Checkpoint.get
+
+    def counting_get(self, name):
+        reads[name] += 1
+        return original(self, name)
+
+    monkeypatch.setattr(Checkpoint, "get", counting_get)
+    return reads

@@ -3,7 +3,6 @@ modules holding the others are read again (engine/offload.py, load_model's ``par
 
 from __future__ import annotations
 
-from collections import Counter
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from sluice.engine import offload
 from sluice.engine.config import ModelConfig
 from sluice.engine.llm import LLM
-from sluice.engine.loader import Checkpoint, load_model, reading_only
+from sluice.engine.loader import load_model, reading_only
 from sluice.engine.sampling import SamplingParams
 from tests.engine.test_fp8 import write_prequantized
 
@@ -30,19 +29,6 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def fp8_mixtral(tiny_mixtral, tmp_path_factory):
     return write_prequantized(tiny_mixtral, tmp_path_factory.mktemp("offload") / "fp8", "fp8")
-
-
-@pytest.fixture
-def counted_reads(monkeypatch):
-    reads: Counter[str] = Counter()
-    original = Checkpoint.get
-
-    def counting_get(self, name):
-        reads[name] += 1
-        return original(self, name)
-
-    monkeypatch.setattr(Checkpoint, "get", counting_get)
-    return reads
 
 
 def park_some(parking: offload.WeightParking, chunks: int) -> None:
