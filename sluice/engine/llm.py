@@ -107,9 +107,11 @@ class LLM:
         """On CUDA (one GPU per engine), compile the start's kernels on a thread pool while
         the weights load (engine/precompile.py); this thread's launches share that pool.
         Not on a restart: a warm record (``activations``) comes from a start that compiled
-        them into this kernel cache already, and reading them back is quick."""
-        if device.type != "cuda" or self.sharding.active or self.config.compile_threads == 0 \
-                or activations is not None:
+        them into this kernel cache already (unless the cache was emptied since), and
+        reading them back is quick."""
+        if device.type != "cuda" or self.sharding.active or self.config.compile_threads == 0:
+            return None
+        if activations is not None and any(self.kernel_cache.iterdir()):
             return None
         max_blocks = -(-self.max_model_len // self.config.block_size)
         profile = None if self.config.num_kv_blocks else profile_tokens(self.config, max_blocks)
