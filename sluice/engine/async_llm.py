@@ -43,9 +43,9 @@ class AsyncLLM:
         """``deliver_after_launch``: hand a step's outputs over once the next step is
         launched (default: on CUDA, where launching returns before the step is done)."""
         self.llm = llm
-        self._switch_interval = sys.getswitchinterval()  # put back by close()
-        if llm.config.gil_switch_interval_s is not None:  # process-wide: see EngineConfig
-            sys.setswitchinterval(llm.config.gil_switch_interval_s)
+        self._switch_held = llm.config.gil_switch_interval_s is not None
+        if self._switch_held:  # process-wide, while any AsyncLLM runs: see EngineConfig
+            _hold_switch_interval(llm.config.gil_switch_interval_s)
         if deliver_after_launch is None:  # SLUICE_DELIVER_AFTER_LAUNCH=0: at once (A/B runs)
             deliver_after_launch = llm.runner.device.type == "cuda" and \
                 os.environ.get("SLUICE_DELIVER_AFTER_LAUNCH", "1") != "0"
@@ -124,7 +124,9 @@ class AsyncLLM:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=30)
-        sys.setswitchinterval(self._switch_interval)
+        if self._switch_held:
+            self._switch_held = False
+            _release_switch_interval()
 
     # ---- engine thread --------------------------------------------------
 
@@ -206,6 +208,30 @@ class AsyncLLM:
     @property
     def num_free_blocks(self) -> int:
         return self.llm.block_manager.num_free_blocks
+
+
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.005
+
+
+def _hold_switch_interval(seconds: float) -> None:
+    """The GIL switch interval while at least one AsyncLLM holds it; the first saves
+    Python's, the last to let go puts it back."""
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+        _switch_users += 1
+        sys.setswitchinterval(seconds)
+
+
+def _release_switch_interval() -> None:
+    global _switch_users
+    with _switch_lock:
+        _switch_users -= 1
+        if _switch_users == 0:
+            sys.setswitchinterval(_switch_saved)
 
 
 class _Stream:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -62,9 +63,10 @@ class LLM:
         known = record.activations() if record is not None else None
         self.precompile = self._precompile(cfg, device, dtype, model, known)
         began = time.perf_counter()
-        net = load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
-                         max_positions=self.max_model_len, progress=progress, stats=self.timings,
-                         shard=self.sharding)
+        with self._compiling():
+            net = load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
+                             max_positions=self.max_model_len, progress=progress, stats=self.timings,
+                             shard=self.sharding)
         self.timings["load_s"] = time.perf_counter() - began
         self.model: CausalLM = net
         self.tokenizer = tokenizer or load_tokenizer(model, cfg.bos_token_id, cfg.eos_token_ids)
@@ -75,12 +77,14 @@ class LLM:
             return load_model(cfg, device, dtype, model, fp8=self.fp8, seed=self.config.seed,
                               max_positions=self.max_model_len, progress=False, shard=self.sharding)
 
-        self.runner = ModelRunner(net, self.config, self.max_model_len, reload, known)
+        with self._compiling():  # KV sizing's prefill waits for the kernels compiling for it
+            self.runner = ModelRunner(net, self.config, self.max_model_len, reload, known)
         if record is not None and known is None and self.runner.activations is not None:
             record.write(self.runner.activations)  # measured by this start: the next one skips it
         self.timings["runner_s"] = time.perf_counter() - began  # KV sizing
         if not self.config.warm_in_background:
-            self.runner.warm_up()
+            with self._compiling():
+                self.runner.warm_up()
         self.timings.update(self.runner.timings)
         self.timings.update(COMPILES.as_timings())
         if self.precompile is not None:
@@ -118,6 +122,11 @@ class LLM:
         return start_precompile(cfg, self.config, device, dtype, model, self.fp8, self.max_model_len,
                                 attention_kernels(self.config, cfg, device), profile, self.config.compile_threads)
 
+    def _compiling(self) -> contextlib.AbstractContextManager[None]:
+        """While the start's kernels compile on the pool, this thread's launches share it
+        (a kernel compiling there is waited for, not compiled a second time)."""
+        return self.precompile.attached() if self.precompile is not None else contextlib.nullcontext()
+
     def _warm_record(self, cfg: ModelConfig, device: Any, dtype: Any, model: str | Path | None) -> WarmRecord | None:
         """On CUDA, this model's warm record beside the kernel cache (engine/warm_record.py):
         an earlier start's activation bytes, so KV sizing skips its prefill."""
@@ -148,7 +157,8 @@ class LLM:
         ("host" or "checkpoint"; "" when awake already)."""
         if not self.asleep:
             return ""
-        source = self.runner.wake()
+        with self._compiling():
+            source = self.runner.wake()
         self.asleep = False
         self.steps = 0
         return source
@@ -159,13 +169,13 @@ class LLM:
         start or wake, and only between requests. False when there is nothing to do now."""
         if self.asleep or self.steps == 0 or self.has_unfinished():
             return False
-        if self.precompile is not None:
-            self.precompile.attach()
-        return self.runner.warm_step()
+        with self._compiling():
+            return self.runner.warm_step()
 
     def warm_up(self) -> None:
         """Every CUDA graph now (what `sluice warmup` and benchmarks call)."""
-        self.runner.warm_up()
+        with self._compiling():
+            self.runner.warm_up()
         self.timings.update(self.runner.timings)
         self.timings.update(COMPILES.as_timings())
 
@@ -211,10 +221,9 @@ class LLM:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        if self.precompile is not None:  # a kernel still compiling is waited for, not compiled again
-            self.precompile.attach()
         self.runner.capture_on_first_use = self.steps > 0
-        logits = self.runner.run(batch)
+        with self._compiling():
+            logits = self.runner.run(batch)
         if self.on_launch is not None:  # the forward is enqueued; the GPU is busy for a while
             self.on_launch()
         self.steps += 1

@@ -21,14 +21,17 @@ the step sizes, not on how many layers there are. So, before the weights load:
 3. the twin is dropped and the weights load while the pool compiles; each compiled
    kernel's launcher is built and its binary loaded in the pool too.
 
-Threads that run the model ``attach()`` to the pool: a launch whose kernel is still
-compiling waits for that compile instead of starting its own. Compiles reach triton's
-cache directory as before (engine/kernel_cache.py), so a restart compiles nothing.
+The engine runs its model inside ``attached()`` until every recorded kernel is compiled:
+a launch whose kernel is still compiling waits for that compile instead of starting its
+own. Compiles reach triton's cache directory as before (engine/kernel_cache.py), so a
+restart compiles nothing. Nothing may read a recorded launch's return value (a pending
+compile that waits for the end of the recording).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import threading
@@ -130,6 +133,10 @@ class Precompile:
         self._active = _async_compile.active_mode
         self._go = threading.Event()
         self.mode = _async_compile.AsyncCompileMode(_LoadingPool(self.workers, device, self._go))
+        # triton >= 3.7 puts a pending kernel into the JIT's cache at once (any thread's launch
+        # waits for it); 3.6 only when someone takes its result: the finisher does
+        self._finalize = "cleanup_fn" not in inspect.signature(self.mode.submit).parameters
+        self.finished = False  # every recorded kernel compiled and in its JIT cache
         self.began = time.perf_counter()
         self.twin_s = 0.0  # building the twin
         self.record_s = 0.0  # recording its steps
@@ -138,20 +145,28 @@ class Precompile:
         self._finisher: threading.Thread | None = None
         _record_launches()
 
-    def attach(self) -> None:
-        """Make the calling thread's launches share the pool: a kernel compiling there is
-        waited for, a new one is compiled there (cheap to call again)."""
-        if self._active.get() is not self.mode:
-            self._active.set(self.mode)
-
     @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        self.attach()
-        _recording.on = True
+    def attached(self) -> Iterator[None]:
+        """The calling thread's launches share the pool for the block: a kernel compiling
+        there is waited for, a new one compiled there. A no-op once every recorded kernel
+        is compiled (launches then compile what is missing themselves, as without a pool)."""
+        if self.finished:
+            yield
+            return
+        token = self._active.set(self.mode)
         try:
             yield
         finally:
-            _recording.on = False
+            self._active.reset(token)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        with self.attached():
+            _recording.on = True
+            try:
+                yield
+            finally:
+                _recording.on = False
 
     @torch.inference_mode()
     def record(self, twin: CausalLM, engine: EngineConfig, max_model_len: int, kernels: AttentionKernels | None,
@@ -195,14 +210,23 @@ class Precompile:
         self._go.set()
 
     def _finish(self, futures: list[Future]) -> None:
-        """Put each compiled kernel into its JIT cache as soon as it is ready (any thread's
-        launch finds it there, attached or not); time the lot."""
+        """Put each compiled kernel into its JIT cache as soon as it is ready (triton 3.6:
+        any thread's launch finds it there, attached or not); time the lot. A failed
+        compile is forgotten, so the launch that needs it compiles it again and raises
+        triton's own error."""
+        failed = 0
         for f in as_completed(futures):
-            kernel = self.mode.future_kernels.get(getattr(f, "_key", None))
-            if kernel is not None:
-                kernel.result(ignore_errors=True)  # a failed compile is raised by the launch that needs it
+            key = getattr(f, "_key", None)
+            if f.exception() is not None:
+                self.mode.future_kernels.pop(key, None)
+                failed += 1
+            elif self._finalize and (kernel := self.mode.future_kernels.get(key)) is not None:
+                kernel.result()
         self.done_s = time.perf_counter() - self.began
-        log.info("%d kernels compiled by %d threads in %.1fs", self.kernels, self.workers, self.done_s)
+        self.finished = True
+        self.mode.raw_futures.clear()  # finished futures keep their compile's frames alive
+        log.info("%d kernels compiled by %d threads in %.1fs%s", self.kernels - failed, self.workers, self.done_s,
+                 f" ({failed} failed: compiled again at first launch)" if failed else "")
 
     def pending(self) -> int:
         return sum(not f.done() for f in self.mode.raw_futures)
@@ -228,18 +252,22 @@ def start_precompile(cfg: ModelConfig, engine: EngineConfig, device: torch.devic
     fails, in which case the start compiles as it goes, as before."""
     if not available(device):
         return None
-    pre = Precompile(device, workers)
+    pre = twin = None
     try:
+        pre = Precompile(device, workers)
         twin = load_model(replace(cfg, num_layers=1), device, dtype, checkpoint, fp8=fp8, seed=engine.seed,
                           max_positions=max_model_len, progress=False, layout_only=checkpoint is not None)
         pre.twin_s = time.perf_counter() - pre.began
         pre.record(twin, engine, max_model_len, kernels, profile_tokens)
     except Exception as exc:  # noqa: BLE001: only the head start is lost
         log.warning("kernel precompile skipped (%s: %s); kernels compile on first use", type(exc).__name__, exc)
+        log.debug("kernel precompile failed", exc_info=True)
         return None
     finally:
-        pre.start()  # whatever was recorded compiles, and launches attached to the pool never wait on it
-        twin = None  # noqa: F841: the twin's memory is back before the weights load
+        if pre is not None:
+            pre.start()  # whatever was recorded compiles; nothing waits on a pool that never starts
+        del twin
+        torch.cuda.empty_cache()  # the twin's blocks back to the device before KV sizing counts free memory
     log.info("twin built in %.2fs recorded %d kernels in %.2fs; compiling on %d threads", pre.twin_s, pre.kernels,
              pre.record_s, pre.workers)
     return pre

@@ -201,6 +201,9 @@ class LayerStager:
         for future in self.pending.values():
             future.cancel()
         self.pool.shutdown(wait=True)
+        for event in self.events:  # the last copies out of the buffers end before they can be freed
+            if event is not None:
+                event.synchronize()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()

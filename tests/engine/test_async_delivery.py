@@ -54,9 +54,13 @@ def test_the_async_engine_shortens_the_gil_switch_interval_while_it_runs(tiny_mi
     import sys
 
     before = sys.getswitchinterval()
-    engine = AsyncLLM(LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False))
+    first = AsyncLLM(LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False))
+    second = AsyncLLM(LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False))
     assert sys.getswitchinterval() == 0.0005
-    engine.close()
+    first.close()  # closed out of order: the other still runs
+    assert sys.getswitchinterval() == 0.0005
+    second.close()
+    second.close()  # twice: no effect
     assert sys.getswitchinterval() == before
     kept = AsyncLLM(LLM(tiny_mixtral, dtype="float32", device="cpu", num_kv_blocks=16, progress=False,
                         gil_switch_interval_s=None))

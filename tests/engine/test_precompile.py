@@ -17,13 +17,14 @@ from tests.engine.test_fp8 import write_prequantized
 
 
 def _layer_layout(model: torch.nn.Module, layer: int) -> dict[str, tuple]:
-    """Every tensor of ``layer`` and the top: (module type, shape, dtype)."""
+    """Every tensor of ``layer`` and the top: (module type, shape, strides, dtype), what
+    a triton launch's specialization sees of it."""
     owner = {id(t): type(m).__name__ for m in model.modules() for t in [*m.parameters(False), *m.buffers(False)]}
     out = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if name.startswith("layers.") and not name.startswith(f"layers.{layer}."):
             continue
-        out[name.replace(f"layers.{layer}.", "layers.N.")] = (owner.get(id(t)), tuple(t.shape), t.dtype)
+        out[name.replace(f"layers.{layer}.", "layers.N.")] = (owner.get(id(t)), tuple(t.shape), t.stride(), t.dtype)
     return out
 
 
@@ -82,3 +83,66 @@ def test_eager_prefill_runs_padded_to_its_bucket(tiny_mixtral):
     got = [c.token_ids for c in padded.generate(prompts, params)]
     assert got == [c.token_ids for c in exact.generate(prompts, params)]
     assert sizes and set(sizes) <= {8, 16, 24} and 24 in sizes  # 5 + 13 tokens: the 24 bucket
+
+
+def _submit(pre, key, compile_fn):
+    """AsyncCompileMode.submit as triton's JIT calls it (3.6: no cleanup callback)."""
+    import inspect
+
+    finalized = []
+    args = [key, compile_fn, finalized.append]
+    if "cleanup_fn" in inspect.signature(pre.mode.submit).parameters:
+        args.append(lambda future_kernel: None)
+    return pre.mode.submit(*args), finalized
+
+
+def test_the_pool_waits_for_the_recording_then_finishes_and_forgets_failures():
+    """Compiles start once the twin has recorded; the finisher puts what compiled into
+    the JIT cache (triton 3.6), forgets what failed (the launch that needs it compiles
+    again and raises triton's own error) and marks the pool finished."""
+    import threading
+
+    from triton.runtime import _async_compile
+
+    from sluice.engine.precompile import Precompile
+
+    pre = Precompile(torch.device("cpu"), workers=2)
+    ran = threading.Event()
+
+    def good():
+        ran.set()
+        return "kernel"
+
+    def bad():
+        raise RuntimeError("ptxas says no")
+
+    with pre.attached():
+        assert _async_compile.active_mode.get() is pre.mode
+        good_kernel, finalized = _submit(pre, "good", good)
+        _submit(pre, "bad", bad)
+    assert _async_compile.active_mode.get() is None  # scoped: the thread is not left attached
+    assert not ran.wait(0.2)  # held until the recording ends
+    pre.start()
+    pre._finish(list(pre.mode.raw_futures))
+    assert "bad" not in pre.mode.future_kernels and pre.finished and not pre.mode.raw_futures
+    assert good_kernel.result() == "kernel"
+    if pre._finalize:  # triton 3.6: the finisher finalized it into the JIT cache
+        assert finalized == ["kernel"]
+    with pre.attached():  # finished: launches compile for themselves again
+        assert _async_compile.active_mode.get() is None
+
+
+def test_a_failed_twin_leaves_no_thread_attached_or_recording(tiny_mixtral, monkeypatch):
+    """On the CPU the twin's profiling prefill fails (no CUDA memory stats): the start
+    goes on without a pool, and this thread neither records nor shares one."""
+    from triton.runtime import _async_compile
+
+    from sluice.engine import precompile
+    from sluice.engine.config import EngineConfig
+
+    monkeypatch.setattr(precompile, "available", lambda device: True)
+    cfg = ModelConfig.from_file(tiny_mixtral)
+    assert precompile.start_precompile(cfg, EngineConfig(), torch.device("cpu"), torch.bfloat16, tiny_mixtral,
+                                       False, 64, None, 64) is None
+    assert _async_compile.active_mode.get() is None
+    assert not getattr(precompile._recording, "on", False)
