@@ -53,6 +53,7 @@ def _rank(rank: int, port: int, mode: str, paths: list[str], out_dir: str) -> No
             result.append({"tokens": tokens, "kv_heads": kv_heads, "local_experts": experts, "woke_from": woke_from,
                            "after_wake": greedy(llm, llm.model.config.vocab_size)})
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        torch.distributed.barrier()  # both ranks done before either tears gloo down (an abort at exit, once in CI)
     finally:
         parallel.destroy()
 
@@ -86,6 +87,7 @@ def _mirrored_rank(rank: int, port: int, mode: str, paths: list[str], out_dir: s
                       "all": {c.request_id: c.token_ids for c in greedy_out + [sampled] + again}
                       | {cut.request_id: cut.completion_token_ids}}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        torch.distributed.barrier()  # both ranks done before either tears gloo down (an abort at exit, once in CI)
     finally:
         parallel.destroy()
 
