@@ -37,13 +37,18 @@ def varlen_graph_sizes(model: torch.nn.Module, max_tokens: int) -> list[int]:
     return [n for n in VARLEN_GRAPH_TOKENS if n < cap] + [cap]
 
 
+def decode_graph_sizes(max_bs: int) -> list[int]:
+    """The decode batch buckets up to ``max_bs`` sequences."""
+    return [b for b in GRAPH_BATCH_SIZES if b <= max_bs]
+
+
 class CudaGraphs:
     def __init__(self, model: torch.nn.Module, decode: DecodeInputs, varlen: VarlenInputs,
                  varlen_sizes: list[int], block_size: int) -> None:
         self.model = model
         self.block_size = block_size
         self.decode_inputs, self.varlen_inputs = decode, varlen
-        self.decode_sizes = [b for b in GRAPH_BATCH_SIZES if b <= decode.max_bs]
+        self.decode_sizes = decode_graph_sizes(decode.max_bs)
         self.varlen_sizes = varlen_sizes
         self.buckets = {b: next(x for x in self.decode_sizes if x >= b) for b in range(1, decode.max_bs + 1)}
         self.decode: dict[int, torch.cuda.CUDAGraph] = {}  # bucket -> graph

@@ -125,7 +125,8 @@ class LLM:
     def _compiling(self) -> contextlib.AbstractContextManager[None]:
         """While the start's kernels compile on the pool, this thread's launches share it
         (a kernel compiling there is waited for, not compiled a second time)."""
-        return self.precompile.attached() if self.precompile is not None else contextlib.nullcontext()
+        pool = self.precompile
+        return pool.attached() if pool is not None and not pool.finished else contextlib.nullcontext()
 
     def _warm_record(self, cfg: ModelConfig, device: Any, dtype: Any, model: str | Path | None) -> WarmRecord | None:
         """On CUDA, this model's warm record beside the kernel cache (engine/warm_record.py):

@@ -42,6 +42,24 @@ def attention_kernels(engine: EngineConfig, model: ModelConfig, device: torch.de
     return AttentionKernels(decode=paged_decode_attention, varlen=paged_varlen_attention)
 
 
+def step_sizes(model: CausalLM, engine: EngineConfig, device: torch.device,
+               kernels: AttentionKernels | None) -> list[int]:
+    """The varlen token buckets steps are padded to (graphs or not): none without CUDA
+    graphs, and none without the triton attention (the reference reads lengths on the host)."""
+    if device.type != "cuda" or engine.enforce_eager or kernels is None:
+        return []
+    return varlen_graph_sizes(model, engine.max_num_batched_tokens)
+
+
+def step_inputs(engine: EngineConfig, max_blocks_per_seq: int, scratch_slot: int, device: torch.device,
+                kernels: AttentionKernels | None) -> tuple[DecodeInputs, VarlenInputs]:
+    """The static inputs of decode-only and varlen steps (engine/step_inputs.py)."""
+    decode = DecodeInputs(min(engine.max_num_seqs, 64), max_blocks_per_seq, scratch_slot, device, kernels)
+    varlen = VarlenInputs(engine.max_num_batched_tokens, engine.max_num_seqs, max_blocks_per_seq, scratch_slot,
+                          device, kernels)
+    return decode, varlen
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, engine: EngineConfig, max_model_len: int,
                  reload: Callable[[], torch.nn.Module], activations: int | None = None) -> None:
@@ -55,9 +73,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.kernels = attention_kernels(engine, self.config, self.device)
         cuda_graphs = self.device.type == "cuda" and not engine.enforce_eager
-        # varlen graphs need the triton attention: the reference reads lengths on the host
-        self.varlen_sizes = varlen_graph_sizes(model, engine.max_num_batched_tokens) \
-            if cuda_graphs and self.kernels else []
+        self.varlen_sizes = step_sizes(model, engine, self.device, self.kernels)
         self.timings: dict[str, float] = {}  # start-up phases, seconds
         began = time.perf_counter()
         self.activations = activations  # bytes; what auto sizing measured (or was given)
@@ -70,12 +86,9 @@ class ModelRunner:
         self.timings["kv_profile_s"] = time.perf_counter() - began
         self.kv_cache = allocate_cache(model, self.num_blocks + 1, self.block_size)
         scratch = self.num_blocks * self.block_size
-        self.varlen = VarlenInputs(engine.max_num_batched_tokens, engine.max_num_seqs, self.max_blocks_per_seq,
-                                   scratch, self.device, self.kernels)
-        max_bs = min(engine.max_num_seqs, 64)
-        self.graphs = CudaGraphs(model, DecodeInputs(max_bs, self.max_blocks_per_seq, scratch, self.device,
-                                                     self.kernels),
-                                 self.varlen, self.varlen_sizes, self.block_size) if cuda_graphs else None
+        decode, self.varlen = step_inputs(engine, self.max_blocks_per_seq, scratch, self.device, self.kernels)
+        self.graphs = CudaGraphs(model, decode, self.varlen, self.varlen_sizes, self.block_size) \
+            if cuda_graphs else None
         self.parking = WeightParking(model, reload)
         # Set by the engine once it has produced a token (since its start or wake): from
         # then on a step whose size has no CUDA graph captures it first.

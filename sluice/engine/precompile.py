@@ -45,13 +45,13 @@ from typing import Any
 import torch
 
 from sluice.engine.config import EngineConfig, ModelConfig
-from sluice.engine.cuda_graphs import GRAPH_BATCH_SIZES, varlen_graph_sizes
+from sluice.engine.cuda_graphs import decode_graph_sizes
 from sluice.engine.kv_sizing import allocate_cache, measure_peak
 from sluice.engine.layers.attention import AttentionKernels
 from sluice.engine.loader import load_model
+from sluice.engine.model_runner import step_inputs, step_sizes
 from sluice.engine.models.mixtral import CausalLM
 from sluice.engine.parallel.group import use_device
-from sluice.engine.step_inputs import DecodeInputs, VarlenInputs
 
 log = logging.getLogger(__name__)
 
@@ -177,21 +177,17 @@ class Precompile:
         began = time.perf_counter()
         block = engine.block_size
         max_blocks = -(-max_model_len // block)
-        # the runner's buckets (engine/model_runner.py): eager steps are padded to them too
-        sizes = varlen_graph_sizes(twin, engine.max_num_batched_tokens) \
-            if kernels is not None and not engine.enforce_eager else []
+        sizes = step_sizes(twin, engine, self.device, kernels)  # the runner's buckets: eager steps pad to them too
         with self.recording():
             if profile_tokens:
                 measure_peak(twin, profile_tokens, block, kernels)
             nblocks = -(-max(sizes + [block]) // block) + 1
             allocate_cache(twin, nblocks + 1, block)
             scratch = nblocks * block
-            decode = DecodeInputs(min(engine.max_num_seqs, 64), max_blocks, scratch, self.device, kernels)
+            decode, varlen = step_inputs(engine, max_blocks, scratch, self.device, kernels)
             decode.reset()
-            varlen = VarlenInputs(engine.max_num_batched_tokens, engine.max_num_seqs, max_blocks, scratch,
-                                  self.device, kernels)
             varlen.reset()
-            buckets = [b for b in GRAPH_BATCH_SIZES if b <= decode.max_bs]
+            buckets = decode_graph_sizes(decode.max_bs)
             steps = [("decode", buckets[0])] + [("varlen", n) for n in sizes] + [("decode", b) for b in buckets[1:]]
             for kind, n in steps:
                 hidden = twin(*(decode.args(n) if kind == "decode" else varlen.views(n)))
