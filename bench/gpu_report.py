@@ -313,7 +313,7 @@ def profile_steps(llm: LLM, batch: int, label: str) -> None:
         for _ in range(3):
             llm.step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=32)
     (OUT / f"profile_{label}_b{batch}.txt").write_text(table)
     while llm.has_unfinished():
         llm.step()
