@@ -11,7 +11,11 @@ Pipeline, three kernels and one sum, no host sync (CUDA-graph safe):
 2. `_moe_gemm_kernel` (GATED): h = silu(x W1^T) * (x W3^T) for each slot, w1 and w3
    rows of the stacked w13 read in the same program, per-channel scales applied.
 3. `_moe_gemm_kernel` (not GATED): y_slot = (h W2^T) * scale * routed weight.
-4. out = y_slot.view(T, k, D).sum(1).
+4. out = y_slot.view(T, k, D).sum(1); with `reduce=False` the (T, k, D) partials are
+   returned instead, for a consumer to sum in a launch it makes anyway (the next
+   residual add + RMSNorm: fused_small.fused_add_rmsnorm).
+Step 1 can come precomputed (`align=`): the fused router (kernels/moe_route.py) does it
+in its own launch, so decode runs the two GEMMs alone.
 The fp8 weights are widened in registers (W8A16): decode is bound by weight bytes, and
 the activations keep 16-bit precision. The dots run in fp16 (e4m3 -> fp16 is one packed
 conversion on Hopper, -> bf16 several): x is converted in the kernel, h is written in
@@ -163,6 +167,18 @@ def moe_align_block_size(
     return sorted_ids, expert_ids, num_post
 
 
+def check_align(align: tuple[torch.Tensor, torch.Tensor, torch.Tensor], numel: int, num_experts: int,
+                block_m: int, device: torch.device) -> None:
+    """Raise ValueError unless ``align`` is moe_align_block_size's output for ``numel`` slots,
+    ``num_experts`` and ``block_m`` (the sizes pin block_m: P = blocks * BM)."""
+    check(isinstance(align, tuple) and len(align) == 3, "align must be (sorted_ids, expert_ids, num_post)")
+    padded, max_blocks = _align_sizes(numel, num_experts, block_m)
+    for a, name, size in zip(align, ("sorted_ids", "expert_ids", "num_post"), (padded, max_blocks, 1)):
+        check_tensor(a, name, 1, (torch.int32,), device=device)
+        check(a.numel() == size, f"align's {name} has {a.numel()} entries; {numel} slots of {num_experts} "
+                                 f"experts in blocks of {block_m} need {size} (an alignment for another block_m?)")
+
+
 def moe_align_reference(
     topk_ids: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -305,19 +321,28 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     config: MoeConfig | None = None,
+    *,
+    align: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    reduce: bool = True,
 ) -> torch.Tensor:
     """x (T, D), w13 e4m3 [E, 2I, D] + scale [E, 2I], w2 e4m3 [E, D, I] + scale [E, D],
     topk_weights (T, k) fp32, topk_ids (T, k) in [0, E) -> (T, D) in x's dtype.
-    Experts in x's own dtype (bf16 decode) pass no scales: the same kernels, no widening."""
+    Experts in x's own dtype (bf16 decode) pass no scales: the same kernels, no widening.
+
+    align: ``moe_align_block_size(topk_ids, E, config.block_m)`` computed beforehand
+    (checked by size: it must be for the block_m of the config used). reduce=False:
+    returns the (T, k, D) routed-weighted per-slot outputs; their sum over k is the output."""
     _check_moe_args(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids)
     t, d = x.shape
     e, two_i, _ = w13.shape
     i, top_k = two_i // 2, topk_ids.shape[1]
     numel = t * top_k
-    if t == 0:
-        return torch.empty_like(x)
     cfg = config or moe_config(t)
-    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, e, cfg.block_m)
+    if align is not None:
+        check_align(align, numel, e, cfg.block_m, x.device)
+    if t == 0:
+        return x.new_empty((0, d) if reduce else (0, top_k, d))
+    sorted_ids, expert_ids, num_post = align or moe_align_block_size(topk_ids, e, cfg.block_m)
     max_blocks = expert_ids.numel()
     f32 = dot_in_fp32()
     has_scale = w13_scale is not None
@@ -353,7 +378,8 @@ def fused_moe(
         A_ROW_DIV=1, GATED=False, MUL_ROUTED=True, BLOCK_N=cfg.block_n2, BLOCK_K=cfg.block_k2,
         EVEN_K=i % cfg.block_k2 == 0, num_stages=stages2, **common,
     )
-    return y.view(t, top_k, d).sum(dim=1)
+    y = y.view(t, top_k, d)
+    return y.sum(dim=1) if reduce else y
 
 
 def fused_moe_reference(

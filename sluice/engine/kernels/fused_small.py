@@ -2,6 +2,8 @@
 
 - `fused_add_rmsnorm`: residual = x + residual; out = weight * rmsnorm(residual)
   (or plain RMSNorm without a residual). Replaces ~8 elementwise/reduction launches.
+  x may be the MoE's (N, K, D) per-slot outputs: their sum over K is taken in the same
+  launch (the torch `.sum(1)` it replaces was a launch of its own).
 - `rope_store_kv`: rotary on q and k (rotate-half layout) straight from the packed
   qkv projection, k and v written into their paged-cache slots, rotated q returned.
   Replaces the cos/sin gathers, chunk/cat/neg/mul/add per tensor and two index_copy.
@@ -10,7 +12,7 @@
 
 Each rounds where the torch code it replaces rounds (bf16 after the residual add,
 after each rotary product and sum, before the norm weight), so greedy tokens match
-the torch path bit for bit in the common case. Legend: N tokens, D hidden, Dh head dim.
+the torch path bit for bit in the common case. Legend: N tokens, D hidden, Dh head dim, K experts per token.
 """
 
 from __future__ import annotations
@@ -25,18 +27,25 @@ from sluice.engine.kernels._common import check, check_tensor
 @triton.jit
 def _add_rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, D, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
-    x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0)
+    if PARTS == 1:
+        x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0)
+    else:  # the row's PARTS partial rows, summed in fp32 and rounded once, like torch's .sum(1)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(PARTS):
+            acc += tl.load(x_ptr + (row * PARTS + j) * D + offs, mask=mask, other=0.0).to(tl.float32)
+        x = acc.to(x_ptr.dtype.element_ty)
     if HAS_RES:
         r = tl.load(res_ptr + row * D + offs, mask=mask, other=0.0)
         s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the residual, rounded like torch's add
-        tl.store(res_out_ptr + row * D + offs, s, mask=mask)
     else:
         s = x
+    if HAS_RES or PARTS > 1:
+        tl.store(res_out_ptr + row * D + offs, s, mask=mask)
     h = s.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
     n = (h * rstd).to(x.dtype).to(tl.float32)
@@ -48,23 +57,25 @@ def fused_add_rmsnorm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual (N, D) -> (weight * rmsnorm(x + residual), x + residual).
-    Without a residual: (weight * rmsnorm(x), x)."""
-    check_tensor(x, "x", 2, (torch.bfloat16, torch.float16, torch.float32))
+    Without a residual: (weight * rmsnorm(x), x). x may also be (N, K, D) partials (the
+    fused MoE's per-slot outputs, fused_moe(reduce=False)): x.sum(1) is used in its place,
+    summed in fp32 and rounded once as torch's sum does."""
+    check(x.dim() in (2, 3), f"x must be (N, D) or (N, K, D), got shape {tuple(x.shape)}")
+    check_tensor(x, "x", x.dim(), (torch.bfloat16, torch.float16, torch.float32))
     check(x.is_contiguous(), "x must be contiguous")
-    n, d = x.shape
+    n, d = x.shape[0], x.shape[-1]
+    parts = x.shape[1] if x.dim() == 3 else 1
     check(weight.shape == (d,) and weight.is_contiguous(), f"weight must be ({d},)")
-    out = torch.empty_like(x, dtype=weight.dtype if weight.dtype == x.dtype else x.dtype)
+    out = torch.empty((n, d), dtype=weight.dtype if weight.dtype == x.dtype else x.dtype, device=x.device)
     if residual is not None:
-        check(residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous(),
-              "residual must match x")
-        res_out = torch.empty_like(x)
-    else:
-        res_out = x
+        check(residual.shape == (n, d) and residual.dtype == x.dtype and residual.is_contiguous(),
+              f"residual must be contiguous ({n}, {d}) {x.dtype}")
+    res_out = x if residual is None and parts == 1 else torch.empty_like(out, dtype=x.dtype)
     if n:
         block = triton.next_power_of_2(d)
         _add_rmsnorm_kernel[(n,)](
             x, residual if residual is not None else x, weight, out, res_out, d, eps,
-            HAS_RES=residual is not None, BLOCK=block, num_warps=4 if block <= 2048 else 8,
+            HAS_RES=residual is not None, PARTS=parts, BLOCK=block, num_warps=4 if block <= 2048 else 8,
         )
     return out, res_out
 
@@ -73,6 +84,8 @@ def fused_add_rmsnorm_reference(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch code of sluice.engine.layers.norm.RMSNorm."""
+    if x.dim() == 3:
+        x = x.sum(1)
     s = x if residual is None else x + residual
     h = s.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)

@@ -3,6 +3,13 @@
 Expert weights are stacked per layer in the ``experts`` submodule: w13 (E, 2I, D) with
 w1 (gate) rows first, then w3 (up); w2 (E, D, I). All expert math goes through it, so
 quantization replaces that one submodule (a module swap; this file stays untouched).
+
+An experts submodule is called as (x (N, D), topk_weights (N, K) fp32, topk_ids (N, K))
+-> (N, D). One that runs the fused triton MoE (Experts, quant/fp8.py's Fp8FusedExperts)
+also has ``fused_block_m(x)``: the block_m of the fused kernel it will run for x, None
+when x takes another path. On that path it takes ``reduce=False`` and returns the (N, K,
+D) per-slot outputs. MoE.forward alone decides when that happens (see there); everything
+else (tensor/expert parallel experts, prefill paths, the CPU) keeps to (N, D).
 """
 
 from __future__ import annotations
@@ -37,17 +44,29 @@ class Experts(nn.Module):
         take per-expert cuBLAS instead, so larger graphs would change the kernel."""
         return FUSED_MAX_TOKENS
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """sum_k w_k * w2(silu(w1 x) * w3 x) over each token's chosen experts: (N, D).
+    def fused_block_m(self, x: torch.Tensor) -> int | None:
+        """The fused triton MoE's block_m for x, or None where x takes per-expert cuBLAS / the CPU."""
+        if not x.is_cuda or (x.shape[0] > FUSED_MAX_TOKENS and not torch.cuda.is_current_stream_capturing()):
+            return None
+        from sluice.engine.kernels.fused_moe import moe_config  # triton: imported only on CUDA
+
+        return moe_config(x.shape[0]).block_m
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                reduce: bool = True) -> torch.Tensor:
+        """sum_k w_k * w2(silu(w1 x) * w3 x) over each token's chosen experts: (N, D);
+        reduce=False (fused path only): the (N, K, D) terms of that sum.
 
         CUDA, decode-sized batches (and always under graph capture): the triton fused MoE,
         which reads only the routed experts and never syncs with the host. Larger
         batches (prefill) and the CPU: one cuBLAS/CPU matmul pair per expert."""
-        if x.is_cuda and (x.shape[0] <= FUSED_MAX_TOKENS or torch.cuda.is_current_stream_capturing()):
-            from sluice.engine.kernels.fused_moe import fused_moe  # triton: imported only on CUDA
+        if self.fused_block_m(x) is not None:
+            from sluice.engine.kernels.fused_moe import fused_moe
 
             return fused_moe(x.contiguous(), self.w13, None, self.w2, None,
-                             topk_weights.float().contiguous(), topk_ids.contiguous())
+                             topk_weights.float().contiguous(), topk_ids.contiguous(), reduce=reduce)
+        if not reduce:
+            raise ValueError("reduce=False is for the fused path (see fused_block_m)")
         out = torch.zeros_like(x)
         flat_ids = topk_ids.flatten()  # (N*K,)
         order = flat_ids.argsort(stable=True)
@@ -77,9 +96,24 @@ class MoE(nn.Module):
         self.experts: nn.Module = Experts(hidden_size, intermediate_size, num_experts, top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, D) -> (N, D)."""
+        """x (N, D) -> (N, D); or, on the fused CUDA path (SLUICE_FUSED on, experts running
+        the fused triton MoE), the (N, K, D) routed-weighted outputs of each token's K
+        experts, unsummed: the next RMSNorm.forward_residual sums them in its own launch,
+        saving one. Whoever else takes this output sums it over dim 1 (``reduced``)."""
         topk_weights, topk_ids = self.route(x)
+        if self.fused_partials(x):
+            return self.experts(x, topk_weights, topk_ids, reduce=False)
         return self.experts(x, topk_weights, topk_ids)
+
+    def fused_partials(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) returns the (N, K, D) per-slot outputs (the one place that decides)."""
+        fused_block_m = getattr(self.experts, "fused_block_m", None)  # absent: (N, D) experts only
+        return fusion.use_fused(x) and fused_block_m is not None and fused_block_m(x) is not None
+
+    @staticmethod
+    def reduced(y: torch.Tensor) -> torch.Tensor:
+        """forward's output as (N, D) either way."""
+        return y.sum(1) if y.dim() == 3 else y
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax in fp32 over all experts, keep top-k, renormalise: (N, K) fp32, (N, K) int64

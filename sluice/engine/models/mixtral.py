@@ -69,6 +69,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (mlp output, residual (N, D)). The output is (N, D), or a MoE's unsummed (N, K, D)
+        per-expert terms (MoE.forward): the next forward_residual sums them as it adds."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:

@@ -19,7 +19,7 @@ from sluice.engine.errors import ConfigError
 from sluice.engine.kernels._common import FP8_DTYPE, FP8_MAX
 from sluice.engine.kernels.act_quant import per_token_quant_fp8
 from sluice.engine.kernels.fp8_linear import fp8_linear_small_m
-from sluice.engine.kernels.fused_moe import fused_moe, fused_moe_reference, moe_prefill_config
+from sluice.engine.kernels.fused_moe import MoeConfig, fused_moe, fused_moe_reference, moe_config, moe_prefill_config
 from sluice.engine.kernels.moe_grouped import fp8_moe_grouped, grouped_mm_available
 from sluice.engine.kernels.moe_prefill import PREFILL_MIN_TOKENS, fp8_moe_prefill, fp8_moe_prefill_supported
 from sluice.engine.layers.moe import Experts
@@ -190,18 +190,35 @@ class Fp8FusedExperts(nn.Module):
             w2s[x].copy_(w2[x], non_blocking=True)
         return cls(w13, torch.cat([s1, s3], dim=1).to(device), w2s, s2.to(device))
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                reduce: bool = True) -> torch.Tensor:
+        """(T, D); reduce=False (fused paths only, see fused_block_m): the (T, k, D) per-slot outputs."""
         args = (x.contiguous(), self.w13, self.w13_scale, self.w2, self.w2_scale,
                 topk_weights.float().contiguous(), topk_ids.contiguous())
-        if not x.is_cuda:
+        path = self._cuda_path(x)
+        if path in ("w8a16", "w8a8"):
+            return fused_moe(*args, config=self._fused_config(x.shape[0], path), reduce=reduce)
+        if not reduce:
+            raise ValueError("reduce=False is for the fused paths (see fused_block_m)")
+        if path is None:
             return fused_moe_reference(*args)
-        path = self.path(x.shape[0], torch.cuda.is_current_stream_capturing(),
+        return fp8_moe_prefill(*args) if path == "scaled_mm" else fp8_moe_grouped(*args)
+
+    def fused_block_m(self, x: torch.Tensor) -> int | None:
+        """The fused triton MoE's block_m for x, or None where x takes another path."""
+        path = self._cuda_path(x)
+        return self._fused_config(x.shape[0], path).block_m if path in ("w8a16", "w8a8") else None
+
+    def _cuda_path(self, x: torch.Tensor) -> str | None:
+        """``path`` for x on its device (None on the CPU: the fp32 reference loop)."""
+        if not x.is_cuda:
+            return None
+        return self.path(x.shape[0], torch.cuda.is_current_stream_capturing(),
                          fp8_moe_prefill_supported(x, self.w13, self.w2), grouped_mm_available(x.device))
-        if path == "scaled_mm":
-            return fp8_moe_prefill(*args)
-        if path == "grouped":
-            return fp8_moe_grouped(*args)
-        return fused_moe(*args, config=moe_prefill_config(x.shape[0]) if path == "w8a8" else None)
+
+    @staticmethod
+    def _fused_config(num_tokens: int, path: str) -> MoeConfig:
+        return moe_prefill_config(num_tokens) if path == "w8a8" else moe_config(num_tokens)
 
     def graph_max_tokens(self) -> int | None:
         """Every path but "scaled_mm" (a host sync per expert) is graph-safe as chosen."""

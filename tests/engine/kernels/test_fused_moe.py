@@ -142,3 +142,42 @@ def test_fused_moe_rejects_bad_shapes():
         fused_moe(x, w13, s13, w2, s2, tw.bfloat16(), ti)
     with pytest.raises(ValueError, match="w13_scale"):
         fused_moe(x, w13, s13[:, :i].contiguous(), w2, s2, tw, ti)
+
+
+@pytest.mark.parametrize("t,e,k", [(1, 4, 2), (7, 5, 2), (5, 3, 3)])
+def test_fused_moe_partials_and_precomputed_align(t, e, k):
+    """reduce=False: the (T, k, D) terms whose sum over k is the reduced output; a
+    precomputed alignment gives the same result as the one fused_moe computes."""
+    torch.manual_seed(t + 11 * e)
+    d, i = 64, 96
+    x = torch.randn(t, d, device=DEVICE).bfloat16()
+    w13, s13 = quantize(torch.randn(e, 2 * i, d, device=DEVICE) / d**0.5)
+    w2, s2 = quantize(torch.randn(e, d, i, device=DEVICE) / i**0.5)
+    tw, ti = _routing(t, e, k)
+    out = fused_moe(x, w13, s13, w2, s2, tw, ti)
+    parts = fused_moe(x, w13, s13, w2, s2, tw, ti, reduce=False)
+    assert parts.shape == (t, k, d) and parts.dtype == x.dtype
+    assert torch.equal(parts.sum(1), out)
+    align = moe_align_block_size(ti, e, moe_config(t).block_m)
+    assert torch.equal(fused_moe(x, w13, s13, w2, s2, tw, ti, align=align, reduce=False), parts)
+
+
+def test_fused_moe_rejects_align_for_another_block_m():
+    t, e, k, d, i = 5, 4, 2, 32, 48
+    x = torch.randn(t, d, device=DEVICE).bfloat16()
+    w13, s13 = quantize(torch.randn(e, 2 * i, d, device=DEVICE))
+    w2, s2 = quantize(torch.randn(e, d, i, device=DEVICE))
+    tw, ti = _routing(t, e, k)
+    align = moe_align_block_size(ti, e, 2 * moe_config(t).block_m)
+    with pytest.raises(ValueError, match="another block_m"):
+        fused_moe(x, w13, s13, w2, s2, tw, ti, align=align)
+
+
+def test_fused_moe_no_tokens():
+    e, d, i = 4, 32, 48
+    w13, s13 = quantize(torch.randn(e, 2 * i, d, device=DEVICE))
+    w2, s2 = quantize(torch.randn(e, d, i, device=DEVICE))
+    x = torch.randn(0, d, device=DEVICE).bfloat16()
+    tw, ti = torch.zeros(0, 2, device=DEVICE), torch.zeros(0, 2, dtype=torch.int32, device=DEVICE)
+    assert fused_moe(x, w13, s13, w2, s2, tw, ti).shape == (0, d)
+    assert fused_moe(x, w13, s13, w2, s2, tw, ti, reduce=False).shape == (0, 2, d)

@@ -31,6 +31,28 @@ def test_add_rmsnorm_matches_torch(n, d, res):
     assert torch.allclose(out.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
 
 
+@pytest.mark.parametrize("n,k,d,res", [(1, 2, 64, True), (7, 2, 96, True), (3, 3, 80, True), (4, 2, 64, False),
+                                       (0, 2, 64, True)])
+def test_add_rmsnorm_sums_partials(n, k, d, res):
+    """(N, K, D) partials (the fused MoE's per-slot outputs): summed in the same launch,
+    as torch's .sum(1) then the plain add + norm."""
+    torch.manual_seed(n + k + d)
+    x = torch.randn(n, k, d, device=DEVICE).to(DTYPE)
+    r = torch.randn(n, d, device=DEVICE).to(DTYPE) if res else None
+    w = (1 + 0.1 * torch.randn(d, device=DEVICE)).to(DTYPE)
+    out, new_res = fused_add_rmsnorm(x, r, w, 1e-5)
+    ref, ref_res = fused_add_rmsnorm_reference(x, r, w, 1e-5)
+    assert out.shape == new_res.shape == (n, d)
+    assert torch.equal(new_res, ref_res)
+    assert torch.allclose(out.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_add_rmsnorm_rejects_mismatched_residual():
+    x = torch.randn(3, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="residual"):
+        fused_add_rmsnorm(x, torch.randn(3, 2, 64, device=DEVICE), torch.ones(64, device=DEVICE), 1e-5)
+
+
 @pytest.mark.parametrize("n,hq,hkv,dh", [(1, 4, 2, 16), (6, 8, 2, 32), (3, 6, 3, 16)])
 def test_rope_store_kv_matches_torch(n, hq, hkv, dh):
     torch.manual_seed(n * hq)
