@@ -106,12 +106,13 @@ class CudaGraphs:
         self._failed.clear()
         self._pool = None
 
-    def run_decode(self, batch: ScheduledBatch) -> torch.Tensor:
+    def run_decode(self, batch: ScheduledBatch, next_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, D) of a decode-only step of at most max_bs sequences: its
-        bucket's graph replayed, or the model run eagerly on the bucket's inputs."""
+        bucket's graph replayed, or the model run eagerly on the bucket's inputs.
+        ``next_ids``: DecodeInputs.load's (a step launched ahead of the last one's tokens)."""
         B = len(batch.decode)
         bucket = self.buckets[B]
-        self.decode_inputs.load(batch.decode, bucket, self.block_size)
+        self.decode_inputs.load(batch.decode, bucket, self.block_size, next_ids)
         graph = self.decode.get(bucket)
         if graph is None:
             return self.model(*self.decode_inputs.args(bucket))[:B]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -29,12 +30,24 @@ from sluice.engine.output import Completion, RequestOutput, TextState
 from sluice.engine.parallel import Sharding
 from sluice.engine.parallel.group import use_device
 from sluice.engine.precompile import Precompile, start_precompile
-from sluice.engine.sampling import SamplingParams, sample
+from sluice.engine.sampling import Draw, SampledToken, SamplingParams, draw, needs_host_history, sample
 from sluice.engine.scheduler import ScheduledBatch, Scheduler
 from sluice.engine.sequence import Sequence
 from sluice.engine.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Launched:
+    """A step on the device: its batch, the sequences that sample, and their tokens,
+    either still on the device (``draw``) or already read back (``tokens``: sampling
+    that needed the host)."""
+
+    batch: ScheduledBatch
+    samplers: list[Sequence]
+    draw: Draw | None = None
+    tokens: list[SampledToken] | None = None
 
 
 class LLM:
@@ -100,6 +113,10 @@ class LLM:
         self.on_launch: Callable[[], None] | None = None
         self.sequences: dict[int, Sequence] = {}
         self._text: dict[int, TextState] = {}
+        #: Decode steps launched one ahead of reading the last one's tokens back (step()).
+        #: Not across ranks: each rank would have to take the same decision at once.
+        self.lookahead = self.config.step_lookahead and not self.sharding.active
+        self._in_flight: _Launched | None = None
         pending = f", {self.precompile.pending()} still compiling" if self.precompile is not None else ""
         log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens; loaded in %.2fs, KV cache sized in "
                  "%.2fs; %d kernels compiled (%.1fs of compiler time%s)", cfg.architecture, device, dtype,
@@ -217,20 +234,70 @@ class LLM:
     # ---- the step -------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Run one step and return its outputs. With ``step_lookahead`` a decode step is
+        launched before the previous step's tokens are read back (the module's
+        "lookahead"): this call then returns the outputs of the step launched by the last
+        call, and the one it launched is on the device meanwhile."""
         if self.asleep:
             raise RequestError("the engine is asleep: wake() it first")
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        launched, self._in_flight = self._in_flight, None
+        if launched is not None and all(s.is_finished for s in launched.batch.decode):
+            launched = None  # every one of its sequences was aborted since: nothing to read
+        if launched is None:
+            batch = self.scheduler.schedule()
+            if not batch:
+                return []
+            launched = self._launch(batch)
+        if self.lookahead:
+            self._in_flight = self._launch_ahead(launched)
+        outputs = self._resolve(launched)
+        if self._in_flight is not None and all(s.is_finished for s in self._in_flight.batch.decode):
+            self._in_flight = None  # every one of its sequences ended meanwhile: nothing to read
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch, after: _Launched | None = None) -> _Launched:
+        """Enqueue a step's forward and its sampling. ``after``: the step whose sampled
+        tokens are this one's inputs, still on the device."""
         self.runner.capture_on_first_use = self.steps > 0
         with self._compiling():
-            logits = self.runner.run(batch)
+            logits = self.runner.run(batch, after.draw.token_ids if after is not None else None)
         if self.on_launch is not None:  # the forward is enqueued; the GPU is busy for a while
             self.on_launch()
         self.steps += 1
         samplers = self._sampling_sequences(batch)
-        tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers], samplers)
-        return self._postprocess(batch, dict(zip(samplers, tokens)))
+        params, generators = [s.params for s in samplers], [s.generator for s in samplers]
+        if any(needs_host_history(p) for p in params):  # waits for the device
+            return _Launched(batch, samplers, tokens=sample(logits, params, generators, samplers))
+        return _Launched(batch, samplers, draw=draw(logits, params, generators))
+
+    def _launch_ahead(self, last: _Launched) -> _Launched | None:
+        """The next decode step of ``last``'s sequences, launched before ``last``'s tokens
+        are read back, so that the host's work on them (reading them back, detokenizing,
+        the next step's inputs) overlaps the device's next forward. Only where that next
+        step is what the scheduler would run anyway: a decode-only step, no request
+        waiting, no sequence certain to end with ``last``'s token, none whose sampling
+        needs its previous tokens on the host, and a KV slot for each without preempting.
+        A sequence that ends with ``last``'s token all the same (a stop token or string, an
+        abort) has that row of the step discarded; the KV it wrote lies past its tokens."""
+        batch = last.batch
+        if last.draw is None or batch.prefill or self.scheduler.waiting:
+            return None
+        for seq in batch.decode:
+            if seq.is_finished or needs_host_history(seq.params):
+                return None
+            limit = seq.params.max_tokens
+            if (limit is not None and seq.num_completion_tokens + 1 >= limit) or seq.num_tokens + 1 >= self.max_model_len:
+                return None
+        if not all(self.block_manager.ensure_slots(seq, seq.num_tokens + 1) for seq in batch.decode):
+            return None  # (slots taken for the others are this step's next ones anyway)
+        return self._launch(ScheduledBatch(decode=list(batch.decode)), after=last)
+
+    def _resolve(self, launched: _Launched) -> list[RequestOutput]:
+        """Read a launched step's tokens back and apply them (sequences that ended since it
+        was launched are skipped)."""
+        tokens = launched.tokens if launched.draw is None else launched.draw.result()
+        return self._postprocess(launched.batch, {s: t for s, t in zip(launched.samplers, tokens)
+                                                  if not s.is_finished})
 
     def _sampling_sequences(self, batch: ScheduledBatch) -> list[Sequence]:
         done = [s for s, n in zip(batch.prefill, batch.chunk_lens) if s.num_computed_tokens + n == s.num_tokens]
@@ -238,6 +305,8 @@ class LLM:
 
     def _postprocess(self, batch: ScheduledBatch, sampled: dict[Sequence, Any]) -> list[RequestOutput]:
         for seq, n in zip(batch.sequences, [1] * len(batch.decode) + batch.chunk_lens):
+            if seq.is_finished:  # ended (aborted, or by the step before) after this step was launched
+                continue
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
         outputs = []

@@ -97,16 +97,19 @@ class ModelRunner:
     # ---- the step -------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+    def run(self, batch: ScheduledBatch, next_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Forward one step; returns fp32 logits (S, V) for the sequences that sample now:
-        every decode, and every prefill whose chunk reaches the end of its tokens."""
+        every decode, and every prefill whose chunk reaches the end of its tokens.
+        ``next_ids`` (decode-only steps): each sequence's next input token, still on the
+        device (sampled by the step before, whose result the host has not read yet); the
+        sequences' own state then ends one token short of this step's input."""
         graphs = self.graphs
         if not batch.prefill:
             if graphs is not None and len(batch.decode) in graphs.buckets:
                 if self.capture_on_first_use:
                     graphs.ensure("decode", graphs.buckets[len(batch.decode)])
-                return self.model.compute_logits(graphs.run_decode(batch))
-            input_ids, positions, meta, sample_rows = self._prepare_decode(batch)
+                return self.model.compute_logits(graphs.run_decode(batch, next_ids))
+            input_ids, positions, meta, sample_rows = self._prepare_decode(batch, next_ids)
             return self.model.compute_logits(self.model(input_ids, positions, meta)[sample_rows])
         n = batch.num_tokens
         size = next((x for x in self.varlen_sizes if x >= n), None)
@@ -129,19 +132,20 @@ class ModelRunner:
         rows = self.varlen.load(batch, batch.num_tokens, self.block_size)
         return *self.varlen.views(batch.num_tokens), rows
 
-    def _prepare_decode(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def _prepare_decode(self, batch: ScheduledBatch, next_ids: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Inputs of a decode-only step without the static decode inputs (CPU, eager, or
         more sequences than the largest graph)."""
         seqs = batch.decode
-        pos = [s.num_tokens - 1 for s in seqs]
+        pos = [s.num_tokens - (next_ids is None) for s in seqs]
         width = max(len(s.block_table) for s in seqs)
         meta = AttentionMetadata(
             slot_mapping=self._tensor([cache_slot(s.block_table, p, self.block_size) for s, p in zip(seqs, pos)],
                                       torch.int64),
             decode_block_tables=self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
                                              torch.int32),
-            decode_context_lens=self._tensor([s.num_tokens for s in seqs], torch.int32), kernels=self.kernels)
-        ids = self._tensor([s.token_ids[p] for s, p in zip(seqs, pos)], torch.int64)
+            decode_context_lens=self._tensor([p + 1 for p in pos], torch.int32), kernels=self.kernels)
+        ids = next_ids if next_ids is not None else self._tensor([s.token_ids[p] for s, p in zip(seqs, pos)], torch.int64)
         return ids, self._tensor(pos, torch.int64), meta, torch.arange(len(seqs), device=self.device)
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:

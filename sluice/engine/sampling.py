@@ -112,51 +112,86 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         from sluice.engine.structured import accept_tokens, apply_constraints
 
         apply_constraints(logits, constraints)
-        out = _sample(logits, params, generators)
+        out = draw(logits, params, generators).result()
         accept_tokens(constraints, [t.token_id for t in out])
         return out
-    return _sample(logits, params, generators)
+    return draw(logits, params, generators).result()
 
 
-def _sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
-            ) -> list[SampledToken]:
+def needs_host_history(params: SamplingParams) -> bool:
+    """Whether sampling this request's next token needs its previous tokens on the host
+    (penalties count them; a grammar advances on them), so its step cannot be launched
+    before the last one's tokens are back (LLM's step lookahead)."""
+    return params.adjusts_logits or params.constraint is not None
+
+
+class Draw:
+    """One step's sampled tokens, still on the device: ``token_ids`` (S,) int64 there (the
+    next step's inputs can be taken from it without a host round trip); ``result()``
+    waits for their copy to the host and builds the SampledTokens."""
+
+    def __init__(self, token_ids: torch.Tensor, params: list[SamplingParams],
+                 logprobs: torch.Tensor | None) -> None:
+        self.token_ids, self.params, self.logprobs = token_ids, params, logprobs
+        self._host = token_ids.to("cpu", non_blocking=True) if token_ids.is_cuda else token_ids
+        self._copied = None
+        if token_ids.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def result(self) -> list[SampledToken]:
+        if self._copied is not None:
+            self._copied.synchronize()
+        out = []
+        for i, (tok, p) in enumerate(zip(self._host.tolist(), self.params)):
+            if self.logprobs is None or not (p.logprobs or p.top_logprobs):
+                out.append(SampledToken(tok))
+                continue
+            top: tuple[tuple[int, float], ...] = ()
+            if p.top_logprobs:
+                vals, ids = self.logprobs[i].topk(p.top_logprobs)
+                top = tuple(zip(ids.tolist(), vals.tolist()))
+            out.append(SampledToken(tok, self.logprobs[i, tok].item(), top))
+        return out
+
+
+def draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> Draw:
+    """Sample one token per row of (already biased, penalised and masked) logits without
+    waiting for the device: the uniform draws come from the CPU generators, everything
+    else is enqueued on the logits' device."""
     V = logits.shape[1]
     want_lp = any(p.logprobs or p.top_logprobs for p in params)
     if not want_lp and all(p.greedy for p in params):
         for g in generators:  # the draw every row takes, so a request's stream stays its own
             torch.rand(1, generator=g)
-        return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
-    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
+        return Draw(logits.argmax(dim=-1), params, None)
+    temps = _on(logits.device, [p.temperature if not p.greedy else 1.0 for p in params], torch.float32)
     probs = torch.softmax(logits / temps[:, None], dim=-1)  # (S, V)
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
         probs = _top_k_top_p(probs, params)
     # one uniform draw per row from that row's own generator, always taken (greedy too)
     # so a request's random stream never depends on its neighbours
-    u = torch.tensor([torch.rand(1, generator=g).item() for g in generators], device=logits.device)
+    u = _on(logits.device, [torch.rand(1, generator=g).item() for g in generators], torch.float32)
     cdf = probs.cumsum(dim=-1)  # (S, V)
     drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp_(max=V - 1)  # (S,)
-    greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool, device=logits.device)
+    greedy = _on(logits.device, [p.greedy for p in params], torch.bool)
     tokens = torch.where(greedy, logits.argmax(dim=-1), drawn)
-    logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
-    out = []
-    for i, (tok, p) in enumerate(zip(tokens.tolist(), params)):
-        if logprobs is None or not (p.logprobs or p.top_logprobs):
-            out.append(SampledToken(tok))
-            continue
-        top: tuple[tuple[int, float], ...] = ()
-        if p.top_logprobs:
-            vals, ids = logprobs[i].topk(p.top_logprobs)
-            top = tuple(zip(ids.tolist(), vals.tolist()))
-        out.append(SampledToken(tok, logprobs[i, tok].item(), top))
-    return out
+    return Draw(tokens, params, torch.log_softmax(logits, dim=-1) if want_lp else None)
+
+
+def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on ``device`` without waiting for the device: a copy from
+    pageable memory would first wait for everything queued before it (the step's forward)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _top_k_top_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Zero out what top-k and top-p exclude (rows keep their own settings)."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)  # (S, V)
     V = probs.shape[-1]
-    ks = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=probs.device)
-    ps = torch.tensor([p.top_p for p in params], device=probs.device)
+    ks = _on(probs.device, [p.top_k if p.top_k > 0 else V for p in params], torch.int64)
+    ps = _on(probs.device, [p.top_p for p in params], torch.float32)
     rank = torch.arange(V, device=probs.device)[None, :]
     before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
     drop = (rank >= ks[:, None]) | (before >= ps[:, None])

@@ -83,30 +83,36 @@ class DecodeInputs(_HostTwins):
         self.dev64.copy_(self.host64)
         self.dev32.copy_(self.host32)
 
-    def fill(self, seqs: list, bucket: int, block_size: int) -> None:
-        """Write the host twins for ``seqs`` padded to ``bucket`` rows."""
+    def fill(self, seqs: list, bucket: int, block_size: int, ahead: bool = False) -> None:
+        """Write the host twins for ``seqs`` padded to ``bucket`` rows. ``ahead``: each
+        sequence's next token, sampled by a step whose result is not on the host yet
+        (its id is left to the caller; its position is one past the last known token)."""
         B, n = len(seqs), self.max_bs
         h64 = self.host64.numpy()
         h32 = self.host32.numpy()
         tables = h32[n:].reshape(n, self.max_blocks)
         for i, q in enumerate(seqs):
-            p = q.num_tokens - 1
+            p = q.num_tokens - 1 + ahead
             table = q.block_table
-            h64[0, i] = q.token_ids[p]
+            h64[0, i] = 0 if ahead else q.token_ids[p]
             h64[1, i] = p
             h64[2, i] = cache_slot(table, p, block_size)
-            h32[i] = q.num_tokens
+            h32[i] = p + 1
             tables[i, :len(table)] = table
         h64[0, B:bucket] = 0
         h64[1, B:bucket] = 0
         h64[2, B:bucket] = self.scratch
         h32[B:bucket] = 1
 
-    def load(self, seqs: list, bucket: int, block_size: int) -> None:
-        """Fill the host twins (once the previous copy out of them is done) and copy them over."""
+    def load(self, seqs: list, bucket: int, block_size: int, next_ids: torch.Tensor | None = None) -> None:
+        """Fill the host twins (once the previous copy out of them is done) and copy them
+        over. ``next_ids`` (len(seqs),) on the device: the tokens the previous step sampled,
+        not yet read back, copied into the ids after the host twins (stream order)."""
         self._await_copy()
-        self.fill(seqs, bucket, block_size)
+        self.fill(seqs, bucket, block_size, ahead=next_ids is not None)
         self._push(self.max_bs + bucket * self.max_blocks)  # context lengths, then the bucket's table rows
+        if next_ids is not None:
+            self.dev64[0, :len(seqs)].copy_(next_ids, non_blocking=True)
 
 
 class VarlenInputs(_HostTwins):

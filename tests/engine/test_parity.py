@@ -25,7 +25,7 @@ def engine_run(llm: LLM, prompt: list[int], steps: int) -> tuple[list[int], list
     """Greedy-generate ``steps`` tokens, recording the logits the sampler saw."""
     seen: list[torch.Tensor] = []
     run = llm.runner.run
-    llm.runner.run = lambda batch: seen.append(run(batch)) or seen[-1]
+    llm.runner.run = lambda *args: seen.append(run(*args)) or seen[-1]
     [out] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
     llm.runner.run = run
     return out.token_ids, [s[0] for s in seen if len(s)]
