@@ -64,7 +64,7 @@ def build_llm(args: argparse.Namespace) -> tuple[LLM, str]:
     common = dict(dtype=args.dtype, device=args.device, max_num_seqs=max(args.batch_sizes),
                   max_model_len=args.prompt_len + args.decode_len + 16, enforce_eager=args.eager,
                   max_num_batched_tokens=args.max_batched_tokens, warm_in_background=False, progress=False,
-                  parallel=args.parallel, world_size=args.world_size)
+                  parallel=args.parallel, world_size=args.world_size, step_lookahead=not args.no_lookahead)
     if args.model:
         return LLM(args.model, **common), args.model
     if args.preset != "tiny-mixtral" and not args.random_weights:
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-len", type=int, default=64)
     p.add_argument("--max-batched-tokens", type=int, default=4096)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-lookahead", action="store_true", help="step in lock-step (EngineConfig.step_lookahead off)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("--parallel", choices=["none", "tp", "ep"], default="none", help="under torchrun, one rank a GPU")
