@@ -11,7 +11,9 @@ against today's `fused_moe`, at Mixtral-8x7B shapes (one layer, fp8 experts), T 
 3. Time (bench.kernels.bench_us: replayed from a CUDA graph, 4 rotating weight sets so
    L2 holds none, median of do_bench), per T: the baseline, the default config (whole
    call: align + memset + 2 GEMMs + cast), the same with the alignment given; then each
-   GEMM alone over its tile configs and block_m; then the whole call with the best pair.
+   GEMM alone over its tile configs and block_m; then the whole call with the best pair,
+   with and without the alignment given, and launched with PDL (checked eager and
+   graph-replayed first).
    Sweeping stops once --budget seconds have passed since the start; what was measured
    is still printed and written.
 Output: a table (T, experts read, baseline / default / best: us and TB/s of the
@@ -54,6 +56,8 @@ G1 = [  # N = 2I = 28672, K = D = 4096
     GemmTiles(64, 256, 4, 4, ctas_per_sm=2),
     GemmTiles(128, 256, 8, 3, ctas_per_sm=1),
     GemmTiles(32, 256, 4, 5, ctas_per_sm=3),
+    GemmTiles(128, 128, 4, 6, ctas_per_sm=2),
+    GemmTiles(64, 128, 4, 8, ctas_per_sm=2),
     GemmTiles(64, 128, 4, 6, flat=False, split_k=1),  # fused_moe's GEMM1 tile
     GemmTiles(64, 128, 4, 4, flat=False, split_k=2),
     GemmTiles(128, 128, 4, 4, flat=False, split_k=4),
@@ -207,9 +211,10 @@ def main() -> None:
 
     # 2. checks
     bad: set[tuple[int, str]] = set()
+    refs: dict[int, torch.Tensor] = {}
     for t in sizes:
         x, tw, ti = inputs[t]
-        ref = fused_moe_reference(x, *w0, tw, ti)
+        ref = refs[t] = fused_moe_reference(x, *w0, tw, ti)
         errs = {"baseline": rel_err(fused_moe(x, *w0, tw, ti), ref)}
         cands = {"default": defaults[t]}
         if t <= 2:
@@ -280,28 +285,65 @@ def main() -> None:
         del gu, o
         run.save()
 
-    # 3c. the whole call with each T's best pair
+    # 3c. the whole call with each T's best pair, then the same launched with PDL (GEMM2's
+    # programs start during GEMM1's tail; prefetching 0 or 8 k-steps of weights into L2)
+    chosen: dict[int, DecodeConfig] = {}
+    for t in sizes:
+        pairs = [(b1[0] + best[t][("g2", bm)][0], bm, b1[1], best[t][("g2", bm)][1])
+                 for (kind, bm), b1 in best.get(t, {}).items() if kind == "g1" and ("g2", bm) in best[t]]
+        if pairs:
+            _, bm, g1, g2 = min(pairs, key=lambda p: p[0])
+            chosen[t] = DecodeConfig(bm, g1, g2)
+    pdl_variants = {t: [replace(c, pdl=True), replace(c, pdl=True, prefetch=8)] for t, c in chosen.items()}
+    t_c = time.perf_counter()
+    with AsyncCompileMode(ThreadPoolExecutor(16), ignore_errors=True):
+        with warming_up():
+            for t, cs in pdl_variants.items():
+                x, tw, ti = inputs[t]
+                for c in cs:
+                    try:
+                        moe_decode(x, *w0, tw, ti, config=c)
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"  warm T={t} {c.short()}: {type(exc).__name__}: {str(exc)[:160]}")
+    log(f"compiled the PDL variants in {time.perf_counter() - t_c:.1f}s")
     summary = []
     for t in sizes:
         x, tw, ti = inputs[t]
         nbytes = hits[t] * 3 * I * D
-        pairs = [(b1[0] + best[t][("g2", bm)][0], bm, b1[1], best[t][("g2", bm)][1])
-                 for (kind, bm), b1 in best.get(t, {}).items() if kind == "g1" and ("g2", bm) in best[t]]
         row = {"T": t, "experts": hits[t]}
         for r in run.res["timings"]:
             if r["T"] == t and r["name"] in ("baseline fused_moe", "default", "default, align given", "gemv"):
                 row[r["name"]] = r["us"]
-        if pairs:
-            _, bm, g1, g2 = min(pairs, key=lambda p: p[0])
-            cfg = DecodeConfig(bm, g1, g2)
+        if t in chosen:
+            cfg = chosen[t]
             row["best_config"] = cfg.short()
             row["best_config_fields"] = asdict(cfg)
             row["best"] = run.time(t, "best pair", cfg.short(),
                                    lambda: [moe_decode(x, *w, tw, ti, config=cfg) for w in ws], nbytes, force=True)
-            al = moe_align_block_size(ti, E, bm)
+            al = moe_align_block_size(ti, E, cfg.block_m)
             row["best, align given"] = run.time(
                 t, "best pair, align given", cfg.short(),
                 lambda: [moe_decode(x, *w, tw, ti, alignment=al, config=cfg) for w in ws], nbytes, force=True)
+            for c in pdl_variants[t]:
+                name = f"best pair, pdl{c.prefetch}"
+                try:  # eager and graph-replayed against the reference: gdc_wait must hold GEMM2 back
+                    err = rel_err(moe_decode(x, *w0, tw, ti, config=c), refs[t])
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        y = moe_decode(x, *w0, tw, ti, config=c)
+                    g.replay()
+                    err_g = rel_err(y, refs[t])
+                    del g
+                except Exception as exc:  # noqa: BLE001
+                    log(f"  T={t} {name}: FAILED {type(exc).__name__}: {str(exc)[:160]}")
+                    continue
+                run.res["checks"][str(t)][name] = round(err, 6) if err == err else None
+                run.res["checks"][str(t)][name + " (graph)"] = round(err_g, 6) if err_g == err_g else None
+                if not (err < TOL and err_g < TOL):
+                    log(f"  T={t} {name}: rel err {err:.2e}, graph-replayed {err_g:.2e}: over {TOL:g}, not timed")
+                    continue
+                row[name] = run.time(t, name, c.short(), lambda: [moe_decode(x, *w, tw, ti, config=c) for w in ws],
+                                     nbytes, force=True)
         summary.append(row)
     run.res["summary"] = summary
     run.save()
@@ -310,12 +352,13 @@ def main() -> None:
         return "-" if us is None else f"{us:7.1f} us {nbytes / us / 1e6:4.2f} TB/s"
 
     log("")
-    log(f"T  | exp | floor us | baseline fused_moe      | default                 | best pair               | best, align given       | best config")
+    cols = ["baseline fused_moe", "default", "best pair", "best pair, align given", "best pair, pdl0", "best pair, pdl8"]
+    keys = ["baseline fused_moe", "default", "best", "best, align given", "best pair, pdl0", "best pair, pdl8"]
+    log("T  | exp | floor us | " + " | ".join(f"{c:23s}" for c in cols) + " | best pair config")
     for row in summary:
         nbytes = row["experts"] * 3 * I * D
-        log(f"{row['T']:<3d}| {row['experts']:<3d} | {nbytes / HBM / 1e6:8.1f} | {cell(row.get('baseline fused_moe'), nbytes):23s} | "
-            f"{cell(row.get('default'), nbytes):23s} | {cell(row.get('best'), nbytes):23s} | "
-            f"{cell(row.get('best, align given'), nbytes):23s} | {row.get('best_config', '-')}")
+        log(f"{row['T']:<3d}| {row['experts']:<3d} | {nbytes / HBM / 1e6:8.1f} | "
+            + " | ".join(f"{cell(row.get(k), nbytes):23s}" for k in keys) + f" | {row.get('best_config', '-')}")
     log(f"skipped past the budget: {run.res['skipped']} timings; failed compiles: {len(run.res['failed_compile'])}; "
         f"checks over {TOL:g}: {sorted(bad) or 'none'}")
 

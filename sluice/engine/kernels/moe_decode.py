@@ -20,6 +20,9 @@ Pipeline, no host sync, fixed sizes per T (CUDA-graph safe):
    h is formed from gu as the A tile is loaded (no h tensor, no activation pass), and
    the k slots of a token meet in the same fp32 row (no k-sum pass).
 3. out -> x's dtype (skipped for fp32 x, or when the caller takes fp32).
+With `pdl`, GEMM2 is a programmatic dependent launch of GEMM1 (Hopper griddepcontrol):
+its programs start as GEMM1's last ones finish, set up and L2-prefetch their first weight
+tiles, then wait for GEMM1's results; the kernel boundary's drain and fill overlap.
 Both GEMMs run the same kernel, `_moe_decode_kernel`, with a tile config each. Its
 iteration space is the (tile, k-step) pairs of the routed blocks, `flat`ly numbered:
 - flat (stream-K): P = SMS * ctas_per_sm persistent programs each take an equal,
@@ -49,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sluice.engine.kernels._common import FP8_DTYPE, check, check_tensor, dot_in_fp32
+from sluice.engine.kernels._common import FP8_DTYPE, check, check_tensor, dot_in_fp32, interpreting
 from sluice.engine.kernels.fused_moe import _align_sizes, moe_align_block_size
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -79,9 +82,15 @@ class DecodeConfig:
     gemm1: GemmTiles
     gemm2: GemmTiles
     use_dot: bool = True  # False: fp32 multiply-and-sum, BM <= 8
+    # Programmatic dependent launch (Hopper): GEMM2's programs start while GEMM1's last
+    # ones finish, build their routing tables, L2-prefetch the weights of their first
+    # `prefetch` k-steps (stream-K only), then wait for GEMM1's gate/up sums
+    pdl: bool = False
+    prefetch: int = 0  # a power of two
 
     def short(self) -> str:
-        return f"bm{self.block_m}{'' if self.use_dot else 'gemv'} g1 {self.gemm1.short()} g2 {self.gemm2.short()}"
+        pdl = f" pdl{self.prefetch}" if self.pdl else ""
+        return f"bm{self.block_m}{'' if self.use_dot else 'gemv'} g1 {self.gemm1.short()} g2 {self.gemm2.short()}{pdl}"
 
 
 def moe_decode_config(num_tokens: int) -> DecodeConfig:
@@ -178,6 +187,24 @@ def _flush(acc, out_ptr, s_ptr, topk_w_ptr, expert, slots, real, nt,
     tl.atomic_add(out_ptr + out_rows[:, None] * N + offs_n[None, :], acc, mask=real[:, None], sem="relaxed")
 
 
+@triton.jit
+def _prefetch_l2(w_ptr, expert_ids_ptr, start, end, n_blocks, N: tl.constexpr, K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """prefetch.global.L2 of each 128-byte line of the weight tiles of iterations
+    start .. start + PREFETCH - 1 (clamped to end - 1)."""
+    LINES: tl.constexpr = (BLOCK_K + 127) // 128
+    its = tl.minimum(start + tl.arange(0, PREFETCH), end - 1)
+    tile = its // (K // BLOCK_K)
+    kk = its - tile * (K // BLOCK_K)
+    nt = tile // n_blocks
+    expert = tl.load(expert_ids_ptr + (tile - nt * n_blocks)).to(tl.int64)
+    row = nt[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    col = kk[:, None, None] * BLOCK_K + tl.arange(0, LINES)[None, None, :] * 128
+    ptrs = (w_ptr + expert[:, None, None] * (N * K) + row.to(tl.int64)[:, :, None] * K + col)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 # numel varies with T: not specialised, so one compile per config serves every T.
 @triton.jit(do_not_specialize=["numel"])
 def _moe_decode_kernel(
@@ -187,8 +214,10 @@ def _moe_decode_kernel(
     SWIGLU_A: tl.constexpr, MUL_ROUTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FLAT: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
-    MAX_BLOCKS: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr, PDL_TRIGGER: tl.constexpr, PDL_WAIT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    if PDL_TRIGGER:  # the next kernel may start its programs (they wait for this one's results)
+        tl.extra.cuda.gdc_launch_dependents()
     NT: tl.constexpr = N // BLOCK_N
     KT: tl.constexpr = K // BLOCK_K
     n_blocks = tl.load(num_post_ptr) // BLOCK_M
@@ -201,6 +230,10 @@ def _moe_decode_kernel(
         start = (pid * total) // nprog
         end = ((pid + 1) * total) // nprog
         experts, slot_table = _route_table(sorted_ids_ptr, expert_ids_ptr, n_blocks, numel, BLOCK_M, MAX_BLOCKS)
+        if PREFETCH > 0:  # the weights of the first k-steps into L2, not waiting for the previous kernel
+            _prefetch_l2(w_ptr, expert_ids_ptr, start, end, n_blocks, N, K, BLOCK_N, BLOCK_K, PREFETCH)
+        if PDL_WAIT:
+            tl.extra.cuda.gdc_wait()
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for it in range(start, end):
             tile = it // KT
@@ -222,6 +255,8 @@ def _moe_decode_kernel(
             nt = tile // n_blocks
             blk = tile - nt * n_blocks
             expert, slots, real, rows = _route(sorted_ids_ptr, expert_ids_ptr, blk, numel, A_ROW_DIV, BLOCK_M)
+            if PDL_WAIT:
+                tl.extra.cuda.gdc_wait()
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for kk in range(split * KS, split * KS + KS):
                 acc = _step(acc, a_ptr, w_ptr, expert, rows, real, nt, kk, stride_am,
@@ -245,12 +280,17 @@ def warming_up() -> Iterator[list]:
         _WARMUP.reset(token)
 
 
-def _launch(grid: int, args: tuple, tiles: GemmTiles, max_blocks: int, **constexprs) -> None:
+def _launch(grid: int, args: tuple, tiles: GemmTiles, max_blocks: int, pdl_trigger: bool = False,
+            pdl_wait: bool = False, prefetch: int = 0, **constexprs) -> None:
     # the register tables of stream-K hold every block: one size (16 up to T=64 at BM 16)
     # so that a config compiles once for all decode sizes
+    gpu = not interpreting()  # griddepcontrol is PTX: nothing for the interpreter
     kw = dict(constexprs, FLAT=tiles.flat, SPLIT_K=tiles.split_k, DOT_F32=dot_in_fp32(),
-              MAX_BLOCKS=max(16, triton.next_power_of_2(max_blocks)),
+              MAX_BLOCKS=max(16, triton.next_power_of_2(max_blocks)), PDL_TRIGGER=pdl_trigger and gpu,
+              PDL_WAIT=pdl_wait and gpu, PREFETCH=prefetch if gpu and tiles.flat else 0,
               num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    if pdl_wait and gpu:
+        kw["launch_pdl"] = True
     warm = _WARMUP.get()
     if warm is not None:
         warm.append(_moe_decode_kernel.warmup(*args, grid=(grid,), **kw))
@@ -268,25 +308,29 @@ def _grid(tiles: GemmTiles, n: int, k: int, max_blocks: int, block_m: int, devic
 
 
 def moe_decode_gemm1(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, alignment: Alignment,
-                     top_k: int, gu: torch.Tensor, block_m: int, tiles: GemmTiles, use_dot: bool = True) -> None:
-    """gu (T*k, 2I) fp32, zeroed by the caller, += x[slot // k] @ (w13[e] * s13[e])^T."""
+                     top_k: int, gu: torch.Tensor, block_m: int, tiles: GemmTiles, use_dot: bool = True,
+                     pdl: bool = False) -> None:
+    """gu (T*k, 2I) fp32, zeroed by the caller, += x[slot // k] @ (w13[e] * s13[e])^T.
+    pdl: let the next kernel (a pdl GEMM2) start early."""
     sorted_ids, expert_ids, num_post = alignment
     e, two_i, d = w13.shape
     grid = _grid(tiles, two_i, d, expert_ids.numel(), block_m, x.device)
     _launch(grid, (x, w13, w13_scale, gu, w13_scale, sorted_ids, expert_ids, num_post, gu.shape[0], x.stride(0)),
-            tiles, expert_ids.numel(), N=two_i, K=d, A_ROW_DIV=top_k, OUT_ROW_DIV=1, SWIGLU_A=False, MUL_ROUTED=False,
+            tiles, expert_ids.numel(), pdl_trigger=pdl, N=two_i, K=d, A_ROW_DIV=top_k, OUT_ROW_DIV=1, SWIGLU_A=False, MUL_ROUTED=False,
             BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, USE_DOT=use_dot)
 
 
 def moe_decode_gemm2(gu: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, topk_weights: torch.Tensor,
                      alignment: Alignment, out: torch.Tensor, block_m: int, tiles: GemmTiles,
-                     use_dot: bool = True) -> None:
-    """out (T, D) fp32, zeroed by the caller, += w * (silu(gate) * up) @ (w2[e] * s2[e])^T."""
+                     use_dot: bool = True, pdl: bool = False, prefetch: int = 0) -> None:
+    """out (T, D) fp32, zeroed by the caller, += w * (silu(gate) * up) @ (w2[e] * s2[e])^T.
+    pdl: launched as a programmatic dependent of the previous kernel (GEMM1), prefetching
+    the weights of its first `prefetch` k-steps into L2 before it waits for gu."""
     sorted_ids, expert_ids, num_post = alignment
     e, d, i = w2.shape
     grid = _grid(tiles, d, i, expert_ids.numel(), block_m, gu.device)
     _launch(grid, (gu, w2, w2_scale, out, topk_weights, sorted_ids, expert_ids, num_post, gu.shape[0], gu.stride(0)),
-            tiles, expert_ids.numel(), N=d, K=i, A_ROW_DIV=1, OUT_ROW_DIV=topk_weights.shape[1], SWIGLU_A=True, MUL_ROUTED=True,
+            tiles, expert_ids.numel(), pdl_wait=pdl, prefetch=prefetch, N=d, K=i, A_ROW_DIV=1, OUT_ROW_DIV=topk_weights.shape[1], SWIGLU_A=True, MUL_ROUTED=True,
             BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, USE_DOT=use_dot)
 
 
@@ -348,6 +392,7 @@ def moe_decode(
     ws = torch.zeros(numel * two_i + t * d, dtype=torch.float32, device=x.device)  # one memset
     gu = ws[: numel * two_i].view(numel, two_i)
     out = ws[numel * two_i:].view(t, d)
-    moe_decode_gemm1(x, w13, w13_scale, alignment, top_k, gu, cfg.block_m, cfg.gemm1, cfg.use_dot)
-    moe_decode_gemm2(gu, w2, w2_scale, topk_weights, alignment, out, cfg.block_m, cfg.gemm2, cfg.use_dot)
+    moe_decode_gemm1(x, w13, w13_scale, alignment, top_k, gu, cfg.block_m, cfg.gemm1, cfg.use_dot, cfg.pdl)
+    moe_decode_gemm2(gu, w2, w2_scale, topk_weights, alignment, out, cfg.block_m, cfg.gemm2, cfg.use_dot,
+                     cfg.pdl, cfg.prefetch)
     return out if out_fp32 or x.dtype == torch.float32 else out.to(x.dtype)

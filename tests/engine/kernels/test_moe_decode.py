@@ -10,6 +10,7 @@ FLAT = DecodeConfig(16, GemmTiles(64, 32), GemmTiles(32, 64))
 SPLIT = DecodeConfig(16, GemmTiles(32, 32, flat=False, split_k=2), GemmTiles(64, 32, flat=False, split_k=4))
 MIXED = DecodeConfig(32, GemmTiles(32, 64, flat=False), GemmTiles(32, 32, ctas_per_sm=3))
 GEMV = DecodeConfig(2, GemmTiles(32, 32, ctas_per_sm=1), GemmTiles(32, 64), use_dot=False)
+PDL = DecodeConfig(16, GemmTiles(64, 32), GemmTiles(32, 64), pdl=True, prefetch=4)  # PTX parts GPU-only
 
 
 def _experts(e: int, d: int, i: int):
@@ -34,6 +35,7 @@ CASES = [
     (2, 5, 2, 64, 128, GEMV, torch.bfloat16, ()),
     (5, 4, 3, 64, 64, FLAT, torch.float32, (3,)),
     (33, 8, 2, 64, 128, SPLIT, torch.bfloat16, ()),  # blocks of one expert > 1
+    (4, 8, 2, 64, 128, PDL, torch.bfloat16, (7,)),
 ]
 
 
