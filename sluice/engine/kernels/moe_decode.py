@@ -95,10 +95,12 @@ class DecodeConfig:
 
 def moe_decode_config(num_tokens: int) -> DecodeConfig:
     """Tiles by token count. Unmeasured first guesses (bench/moe_decode.py sweeps them):
-    stream-K with 2 CTAs per SM, GEMM2 with wider n-tiles than GEMM1 (its A tile is
-    formed from fp32 gate/up rows: wider n amortizes that over more weight bytes)."""
+    stream-K with 2 CTAs per SM and ~40 KB of weights in flight per CTA (5 stages of 8 KB:
+    at 4.41 TB/s and ~1 us of loaded latency an SM needs ~33 KB in flight), GEMM2 with
+    wider n-tiles than GEMM1 (its A tile is formed from fp32 gate/up rows: wider n
+    amortizes that over more weight bytes)."""
     if num_tokens <= 8:
-        return DecodeConfig(16, GemmTiles(64, 128, 4, 4, ctas_per_sm=2), GemmTiles(128, 64, 4, 4, ctas_per_sm=2))
+        return DecodeConfig(16, GemmTiles(64, 128, 4, 6, ctas_per_sm=2), GemmTiles(128, 64, 4, 6, ctas_per_sm=2))
     return DecodeConfig(16, GemmTiles(128, 128, 4, 4, ctas_per_sm=2), GemmTiles(128, 128, 4, 3, ctas_per_sm=2))
 
 
