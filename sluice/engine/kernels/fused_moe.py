@@ -95,15 +95,14 @@ def moe_prefill_config(num_tokens: int) -> MoeConfig:
                      num_warps=8, num_stages=4, act_fp8=True, group_m=8)
 
 
-# Token-count arguments are not specialised (triton would compile a variant per
-# "divisible by 16" / "equal to 1" combination of them, i.e. new JITs mid-serving as
-# batch sizes vary); nothing in the kernels gains from knowing them.
-@triton.jit(do_not_specialize=["numel", "max_padded", "max_blocks"])
-def _moe_align_kernel(
+@triton.jit
+def align_slots(
     topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
     numel, max_padded, max_blocks,
     E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    """The body of the alignment, run by one program (here, and at the end of the fused
+    router's launch, moe_route.py)."""
     offs_e = tl.arange(0, BLOCK_E)
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for c0 in range(0, numel, CHUNK):
@@ -139,7 +138,21 @@ def _moe_align_kernel(
         tl.store(expert_ids_ptr + b, expert, mask=b < max_blocks)
 
 
+# Token-count arguments are not specialised (triton would compile a variant per
+# "divisible by 16" / "equal to 1" combination of them, i.e. new JITs mid-serving as
+# batch sizes vary); nothing in the kernels gains from knowing them.
+@triton.jit(do_not_specialize=["numel", "max_padded", "max_blocks"])
+def _moe_align_kernel(
+    topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
+    numel, max_padded, max_blocks,
+    E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+):
+    align_slots(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, numel, max_padded, max_blocks,
+                E, BLOCK_E, BLOCK_M, CHUNK)
+
+
 def _align_sizes(numel: int, num_experts: int, block_m: int) -> tuple[int, int]:
+    """(P, P / BM): the lengths of sorted_ids and expert_ids for ``numel`` slots."""
     max_padded = numel + min(numel, num_experts) * (block_m - 1)
     max_blocks = triton.cdiv(max_padded, block_m)
     return max_blocks * block_m, max_blocks
@@ -159,12 +172,16 @@ def moe_align_block_size(
     expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     num_post = torch.empty(1, dtype=torch.int32, device=dev)
     block_e = triton.next_power_of_2(num_experts)
-    chunk = max(16, min(triton.next_power_of_2(max(numel, 1)), 8192 // block_e))
     _moe_align_kernel[(1,)](
         topk_ids, sorted_ids, expert_ids, num_post, numel, padded, max_blocks,
-        E=num_experts, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=chunk,
+        E=num_experts, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=align_chunk(numel, block_e),
     )
     return sorted_ids, expert_ids, num_post
+
+
+def align_chunk(numel: int, block_e: int) -> int:
+    """align_slots' CHUNK: all slots at once while a (CHUNK, BLOCK_E) one-hot tile is small."""
+    return max(16, min(triton.next_power_of_2(max(numel, 1)), 8192 // block_e))
 
 
 def check_align(align: tuple[torch.Tensor, torch.Tensor, torch.Tensor], numel: int, num_experts: int,

@@ -7,8 +7,9 @@ quantization replaces that one submodule (a module swap; this file stays untouch
 An experts submodule is called as (x (N, D), topk_weights (N, K) fp32, topk_ids (N, K))
 -> (N, D). One that runs the fused triton MoE (Experts, quant/fp8.py's Fp8FusedExperts)
 also has ``fused_block_m(x)``: the block_m of the fused kernel it will run for x, None
-when x takes another path. On that path it takes ``reduce=False`` and returns the (N, K,
-D) per-slot outputs. MoE.forward alone decides when that happens (see there); everything
+when x takes another path. On that path it takes ``align=`` (the slots already aligned
+for that block_m by the one-launch router) and ``reduce=False`` (returns the (N, K, D)
+per-slot outputs). MoE.forward alone decides when that happens (see there); everything
 else (tensor/expert parallel experts, prefill paths, the CPU) keeps to (N, D).
 """
 
@@ -21,10 +22,15 @@ from torch import nn
 from sluice.engine.layers import fusion
 from sluice.engine.layers.linear import Linear
 
+Alignment = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # fused_moe's (sorted_ids, expert_ids, num_post)
+
 # 16-bit experts: the triton fused MoE up to here, per-expert cuBLAS past it. H200
 # 2026-11-29 (check_gpu moe_prefill): fused 961/881/1351 us against cuBLAS 2305/1750/1389
 # at T=128/256/384; cuBLAS ahead from T=512 (1355 against 1617).
 FUSED_MAX_TOKENS = 384
+# The one-launch router (kernels/moe_route.py) up to here: the decode graphs' sizes. Its
+# last program walks every token alone, so larger batches take cuBLAS + router_topk.
+FUSED_ROUTE_MAX_TOKENS = 64
 
 
 class Experts(nn.Module):
@@ -53,9 +59,10 @@ class Experts(nn.Module):
         return moe_config(x.shape[0]).block_m
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                reduce: bool = True) -> torch.Tensor:
+                align: Alignment | None = None, reduce: bool = True) -> torch.Tensor:
         """sum_k w_k * w2(silu(w1 x) * w3 x) over each token's chosen experts: (N, D);
-        reduce=False (fused path only): the (N, K, D) terms of that sum.
+        reduce=False (fused path only): the (N, K, D) terms of that sum. align (fused path
+        only): the slots already aligned for fused_block_m(x) (fused_moe's ``align``).
 
         CUDA, decode-sized batches (and always under graph capture): the triton fused MoE,
         which reads only the routed experts and never syncs with the host. Larger
@@ -64,9 +71,9 @@ class Experts(nn.Module):
             from sluice.engine.kernels.fused_moe import fused_moe
 
             return fused_moe(x.contiguous(), self.w13, None, self.w2, None,
-                             topk_weights.float().contiguous(), topk_ids.contiguous(), reduce=reduce)
-        if not reduce:
-            raise ValueError("reduce=False is for the fused path (see fused_block_m)")
+                             topk_weights.float().contiguous(), topk_ids.contiguous(), align=align, reduce=reduce)
+        if not reduce or align is not None:
+            raise ValueError("align and reduce=False are for the fused path (see fused_block_m)")
         out = torch.zeros_like(x)
         flat_ids = topk_ids.flatten()  # (N*K,)
         order = flat_ids.argsort(stable=True)
@@ -94,21 +101,25 @@ class MoE(nn.Module):
         self.num_experts, self.top_k, self.intermediate_size = num_experts, top_k, intermediate_size
         self.gate = Linear(hidden_size, num_experts)  # the router, stays high precision
         self.experts: nn.Module = Experts(hidden_size, intermediate_size, num_experts, top_k)
+        # the one-launch router's arrival counter (kernels/moe_route.py); zero between launches
+        self.register_buffer("route_counter", torch.zeros(1, dtype=torch.int32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, D) -> (N, D); or, on the fused CUDA path (SLUICE_FUSED on, experts running
         the fused triton MoE), the (N, K, D) routed-weighted outputs of each token's K
         experts, unsummed: the next RMSNorm.forward_residual sums them in its own launch,
-        saving one. Whoever else takes this output sums it over dim 1 (``reduced``)."""
-        topk_weights, topk_ids = self.route(x)
-        if self.fused_partials(x):
-            return self.experts(x, topk_weights, topk_ids, reduce=False)
-        return self.experts(x, topk_weights, topk_ids)
+        saving one. Whoever else takes this output sums it over dim 1 (``reduced``).
+        Up to FUSED_ROUTE_MAX_TOKENS the router also aligns the slots for the fused MoE
+        in its one launch, so the MoE runs its two GEMMs alone."""
+        block_m = self._fused_block_m(x)  # the one place that decides: None keeps (N, D)
+        topk_weights, topk_ids, align = self._route(x, block_m)
+        if block_m is None:
+            return self.experts(x, topk_weights, topk_ids)
+        return self.experts(x, topk_weights, topk_ids, align=align, reduce=False)
 
     def fused_partials(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) returns the (N, K, D) per-slot outputs (the one place that decides)."""
-        fused_block_m = getattr(self.experts, "fused_block_m", None)  # absent: (N, D) experts only
-        return fusion.use_fused(x) and fused_block_m is not None and fused_block_m(x) is not None
+        """Whether forward(x) returns the (N, K, D) per-slot outputs."""
+        return self._fused_block_m(x) is not None
 
     @staticmethod
     def reduced(y: torch.Tensor) -> torch.Tensor:
@@ -117,11 +128,26 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax in fp32 over all experts, keep top-k, renormalise: (N, K) fp32, (N, K) int64
-        (int32 from the fused triton kernel on CUDA)."""
+        (int32 from the fused triton kernels on CUDA)."""
+        return self._route(x, None)[:2]
+
+    def _fused_block_m(self, x: torch.Tensor) -> int | None:
+        """The fused MoE's block_m where the experts run it for x and the fused path is on."""
+        fused_block_m = getattr(self.experts, "fused_block_m", None)  # absent: (N, D) experts only
+        return fused_block_m(x) if fusion.use_fused(x) and fused_block_m is not None else None
+
+    def _route(self, x: torch.Tensor, block_m: int | None) -> tuple[torch.Tensor, torch.Tensor, Alignment | None]:
+        """route(x), plus the fused MoE's slot alignment for ``block_m`` where the
+        one-launch router computes it (None: the MoE aligns for itself)."""
+        if (fusion.use_fused(x) and x.shape[0] <= FUSED_ROUTE_MAX_TOKENS and self.gate.weight.dtype == x.dtype
+                and self.gate.bias is None):
+            from sluice.engine.kernels.moe_route import route  # gate GEMM + top-k + alignment, one launch
+
+            return route(x.contiguous(), self.gate.weight, self.top_k, self.route_counter, block_m)
         if fusion.use_fused(x):
             from sluice.engine.kernels.fused_small import router_topk
 
-            return router_topk(self.gate(x), self.top_k)
+            return (*router_topk(self.gate(x), self.top_k), None)
         probs = F.softmax(self.gate(x).float(), dim=-1)  # (N, E)
         topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
-        return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids
+        return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids, None

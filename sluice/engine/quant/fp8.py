@@ -191,15 +191,17 @@ class Fp8FusedExperts(nn.Module):
         return cls(w13, torch.cat([s1, s3], dim=1).to(device), w2s, s2.to(device))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                align: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 reduce: bool = True) -> torch.Tensor:
-        """(T, D); reduce=False (fused paths only, see fused_block_m): the (T, k, D) per-slot outputs."""
+        """(T, D). Fused paths only (see fused_block_m): align, the slots already aligned for
+        fused_block_m(x); reduce=False, the (T, k, D) per-slot outputs."""
         args = (x.contiguous(), self.w13, self.w13_scale, self.w2, self.w2_scale,
                 topk_weights.float().contiguous(), topk_ids.contiguous())
         path = self._cuda_path(x)
         if path in ("w8a16", "w8a8"):
-            return fused_moe(*args, config=self._fused_config(x.shape[0], path), reduce=reduce)
-        if not reduce:
-            raise ValueError("reduce=False is for the fused paths (see fused_block_m)")
+            return fused_moe(*args, config=self._fused_config(x.shape[0], path), align=align, reduce=reduce)
+        if not reduce or align is not None:
+            raise ValueError("align and reduce=False are for the fused paths (see fused_block_m)")
         if path is None:
             return fused_moe_reference(*args)
         return fp8_moe_prefill(*args) if path == "scaled_mm" else fp8_moe_grouped(*args)
