@@ -358,13 +358,96 @@ def quant_pass() -> None:
             xq, w.t(), scale_a=xs.view(-1, 1), scale_b=s.view(1, -1), out_dtype=torch.bfloat16)), I * D)
 
 
+def fused_decode() -> None:
+    """Issue 16's fused decode pieces at Mixtral shapes (bf16 activations, fp8 experts):
+    the one-launch router (gate GEMM + top-k + alignment, moe_route.py) and the MoE's
+    per-slot outputs summed by the next add + RMSNorm. Checks each against its torch
+    reference, then times old vs new per-layer sequences, each replayed from a CUDA graph."""
+    from sluice.engine.kernels.fused_moe import moe_align_reference
+    from sluice.engine.kernels.fused_small import fused_add_rmsnorm, fused_add_rmsnorm_reference, router_topk
+    from sluice.engine.kernels.moe_route import route, route_reference
+
+    bf = torch.bfloat16
+    w13, s13 = quantize_per_channel(torch.randn(E, 2 * I, D, device="cuda", dtype=bf) / D**0.5)
+    w2, s2 = quantize_per_channel(torch.randn(E, D, I, device="cuda", dtype=bf) / I**0.5)
+    gate = (torch.randn(E, D, device="cuda") * D**-0.5).to(bf)
+    norm_w = (1 + 0.1 * torch.randn(D, device="cuda")).to(bf)
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for t in (1, 8, 64):
+        bm = moe_config(t).block_m
+        h = torch.randn(t, D, device="cuda", dtype=bf)  # the post-attention norm's output
+        res = torch.randn(t, D, device="cuda", dtype=bf)
+        # checks: router against torch, its alignment, graph replays (the counter resets)
+        tw, ti, al = route(h, gate, TOPK, counter, bm)
+        w_ref, i_ref = route_reference(h, gate, TOPK)
+        same = (ti.long() == i_ref).all(-1)
+        verdict(f"route T={t} tokens whose experts differ (near-ties)", 1 - same.float().mean().item(), 0.05)
+        verdict(f"route T={t} weights", rel_err(tw[same], w_ref[same]), 1e-2)
+        aligned = all(torch.equal(a, b) for a, b in zip(al, moe_align_reference(ti, E, bm)))
+        verdict(f"route T={t} alignment == moe_align_reference", 0.0 if aligned else 1.0, 0.5)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            gw, gi, gal = route(h, gate, TOPK, counter, bm)
+        replays_ok = True
+        for _ in range(3):
+            g.replay()
+            replays_ok &= torch.equal(gw, tw) and torch.equal(gi, ti) and all(map(torch.equal, gal, al))
+        verdict(f"route T={t} graph replays == eager", 0.0 if replays_ok and int(counter) == 0 else 1.0, 0.5)
+        parts = fused_moe(h, w13, s13, w2, s2, tw, ti, align=al, reduce=False)
+        y = fused_moe(h, w13, s13, w2, s2, tw, ti)
+        verdict(f"fused_moe T={t} partials summed == reduced", 0.0 if torch.equal(parts.sum(1), y) else 1.0, 0.5)
+        out, new_res = fused_add_rmsnorm(parts, res, norm_w, 1e-5)
+        ref, ref_res = fused_add_rmsnorm_reference(parts, res, norm_w, 1e-5)
+        verdict(f"add_rmsnorm(partials) T={t} residual bits differ", (new_res != ref_res).float().mean().item(), 1e-9)
+        verdict(f"add_rmsnorm(partials) T={t} out", rel_err(out, ref), 1e-2)
+
+        # timings: old vs new per layer, each sequence one CUDA graph
+        def router_old() -> None:
+            w, i = router_topk(F.linear(h, gate), TOPK)
+            moe_align_block_size(i, E, bm)
+
+        def router_new() -> None:
+            route(h, gate, TOPK, counter, bm)
+
+        def norm_old() -> None:
+            fused_add_rmsnorm(parts.sum(1), res, norm_w, 1e-5)
+
+        def norm_new() -> None:
+            fused_add_rmsnorm(parts, res, norm_w, 1e-5)
+
+        def layer_old() -> None:  # router, MoE (aligning, summing), next add + norm
+            w, i = router_topk(F.linear(h, gate), TOPK)
+            fused_add_rmsnorm(fused_moe(h, w13, s13, w2, s2, w, i), res, norm_w, 1e-5)
+
+        def layer_new() -> None:
+            w, i, a = route(h, gate, TOPK, counter, bm)
+            fused_add_rmsnorm(fused_moe(h, w13, s13, w2, s2, w, i, align=a, reduce=False), res, norm_w, 1e-5)
+
+        hit = int(ti.unique().numel())
+        gate_bytes = E * D * 2 + t * D * 2
+        for name, fn, nbytes in [("router: cuBLAS gate + router_topk + align", router_old, gate_bytes),
+                                 ("router: moe_route (one launch)", router_new, gate_bytes),
+                                 ("MoE sum + add_rmsnorm (two launches)", norm_old, 3 * t * D * 2),
+                                 ("add_rmsnorm summing partials", norm_new, 3 * t * D * 2),
+                                 ("MoE block old (router..next norm)", layer_old, hit * 3 * I * D),
+                                 ("MoE block new (router..next norm)", layer_new, hit * 3 * I * D)]:
+            row(name, f"T={t}", bench_us(fn), nbytes, f"{hit} exp" if "block" in name else "")
+        if SWEEPS and t in (1, 64):
+            best = best_of([256, 512, 1024, 2048],
+                           lambda bd: bench_us(lambda: route(h, gate, TOPK, counter, bm, block_d=bd)),
+                           lambda bd, us: f"route T={t} block_d={bd}: {us:.2f} us")
+            if best:
+                row("router: moe_route best block_d", f"T={t}", best[0], gate_bytes, f"block_d={best[1]}")
+    del w13, w2
+
+
 def main() -> int:
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     log(f"device {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}; "
         f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
     only = sys.argv[1:] or ["ceilings", "linear", "moe", "moe_prefill", "attention", "varlen_attention",
-                            "quant_pass"]
+                            "quant_pass", "fused_decode"]
     for name in only:
         section(globals()[name])
     log("\n| kernel | size | us | TB/s | note |\n|---|---|---|---|---|")
