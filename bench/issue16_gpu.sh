@@ -6,7 +6,8 @@
 # 2. engine: the engine alone on a random FP8 checkpoint (written once per host to
 #    /tmp/mixtral-fp8): decode at batch 1 and 64, and 64 x 1K-prompt/50-token bursts per
 #    prefill path and max_num_batched_tokens (each burst twice: the first captures graphs).
-# 3. gateway: `sluice serve` + bench/e2e_client.py (--no-sleep), as ../shared/bench/README.md.
+# 3. gateway: `sluice serve` + bench/e2e_client.py (--no-sleep --settle 3), configured as ../shared/bench/README.md
+#    (GATEWAY_MBTS="default 4096 8192": one serve per max_num_batched_tokens; the first runs every phase).
 set -u
 OUT=${1:?OUT dir}; PARTS=${2:-moe,gateway,engine}
 export PYTHONUNBUFFERED=1
@@ -33,8 +34,9 @@ engine() {  # label, env assignments..., -- throughput args
   python3 -c "import json,sys;r=json.load(open('/tmp/engine_one.json'));r['label']='$label';print(json.dumps(r))" >> "$OUT/engine.jsonl"
   log "engine $label: $(python3 -c "import json;r=json.load(open('/tmp/engine_one.json'))['results'];print([dict(b=x['batch_size'],p=x['prompt_len'],req_s=round(x['batch_size']/x['total_s'],2),ttft=round(x['ttft_s'],3),dec=round(x['decode_tok_s'],1)) for x in r])")"
 }
-if [[ $PARTS == *gateway* ]]; then
-  MBT=${GATEWAY_MBT:-4096}
+serve_one() {  # max_num_batched_tokens ("default": the README's configuration, no such line), e2e phases
+  local mbt=$1 phases=$2 opt=""
+  [ "$mbt" != default ] && opt="max_num_batched_tokens = $mbt"
   mkdir -p /tmp/gw && cat > /tmp/gw/sluice.toml <<TOML
 [backends.mixtral]
 plugin = "local"
@@ -43,7 +45,7 @@ model = "$CKPT"
 served_model_name = "mixtral-fp8"
 dtype = "fp8"
 max_num_seqs = 64
-max_num_batched_tokens = $MBT
+$opt
 [backends.mixtral.pool]
 min_workers = 0
 max_workers = 1
@@ -54,25 +56,34 @@ queue_size = 256
 queue_timeout_s = 300
 TOML
   export SLUICE_CONFIG=/tmp/gw/sluice.toml SLUICE_DATABASE_URL=sqlite+aiosqlite:////tmp/gw/sluice.db
-  cd /tmp/gw
+  local here=$PWD; cd /tmp/gw
   S="python3 -m sluice.gateway.cli"
   $S migrate >> "$OUT/run_log.txt" 2>&1
   $S tenants create bench --rpm 1000000 --tpm 1000000000 >> "$OUT/run_log.txt" 2>&1
   KEY=$($S keys create --tenant bench --json 2>>"$OUT/run_log.txt" | python3 -c 'import json,sys;print(json.load(sys.stdin)["key"])')
-  $S serve --port 8400 > "$OUT/serve_log.txt" 2>&1 &
+  $S serve --port 8400 > "$OUT/serve_log_$mbt.txt" 2>&1 &
   SPID=$!
   UP=0
   for _ in $(seq 45); do python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8400/healthz')" 2>/dev/null && { UP=1; break; }; sleep 1; done
-  cd - > /dev/null
-  log "gateway up=$UP (max_num_batched_tokens=$MBT)"; tail -n 5 "$OUT/serve_log.txt"
-  [ $UP = 1 ] && timeout 240 python3 bench/e2e_client.py http://127.0.0.1:8400 "$KEY" mixtral-fp8 "$OUT/e2e.json" --no-sleep > /dev/null 2>>"$OUT/run_log.txt"
-  log "e2e: $(python3 -c "
-import json; r=json.load(open('$OUT/e2e.json'))
+  cd "$here"
+  log "gateway up=$UP (max_num_batched_tokens=$mbt)"
+  # --settle: the engine captures its CUDA graphs while idle after the cold request, before the measured phases
+  [ $UP = 1 ] && timeout 240 python3 bench/e2e_client.py http://127.0.0.1:8400 "$KEY" mixtral-fp8 "$OUT/e2e_$mbt.json" \
+    --no-sleep --settle "${SETTLE_S:-3}" --phases "$phases" > /dev/null 2>>"$OUT/run_log.txt"
+  log "e2e mbt=$mbt: $(python3 -c "
+import json; r=json.load(open('$OUT/e2e_$mbt.json'))
 print({k: r.get(k) for k in ('cold_first_token_s',)}, 'c1', {k: v for k, v in r.get('c1', {}).items() if 'gap' in k or 'tok_s' in k},
-      'c64', {k: v for k, v in r.get('c64', {}).items() if 'gap' in k or 'tok_s' in k}, 'burst req/s', r.get('burst_1k_50x64', {}).get('req_s'))")"
+      'c64', {k: v for k, v in r.get('c64', {}).items() if 'gap' in k or 'tok_s' in k}, 'burst', {k: r.get('burst_1k_50x64', {}).get(k) for k in ('req_s', 'ttft_p50_s', 'wall_s')})")"
   kill $SPID; wait $SPID 2>/dev/null
-  tail -n 15 "$OUT/serve_log.txt"
+  tail -n 3 "$OUT/serve_log_$mbt.txt"
   unset SLUICE_CONFIG SLUICE_DATABASE_URL
+}
+if [[ $PARTS == *gateway* ]]; then
+  # GATEWAY_MBTS: the first serve runs every phase, the others the 1K/50 burst only
+  first=1
+  for mbt in ${GATEWAY_MBTS:-default}; do
+    if [ $first = 1 ]; then serve_one "$mbt" c1,c64,json,burst; first=0; else serve_one "$mbt" burst; fi
+  done
 fi
 if [[ $PARTS == *engine* ]]; then
   T="python3 -m bench.throughput --model $CKPT --dtype fp8"
