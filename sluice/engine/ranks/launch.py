@@ -5,7 +5,11 @@ shape: requests reach rank 0 only). ``Leader.close`` ends them all.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import sys
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -54,10 +58,22 @@ def _rendezvous(rank: int, world: int, port: int, options: dict[str, Any]) -> No
 
 
 def _follower(rank: int, world: int, port: int, model: str, options: dict[str, Any]) -> None:
+    """A spawned rank's whole life. It ends with ``os._exit``: once the process group is
+    destroyed only the interpreter's teardown is left, and there gloo's threads can abort
+    the process ("terminate called without an active exception", seen under a loaded
+    test run), turning a clean close into a SIGABRT exit code."""
     from sluice.engine.llm import LLM
 
-    _rendezvous(rank, world, port, options)
+    code = 1
     try:
+        _rendezvous(rank, world, port, options)
         follow(LLM(model, progress=False, **options))
+        code = 0
+    except BaseException:
+        traceback.print_exc()
     finally:
-        destroy()
+        with contextlib.suppress(BaseException):
+            destroy()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
