@@ -16,7 +16,7 @@ Why this split: the gate is E x D (64 KB in bf16 at Mixtral's 8 x 4096) and a to
 8 KB. One program reading all of it would be bound by one SM's load bandwidth, so the
 grid spreads the D slices over ~128 programs (enough to cover the SMs once; more only
 lengthens the queue on the one counter). The tail's work (T*S*E partials, T*k ids) is
-small at decode sizes (layers/moe.py takes this path up to FUSED_ROUTE_MAX_TOKENS).
+small at decode sizes (layers/moe.py takes this path up to FUSED_DECODE_MAX_TOKENS).
 No host sync: graph-capturable. Legend: T tokens, D hidden, E experts, k top-k, S slices.
 """
 

@@ -28,9 +28,10 @@ Alignment = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # fused_moe's (sort
 # 2026-11-29 (check_gpu moe_prefill): fused 961/881/1351 us against cuBLAS 2305/1750/1389
 # at T=128/256/384; cuBLAS ahead from T=512 (1355 against 1617).
 FUSED_MAX_TOKENS = 384
-# The one-launch router (kernels/moe_route.py) up to here: the decode graphs' sizes. Its
-# last program walks every token alone, so larger batches take cuBLAS + router_topk.
-FUSED_ROUTE_MAX_TOKENS = 64
+# The fused decode path (MoE.forward) up to here: the decode graphs' sizes. The one-launch
+# router's last program walks every token alone, so larger batches take cuBLAS +
+# router_topk, and prefill-sized MoE outputs stay (N, D) for whoever reads them.
+FUSED_DECODE_MAX_TOKENS = 64
 
 
 class Experts(nn.Module):
@@ -105,12 +106,12 @@ class MoE(nn.Module):
         self.register_buffer("route_counter", torch.zeros(1, dtype=torch.int32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, D) -> (N, D); or, on the fused CUDA path (SLUICE_FUSED on, experts running
-        the fused triton MoE), the (N, K, D) routed-weighted outputs of each token's K
-        experts, unsummed: the next RMSNorm.forward_residual sums them in its own launch,
-        saving one. Whoever else takes this output sums it over dim 1 (``reduced``).
-        Up to FUSED_ROUTE_MAX_TOKENS the router also aligns the slots for the fused MoE
-        in its one launch, so the MoE runs its two GEMMs alone."""
+        """x (N, D) -> (N, D); or, on the fused decode path (SLUICE_FUSED on, N <=
+        FUSED_DECODE_MAX_TOKENS, experts running the fused triton MoE), the (N, K, D)
+        routed-weighted outputs of each token's K experts, unsummed: the next
+        RMSNorm.forward_residual sums them in its own launch, saving one. Whoever else
+        takes this output sums it over dim 1 (``reduced``). On that path the one-launch
+        router also aligns the slots for the fused MoE, which then runs its GEMMs alone."""
         block_m = self._fused_block_m(x)  # the one place that decides: None keeps (N, D)
         topk_weights, topk_ids, align = self._route(x, block_m)
         if block_m is None:
@@ -132,15 +133,16 @@ class MoE(nn.Module):
         return self._route(x, None)[:2]
 
     def _fused_block_m(self, x: torch.Tensor) -> int | None:
-        """The fused MoE's block_m where the experts run it for x and the fused path is on."""
+        """The fused MoE's block_m where x takes the fused decode path, else None."""
         fused_block_m = getattr(self.experts, "fused_block_m", None)  # absent: (N, D) experts only
-        return fused_block_m(x) if fusion.use_fused(x) and fused_block_m is not None else None
+        if fused_block_m is None or not self._fused_router(x):
+            return None
+        return fused_block_m(x)
 
     def _route(self, x: torch.Tensor, block_m: int | None) -> tuple[torch.Tensor, torch.Tensor, Alignment | None]:
         """route(x), plus the fused MoE's slot alignment for ``block_m`` where the
         one-launch router computes it (None: the MoE aligns for itself)."""
-        if (fusion.use_fused(x) and x.shape[0] <= FUSED_ROUTE_MAX_TOKENS and self.gate.weight.dtype == x.dtype
-                and self.gate.bias is None):
+        if self._fused_router(x):
             from sluice.engine.kernels.moe_route import route  # gate GEMM + top-k + alignment, one launch
 
             return route(x.contiguous(), self.gate.weight, self.top_k, self.route_counter, block_m)
@@ -151,3 +153,7 @@ class MoE(nn.Module):
         probs = F.softmax(self.gate(x).float(), dim=-1)  # (N, E)
         topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
         return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids, None
+
+    def _fused_router(self, x: torch.Tensor) -> bool:
+        return (fusion.use_fused(x) and x.dim() == 2 and x.shape[0] <= FUSED_DECODE_MAX_TOKENS
+                and self.gate.weight.dtype == x.dtype and self.gate.bias is None)

@@ -9,7 +9,7 @@ import torch
 
 from sluice.engine.kernels.fused_moe import fused_moe_reference, moe_config
 from sluice.engine.layers import fusion
-from sluice.engine.layers.moe import FUSED_ROUTE_MAX_TOKENS, Experts, MoE
+from sluice.engine.layers.moe import FUSED_DECODE_MAX_TOKENS, Experts, MoE
 from sluice.engine.layers.norm import RMSNorm
 
 from ._util import DEVICE
@@ -59,11 +59,13 @@ def test_moe_partials_summed_by_next_norm(fused_on_cpu, monkeypatch, n, e, k):
     assert torch.allclose(normed, want_normed, atol=1e-4, rtol=1e-4)
 
 
-def test_large_batches_route_without_alignment(fused_on_cpu):
-    """Past FUSED_ROUTE_MAX_TOKENS: the gate GEMM + router_topk, the MoE aligns for itself."""
+def test_large_batches_keep_the_unfused_router_and_sum(fused_on_cpu):
+    """Past FUSED_DECODE_MAX_TOKENS: the gate GEMM + router_topk, the MoE aligns and sums
+    for itself (prefill-sized outputs stay (N, D))."""
     moe = _moe(32, 16, 4, 2)
-    x = torch.randn(FUSED_ROUTE_MAX_TOKENS + 1, 32, device=DEVICE)
-    assert moe(x).shape == (x.shape[0], 2, 32)
+    x = torch.randn(FUSED_DECODE_MAX_TOKENS + 1, 32, device=DEVICE)
+    assert not moe.fused_partials(x)
+    assert moe(x).shape == (x.shape[0], 32)
     w, ids = moe.route(x)
     fusion.ENABLED = False
     try:
