@@ -10,6 +10,9 @@ from sluice.engine.kernels.moe_route import route, route_reference
 from ._util import DEVICE
 
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # the interpreter truncates to bf16
+# bf16 logits: the kernel's fp32 sum and the reference matmul add in different orders, so
+# a logit may round to the neighbouring bf16 value (~0.4% of it)
+W_ATOL = 1e-6 if DTYPE == torch.float32 else 1e-2
 
 
 def _inputs(t: int, d: int, e: int, dtype: torch.dtype = DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +38,7 @@ def test_route_matches_torch(t, d, e, k, block_m, block_d):
     w, ids, align = route(x, gate, k, counter, block_m, block_d=block_d)
     w_ref, ids_ref = route_reference(x, gate, k)
     assert torch.equal(ids.long(), ids_ref)
-    assert torch.allclose(w, w_ref, atol=1e-6)
+    assert torch.allclose(w, w_ref, atol=W_ATOL)
     for got, want in zip(align, moe_align_reference(ids, e, block_m)):
         assert torch.equal(got.long(), want.long())
     assert int(counter) == 0  # left for the next launch
