@@ -14,7 +14,7 @@ from sluice.gateway.pipeline.call import Call, Choice
 from sluice.gateway.pipeline.chunks import ChunkEncoder
 
 TEXTS = ["Hello", " world", ' "quoted" \\ back', "line\nbreak\ttab", "é ü ß", "日本語", "🙂🚀",
-         "\u2028\u2029", "\x00\x1f", "</script>", "a" * 300]
+         "\u2028\u2029", "\x85\x0b\x0c\x1c\x1d\x1e\r", "\x00\x1f", "</script>", "a" * 300]
 
 
 def make_call(fmt: ChatFormat | TextFormat, n: int, include_usage: bool, want_logprobs: bool) -> Call:
@@ -92,3 +92,17 @@ def test_usage_chunk_closes_with_the_head_as_it_ended() -> None:
     closing = orjson.loads(encoder.usage()[6:])
     assert closing["choices"] == [] and closing["system_fingerprint"] == "fp_9"
     assert closing["usage"]["prompt_tokens"] == 7
+
+
+def test_every_event_survives_a_line_reader_that_splits_on_unicode_line_ends() -> None:
+    """httpx's aiter_lines (str.splitlines' rules) breaks lines on U+0085, U+2028 and
+    U+2029 too: a chunk whose text holds one raw must still read back as one event."""
+    from httpx._decoders import LineDecoder
+
+    call = make_call(ChatFormat(), 1, True, False)
+    encoder = ChunkEncoder(call)
+    stream = b"".join(encoder.chunk(0, event.text, event.finish_reason, None, event) for _, event in events(1))
+    lines = LineDecoder().decode(stream.decode()) + LineDecoder().flush()
+    texts = [orjson.loads(line[6:])["choices"][0]["delta"].get("content") for line in lines if line]
+    assert len(texts) == len(events(1))  # one line per event: none was cut
+    assert "".join(t or "" for t in texts) == "".join(event.text for _, event in events(1))

@@ -12,8 +12,23 @@ from sluice.gateway.errors import InvalidRequest, PayloadTooLarge
 DONE = b"data: [DONE]\n\n"
 
 
+# Characters JSON lets a string hold raw that some SSE clients take for line ends: httpx's
+# line reader (str.splitlines' rules) breaks on U+0085, U+2028 and U+2029 and would cut an
+# event in two. In UTF-8 these byte runs are those characters and nothing else.
+_LINE_ENDS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
+def event_json(value: Any) -> bytes:
+    """JSON for one SSE data line: orjson's, with the characters above escaped."""
+    out = orjson.dumps(value)
+    if not out.isascii():  # one check for nearly every chunk
+        for raw, escaped in _LINE_ENDS:
+            out = out.replace(raw, escaped)
+    return out
+
+
 def sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(data) + b"\n\n"
+    return b"data: " + event_json(data) + b"\n\n"
 
 
 async def read_json(request: Request, limit: int) -> Any:

@@ -15,7 +15,7 @@ import orjson
 
 from sluice.gateway.backends.contract import GenerationEvent, TokenLogprob
 from sluice.gateway.http.formats import has_content
-from sluice.gateway.http.streaming import sse
+from sluice.gateway.http.streaming import event_json, sse
 from sluice.gateway.pipeline.call import Call
 
 _MARK = "\x00sluice-chunk-text\x00"  # where a template's text goes (JSON-escaped, so unique)
@@ -37,7 +37,7 @@ class ChunkEncoder:
                 and not event.system_fingerprint and not event.response_extra
                 and not has_content(event)):
             template = self._templates.get(index) or self._template(index)
-            return template[0] + orjson.dumps(text) + template[1]
+            return template[0] + event_json(text) + template[1]
         if event.system_fingerprint or event.response_extra:
             if event.system_fingerprint:
                 self.head["system_fingerprint"] = event.system_fingerprint
