@@ -76,8 +76,19 @@ def moe_config(num_tokens: int) -> MoeConfig:
     """Tiles by token count (measured on an H200, docs/kernels.md): tiny BM while decode
     is weight-bound, larger BM once experts see enough tokens for the MMA to matter;
     fp16 dots throughout (20-30% faster than bf16 ones at every size, same error)."""
+    # Pipeline depth and GEMM2's n-tile per decode size: bench.decode_sweep's coordinate
+    # descent on the H200 (2026-12-03, alignment given, unsummed output): T=1 98.6 us at 5
+    # stages against 101.4 at 6; T=8 297.9 at 4 against 321.2; T=32 336.0 at 5 stages with
+    # 128-wide GEMM2 tiles against 355.3. T=64 kept its tiles (the alternatives were within
+    # the run's +-3% noise).
+    if num_tokens <= 2:
+        return MoeConfig(block_m=16, block_n=64, block_k=128, block_n2=32, block_k2=256, num_stages=5,
+                         dot_f16=DOT_F16)
+    if num_tokens <= 16:
+        return MoeConfig(block_m=16, block_n=64, block_k=128, block_n2=32, block_k2=256, num_stages=4,
+                         dot_f16=DOT_F16)
     if num_tokens <= 32:
-        return MoeConfig(block_m=16, block_n=64, block_k=128, block_n2=32, block_k2=256, num_stages=6,
+        return MoeConfig(block_m=16, block_n=64, block_k=128, block_n2=128, block_k2=256, num_stages=5,
                          dot_f16=DOT_F16)
     if num_tokens <= 128:
         return MoeConfig(block_m=32, block_n=64, block_k=128, block_n2=64, block_k2=128, dot_f16=DOT_F16)
