@@ -43,7 +43,6 @@ import triton
 from triton.runtime._async_compile import AsyncCompileMode
 
 from bench.kernels import SWEEP, bench_us, rel_err
-from bench.moe_decode import D, DEV, E, HBM, I, K, SETS, TOL, routing, weights
 from sluice.engine.kernels._common import FP8_DTYPE
 from sluice.engine.kernels.act_quant import per_token_quant_fp8
 from sluice.engine.kernels.fp8_linear import (SmallMConfig, fp8_linear_reference, fp8_linear_small_m,
@@ -73,6 +72,28 @@ LIN_EXTRA = [SmallMConfig(*c) for c in [  # N 4096/6144 at block_n 64: 64/96 pro
     (16, 256, 1, 2, 6), (16, 512, 1, 4, 4), (16, 1024, 1, 4, 3), (64, 128, 1, 4, 8), (64, 256, 2, 4, 6),
     (32, 256, 2, 4, 6), (64, 512, 2, 4, 4),
 ]]
+
+E, K, D, I = 8, 2, 4096, 14336  # noqa: E741  (Mixtral-8x7B: experts, top-k, hidden, intermediate)
+DEV = "cuda"
+SETS = 4  # rotating weight sets: 5.6 GB of experts, L2 (50-60 MB) holds none
+HBM = 4.41  # TB/s, measured HBM read rate of the H200
+TOL = 2e-2
+
+
+def weights() -> list[tuple[torch.Tensor, ...]]:
+    """SETS fp8 expert sets (w13, s13, w2, s2) at Mixtral shapes."""
+    sets = []
+    for _ in range(SETS):
+        w13, s13 = quantize_per_channel(torch.randn(E, 2 * I, D, device=DEV, dtype=torch.bfloat16) / D**0.5)
+        w2, s2 = quantize_per_channel(torch.randn(E, D, I, device=DEV, dtype=torch.bfloat16) / I**0.5)
+        sets.append((w13, s13, w2, s2))
+    return sets
+
+
+def routing(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random top-k routing of t tokens: renormalised fp32 weights, int32 ids."""
+    w, ids = torch.randn(t, E, device=DEV).softmax(-1).topk(K)
+    return (w / w.sum(-1, keepdim=True)).float().contiguous(), ids.int().contiguous()
 
 
 def lin_configs() -> list[SmallMConfig]:
