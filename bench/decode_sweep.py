@@ -54,6 +54,8 @@ from sluice.engine.quant.fp8 import quantize_per_channel
 # the modules themselves (the package's names are its functions): their kernels are swapped while compiling
 KERNEL_MODULES = [importlib.import_module(f"sluice.engine.kernels.{m}") for m in ("fused_moe", "fp8_linear")]
 
+JOINT = {64: [MoeConfig(16, 64, 128, bn2, 256, 4, st, group_m=g) for bn2, st in ((128, 5), (32, 4)) for g in (2, 4, 8)]
+         + [MoeConfig(32, 64, 128, 128, 128, 4, 4, group_m=1), MoeConfig(64, 64, 128, 128, 128, 4, 4, group_m=1)]}
 MOE_T = (64, 1, 8, 32)  # in order of weight in the decode step: a round's timings stop at the budget
 AXES: list[tuple[str, Callable[[int], list[int]]]] = [  # one descent round each
     ("block_m", lambda t: [16] if t <= 16 else ([16, 32] if t <= 32 else [16, 32, 64])),
@@ -250,6 +252,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--budget", type=float, default=120.0, help="seconds; no new timings after this")
     ap.add_argument("--dry-run", action="store_true", help="list the sweep; no GPU needed")
+    ap.add_argument("--skip-linear", action="store_true", help="the MoE only")
     args = ap.parse_args()
     if args.dry_run:
         return dry_run()
@@ -358,6 +361,21 @@ def main() -> None:
         run.res["rounds"] = descend(state, lambda cs: None if run.over() else compile_round(cs), measure, log)
     except Exception:  # noqa: BLE001: keep what was measured
         run.fail("MoE descent", traceback.format_exc())
+    # joint moves a one-field descent cannot make: at T=64, 16-row blocks whose two blocks
+    # of one expert share each weight tile through L2 (group_m), with T=32's tiles
+    try:
+        joint = {t: [replace(c, dot_f16=moe_config(t).dot_f16) for c in cs] for t, cs in JOINT.items() if t in state}
+        if not run.over():
+            compile_round([c for cs in joint.values() for c in cs])
+        for t, cs in joint.items():
+            got = {c: measure(t, c) for c in [state[t]] + cs}
+            ok = {c: us for c, us in got.items() if us is not None}
+            if ok and min(ok.values()) < 0.995 * ok.get(state[t], float("inf")):
+                state[t] = min(ok, key=ok.get)
+            log(f"  T={t:<3d} joint      " + ", ".join(f"{short(c)}: {'-' if us is None else f'{us:.1f}'}"
+                                                  for c, us in got.items()) + f" -> {short(state[t])}")
+    except Exception:  # noqa: BLE001
+        run.fail("MoE joint candidates", traceback.format_exc())
     run.save()
 
     # 2. linear: every config at every shape and M
@@ -380,7 +398,7 @@ def main() -> None:
 
     lin_best: dict[tuple[str, int], SmallMConfig] = {}
     try:
-        for m in LIN_M:
+        for m in (() if args.skip_linear else LIN_M):
             for shape, n in LIN.items():
                 got = {c: lin_time(shape, m, c) for c in dict.fromkeys([small_m_config(m, n, D)] + lin_configs())}
                 ok = {c: us for c, us in got.items() if us is not None}
