@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 
 from sluice.engine.config import EngineConfig, ModelConfig
@@ -30,7 +31,7 @@ from sluice.engine.output import Completion, RequestOutput, TextState
 from sluice.engine.parallel import Sharding
 from sluice.engine.parallel.group import use_device
 from sluice.engine.precompile import Precompile, start_precompile
-from sluice.engine.sampling import Draw, SampledToken, SamplingParams, draw, needs_host_history, sample
+from sluice.engine.sampling import Draw, SamplingParams, accept, adjust, draw, needs_host_history
 from sluice.engine.scheduler import ScheduledBatch, Scheduler
 from sluice.engine.sequence import Sequence
 from sluice.engine.tokenizer import Tokenizer, load_tokenizer
@@ -40,14 +41,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Launched:
-    """A step on the device: its batch, the sequences that sample, and their tokens,
-    either still on the device (``draw``) or already read back (``tokens``: sampling
-    that needed the host)."""
+    """A step on the device: its batch, the sequences that sample, and their tokens still
+    on the device (``draw``). A step launched ahead whose sampling reads the host's view
+    of the previous tokens (penalties, grammars) holds its ``logits`` until that view is
+    complete (LLM._sample)."""
 
     batch: ScheduledBatch
     samplers: list[Sequence]
     draw: Draw | None = None
-    tokens: list[SampledToken] | None = None
+    logits: Any = None
+
+
+# What a row of a step launched ahead samples with once its sequence has ended (the row
+# is discarded): nothing that reads the ended sequence's state.
+_ENDED = SamplingParams(temperature=0, max_tokens=None)
 
 
 class LLM:
@@ -235,9 +242,9 @@ class LLM:
 
     def step(self) -> list[RequestOutput]:
         """Run one step and return its outputs. With ``step_lookahead`` a decode step is
-        launched before the previous step's tokens are read back (the module's
-        "lookahead"): this call then returns the outputs of the step launched by the last
-        call, and the one it launched is on the device meanwhile."""
+        launched before the previous step's tokens are read back (``_launch_ahead``): this
+        call then returns the outputs of the step launched by the last call, and the one
+        it launched is on the device meanwhile."""
         if self.asleep:
             raise RequestError("the engine is asleep: wake() it first")
         launched, self._in_flight = self._in_flight, None
@@ -248,42 +255,53 @@ class LLM:
             if not batch:
                 return []
             launched = self._launch(batch)
-        if self.lookahead:
-            self._in_flight = self._launch_ahead(launched)
+        ahead = self._launch_ahead(launched) if self.lookahead else None
         outputs = self._resolve(launched)
-        if self._in_flight is not None and all(s.is_finished for s in self._in_flight.batch.decode):
-            self._in_flight = None  # every one of its sequences ended meanwhile: nothing to read
+        if ahead is not None and not all(s.is_finished for s in ahead.batch.decode):
+            if ahead.draw is None:  # the host's view is complete now: sample while the forward runs
+                self._sample(ahead)
+            self._in_flight = ahead
         return outputs
 
     def _launch(self, batch: ScheduledBatch, after: _Launched | None = None) -> _Launched:
         """Enqueue a step's forward and its sampling. ``after``: the step whose sampled
-        tokens are this one's inputs, still on the device."""
+        tokens are this one's inputs, still on the device; where this step's sampling
+        reads the host's view of those tokens, it waits (the logits are kept)."""
         self.runner.capture_on_first_use = self.steps > 0
         with self._compiling():
             logits = self.runner.run(batch, after.draw.token_ids if after is not None else None)
         if self.on_launch is not None:  # the forward is enqueued; the GPU is busy for a while
             self.on_launch()
         self.steps += 1
-        samplers = self._sampling_sequences(batch)
-        params, generators = [s.params for s in samplers], [s.generator for s in samplers]
-        if any(needs_host_history(p) for p in params):  # waits for the device
-            return _Launched(batch, samplers, tokens=sample(logits, params, generators, samplers))
-        return _Launched(batch, samplers, draw=draw(logits, params, generators))
+        launched = _Launched(batch, self._sampling_sequences(batch), logits=logits)
+        if after is None or not any(needs_host_history(s.params) for s in launched.samplers):
+            self._sample(launched)
+        return launched
+
+    def _sample(self, launched: _Launched) -> None:
+        """Adjust the step's logits (bias, penalties, grammar masks: host state) and draw
+        its tokens on the device; rows of sequences ended meanwhile sample as _ENDED."""
+        samplers = launched.samplers
+        params = [_ENDED if s.is_finished else s.params for s in samplers]
+        with torch.inference_mode():  # the logits are the forward's (inference) tensor, adjusted in place
+            adjust(launched.logits, params, samplers)
+            launched.draw = draw(launched.logits, params, [s.generator for s in samplers])
+        launched.logits = None
 
     def _launch_ahead(self, last: _Launched) -> _Launched | None:
         """The next decode step of ``last``'s sequences, launched before ``last``'s tokens
         are read back, so that the host's work on them (reading them back, detokenizing,
-        the next step's inputs) overlaps the device's next forward. Only where that next
-        step is what the scheduler would run anyway: a decode-only step, no request
-        waiting, no sequence certain to end with ``last``'s token, none whose sampling
-        needs its previous tokens on the host, and a KV slot for each without preempting.
-        A sequence that ends with ``last``'s token all the same (a stop token or string, an
-        abort) has that row of the step discarded; the KV it wrote lies past its tokens."""
+        the next step's inputs, grammar masks) overlaps the device's next forward. Only
+        where that next step is what the scheduler would run anyway: a decode-only step,
+        no request waiting, no sequence certain to end with ``last``'s token, and a KV slot
+        for each without preempting. A sequence that ends with ``last``'s token all the
+        same (a stop token or string, an abort) has that row of the step discarded; the KV
+        it wrote lies past its tokens."""
         batch = last.batch
-        if last.draw is None or batch.prefill or self.scheduler.waiting:
+        if batch.prefill or self.scheduler.waiting:
             return None
         for seq in batch.decode:
-            if seq.is_finished or needs_host_history(seq.params):
+            if seq.is_finished:
                 return None
             limit = seq.params.max_tokens
             if (limit is not None and seq.num_completion_tokens + 1 >= limit) or seq.num_tokens + 1 >= self.max_model_len:
@@ -295,9 +313,10 @@ class LLM:
     def _resolve(self, launched: _Launched) -> list[RequestOutput]:
         """Read a launched step's tokens back and apply them (sequences that ended since it
         was launched are skipped)."""
-        tokens = launched.tokens if launched.draw is None else launched.draw.result()
-        return self._postprocess(launched.batch, {s: t for s, t in zip(launched.samplers, tokens)
-                                                  if not s.is_finished})
+        assert launched.draw is not None
+        live = [(s, t) for s, t in zip(launched.samplers, launched.draw.result()) if not s.is_finished]
+        accept([s.params for s, _ in live], [t for _, t in live])
+        return self._postprocess(launched.batch, dict(live))
 
     def _sampling_sequences(self, batch: ScheduledBatch) -> list[Sequence]:
         done = [s for s, n in zip(batch.prefill, batch.chunk_lens) if s.num_computed_tokens + n == s.num_tokens]

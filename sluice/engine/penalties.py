@@ -47,6 +47,12 @@ class Generated(Protocol):
 
 
 @torch.inference_mode()  # the model's logits are inference tensors
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the device: a copy from
+    pageable memory would first wait for everything queued before it (a step's forward)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def apply_penalties(logits: torch.Tensor, params: Sequence[Adjustments],
                     sequences: Sequence[Generated]) -> None:
     """logits (S, V) fp32, in place; ``sequences[i]`` is row i's (read for penalized rows only)."""
@@ -56,7 +62,7 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[Adjustments],
     S, V = logits.shape
     device = logits.device
     in_place = len(rows) == S and logits.is_contiguous()  # else a contiguous copy of the rows
-    index = None if in_place else torch.tensor(rows, device=device)
+    index = None if in_place else upload(torch.tensor(rows), device)
     sub = logits if index is None else logits.index_select(0, index)  # (R, V)
     chosen = [params[i] for i in rows]
     _add_bias(sub, chosen)
@@ -77,8 +83,8 @@ def _add_bias(sub: torch.Tensor, chosen: list[Adjustments]) -> None:
     if not pairs:
         return
     V = sub.shape[1]
-    at = torch.tensor([r * V + token for r, token, _ in pairs], device=sub.device)
-    sub.view(-1).index_add_(0, at, torch.tensor([b for _, _, b in pairs], dtype=sub.dtype, device=sub.device))
+    at = upload(torch.tensor([r * V + token for r, token, _ in pairs]), sub.device)
+    sub.view(-1).index_add_(0, at, upload(torch.tensor([b for _, _, b in pairs], dtype=sub.dtype), sub.device))
 
 
 def _subtract_penalties(sub: torch.Tensor, where: list[int], params: list[Adjustments],
@@ -105,5 +111,5 @@ def _subtract_penalties(sub: torch.Tensor, where: list[int], params: list[Adjust
     freq = np.array([p.frequency_penalty for p in params])
     pres = np.array([p.presence_penalty for p in params])
     penalty = freq[row] * counts + pres[row]  # (T,) one per distinct (row, token)
-    at = torch.from_numpy(np.asarray(where, dtype=np.int64)[row] * V + flat[starts]).to(sub.device)
-    sub.view(-1).index_add_(0, at, torch.from_numpy(penalty).to(sub.device, sub.dtype), alpha=-1)
+    at = upload(torch.from_numpy(np.asarray(where, dtype=np.int64)[row] * V + flat[starts]), sub.device)
+    sub.view(-1).index_add_(0, at, upload(torch.from_numpy(penalty).to(sub.dtype), sub.device), alpha=-1)

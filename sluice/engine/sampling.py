@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sluice.engine.errors import RequestError
-from sluice.engine.penalties import Generated, apply_penalties
+from sluice.engine.penalties import Generated, apply_penalties, upload
 
 if TYPE_CHECKING:
     from sluice.engine.structured import Constraint
@@ -101,27 +101,40 @@ class SampledToken:
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
            sequences: Sequence[Generated] = ()) -> list[SampledToken]:
     """logits (S, V) fp32, one row per sequence -> one token each. ``sequences`` (one per
-    row) are read only for rows with penalties."""
-    S, V = logits.shape
-    if S == 0:
+    row) are read only for rows with penalties. Waits for the device; the engine runs the
+    same three phases apart (``adjust``, ``draw``, ``accept``) so that it need not."""
+    if logits.shape[0] == 0:
         return []
+    adjust(logits, params, sequences)
+    out = draw(logits, params, generators).result()
+    accept(params, out)
+    return out
+
+
+def adjust(logits: torch.Tensor, params: list[SamplingParams], sequences: Sequence[Generated] = ()) -> None:
+    """Bias, penalties and grammar masks, in place. Reads what the host holds: each
+    penalised row's completion so far and each constraint's parse state, so it runs once
+    the previous token of every such row has been accepted."""
     if any(p.adjusts_logits for p in params):
         apply_penalties(logits, params, sequences)
-    constraints = [p.constraint for p in params]
-    if any(c is not None for c in constraints):
-        from sluice.engine.structured import accept_tokens, apply_constraints
+    if any(p.constraint is not None for p in params):
+        from sluice.engine.structured import apply_constraints
 
-        apply_constraints(logits, constraints)
-        out = draw(logits, params, generators).result()
-        accept_tokens(constraints, [t.token_id for t in out])
-        return out
-    return draw(logits, params, generators).result()
+        apply_constraints(logits, [p.constraint for p in params])
+
+
+def accept(params: list[SamplingParams], tokens: list[SampledToken]) -> None:
+    """Advance each row's constraint (if any) by the token it drew."""
+    if any(p.constraint is not None for p in params):
+        from sluice.engine.structured import accept_tokens
+
+        accept_tokens([p.constraint for p in params], [t.token_id for t in tokens])
 
 
 def needs_host_history(params: SamplingParams) -> bool:
-    """Whether sampling this request's next token needs its previous tokens on the host
-    (penalties count them; a grammar advances on them), so its step cannot be launched
-    before the last one's tokens are back (LLM's step lookahead)."""
+    """Whether adjusting this request's logits reads its previous tokens on the host
+    (penalties count them; a grammar advances on them): a step launched before those are
+    back (LLM's step lookahead) samples it only once they are."""
     return params.adjusts_logits or params.constraint is not None
 
 
@@ -180,10 +193,7 @@ def draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[to
 
 
 def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
-    """A small host list on ``device`` without waiting for the device: a copy from
-    pageable memory would first wait for everything queued before it (the step's forward)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    return upload(torch.tensor(values, dtype=dtype), device)
 
 
 def _top_k_top_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -141,7 +141,8 @@ class _Bitmasks:
     def get(self, rows: int, words: int) -> torch.Tensor:
         key = (rows, words)
         if key not in self.buffers:
-            self.buffers[key] = torch.empty((rows, words), dtype=torch.int32, pin_memory=torch.cuda.is_available())
+            with torch.inference_mode(False):  # a normal tensor: the engine fills it under inference mode, tests not
+                self.buffers[key] = torch.empty((rows, words), dtype=torch.int32, pin_memory=torch.cuda.is_available())
         return self.buffers[key].fill_(-1)
 
 

@@ -69,16 +69,29 @@ def test_lookahead_gives_the_lockstep_tokens(tiny_mixtral):
     assert llm.block_manager.num_free_blocks == free
 
 
-def test_sampling_that_needs_the_host_is_never_launched_ahead(tiny_mixtral):
+def test_sampling_that_reads_the_host_waits_for_the_last_tokens_not_the_launch(tiny_mixtral):
+    """Penalties and grammars read the previous tokens on the host: the step is launched
+    ahead all the same and samples once they are in, giving the lock-step tokens."""
+    from sluice.engine.structured import Constraint, Grammars
+
+    ps = prompts(3, seed=9)
+
+    def params(llm: LLM) -> list[SamplingParams]:
+        grammars = Grammars(llm.tokenizer, llm.model.config.vocab_size)
+        return [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, frequency_penalty=1.5,
+                               presence_penalty=0.5, logit_bias=((7, 3.0),)),
+                SamplingParams(temperature=0.9, seed=2, max_tokens=40, constraint=Constraint(grammars.json_object())),
+                SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)]
+
+    lockstep = engine(tiny_mixtral, False)
+    want = lockstep.generate(ps, params(lockstep))
     llm = engine(tiny_mixtral, True)
     launched = count_ahead(llm)
-    ps = prompts(2, seed=9)
-    penalised = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, frequency_penalty=1.5)
-    got = llm.generate(ps, [penalised, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)])
-    assert not launched  # the penalised request shares every decode step
-    want = engine(tiny_mixtral, False).generate(ps, [penalised, SamplingParams(temperature=0, max_tokens=8,
-                                                                                ignore_eos=True)])
+    got = llm.generate(ps, params(llm))
+    assert launched
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+    assert got[1].text.startswith("{")
 
 
 def test_abort_while_a_step_is_launched_ahead(tiny_mixtral):
