@@ -170,6 +170,7 @@ class LLM:
             return
         if self.has_unfinished():
             raise RequestError("cannot sleep with requests in flight")
+        self._in_flight = None  # a step launched ahead whose sequences were all aborted (runner.sleep syncs)
         self.runner.sleep()
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)

@@ -121,5 +121,9 @@ def test_abort_while_a_step_is_launched_ahead(tiny_mixtral):
         llm.step()
     llm.abort(s.seq_id)
     assert not llm.has_unfinished()
-    assert llm.step() == [] and llm._in_flight is None
+    llm.sleep()
+    assert llm._in_flight is None
+    llm.wake()
     assert llm.block_manager.num_free_blocks == free
+    [again] = llm.generate([b], params)
+    assert again.token_ids == want_b.token_ids
