@@ -256,7 +256,11 @@ class LLM:
             if not batch:
                 return []
             launched = self._launch(batch)
-        ahead = self._launch_ahead(launched) if self.lookahead else None
+            ahead = self._launch_ahead(launched) if self.lookahead else None
+        else:
+            ahead = self._launch_ahead(launched)
+            if ahead is None and self.on_launch is not None:
+                self.on_launch()  # nothing launched now, but the GPU is still on `launched`: hand over
         outputs = self._resolve(launched)
         if ahead is not None and not all(s.is_finished for s in ahead.batch.decode):
             if ahead.draw is None:  # the host's view is complete now: sample while the forward runs
@@ -294,12 +298,12 @@ class LLM:
         are read back, so that the host's work on them (reading them back, detokenizing,
         the next step's inputs, grammar masks) overlaps the device's next forward. Only
         where that next step is what the scheduler would run anyway: a decode-only step,
-        no request waiting, no sequence certain to end with ``last``'s token, and a KV slot
-        for each without preempting. A sequence that ends with ``last``'s token all the
+        no waiting request it could admit, no sequence certain to end with ``last``'s token,
+        and a KV slot for each without preempting. A sequence that ends with ``last``'s token all the
         same (a stop token or string, an abort) has that row of the step discarded; the KV
         it wrote lies past its tokens."""
         batch = last.batch
-        if batch.prefill or self.scheduler.waiting:
+        if batch.prefill or self.scheduler.can_admit():
             return None
         for seq in batch.decode:
             if seq.is_finished:

@@ -62,6 +62,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def can_admit(self) -> bool:
+        """Whether the next schedule() could start a waiting request (a seat and a free
+        block); a backlog it cannot start leaves the running batch's decode step as is."""
+        return bool(self.waiting) and len(self.running) < self.max_num_seqs and self.blocks.num_free_blocks > 0
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens

@@ -127,3 +127,41 @@ def test_abort_while_a_step_is_launched_ahead(tiny_mixtral):
     assert llm.block_manager.num_free_blocks == free
     [again] = llm.generate([b], params)
     assert again.token_ids == want_b.token_ids
+
+
+def test_a_backlog_that_cannot_start_keeps_the_lookahead(tiny_mixtral):
+    """With every seat taken, waiting requests change nothing about the next decode step:
+    it is still launched ahead, and each request yields its lock-step tokens."""
+    ps = prompts(5, seed=6)
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    want = LLM(tiny_mixtral, device="cpu", dtype="float32", block_size=4, num_kv_blocks=48, max_num_seqs=2,
+               progress=False, step_lookahead=False).generate(ps, params)
+    llm = LLM(tiny_mixtral, device="cpu", dtype="float32", block_size=4, num_kv_blocks=48, max_num_seqs=2,
+              progress=False)
+    queued: list[bool] = []
+    run = llm.runner.run
+
+    def counting(batch, next_ids=None):
+        if next_ids is not None:
+            queued.append(bool(llm.scheduler.waiting))
+        return run(batch, next_ids)
+
+    llm.runner.run = counting
+    got = llm.generate(ps, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert any(queued)  # launched ahead while requests waited for a seat
+
+
+def test_every_call_that_returns_outputs_hands_over_first(tiny_mixtral):
+    """AsyncLLM hands a call's outputs to the streams at the next on_launch: a call that
+    launches nothing (its step in flight ends some rows) must still call it, or the last
+    outputs wait a whole step longer."""
+    llm = engine(tiny_mixtral, True)
+    calls = [0]
+    llm.on_launch = lambda: calls.__setitem__(0, calls[0] + 1)
+    for p, n in zip(prompts(3, seed=8), (3, 6, 9)):
+        llm.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    while llm.has_unfinished():
+        before = calls[0]
+        if llm.step():
+            assert calls[0] > before
