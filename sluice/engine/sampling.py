@@ -141,30 +141,39 @@ def needs_host_history(params: SamplingParams) -> bool:
 class Draw:
     """One step's sampled tokens, still on the device: ``token_ids`` (S,) int64 there (the
     next step's inputs can be taken from it without a host round trip); ``result()``
-    waits for their copy to the host and builds the SampledTokens."""
+    waits for their copy to the host and builds the SampledTokens. Logprobs, where asked
+    for, are gathered on the device too (the drawn token's and the ``top`` best) and come
+    back in the same copy, so reading them never waits for work queued after the step."""
 
     def __init__(self, token_ids: torch.Tensor, params: list[SamplingParams],
-                 logprobs: torch.Tensor | None) -> None:
-        self.token_ids, self.params, self.logprobs = token_ids, params, logprobs
-        self._host = token_ids.to("cpu", non_blocking=True) if token_ids.is_cuda else token_ids
+                 logprobs: torch.Tensor | None = None) -> None:
+        self.token_ids, self.params = token_ids, params
+        parts = [token_ids]
+        if logprobs is not None:
+            k = max(p.top_logprobs for p in params)
+            parts.append(logprobs.gather(1, token_ids[:, None]).squeeze(1))  # (S,) the drawn token's
+            if k:
+                parts.extend(logprobs.topk(k, dim=-1))  # (S, k) values, then ids
+        cuda = token_ids.is_cuda
+        self._host = [t.to("cpu", non_blocking=True) if cuda else t for t in parts]
         self._copied = None
-        if token_ids.is_cuda:
+        if cuda:
             self._copied = torch.cuda.Event()
             self._copied.record()
 
     def result(self) -> list[SampledToken]:
         if self._copied is not None:
             self._copied.synchronize()
+        tokens, *lp = (t.tolist() for t in self._host)
         out = []
-        for i, (tok, p) in enumerate(zip(self._host.tolist(), self.params)):
-            if self.logprobs is None or not (p.logprobs or p.top_logprobs):
+        for i, (tok, p) in enumerate(zip(tokens, self.params)):
+            if not lp or not (p.logprobs or p.top_logprobs):
                 out.append(SampledToken(tok))
                 continue
             top: tuple[tuple[int, float], ...] = ()
             if p.top_logprobs:
-                vals, ids = self.logprobs[i].topk(p.top_logprobs)
-                top = tuple(zip(ids.tolist(), vals.tolist()))
-            out.append(SampledToken(tok, self.logprobs[i, tok].item(), top))
+                top = tuple(zip(lp[2][i][:p.top_logprobs], lp[1][i][:p.top_logprobs]))
+            out.append(SampledToken(tok, lp[0][i], top))
         return out
 
 
