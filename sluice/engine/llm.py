@@ -49,7 +49,7 @@ class _Launched:
     batch: ScheduledBatch
     samplers: list[Sequence]
     draw: Draw | None = None
-    logits: Any = None
+    logits: torch.Tensor | None = None
 
 
 # What a row of a step launched ahead samples with once its sequence has ended (the row
@@ -251,16 +251,15 @@ class LLM:
         launched, self._in_flight = self._in_flight, None
         if launched is not None and all(s.is_finished for s in launched.batch.decode):
             launched = None  # every one of its sequences was aborted since: nothing to read
-        if launched is None:
+        earlier = launched is not None
+        if not earlier:
             batch = self.scheduler.schedule()
             if not batch:
                 return []
             launched = self._launch(batch)
-            ahead = self._launch_ahead(launched) if self.lookahead else None
-        else:
-            ahead = self._launch_ahead(launched)
-            if ahead is None and self.on_launch is not None:
-                self.on_launch()  # nothing launched now, but the GPU is still on `launched`: hand over
+        ahead = self._launch_ahead(launched) if self.lookahead else None
+        if earlier and ahead is None and self.on_launch is not None:
+            self.on_launch()  # nothing launched now, but the GPU is still on `launched`: hand over
         outputs = self._resolve(launched)
         if ahead is not None and not all(s.is_finished for s in ahead.batch.decode):
             if ahead.draw is None:  # the host's view is complete now: sample while the forward runs
@@ -305,12 +304,8 @@ class LLM:
         batch = last.batch
         if batch.prefill or self.scheduler.can_admit():
             return None
-        for seq in batch.decode:
-            if seq.is_finished:
-                return None
-            limit = seq.params.max_tokens
-            if (limit is not None and seq.num_completion_tokens + 1 >= limit) or seq.num_tokens + 1 >= self.max_model_len:
-                return None
+        if any(seq.is_finished or self._length_reached(seq, pending=1) for seq in batch.decode):
+            return None
         if not all(self.block_manager.ensure_slots(seq, seq.num_tokens + 1) for seq in batch.decode):
             return None  # (slots taken for the others are this step's next ones anyway)
         return self._launch(ScheduledBatch(decode=list(batch.decode)), after=last)
@@ -357,10 +352,13 @@ class LLM:
     def _finish_reason(self, seq: Sequence) -> str | None:
         if seq.token_ids[-1] in self._stop_ids(seq):
             return "stop"
+        return "length" if self._length_reached(seq) else None
+
+    def _length_reached(self, seq: Sequence, pending: int = 0) -> bool:
+        """Whether ``seq``, with ``pending`` more tokens, is at max_tokens or max_model_len."""
         limit = seq.params.max_tokens
-        if (limit is not None and seq.num_completion_tokens >= limit) or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+        return ((limit is not None and seq.num_completion_tokens + pending >= limit)
+                or seq.num_tokens + pending >= self.max_model_len)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
