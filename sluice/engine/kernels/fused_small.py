@@ -175,27 +175,39 @@ def rope_store_kv(
 
 
 @triton.jit
+def softmax_topk(logits, E, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(R, BLOCK_E) fp32 router logits, columns from E on ignored -> the fp32 softmax's top
+    K (lowest index first among ties, as torch.topk), renormalised: weights (R, BLOCK_K)
+    fp32 and ids (R, BLOCK_K) int32, columns from K on zero. Shared with the one-launch
+    router (moe_route.py)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, BLOCK_K)
+    e_ok = (offs_e < E)[None, :]
+    logits = tl.where(e_ok, logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    p = tl.where(e_ok, p, -1.0)
+    ws = tl.zeros_like(tl.max(p, axis=1))[:, None] + tl.zeros((1, BLOCK_K), dtype=tl.float32)  # (R, BLOCK_K)
+    ids = ws.to(tl.int32)
+    for j in tl.static_range(K):
+        m = tl.max(p, axis=1)  # (R,)
+        idx = tl.min(tl.where(p == m[:, None], offs_e[None, :], BLOCK_E), axis=1)  # lowest among ties
+        ws = tl.where(offs_k[None, :] == j, m[:, None], ws)
+        ids = tl.where(offs_k[None, :] == j, idx[:, None], ids)
+        p = tl.where(offs_e[None, :] == idx[:, None], -1.0, p)
+    return ws / tl.sum(ws, axis=1)[:, None], ids
+
+
+@triton.jit
 def _router_topk_kernel(
     logits_ptr, w_ptr, ids_ptr, E, stride_l,
     K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_E)
-    mask = offs < E
-    x = tl.load(logits_ptr + row * stride_l + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    p = tl.exp(x - tl.max(x, axis=0))
-    p = p / tl.sum(p, axis=0)
-    p = tl.where(mask, p, -1.0)
-    offs_k = tl.arange(0, BLOCK_K)
-    ws = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    ids = tl.zeros((BLOCK_K,), dtype=tl.int32)
-    for j in tl.static_range(K):
-        m = tl.max(p, axis=0)
-        idx = tl.min(tl.where(p == m, offs, BLOCK_E), axis=0)  # lowest index among ties, like torch.topk
-        ws = tl.where(offs_k == j, m, ws)
-        ids = tl.where(offs_k == j, idx, ids)
-        p = tl.where(offs == idx, -1.0, p)
-    ws = ws / tl.sum(ws, axis=0)
+    offs = tl.arange(0, BLOCK_E)[None, :]
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
+    ws, ids = softmax_topk(x, E, K, BLOCK_E, BLOCK_K)  # (1, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)[None, :]
     tl.store(w_ptr + row * K + offs_k, ws, mask=offs_k < K)
     tl.store(ids_ptr + row * K + offs_k, ids, mask=offs_k < K)
 

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from sluice.engine.kernels._common import check, check_tensor
 from sluice.engine.kernels.fused_moe import _align_sizes, align_chunk, align_slots
+from sluice.engine.kernels.fused_small import softmax_topk
 
 SUB_D = 512  # columns a program multiplies at a time
 
@@ -38,11 +39,10 @@ def _route_tokens(
     E: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """The epilogue's routing: logits from the partials, softmax, top-k, renormalise."""
+    """The epilogue's routing: logits from the partials, then fused_small.softmax_topk."""
     offs_e = tl.arange(0, BLOCK_E)
     offs_s = tl.arange(0, BLOCK_S)
     offs_k = tl.arange(0, BLOCK_K)
-    e_ok = (offs_e < E)[None, :]
     for t0 in range(0, T, BLOCK_T):
         toks = t0 + tl.arange(0, BLOCK_T)
         t_ok = toks < T
@@ -52,19 +52,7 @@ def _route_tokens(
         p_mask = t_ok[:, None, None] & (offs_s < S)[None, :, None]
         parts = tl.load(p_ptrs, mask=p_mask, other=0.0, cache_modifier=".cg")
         logits = tl.sum(parts, axis=1).to(x_ptr.dtype.element_ty).to(tl.float32)  # (BLOCK_T, BLOCK_E)
-        logits = tl.where(e_ok, logits, float("-inf"))
-        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        p = p / tl.sum(p, axis=1)[:, None]
-        p = tl.where(e_ok, p, -1.0)
-        ws = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-        ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
-        for j in tl.static_range(K):
-            m = tl.max(p, axis=1)  # (BLOCK_T,)
-            idx = tl.min(tl.where(p == m[:, None], offs_e[None, :], BLOCK_E), axis=1)  # lowest among ties
-            ws = tl.where(offs_k[None, :] == j, m[:, None], ws)
-            ids = tl.where(offs_k[None, :] == j, idx[:, None], ids)
-            p = tl.where(offs_e[None, :] == idx[:, None], -1.0, p)
-        ws = ws / tl.sum(ws, axis=1)[:, None]
+        ws, ids = softmax_topk(logits, E, K, BLOCK_E, BLOCK_K)
         out = toks[:, None] * K + offs_k[None, :]
         o_mask = t_ok[:, None] & (offs_k < K)[None, :]
         tl.store(w_ptr + out, ws, mask=o_mask)
