@@ -25,6 +25,7 @@ from sluice.engine.offload import WeightParking
 from sluice.engine.parallel.group import agree_min
 from sluice.engine.scheduler import ScheduledBatch
 from sluice.engine.step_inputs import DecodeInputs, VarlenInputs, cache_slot
+from sluice.engine.transfer import upload
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,7 @@ class ModelRunner:
         return ids, self._tensor(pos, torch.int64), meta, torch.arange(len(seqs), device=self.device)
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+        return upload(torch.tensor(data, dtype=dtype), self.device)
 
     # ---- warming up while idle --------------------------------------------
 

@@ -22,6 +22,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from sluice.engine.transfer import upload
+
 
 class Adjustments(Protocol):
     """What is read of a row's SamplingParams (engine/sampling.py imports this module)."""
@@ -47,12 +49,6 @@ class Generated(Protocol):
 
 
 @torch.inference_mode()  # the model's logits are inference tensors
-def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device`` without waiting for the device: a copy from
-    pageable memory would first wait for everything queued before it (a step's forward)."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
 def apply_penalties(logits: torch.Tensor, params: Sequence[Adjustments],
                     sequences: Sequence[Generated]) -> None:
     """logits (S, V) fp32, in place; ``sequences[i]`` is row i's (read for penalized rows only)."""

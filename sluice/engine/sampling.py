@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from sluice.engine.errors import RequestError
-from sluice.engine.penalties import Generated, apply_penalties, upload
+from sluice.engine.penalties import Generated, apply_penalties
+from sluice.engine.transfer import upload
 
 if TYPE_CHECKING:
     from sluice.engine.structured import Constraint
