@@ -1,7 +1,7 @@
 """Tile sweep of the two kernels that dominate the FP8 Mixtral decode step, at their model
 shapes (H200, fp8 weights): the fused MoE and the small-M fp8 linear of attention.
 
-    python3 -m bench.decode_sweep OUT_DIR [--budget 120] [--dry-run]
+    python3 -m bench.decode_sweep OUT_DIR [--budget 120] [--dry-run] [--skip-linear] [--swap-only]
 
 1. MoE: `fused_moe` W8A16 (fp16 dots), E 8 top-2 D 4096 I 14336, T in 64, 1, 8, 32, run
    as decode runs it (alignment given, per-slot partials: reduce=False). Coordinate
@@ -12,6 +12,10 @@ shapes (H200, fp8 weights): the fused MoE and the small-M fp8 linear of attentio
    fused_moe's launches swapped for JITFunction.warmup). A config is checked against fused_moe_reference
    (rel err <= 2e-2) before it is timed; one that fails to compile or launch (shared
    memory) is skipped.
+   Then a second descent of swap-AB tiles (`MoeConfig.swap_ab`: weight rows in the MMA's
+   wide dimension) from `swap_seed(T)` over SWAP_AXES, its first round W8A16 against W8A8
+   (the two per-row quant launches included); a T's best moves to it only if it wins by
+   0.5%. --swap-only: that descent alone, against the current tiles.
 2. Linear: `fp8_linear_small_m` (fp8 activations with per-token scales) at qkv 4096->6144
    and o 4096->4096, M in 1, 16, 64: bench.kernels.SWEEP plus tiles for these narrow
    outputs (block_n 16/32: more programs; split-K), against `small_m_config`; all
@@ -67,6 +71,25 @@ AXES: list[tuple[str, Callable[[int], list[int]]]] = [  # one descent round each
     ("block_k2", lambda t: [128, 256, 512]),
     ("group_m", lambda t: [1, 2, 4] if t >= 64 else [1]),  # T=64: a second block of an expert reads its tiles from L2
 ]
+# swap-AB (MoeConfig.swap_ab): a second descent from these seeds, weight rows in the MMA's
+# 64/128-wide dimension; its first round tries W8A8 (fp8 x fp8 dots, two quant launches)
+SWAP_AXES: list[tuple[str, Callable[[int], list]]] = [
+    ("act_fp8", lambda t: [False, True]),
+    ("block_m", lambda t: [16] if t <= 16 else ([16, 32] if t <= 32 else [16, 32, 64])),
+    ("block_n", lambda t: [64, 128]),
+    ("block_k", lambda t: [64, 128, 256]),
+    ("num_warps", lambda t: [4, 8]),
+    ("num_stages", lambda t: [3, 4, 5, 6]),
+    ("block_n2", lambda t: [64, 128]),
+    ("block_k2", lambda t: [128, 256, 512]),
+]
+
+
+def swap_seed(t: int) -> MoeConfig:
+    return replace(moe_config(t), swap_ab=True, block_m=16 if t <= 32 else 32, block_n=64, block_k=128,
+                   block_n2=64, block_k2=256, group_m=1)
+
+
 LIN = {"qkv": 6144, "o": 4096}  # N; K = D
 LIN_M = (1, 16, 64)
 LIN_EXTRA = [SmallMConfig(*c) for c in [  # N 4096/6144 at block_n 64: 64/96 programs for 132 SMs
@@ -105,23 +128,27 @@ def lin_configs() -> list[SmallMConfig]:
 def moe_keys(c: MoeConfig) -> tuple[tuple, tuple]:
     """What GEMM1's and GEMM2's compiled kernels depend on (fused_moe clamps the stages
     to shared memory: x bf16, h fp16, fp8 weights)."""
-    s1 = _stages(c.num_stages, (2 * c.block_n + 2 * c.block_m) * c.block_k)
-    s2 = _stages(c.num_stages, (c.block_n2 + 2 * c.block_m) * c.block_k2)
-    return ((c.block_m, c.block_n, c.block_k, c.num_warps, s1, c.group_m),
-            (c.block_m, c.block_n2, c.block_k2, c.num_warps, s2, c.group_m))
+    a = 1 if c.act_fp8 else 2
+    s1 = _stages(c.num_stages, (2 * c.block_n + a * c.block_m) * c.block_k)
+    s2 = _stages(c.num_stages, (c.block_n2 + a * c.block_m) * c.block_k2)
+    mode = (c.swap_ab, c.act_fp8)
+    return ((c.block_m, c.block_n, c.block_k, c.num_warps, s1, c.group_m, *mode),
+            (c.block_m, c.block_n2, c.block_k2, c.num_warps, s2, c.group_m, *mode))
 
 
 def short(c: MoeConfig) -> str:
-    (_, _, _, _, s1, _), (_, _, _, _, s2, _) = moe_keys(c)
+    (_, _, _, _, s1, *_), (_, _, _, _, s2, *_) = moe_keys(c)
     return (f"bm{c.block_m} g1 {c.block_n}x{c.block_k} g2 {c.block_n2}x{c.block_k2} w{c.num_warps} "
-            f"s{c.num_stages}({s1}/{s2}) gm{c.group_m}")
+            f"s{c.num_stages}({s1}/{s2}) gm{c.group_m}" + (" swap" if c.swap_ab else "")
+            + (" a8" if c.act_fp8 else ""))
 
 
 def descend(state: dict[int, MoeConfig], compile_round: Callable[[list[MoeConfig]], None],
-            measure: Callable[[int, MoeConfig], float | None], log: Callable[[str], None]) -> list[dict]:
-    """Coordinate descent over AXES, every T in lockstep; state[t] ends at each T's best."""
+            measure: Callable[[int, MoeConfig], float | None], log: Callable[[str], None],
+            axes: list[tuple[str, Callable[[int], list]]] = AXES) -> list[dict]:
+    """Coordinate descent over `axes`, every T in lockstep; state[t] ends at each T's best."""
     rounds = []
-    for field, values in AXES:
+    for field, values in axes:
         cands = {}
         for t, cur in state.items():
             cs: dict = {}  # the current config first; none that compiles to the same kernels twice
@@ -253,6 +280,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=120.0, help="seconds; no new timings after this")
     ap.add_argument("--dry-run", action="store_true", help="list the sweep; no GPU needed")
     ap.add_argument("--skip-linear", action="store_true", help="the MoE only")
+    ap.add_argument("--swap-only", action="store_true",
+                    help="the MoE's swap-AB descent only, against the current tiles (no unswapped descent)")
     args = ap.parse_args()
     if args.dry_run:
         return dry_run()
@@ -358,14 +387,17 @@ def main() -> None:
 
     state = {t: moe_config(t) for t in MOE_T}
     try:
-        run.res["rounds"] = descend(state, lambda cs: None if run.over() else compile_round(cs), measure, log)
+        if not args.swap_only:
+            run.res["rounds"] = descend(state, lambda cs: None if run.over() else compile_round(cs), measure, log)
     except Exception:  # noqa: BLE001: keep what was measured
         run.fail("MoE descent", traceback.format_exc())
     # joint moves a one-field descent cannot make: at T=64, 16-row blocks whose two blocks
     # of one expert share each weight tile through L2 (group_m), with T=32's tiles
     try:
         joint = {t: [replace(c, dot_f16=moe_config(t).dot_f16) for c in cs] for t, cs in JOINT.items() if t in state}
-        if not run.over():
+        if args.swap_only:
+            joint = {}
+        elif not run.over():
             compile_round([c for cs in joint.values() for c in cs])
         for t, cs in joint.items():
             got = {c: measure(t, c) for c in [state[t]] + cs}
@@ -376,6 +408,18 @@ def main() -> None:
                                                   for c, us in got.items()) + f" -> {short(state[t])}")
     except Exception:  # noqa: BLE001
         run.fail("MoE joint candidates", traceback.format_exc())
+    # swap-AB: its own descent from swap_seed; it replaces a T's best only by beating it
+    swapped = {t: swap_seed(t) for t in MOE_T}
+    try:
+        run.res["swap_rounds"] = descend(swapped, lambda cs: None if run.over() else compile_round(cs), measure,
+                                         log, SWAP_AXES)
+    except Exception:  # noqa: BLE001
+        run.fail("MoE swap-AB descent", traceback.format_exc())
+    for t in MOE_T:
+        us_s, us_b = measure(t, swapped[t]), measure(t, state[t])
+        log(f"  T={t:<3d} swap-AB best {short(swapped[t])}: {us_s}, unswapped best {short(state[t])}: {us_b}")
+        if us_s is not None and (us_b is None or us_s < 0.995 * us_b):
+            state[t] = swapped[t]
     run.save()
 
     # 2. linear: every config at every shape and M

@@ -67,6 +67,11 @@ class MoeConfig:
     # together, so a weight tile is fetched from HBM once for the whole group (L2)
     # rather than once per token block. 1: N tiles fastest (decode: one token block).
     group_m: int = 1
+    # swap-AB: each program computes its output tile transposed, W[BLOCK_N, K] @ x^T, so
+    # the weight rows fill the MMA's large dimension (Hopper's wgmma needs 64) and the
+    # few slots of an expert the small one; for decode, where a token block is mostly
+    # padding and the weights are the traffic.
+    swap_ab: bool = False
 
 
 DOT_F16 = int(os.environ.get("SLUICE_MOE_DOT_F16", "1"))  # MoeConfig.dot_f16 of the default tiles
@@ -239,7 +244,7 @@ def _moe_gemm_kernel(
     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F16: tl.constexpr,
-    A_FP8: tl.constexpr,
+    A_FP8: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     # Grouped order: GROUP_M token blocks share each N tile (L2 reuse of the weights).
     pid = tl.program_id(0)
@@ -262,8 +267,12 @@ def _moe_gemm_kernel(
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + expert * stride_we + rows_n[:, None] * stride_wn + offs_k[None, :]
     up_off = N * stride_wn  # w3 rows follow the I rows of w1 in w13
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:  # transposed tiles: weight rows x slots
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=slot_mask[:, None], other=0.0)
@@ -281,11 +290,20 @@ def _moe_gemm_kernel(
             a = a.to(tl.float32)
         elif DOT_F16 and not A_FP8:
             a = a.to(tl.float16)
-        acc += tl.dot(a, tl.trans(w.to(a.dtype)))  # A_FP8: e4m3 x e4m3, no widening
-        if GATED:
-            acc_up += tl.dot(a, tl.trans(wu.to(a.dtype)))
+        if SWAP_AB:
+            acc += tl.dot(w.to(a.dtype), tl.trans(a))
+            if GATED:
+                acc_up += tl.dot(wu.to(a.dtype), tl.trans(a))
+        else:
+            acc += tl.dot(a, tl.trans(w.to(a.dtype)))  # A_FP8: e4m3 x e4m3, no widening
+            if GATED:
+                acc_up += tl.dot(a, tl.trans(wu.to(a.dtype)))
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SWAP_AB:  # back to slots x rows for the epilogue
+        acc = tl.trans(acc)
+        if GATED:
+            acc_up = tl.trans(acc_up)
     if HAS_SCALE:
         scale_ptrs = w_scale_ptr + expert * stride_se + rows_n
         acc = acc * tl.load(scale_ptrs)[None, :]
@@ -389,7 +407,7 @@ def fused_moe(
     if not has_scale:  # any fp32 tensor stands in for the unused scale pointers
         w13_scale = w2_scale = topk_weights
     common = dict(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, DOT_F32=f32, HAS_SCALE=has_scale, DOT_F16=f16,
-                  A_FP8=a8, num_warps=cfg.num_warps)
+                  A_FP8=a8, SWAP_AB=cfg.swap_ab, num_warps=cfg.num_warps)
     stages1 = _stages(cfg.num_stages, (2 * cfg.block_n * w13.element_size() + cfg.block_m * x.element_size()) * cfg.block_k)
     _moe_gemm_kernel[(triton.cdiv(i, cfg.block_n) * max_blocks,)](
         x, x_scale, w13, w13_scale, h, topk_weights, sorted_ids, expert_ids, num_post,

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -49,6 +51,12 @@ MOE_CASES = [
     # fp16 dots: x converted in the kernel, and x converted (clamped) before it
     (1, 4, 2, 64, 96, MoeConfig(block_m=16, block_n=32, block_k=32, block_n2=32, block_k2=32, dot_f16=1)),
     (7, 5, 2, 96, 64, MoeConfig(block_m=16, block_n=32, block_k=32, block_n2=32, block_k2=32, dot_f16=2)),
+    # swap-AB (transposed tiles): one token, several blocks of one expert, partial tiles
+    (1, 4, 2, 64, 96, MoeConfig(block_m=16, block_n=32, block_k=32, block_n2=32, block_k2=32, dot_f16=1,
+                                swap_ab=True)),
+    (37, 3, 2, 80, 48, MoeConfig(block_m=16, block_n=32, block_k=32, block_n2=64, block_k2=32, dot_f16=1,
+                                 swap_ab=True)),
+    (20, 4, 2, 64, 64, MoeConfig(block_m=32, block_n=64, block_k=32, block_n2=16, block_k2=64, swap_ab=True)),
 ]
 
 
@@ -93,6 +101,23 @@ def test_fused_moe_w8a8_matches_reference(t, e, k, d, i, group_m):
     ungrouped = fused_moe(x, w13, s13, w2, s2, tw, ti, config=MoeConfig(
         block_m=16, block_n=32, block_k=32, block_n2=32, block_k2=32, act_fp8=True, group_m=1))
     assert torch.equal(out, ungrouped)
+
+
+@pytest.mark.parametrize("act_fp8", [False, True])
+def test_swap_ab_computes_the_same_tiles(act_fp8):
+    """The transposed tiles hold the same sums: per slot, swapped and unswapped agree to
+    the accumulation order."""
+    t, e, k, d, i = 29, 4, 2, 64, 96
+    torch.manual_seed(3)
+    x = torch.randn(t, d, device=DEVICE).bfloat16()
+    w13, s13 = quantize(torch.randn(e, 2 * i, d, device=DEVICE) / d**0.5)
+    w2, s2 = quantize(torch.randn(e, d, i, device=DEVICE) / i**0.5)
+    tw, ti = _routing(t, e, k)
+    cfg = MoeConfig(block_m=16, block_n=32, block_k=32, block_n2=32, block_k2=32, dot_f16=1, act_fp8=act_fp8)
+    plain = fused_moe(x, w13, s13, w2, s2, tw, ti, config=cfg, reduce=False)
+    swapped = fused_moe(x, w13, s13, w2, s2, tw, ti, config=replace(cfg, swap_ab=True), reduce=False)
+    assert rel_err(swapped.float(), plain.float()) < 1e-2
+    assert rel_err(swapped.sum(1), fused_moe_reference(x, w13, s13, w2, s2, tw, ti)) < (6e-2 if act_fp8 else 2e-2)
 
 
 def test_moe_prefill_config_is_w8a8():
