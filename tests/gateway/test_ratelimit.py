@@ -80,8 +80,9 @@ async def redis_prefix():
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
 async def limiter(request, redis_prefix):
-    """A limiter with a 60 s window on either store (Redis uses its own clock)."""
-    config = RateLimitConfig(key_prefix=redis_prefix)
+    """A limiter with a 60 s window on either store (Redis uses its own clock). The store
+    timeout is generous: the 100 ms default fails open on a stalled CI machine."""
+    config = RateLimitConfig(key_prefix=redis_prefix, store_timeout_s=2.0)
     lim = (RateLimiter.from_settings(REDIS_URL, config) if request.param == "redis"
            else RateLimiter(MemoryStore(config), config))
     yield lim
@@ -165,7 +166,7 @@ async def test_refill_after_time(clock: Clock) -> None:
 @needs_redis
 async def test_redis_refills_on_server_time(redis_prefix: str) -> None:
     lim = RateLimiter.from_settings(REDIS_URL, RateLimitConfig(key_prefix=redis_prefix,
-                                                               window_s=1.0))
+                                                               window_s=1.0, store_timeout_s=2.0))
     try:
         for _ in range(4):
             await admit(lim, Limits(rpm=4))
@@ -267,7 +268,7 @@ async def test_clean_traffic_earns_risk_back(clock: Clock) -> None:
 
 @needs_redis
 async def test_redis_risk_rises_with_violations(redis_prefix: str) -> None:
-    lim = RateLimiter.from_settings(REDIS_URL, RateLimitConfig(key_prefix=redis_prefix))
+    lim = RateLimiter.from_settings(REDIS_URL, RateLimitConfig(key_prefix=redis_prefix, store_timeout_s=2.0))
     try:
         await lim.record_violation("k1", "t1", severity=2.0)
         adm = await admit(lim)
