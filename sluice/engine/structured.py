@@ -26,6 +26,7 @@ import torch
 
 from sluice.engine.errors import RequestError
 from sluice.engine.tokenizer import Tokenizer
+from sluice.engine.transfer import upload
 
 
 class GrammarError(RequestError):
@@ -174,7 +175,10 @@ def apply_constraints(logits: torch.Tensor, constraints: Sequence[Constraint | N
     elif matchers:
         _batch().batch_fill_next_token_bitmask(matchers, bitmask, matcher_rows)
     mask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=V, indices=rows if len(rows) < S else None)
+    # The rows as a tensor we upload: given a list, xgrammar copies it from pageable memory,
+    # which waits for the forward queued ahead of it (the lookahead's next step).
+    indices = upload(torch.tensor(rows, dtype=torch.int32), logits.device) if len(rows) < S else None
+    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=V, indices=indices)
 
 
 def accept_tokens(constraints: Sequence[Constraint | None], tokens: Sequence[int]) -> None:

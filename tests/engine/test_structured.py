@@ -102,6 +102,22 @@ def test_unconstrained_rows_are_left_alone(grammars):
     assert allowed and all(grammars_text(grammars, t).startswith("{") for t in allowed)
 
 
+def test_mixed_batch_passes_its_rows_as_a_tensor(grammars, monkeypatch):
+    """xgrammar copies a list of row indices from pageable memory, which on a GPU waits for
+    the step queued ahead; the rows go as a tensor uploaded without waiting."""
+    import xgrammar as xgr
+
+    seen = []
+    apply = xgr.apply_token_bitmask_inplace
+    monkeypatch.setattr(xgr, "apply_token_bitmask_inplace",
+                        lambda *a, **kw: (seen.append(kw["indices"]), apply(*a, **kw)))
+    c = Constraint(grammars.json_object())
+    apply_constraints(torch.randn(4, grammars.vocab_size), [None, None, c, None])
+    apply_constraints(torch.randn(1, grammars.vocab_size), [Constraint(grammars.json_object())])
+    assert isinstance(seen[0], torch.Tensor) and seen[0].tolist() == [2]
+    assert seen[1] is None  # every row constrained: no index list at all
+
+
 def grammars_text(grammars: Grammars, token: int) -> str:
     from sluice.engine.tokenizer import SentencePieceTokenizer
 
