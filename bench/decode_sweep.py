@@ -15,7 +15,8 @@ shapes (H200, fp8 weights): the fused MoE and the small-M fp8 linear of attentio
    Then a second descent of swap-AB tiles (`MoeConfig.swap_ab`: weight rows in the MMA's
    wide dimension) from `swap_seed(T)` over SWAP_AXES, its first round W8A16 against W8A8
    (the two per-row quant launches included); a T's best moves to it only if it wins by
-   0.5%. --swap-only: that descent alone, against the current tiles.
+   0.5%. --swap-only: that descent alone, against the current tiles. The winners go to
+   OUT/moe_tiles.json, a table the engine takes with SLUICE_MOE_TILES=OUT/moe_tiles.json.
 2. Linear: `fp8_linear_small_m` (fp8 activations with per-token scales) at qkv 4096->6144
    and o 4096->4096, M in 1, 16, 64: bench.kernels.SWEEP plus tiles for these narrow
    outputs (block_n 16/32: more programs; split-K), against `small_m_config`; all
@@ -83,6 +84,9 @@ SWAP_AXES: list[tuple[str, Callable[[int], list]]] = [
     ("block_n2", lambda t: [64, 128]),
     ("block_k2", lambda t: [128, 256, 512]),
 ]
+
+
+TILE_BRACKET = {1: 2, 8: 16, 32: 32, 64: 128}  # measured T -> the largest T its tiles serve (moe_config's brackets)
 
 
 def swap_seed(t: int) -> MoeConfig:
@@ -420,6 +424,12 @@ def main() -> None:
         log(f"  T={t:<3d} swap-AB best {short(swapped[t])}: {us_s}, unswapped best {short(state[t])}: {us_b}")
         if us_s is not None and (us_b is None or us_s < 0.995 * us_b):
             state[t] = swapped[t]
+    # the winners as a tile table for the engine (SLUICE_MOE_TILES, fused_moe.load_tiles):
+    # each measured T stands for moe_config's bracket around it
+    (out / "moe_tiles.json").write_text(json.dumps({
+        "device": props.name, "triton": triton.__version__, "source": "bench.decode_sweep",
+        "decode": [{"max_tokens": TILE_BRACKET[t], "measured_T": t, "config": asdict(state[t])} for t in MOE_T]},
+        indent=1))
     run.save()
 
     # 2. linear: every config at every shape and M

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue 16's device run, in one call (repo root on the GPU host; OUT = results folder):
-#   bash bench/issue16_gpu.sh $OUT [parts]     parts: any of moe,gateway,engine,decode (default: moe,gateway,engine)
+#   bash bench/issue16_gpu.sh $OUT [parts]     parts: any of tiles,moe,gateway,engine,decode (default: moe,gateway,engine)
+# 0. tiles: the decode MoE's swap-AB tile descent (bench/decode_sweep.py --swap-only); its winners
+#    (OUT/sweep/moe_tiles.json) serve the next parts through SLUICE_MOE_TILES.
 # 1. moe: grouped-GEMM vs triton prefill MoE, checks then timings (bench/moe_prefill.py);
 #    its measured crossover is used as SLUICE_MOE_GROUPED_MIN_TOKENS by the next parts.
 # 2. engine: the engine alone on a random FP8 checkpoint (written once per host to
@@ -17,6 +19,13 @@ log() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/run_log.txt"; }
 . bench/gpu_site.sh
 log "$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv,noheader)"
 log "$(python3 -c 'import torch,triton;print("torch",torch.__version__,"triton",triton.__version__,"cuda",torch.version.cuda)')"
+if [[ $PARTS == *tiles* ]]; then
+  timeout 420 python3 -m bench.decode_sweep "$OUT/sweep" --budget "${SWEEP_BUDGET_S:-170}" --skip-linear --swap-only \
+    > "$OUT/sweep.txt" 2>&1
+  tail -n 8 "$OUT/sweep.txt"
+  [ -f "$OUT/sweep/moe_tiles.json" ] && export SLUICE_MOE_TILES=$OUT/sweep/moe_tiles.json
+fi
+log "SLUICE_MOE_TILES=${SLUICE_MOE_TILES:-built-in tiles}"
 GMIN=${SLUICE_MOE_GROUPED_MIN_TOKENS:-}
 if [[ $PARTS == *moe* ]]; then
   python3 -m bench.moe_prefill "$OUT" 2>&1 | tail -n 40

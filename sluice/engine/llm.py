@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 
 from sluice.engine.config import EngineConfig, ModelConfig
 from sluice.engine.kernel_cache import COMPILES, use_kernel_cache
+from sluice.engine.kernels.fused_moe import TILES_ENV
 from sluice.engine.warm_record import WarmRecord, warm_key
 from sluice.engine.errors import ConfigError, RequestError
 from sluice.engine.kv_cache import BlockManager
@@ -127,7 +129,8 @@ class LLM:
         pending = f", {self.precompile.pending()} still compiling" if self.precompile is not None else ""
         log.info("engine ready: %s on %s (%s%s), %d KV blocks of %d tokens; loaded in %.2fs, KV cache sized in "
                  "%.2fs; %d kernels compiled (%.1fs of compiler time%s)", cfg.architecture, device, dtype,
-                 ", fp8 weights" if self.fp8 else "", self.runner.num_blocks, self.config.block_size,
+                 (", fp8 weights" + (f", MoE tiles from {os.environ[TILES_ENV]}" if os.environ.get(TILES_ENV) else "")
+                  if self.fp8 else ""), self.runner.num_blocks, self.config.block_size,
                  self.timings["load_s"], self.timings["runner_s"], COMPILES.kernels, COMPILES.seconds, pending)
 
     def _precompile(self, cfg: ModelConfig, device: Any, dtype: Any, model: str | Path | None,

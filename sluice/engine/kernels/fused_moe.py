@@ -31,6 +31,8 @@ host sync, so it also serves under graph capture.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import dataclass
 
@@ -77,10 +79,38 @@ class MoeConfig:
 DOT_F16 = int(os.environ.get("SLUICE_MOE_DOT_F16", "1"))  # MoeConfig.dot_f16 of the default tiles
 
 
+# A tile table from a sweep (bench.decode_sweep writes OUT/moe_tiles.json) replaces the
+# built-in decode tiles below for the token counts it covers.
+TILES_ENV = "SLUICE_MOE_TILES"
+
+
+@functools.cache
+def load_tiles(path: str) -> tuple[tuple[int, MoeConfig], ...]:
+    """((max_tokens, config), ...) ascending, from a JSON file
+    ``{"decode": [{"max_tokens": 2, "config": {MoeConfig fields}}, ...]}``; ValueError
+    naming the file for anything else."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)["decode"]
+        table = sorted((int(r["max_tokens"]), MoeConfig(**r["config"])) for r in rows)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{TILES_ENV}={path}: not a MoE tile table ({type(exc).__name__}: {exc})") from exc
+    for _, c in table:
+        check(all(v > 0 and v & (v - 1) == 0 for v in (c.block_m, c.block_n, c.block_k, c.block_n2, c.block_k2)),
+              f"{TILES_ENV}={path}: block sizes must be powers of two, got {c}")
+    return tuple(table)
+
+
 def moe_config(num_tokens: int) -> MoeConfig:
     """Tiles by token count (measured on an H200, docs/kernels.md): tiny BM while decode
     is weight-bound, larger BM once experts see enough tokens for the MMA to matter;
-    fp16 dots throughout (20-30% faster than bf16 ones at every size, same error)."""
+    fp16 dots throughout (20-30% faster than bf16 ones at every size, same error).
+    $SLUICE_MOE_TILES, a swept table (load_tiles), takes the token counts it covers."""
+    tiles = os.environ.get(TILES_ENV)
+    if tiles:
+        for max_tokens, cfg in load_tiles(tiles):
+            if num_tokens <= max_tokens:
+                return cfg
     # Pipeline depth and GEMM2's n-tile per decode size: bench.decode_sweep's coordinate
     # descent on the H200 (2026-12-03, alignment given, unsummed output): T=1 98.6 us at 5
     # stages against 101.4 at 6; T=8 297.9 at 4 against 321.2; T=32 336.0 at 5 stages with

@@ -1,9 +1,11 @@
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
 from sluice.engine.kernels.fused_moe import (
+    TILES_ENV,
     MoeConfig,
     fused_moe,
     fused_moe_reference,
@@ -118,6 +120,37 @@ def test_swap_ab_computes_the_same_tiles(act_fp8):
     swapped = fused_moe(x, w13, s13, w2, s2, tw, ti, config=replace(cfg, swap_ab=True), reduce=False)
     assert rel_err(swapped.float(), plain.float()) < 1e-2
     assert rel_err(swapped.sum(1), fused_moe_reference(x, w13, s13, w2, s2, tw, ti)) < (6e-2 if act_fp8 else 2e-2)
+
+
+def test_a_tile_table_takes_the_token_counts_it_covers(tmp_path, monkeypatch):
+    small = MoeConfig(block_m=16, block_n=32, block_k=32, block_n2=32, block_k2=32, dot_f16=1, swap_ab=True)
+    mid = MoeConfig(block_m=32, block_n=64, block_k=32, block_n2=16, block_k2=64, act_fp8=True)
+    table = tmp_path / "tiles.json"
+    table.write_text(json.dumps({"device": "test", "decode": [
+        {"max_tokens": 64, "config": asdict(mid)}, {"max_tokens": 2, "config": asdict(small)}]}))
+    builtin = moe_config(200)
+    monkeypatch.setenv(TILES_ENV, str(table))
+    assert moe_config(1) == moe_config(2) == small
+    assert moe_config(3) == moe_config(64) == mid
+    assert moe_config(200) == builtin  # past the table: the built-in tiles
+    t, e, k, d, i = 2, 4, 2, 64, 96
+    x = torch.randn(t, d, device=DEVICE).bfloat16()
+    w13, s13 = quantize(torch.randn(e, 2 * i, d, device=DEVICE) / d**0.5)
+    w2, s2 = quantize(torch.randn(e, d, i, device=DEVICE) / i**0.5)
+    tw, ti = _routing(t, e, k)
+    out = fused_moe(x, w13, s13, w2, s2, tw, ti)  # the table's tiles, chosen by T
+    assert rel_err(out, fused_moe_reference(x, w13, s13, w2, s2, tw, ti)) < 2e-2
+
+
+@pytest.mark.parametrize("text", ['{"decode": [{"max_tokens": 2, "config": {"block_m": 16}}]}',
+                                  '{"decode": [{"max_tokens": 2, "config": {"block_m": 24, "block_n": 32, '
+                                  '"block_k": 32, "block_n2": 32, "block_k2": 32}}]}', "[1, 2", '{"prefill": []}'])
+def test_a_bad_tile_table_names_itself(tmp_path, monkeypatch, text):
+    table = tmp_path / "bad.json"
+    table.write_text(text)
+    monkeypatch.setenv(TILES_ENV, str(table))
+    with pytest.raises(ValueError, match=TILES_ENV):
+        moe_config(1)
 
 
 def test_moe_prefill_config_is_w8a8():
