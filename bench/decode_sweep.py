@@ -17,7 +17,9 @@ shapes (H200, fp8 weights): the fused MoE and the small-M fp8 linear of attentio
    (the two per-row quant launches included); a T's best moves to it only if it wins by
    0.5%. --swap-only: that descent alone, against the current tiles. The winners go to
    OUT/moe_tiles.json, a table the engine takes with SLUICE_MOE_TILES=OUT/moe_tiles.json.
-2. Linear: `fp8_linear_small_m` (fp8 activations with per-token scales) at qkv 4096->6144
+2. Linear (W8A16 too: bf16 x and fp16 dots, every config, then per-token quant + the
+   current W8A8 tiles against the best W8A16 tiles, as Fp8Linear would run each):
+   `fp8_linear_small_m` (fp8 activations with per-token scales) at qkv 4096->6144
    and o 4096->4096, M in 1, 16, 64: bench.kernels.SWEEP plus tiles for these narrow
    outputs (block_n 16/32: more programs; split-K), against `small_m_config`; all
    compiled up front with the MoE's first round.
@@ -307,6 +309,7 @@ def main() -> None:
     dw_lin = (torch.empty(max(LIN.values()), D, device=DEV, dtype=fp8),
               torch.empty(max(LIN.values()), device=DEV, dtype=f32))
     dx_lin = {m: (torch.empty(m, D, device=DEV, dtype=fp8), torch.empty(m, device=DEV, dtype=f32)) for m in LIN_M}
+    dx_lin16 = {m: torch.empty(m, D, device=DEV, dtype=bf16) for m in LIN_M}  # W8A16: 16-bit x
     x1, tw1, ti1 = inputs[1]
 
     def moe_launch(c: MoeConfig) -> Callable[[], object]:
@@ -333,6 +336,7 @@ def main() -> None:
     ws: list = []
     lin_ws: dict[int, list] = {}
     lin_x: dict[int, tuple] = {}  # M -> (xq, xs)
+    lin_xb: dict[int, torch.Tensor] = {}  # M -> the bf16 x they quantize
     aligns: dict[tuple[int, int], tuple] = {}
 
     def setup() -> None:
@@ -341,7 +345,8 @@ def main() -> None:
             lin_ws[n] = [quantize_per_channel(torch.randn(n, D, device=DEV, dtype=bf16) / D**0.5)
                          for _ in range(SETS)]
         for m in LIN_M:
-            lin_x[m] = per_token_quant_fp8(torch.randn(m, D, device=DEV, dtype=bf16))
+            lin_xb[m] = torch.randn(m, D, device=DEV, dtype=bf16)
+            lin_x[m] = per_token_quant_fp8(lin_xb[m])
         for t in MOE_T:
             for bm in AXES[0][1](t):
                 aligns[t, bm] = moe_align_block_size(inputs[t][2], E, bm)
@@ -350,6 +355,9 @@ def main() -> None:
                                                                        config=c))
                   for c in lin_configs() + [small_m_config(m, n, D) for m in LIN_M for n in LIN.values()]
                   for m in LIN_M}
+    lin_launch |= {("lin16", c, m): (lambda c=c, m=m: fp8_linear_small_m(dx_lin16[m], *dw_lin, config=c))
+                   for c in lin_configs() + [small_m_config(m, n, D) for m in LIN_M for n in LIN.values()]
+                   for m in LIN_M}
     compile_round([replace(moe_config(t), block_m=v) for t in MOE_T for v in AXES[0][1](t)], lin_launch, setup)
     log(f"weights: {SETS} sets of {E} experts ({E * 3 * I * D / 1e9:.2f} GB each), of qkv and of o")
 
@@ -433,24 +441,36 @@ def main() -> None:
     run.save()
 
     # 2. linear: every config at every shape and M
-    def lin_time(shape: str, m: int, c: SmallMConfig, force: bool = False) -> float | None:
-        n, (xq, xs) = LIN[shape], lin_x[m]
-        if ("lin", c, m) in failed:
+    def lin_call(mode: str, m: int, c: SmallMConfig, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """a8: the kernel on fp8 x; q8: per-token quant + the kernel (Fp8Linear today);
+        a16: the kernel on bf16 x, fp16 dots (SLUICE_LINEAR_W8A16=1)."""
+        if mode == "a16":
+            return fp8_linear_small_m(lin_xb[m], w, s, config=c)
+        xq, xs = per_token_quant_fp8(lin_xb[m]) if mode == "q8" else lin_x[m]
+        return fp8_linear_small_m(xq, w, s, x_scale=xs, config=c)
+
+    def lin_time(shape: str, m: int, c: SmallMConfig, force: bool = False, mode: str = "a8") -> float | None:
+        n = LIN[shape]
+        key = ("lin16" if mode == "a16" else "lin", c, m)
+        if key in failed:
             return None
         try:
-            err = rel_err(fp8_linear_small_m(xq, *lin_ws[n][0], x_scale=xs, config=c),
-                          fp8_linear_reference(xq, *lin_ws[n][0], x_scale=xs))
+            # each against the fp32 product of what it multiplies: fp8 x, or the bf16 x itself
+            ref = (fp8_linear_reference(lin_xb[m], *lin_ws[n][0]) if mode == "a16"
+                   else fp8_linear_reference(*lin_x[m][:1], *lin_ws[n][0], x_scale=lin_x[m][1]))
+            err = rel_err(lin_call(mode, m, c, *lin_ws[n][0]), ref)
         except Exception as exc:  # noqa: BLE001
-            failed["lin", c, m] = f"{type(exc).__name__}: {exc}"
-            run.fail(f"linear {shape} M={m} {c}", failed["lin", c, m])
+            failed[key] = f"{type(exc).__name__}: {exc}"
+            run.fail(f"linear {mode} {shape} M={m} {c}", failed[key])
             return None
         if not err < TOL:
-            run.fail(f"linear {shape} M={m} {c}", f"rel err {err:.2e} over {TOL:g}")
+            run.fail(f"linear {mode} {shape} M={m} {c}", f"rel err {err:.2e} over {TOL:g}")
             return None
-        return run.time("linear", f"{shape} M={m}", c, lambda: [
-            fp8_linear_small_m(xq, w, s, x_scale=xs, config=c) for w, s in lin_ws[n]], n * D, err, force)
+        return run.time(f"linear {mode}", f"{shape} M={m}", c, lambda: [
+            lin_call(mode, m, c, w, s) for w, s in lin_ws[n]], n * D, err, force)
 
     lin_best: dict[tuple[str, int], SmallMConfig] = {}
+    lin_best16: dict[tuple[str, int], SmallMConfig] = {}
     try:
         for m in (() if args.skip_linear else LIN_M):
             for shape, n in LIN.items():
@@ -460,6 +480,13 @@ def main() -> None:
                     lin_best[shape, m] = min(ok, key=ok.get)
                     log(f"  linear {shape} M={m}: current {got[small_m_config(m, n, D)]}, best "
                         f"{ok[lin_best[shape, m]]:.2f} us {lin_best[shape, m]}")
+                got16 = {c: lin_time(shape, m, c, mode="a16")
+                         for c in dict.fromkeys([small_m_config(m, n, D)] + lin_configs())}
+                ok16 = {c: us for c, us in got16.items() if us is not None}
+                if ok16:
+                    lin_best16[shape, m] = min(ok16, key=ok16.get)
+                    log(f"  linear W8A16 {shape} M={m}: best {ok16[lin_best16[shape, m]]:.2f} us "
+                        f"{lin_best16[shape, m]}")
     except Exception:  # noqa: BLE001
         run.fail("linear sweep", traceback.format_exc())
     run.save()
@@ -494,6 +521,19 @@ def main() -> None:
                                    "best_us": us[best], "current": asdict(cur), "best": asdict(best)})
         rows.append(f"{shape:>5} {m:>3} {n * D / HBM / 1e6:6.1f}us | {cell(us[cur], n * D):22s} | "
                     f"{cell(us[best], n * D):22s} | {best} ({cur})")
+    rows += ["", "attention projections as Fp8Linear runs them: per-token quant + W8A8 kernel (current tiles) against "
+             "W8A16 (bf16 x, fp16 dots, no quant launch; SLUICE_LINEAR_W8A16=1) with its best tiles",
+             f"{'shape':>5} {'M':>3} | {'quant + W8A8':22s} | {'W8A16, current tiles':22s} | "
+             f"{'W8A16, best tiles':22s} | W8A16 best tiles"]
+    for (shape, m), best16 in lin_best16.items():
+        n, cur = LIN[shape], small_m_config(m, n, D)
+        q8 = lin_time(shape, m, cur, force=True, mode="q8")
+        a16_cur = lin_time(shape, m, cur, force=True, mode="a16")
+        a16 = lin_time(shape, m, best16, force=True, mode="a16")
+        run.res["summary"].append({"kernel": "linear quant+W8A8 vs W8A16", "shape": shape, "M": m, "q8_us": q8,
+                                   "a16_current_us": a16_cur, "a16_best_us": a16, "a16_best": asdict(best16)})
+        rows.append(f"{shape:>5} {m:>3} | {cell(q8, n * D):22s} | {cell(a16_cur, n * D):22s} | "
+                    f"{cell(a16, n * D):22s} | {best16}")
     rows.append(f"skipped past the budget: {run.res['skipped']} timings; failed: {len(run.res['failed'])} "
                 f"(decode_sweep.json 'failed'); MoE GEMM kernels compiled: {len(compiled)}")
     run.save()

@@ -139,6 +139,9 @@ def engine_launches() -> list[Launch]:
                 xq, xs = per_token_quant_fp8(torch.empty(m, D, dtype=bf16))
                 fp8_linear_small_m(xq, torch.empty(n, D, dtype=fp8), torch.empty(n, dtype=f32), x_scale=xs,
                                    out_dtype=bf16)
+                _case(f"decode M={m}: {name} projection, W8A16 (SLUICE_LINEAR_W8A16=1)")
+                fp8_linear_small_m(torch.empty(m, D, dtype=bf16), torch.empty(n, D, dtype=fp8),
+                                   torch.empty(n, dtype=f32), out_dtype=bf16)
         _case("decode M=1: o projection, split-K 4 (SmallMConfig.split_k, off in the default tiles)")
         xq, xs = per_token_quant_fp8(torch.empty(1, D, dtype=bf16))
         fp8_linear_small_m(xq, torch.empty(D, D, dtype=fp8), torch.empty(D, dtype=f32), x_scale=xs,

@@ -10,7 +10,9 @@ with wide tiles and enough programs to fill the chip:
 - optional split-K: each program covers K / S of the reduction and writes fp32
   partials that a tiny kernel sums (measured slower at Mixtral shapes: off by default);
 - two activation modes: bf16/fp16 activations (weights widened in registers,
-  "W8A16", no activation-quant launch) or fp8 activations with a per-token scale.
+  "W8A16", no activation-quant launch; a bf16 x is rounded to fp16 in the kernel, so
+  the dots run in fp16: e4m3 -> fp16 is one packed conversion on Hopper, -> bf16
+  several) or fp8 activations with a per-token scale.
 """
 
 from __future__ import annotations
@@ -68,10 +70,11 @@ def _fp8_linear_small_m_kernel(
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if A_FP8:
             acc += tl.dot(w, tl.trans(x))
-        elif DOT_F32:
+        elif DOT_F32 or x.dtype == tl.float32:
             acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)))
-        else:
-            acc += tl.dot(w.to(x.dtype), tl.trans(x))
+        else:  # 16-bit x: fp16 dots; x saturated to fp16's range rather than overflowing to inf
+            xh = tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+            acc += tl.dot(w.to(tl.float16), tl.trans(xh))
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     acc = acc * tl.load(w_scale_ptr + rows_n)[:, None]

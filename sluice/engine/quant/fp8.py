@@ -3,7 +3,8 @@
 Weights: e4m3 with a float32 scale per output channel (per-tensor checkpoint scales
 are broadcast to channels). Activations on CUDA: per-token dynamic e4m3 (or the
 checkpoint's static input_scale) from one triton launch, then
-- M <= SMALL_M tokens: the triton split-K small-M kernel (fp8 x fp8 tensor cores);
+- M <= SMALL_M tokens: the triton split-K small-M kernel (fp8 x fp8 tensor cores; with
+  SLUICE_LINEAR_W8A16=1, 16-bit activations and no quant launch);
 - larger M: torch._scaled_mm with row-wise scales.
 On the CPU: dequantized weight, plain matmul (the reference path).
 """
@@ -25,6 +26,11 @@ from sluice.engine.kernels.moe_prefill import PREFILL_MIN_TOKENS, fp8_moe_prefil
 from sluice.engine.layers.moe import Experts
 
 SMALL_M = 64
+# Decode-sized batches (M <= SMALL_M) through the small-M kernel with 16-bit activations
+# (W8A16: weights widened in registers, fp16 dots) instead of quantizing them per token
+# first: one launch less per projection and no activation rounding. Off until timed on
+# the H200 (bench.decode_sweep's linear section times both).
+LINEAR_W8A16 = os.environ.get("SLUICE_LINEAR_W8A16", "0") == "1"
 # Token count from which "auto" takes the CUTLASS grouped GEMM (moe_grouped.py) over the
 # fused triton W8A8 kernel. H200 2026-12-03 (bench/moe_prefill.py, docs/kernels.md), us per
 # layer grouped / triton: 1349/1193 at T=1024, 1411/1719 at 1536, 1997/2074 at 2048,
@@ -99,7 +105,9 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if x2.is_cuda:
+        if x2.is_cuda and LINEAR_W8A16 and x2.shape[0] <= SMALL_M:
+            y = fp8_linear_small_m(x2, self.weight, self.weight_scale, out_dtype=self.out_dtype)
+        elif x2.is_cuda:
             xq, xs = per_token_quant_fp8(x2, self.input_scale)  # (M, K) e4m3, (M,)
             if x2.shape[0] <= SMALL_M:
                 y = fp8_linear_small_m(xq, self.weight, self.weight_scale, x_scale=xs,

@@ -52,3 +52,19 @@ def test_launcher_rejects_bad_arguments():
         fp8_linear_small_m(x, w, s[:8])
     with pytest.raises(ValueError, match="x_scale"):
         fp8_linear_small_m(x.to(torch.float8_e4m3fn), w, s)
+
+
+@pytest.mark.parametrize("m", [1, 16, 37])
+def test_bf16_activations_take_fp16_dots(m, monkeypatch):
+    """The W8A16 path as a GPU compiles it (fp16 dots, not the interpreter's fp32 ones):
+    x rounded to fp16, saturated at its range instead of overflowing."""
+    import sluice.engine.kernels.fp8_linear as fl
+
+    monkeypatch.setattr(fl, "dot_in_fp32", lambda: False)
+    torch.manual_seed(m)
+    x = torch.randn(m, 256, device=DEVICE).bfloat16()
+    w, w_scale = quantize(torch.randn(96, 256, device=DEVICE))
+    out = fl.fp8_linear_small_m(x, w, w_scale, config=SmallMConfig(block_n=32, block_k=64, split_k=1))
+    assert rel_err(out, fp8_linear_reference(x, w, w_scale)) < 1e-2
+    x[0, 0] = 1e6  # past fp16's 65504: the dot sees 65504, finite
+    assert torch.isfinite(fl.fp8_linear_small_m(x, w, w_scale).float()).all()
