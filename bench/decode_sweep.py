@@ -18,7 +18,8 @@ shapes (H200, fp8 weights): the fused MoE and the small-M fp8 linear of attentio
    0.5%. --swap-only: that descent alone, against the current tiles. The winners go to
    OUT/moe_tiles.json, a table the engine takes with SLUICE_MOE_TILES=OUT/moe_tiles.json.
 2. Linear (W8A16 too: bf16 x and fp16 dots, every config, then per-token quant + the
-   current W8A8 tiles against the best W8A16 tiles, as Fp8Linear would run each):
+   current W8A8 tiles against the best W8A16 tiles, as Fp8Linear would run each; the
+   verdict at the current tiles, summed over shapes and M, goes to OUT/linear_choice.json):
    `fp8_linear_small_m` (fp8 activations with per-token scales) at qkv 4096->6144
    and o 4096->4096, M in 1, 16, 64: bench.kernels.SWEEP plus tiles for these narrow
    outputs (block_n 16/32: more programs; split-K), against `small_m_config`; all
@@ -534,6 +535,14 @@ def main() -> None:
                                    "a16_current_us": a16_cur, "a16_best_us": a16, "a16_best": asdict(best16)})
         rows.append(f"{shape:>5} {m:>3} | {cell(q8, n * D):22s} | {cell(a16_cur, n * D):22s} | "
                     f"{cell(a16, n * D):22s} | {best16}")
+    pairs = [(r["q8_us"], r["a16_current_us"]) for r in run.res["summary"] if "q8_us" in r]
+    if pairs and all(q is not None and a is not None for q, a in pairs):
+        # the engine's choice as it stands (current tiles): W8A16 where it wins over every shape and M
+        q8_sum, a16_sum = sum(q for q, _ in pairs), sum(a for _, a in pairs)
+        (out / "linear_choice.json").write_text(json.dumps(
+            {"w8a16": a16_sum < 0.995 * q8_sum, "q8_us_sum": q8_sum, "a16_us_sum": a16_sum}))
+        rows.append(f"summed over shapes and M: quant + W8A8 {q8_sum:.1f} us, W8A16 {a16_sum:.1f} us "
+                    f"-> OUT/linear_choice.json")
     rows.append(f"skipped past the budget: {run.res['skipped']} timings; failed: {len(run.res['failed'])} "
                 f"(decode_sweep.json 'failed'); MoE GEMM kernels compiled: {len(compiled)}")
     run.save()

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 16's device run, in one call (repo root on the GPU host; OUT = results folder):
-#   bash bench/issue16_gpu.sh $OUT [parts]     parts: any of tiles,moe,gateway,engine,decode (default: moe,gateway,engine)
-# 0. tiles: the decode MoE's swap-AB tile descent (bench/decode_sweep.py --swap-only); its winners
-#    (OUT/sweep/moe_tiles.json) serve the next parts through SLUICE_MOE_TILES.
+#   bash bench/issue16_gpu.sh $OUT [parts]     parts: any of tiles,tuned,moe,gateway,engine,decode (default: moe,gateway,engine)
+# 0. tiles: the decode MoE's swap-AB tile descent and the projections' W8A16 check
+#    (bench/decode_sweep.py --swap-only); the winners serve the next parts: the MoE tiles
+#    (OUT/sweep/moe_tiles.json) through SLUICE_MOE_TILES, W8A16 through SLUICE_LINEAR_W8A16=1.
+#    Kept in /tmp/issue16_tiles: part "tuned" in a later call on the same host uses them.
 # 1. moe: grouped-GEMM vs triton prefill MoE, checks then timings (bench/moe_prefill.py);
 #    its measured crossover is used as SLUICE_MOE_GROUPED_MIN_TOKENS by the next parts.
 # 2. engine: the engine alone on a random FP8 checkpoint (written once per host to
@@ -20,12 +22,16 @@ log() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/run_log.txt"; }
 log "$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv,noheader)"
 log "$(python3 -c 'import torch,triton;print("torch",torch.__version__,"triton",triton.__version__,"cuda",torch.version.cuda)')"
 if [[ $PARTS == *tiles* ]]; then
-  timeout 420 python3 -m bench.decode_sweep "$OUT/sweep" --budget "${SWEEP_BUDGET_S:-170}" --skip-linear --swap-only \
+  timeout 480 python3 -m bench.decode_sweep "$OUT/sweep" --budget "${SWEEP_BUDGET_S:-200}" --swap-only \
     > "$OUT/sweep.txt" 2>&1
-  tail -n 8 "$OUT/sweep.txt"
-  [ -f "$OUT/sweep/moe_tiles.json" ] && export SLUICE_MOE_TILES=$OUT/sweep/moe_tiles.json
+  tail -n 24 "$OUT/sweep.txt"
+  mkdir -p /tmp/issue16_tiles && cp "$OUT"/sweep/moe_tiles.json "$OUT"/sweep/linear_choice.json /tmp/issue16_tiles/ 2>/dev/null
 fi
-log "SLUICE_MOE_TILES=${SLUICE_MOE_TILES:-built-in tiles}"
+if [[ $PARTS == *tiles* || $PARTS == *tuned* ]]; then  # tuned: a previous call's tiles on this host
+  [ -f /tmp/issue16_tiles/moe_tiles.json ] && export SLUICE_MOE_TILES=/tmp/issue16_tiles/moe_tiles.json
+  grep -q '"w8a16": true' /tmp/issue16_tiles/linear_choice.json 2>/dev/null && export SLUICE_LINEAR_W8A16=1
+fi
+log "SLUICE_MOE_TILES=${SLUICE_MOE_TILES:-built-in tiles} SLUICE_LINEAR_W8A16=${SLUICE_LINEAR_W8A16:-0}"
 GMIN=${SLUICE_MOE_GROUPED_MIN_TOKENS:-}
 if [[ $PARTS == *moe* ]]; then
   python3 -m bench.moe_prefill "$OUT" 2>&1 | tail -n 40
